@@ -1,0 +1,101 @@
+"""Networks shared by the agents: MLPs, a batched critic ensemble and the two actor heads.
+
+Shapes: ``B`` batch, ``E`` ensemble members, ``Do`` obs dim, ``Da`` action dim, ``H`` hidden width.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # as Stable-Baselines3's SAC (CleanRL uses -5)
+
+
+def mlp(d_in: int, hidden: Sequence[int], d_out: int, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    """``Linear -> act`` for each hidden width, then a final ``Linear`` to ``d_out``."""
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(d_in, h), act()]
+        d_in = h
+    layers.append(nn.Linear(d_in, d_out))
+    return nn.Sequential(*layers)
+
+
+class EnsembleLinear(nn.Module):
+    """``E`` independent linear layers evaluated with one batched matmul.
+
+    Input ``(B, d_in)`` (shared by all members) or ``(E, B, d_in)``; output ``(E, B, d_out)``.
+    Each member is initialised like ``nn.Linear`` (uniform in +-1/sqrt(d_in)).
+    """
+
+    def __init__(self, num_members: int, d_in: int, d_out: int) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(d_in)
+        self.weight = nn.Parameter(torch.empty(num_members, d_in, d_out).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(num_members, 1, d_out).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:  # (B, d_in) broadcast to every member
+            return torch.matmul(x, self.weight) + self.bias  # (E, B, d_out)
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class EnsembleQ(nn.Module):
+    """``E`` Q-networks ``Q_e(s, a)`` in one module: ``forward(obs (B,Do), act (B,Da)) -> (E, B)``."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], num_members: int) -> None:
+        super().__init__()
+        self.num_members = num_members
+        dims = [obs_dim + act_dim, *hidden]
+        self.layers = nn.ModuleList(EnsembleLinear(num_members, a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.head = EnsembleLinear(num_members, dims[-1], 1)
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, act], dim=-1)  # (B, Do+Da)
+        for layer in self.layers:
+            x = F.relu(layer(x))  # (E, B, H)
+        return self.head(x).squeeze(-1)  # (E, B)
+
+
+class TanhGaussianActor(nn.Module):
+    """SAC's policy: a Gaussian in pre-tanh space squashed by tanh into [-1, 1]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int]) -> None:
+        super().__init__()
+        self.trunk = mlp(obs_dim, hidden[:-1], hidden[-1])
+        self.mean = nn.Linear(hidden[-1], act_dim)
+        self.log_std = nn.Linear(hidden[-1], act_dim)
+
+    def _dist(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.relu(self.trunk(obs))
+        return self.mean(h), self.log_std(h).clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """Deterministic action ``tanh(mean)``, shape ``(B, Da)``."""
+        return torch.tanh(self._dist(obs)[0])
+
+    def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reparameterised sample and its log-probability: ``(B, Da)``, ``(B,)``."""
+        mean, log_std = self._dist(obs)
+        eps = torch.randn_like(mean)
+        u = mean + log_std.exp() * eps
+        # log N(u; mean, std) minus the tanh Jacobian, log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u))
+        # (the numerically stable form, as in SpinningUp).
+        log_prob = (-0.5 * eps.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_prob = log_prob - (2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))).sum(-1)
+        return torch.tanh(u), log_prob
+
+
+class DeterministicActor(nn.Module):
+    """TD3 / DDPG policy: ``tanh(MLP(obs))`` in [-1, 1]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int]) -> None:
+        super().__init__()
+        self.net = mlp(obs_dim, hidden, act_dim)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.net(obs))

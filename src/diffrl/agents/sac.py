@@ -1,0 +1,183 @@
+"""Soft Actor-Critic (Haarnoja et al., 2018, arXiv:1812.05905) with automatic temperature, and REDQ
+(Chen et al., 2021, arXiv:2101.05982) as its ensemble generalisation.
+
+Both use one batched critic ensemble (:class:`~diffrl.agents.nets.EnsembleQ`): SAC is ``N = M = 2`` (clipped
+double Q), REDQ is ``N = 10`` critics whose target takes the min over a random subset of ``M = 2``, with the
+actor maximising the mean over all ``N`` and updated once every ``G`` critic updates (the pipeline performs
+``G`` updates per env step, the update-to-data ratio).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffrl.agents.base import Agent, Params, check_hidden, set_requires_grad, soft_update
+from diffrl.agents.nets import EnsembleQ, TanhGaussianActor
+from diffrl.config import check, check_choice, check_positive, check_unit_interval
+from diffrl.data.batch import Batch
+
+
+@dataclasses.dataclass(frozen=True)
+class SACParams(Params):
+    """SAC hyper-parameters (defaults: the SAC paper / Stable-Baselines3)."""
+
+    hidden: tuple[int, ...] = (256, 256)
+    """hidden layer widths of actor and critics"""
+    actor_lr: float = 3e-4
+    """actor learning rate (Adam)"""
+    critic_lr: float = 3e-4
+    """critic learning rate (Adam)"""
+    alpha_lr: float = 3e-4
+    """temperature learning rate (Adam)"""
+    gamma: float = 0.99
+    """discount factor, in (0, 1]"""
+    tau: float = 0.005
+    """target-network Polyak rate, in (0, 1]"""
+    init_alpha: float = 1.0
+    """initial entropy temperature"""
+    autotune_alpha: bool = True
+    """learn the temperature towards ``target_entropy``"""
+    target_entropy: float | None = None
+    """entropy target; None means -action_dim"""
+    num_critics: int = 2
+    """critics in the ensemble (REDQ's N)"""
+    target_subset: int = 2
+    """critics in the random subset whose min forms the target (REDQ's M; = num_critics for SAC)"""
+    actor_q: str = "min"
+    """how the actor aggregates the ensemble: min (SAC) or mean (REDQ)"""
+    actor_update_every: int = 1
+    """critic updates per actor/temperature update (REDQ: the update-to-data ratio)"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_hidden(self.hidden)
+        for name in ("actor_lr", "critic_lr", "alpha_lr", "init_alpha"):
+            check_positive(name, getattr(self, name))
+        check_unit_interval("gamma", self.gamma)
+        check_unit_interval("tau", self.tau)
+        check(self.num_critics >= 1, "num_critics", self.num_critics, ">= 1")
+        check(1 <= self.target_subset <= self.num_critics, "target_subset", self.target_subset,
+              f"between 1 and num_critics={self.num_critics}")
+        check_choice("actor_q", self.actor_q, ("min", "mean"))
+        check(self.actor_update_every is None or self.actor_update_every >= 1, "actor_update_every",
+              self.actor_update_every, ">= 1 (or None: once per env step)")
+
+
+@dataclasses.dataclass(frozen=True)
+class REDQParams(SACParams):
+    """REDQ defaults: N = 10 critics, subset M = 2, actor on the ensemble mean, one actor update per 20."""
+
+    num_critics: int = 10
+    """critics in the ensemble (REDQ's N)"""
+    target_subset: int = 2
+    """critics in the random subset whose min forms the target (REDQ's M)"""
+    actor_q: str = "mean"
+    """how the actor aggregates the ensemble: min (SAC) or mean (REDQ)"""
+    actor_update_every: int = 20
+    """critic updates per actor/temperature update (REDQ's policy update delay = its UTD ratio G)"""
+
+
+class SAC(Agent):
+    """SAC / REDQ agent.
+
+    Args:
+        obs_dim: observation size ``Do``.
+        act_dim: action size ``Da`` (actions in [-1, 1]).
+        params: :class:`SACParams` (or any object with its fields).
+        device: torch device of the networks.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, params: SACParams, device: torch.device | str = "cpu") -> None:
+        self.p = params
+        self.device = torch.device(device)
+        hidden = tuple(params.hidden)
+        self.actor = TanhGaussianActor(obs_dim, act_dim, hidden).to(self.device)
+        self.critic = EnsembleQ(obs_dim, act_dim, hidden, params.num_critics).to(self.device)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.log_alpha = torch.tensor(np.log(params.init_alpha), dtype=torch.float32, device=self.device,
+                                      requires_grad=True)
+        self.target_entropy = float(params.target_entropy if params.target_entropy is not None else -act_dim)
+        fused = dict(fused=True) if self.device.type in ("cpu", "cuda") else {}
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=params.actor_lr, **fused)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=params.critic_lr, **fused)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=params.alpha_lr, **fused)
+        self.nets = {"actor": self.actor, "critic": self.critic, "critic_target": self.critic_target}
+        self.optims = {"actor": self.actor_opt, "critic": self.critic_opt, "alpha": self.alpha_opt}
+        self.num_updates = 0
+        self._last_actor: dict[str, torch.Tensor] = {}
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        return self.log_alpha.detach().exp()
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
+        o = self._obs_tensor(obs)
+        a = self.actor(o) if deterministic else self.actor.sample(o)[0]
+        return a.cpu().numpy()
+
+    def _target(self, batch: Batch, alpha: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            next_a, next_logp = self.actor.sample(batch.next_obs)
+            q_next = self.critic_target(batch.next_obs, next_a)  # (N, B)
+            if self.p.target_subset < self.p.num_critics:  # REDQ: min over a random subset of M critics
+                idx = torch.randperm(self.p.num_critics, device=self.device)[: self.p.target_subset]
+                q_next = q_next.index_select(0, idx)
+            v_next = q_next.min(0).values - alpha * next_logp  # (B,)
+            return batch.rew + self.p.gamma * (1.0 - batch.done) * v_next
+
+    def update(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """One critic update (and, every ``actor_update_every`` calls, one actor + temperature update)."""
+        self.num_updates += 1
+        alpha = self.alpha
+        target = self._target(batch, alpha)
+        q = self.critic(batch.obs, batch.act)  # (N, B)
+        # 0.5 * sum over members of each member's MSE, as Stable-Baselines3.
+        critic_loss = 0.5 * (q - target).pow(2).mean(1).sum()
+        self.critic_opt.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_opt.step()
+        soft_update(self.critic_target, self.critic, self.p.tau)
+        metrics = {"critic_loss": critic_loss.detach(), "q_mean": q.detach().mean()}
+        if self.num_updates % (self.p.actor_update_every or 1) == 0:
+            self._last_actor = self._update_actor(batch.obs, alpha)
+        metrics.update(self._last_actor)
+        return metrics
+
+    def _update_actor(self, obs: torch.Tensor, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
+        set_requires_grad(self.critic.parameters(), False)  # no wasted critic gradients
+        a, logp = self.actor.sample(obs)
+        q = self.critic(obs, a)  # (N, B)
+        q = q.min(0).values if self.p.actor_q == "min" else q.mean(0)
+        actor_loss = (alpha * logp - q).mean()
+        self.actor_opt.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_opt.step()
+        set_requires_grad(self.critic.parameters(), True)
+        out = {"actor_loss": actor_loss.detach(), "entropy": -logp.detach().mean(), "alpha": alpha}
+        if self.p.autotune_alpha:
+            alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
+            self.alpha_opt.zero_grad(set_to_none=True)
+            alpha_loss.backward()
+            self.alpha_opt.step()
+            out["alpha_loss"] = alpha_loss.detach()
+        return out
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"log_alpha": self.log_alpha.detach().clone(), "num_updates": self.num_updates,
+                "last_actor": dict(self._last_actor)}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+        self.num_updates = int(state["num_updates"])
+        self._last_actor = {k: v.to(self.device) for k, v in state["last_actor"].items()}
+
+
+class REDQ(SAC):
+    """REDQ: :class:`SAC` with :class:`REDQParams` (N critics, subset M, delayed actor)."""

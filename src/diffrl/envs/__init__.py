@@ -1,0 +1,7 @@
+"""Environments: ``make_env`` for Gymnasium MuJoCo v5, DeepMind Control (shimmy) and Fetch v4, and a
+synchronous vector env with explicit, seeded resets."""
+
+from diffrl.envs.make import env_signature, make_env
+from diffrl.envs.vector import StepResult, VecEnv
+
+__all__ = ["make_env", "env_signature", "VecEnv", "StepResult"]

@@ -1,0 +1,126 @@
+"""``make_env(id, seed)``: one entry point for every environment family diffrl supports.
+
+- Gymnasium MuJoCo v5 (``HalfCheetah-v5``, ``Hopper-v5``, ...): Box observations.
+- DeepMind Control through shimmy (``dm_control/cheetah-run-v0``): dict observations flattened to a Box.
+- Fetch v4 goal tasks from gymnasium-robotics (``FetchPush-v4``): dict observations kept
+  (``observation``, ``achieved_goal``, ``desired_goal``) for goal-conditioned agents.
+
+Every env gets actions rescaled to [-1, 1] (and clipped there). Truncation is never turned into
+termination: wrappers keep Gymnasium's ``terminated`` / ``truncated`` apart.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import warnings
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.wrappers import ClipAction, FlattenObservation, RescaleAction
+
+from diffrl.errors import EnvError
+
+# Locomotion tasks whose v2/v3 ids were mujoco-py based and are gone from Gymnasium 1.x.
+_MUJOCO_TASKS = ("HalfCheetah", "Hopper", "Walker2d", "Ant", "Humanoid", "HumanoidStandup", "Swimmer",
+                 "Reacher", "Pusher", "InvertedPendulum", "InvertedDoublePendulum")
+_FETCH = re.compile(r"^(Fetch(Reach|Push|Slide|PickAndPlace)(Dense)?)-v(\d+)$")
+
+
+def _register_families(env_id: str) -> None:
+    """Import the packages that register the env families (Gymnasium 1.x has no plugin auto-loading)."""
+    if env_id.startswith("dm_control/"):
+        # dm_control probes for a GLFW display at import; rendering is not needed for training.
+        warnings.filterwarnings("ignore", message=".*DISPLAY environment variable is missing.*")
+        try:
+            import shimmy  # noqa: F401  (registers dm_control/* ids)
+        except ImportError:
+            raise EnvError(f"{env_id} needs shimmy with DeepMind Control: pip install 'shimmy[dm-control]' "
+                           "dm-control==1.0.44.") from None
+        gym.register_envs(shimmy)
+    elif env_id.startswith("Fetch") or env_id.startswith("HandManipulate"):
+        try:
+            import gymnasium_robotics
+        except ImportError:
+            raise EnvError(f"{env_id} needs gymnasium-robotics: pip install gymnasium-robotics "
+                           "mujoco==3.11.0.") from None
+        gym.register_envs(gymnasium_robotics)
+
+
+def _check_id(env_id: str) -> None:
+    """Raise one clear sentence for removed or unknown ids."""
+    name, _, version = env_id.rpartition("-v")
+    if name in _MUJOCO_TASKS and version in ("0", "1", "2", "3"):
+        raise EnvError(f"{env_id} is a mujoco-py environment that Gymnasium 1.x no longer provides; use "
+                       f"{name}-v5 (MuJoCo 3 bindings). D4RL-style datasets for it come from "
+                       "`diffrl data collect`.")
+    m = _FETCH.match(env_id)
+    if m and int(m.group(4)) < 4:
+        raise EnvError(f"{env_id} is the mujoco-py version of this Fetch task; use {m.group(1)}-v4 "
+                       "(gymnasium-robotics, MuJoCo 3 bindings).")
+    if env_id in gym.registry:
+        return
+    known = list(gym.registry)
+    close = difflib.get_close_matches(env_id, known, n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise EnvError(f"unknown environment id {env_id!r}.{hint} diffrl supports Gymnasium MuJoCo v5 ids "
+                   "(e.g. HalfCheetah-v5), DeepMind Control via shimmy (e.g. dm_control/cheetah-run-v0) and "
+                   "Fetch v4 via gymnasium-robotics (e.g. FetchPush-v4).")
+
+
+def is_goal_env(env: gym.Env) -> bool:
+    """True for goal-conditioned envs (dict observation with achieved and desired goals)."""
+    space = env.observation_space
+    return isinstance(space, gym.spaces.Dict) and {"achieved_goal", "desired_goal"} <= set(space.spaces)
+
+
+def make_env(env_id: str, seed: int | None = None, *, max_episode_steps: int | None = None,
+             render_mode: str | None = None, **kwargs: Any) -> gym.Env:
+    """Create an environment with actions in [-1, 1].
+
+    Args:
+        env_id: a Gymnasium id (see module docstring).
+        seed: if given, the env is reset once with this seed and its action space is seeded.
+        max_episode_steps: override the registered time limit (truncation, never termination).
+        render_mode: passed to ``gym.make``.
+        kwargs: extra keyword arguments for the env constructor.
+    Returns:
+        The wrapped env. Goal envs keep dict observations; DMC dict observations are flattened.
+    """
+    _register_families(env_id)
+    _check_id(env_id)
+    try:
+        env = gym.make(env_id, max_episode_steps=max_episode_steps, render_mode=render_mode, **kwargs)
+    except (ImportError, gym.error.DependencyNotInstalled) as e:
+        raise EnvError(f"{env_id} could not be created because a dependency is missing ({e}).") from None
+    if isinstance(env.observation_space, gym.spaces.Dict) and not is_goal_env(env):
+        env = FlattenObservation(env)
+    if not isinstance(env.action_space, gym.spaces.Box):
+        raise EnvError(f"{env_id} has a {type(env.action_space).__name__} action space; diffrl's agents need "
+                       "continuous (Box) actions.")
+    space = env.action_space
+    if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
+        raise EnvError(f"{env_id} has unbounded actions; diffrl rescales actions to [-1, 1] and needs finite "
+                       "bounds.")
+    if not (np.all(space.low == -1) and np.all(space.high == 1)):
+        env = RescaleAction(env, -1.0, 1.0)
+    env = ClipAction(env)
+    if seed is not None:
+        env.reset(seed=seed)
+        env.action_space.seed(seed)
+    return env
+
+
+def _space_signature(space: gym.Space) -> Any:
+    if isinstance(space, gym.spaces.Dict):
+        return {k: _space_signature(s) for k, s in space.spaces.items()}
+    if isinstance(space, gym.spaces.Box):
+        return {"type": "Box", "shape": list(space.shape), "dtype": str(space.dtype)}
+    return {"type": type(space).__name__}
+
+
+def env_signature(env_id: str, env: gym.Env) -> dict[str, Any]:
+    """What a checkpoint records about its env: id and observation/action spaces (shapes and dtypes)."""
+    return {"env_id": env_id, "observation_space": _space_signature(env.observation_space),
+            "action_space": _space_signature(env.action_space)}

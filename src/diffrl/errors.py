@@ -1,0 +1,22 @@
+"""User-facing errors.
+
+Every error a user can cause (bad config value, unknown env id, broken checkpoint, dataset problem) is
+raised as a subclass of :class:`DiffrlError` with one sentence saying what was wrong and what to do.
+The CLI prints that sentence and exits with status 2, never a traceback.
+"""
+
+
+class DiffrlError(Exception):
+    """Base class of every error caused by user input."""
+
+
+class ConfigError(DiffrlError, ValueError):
+    """A configuration value is invalid."""
+
+
+class EnvError(DiffrlError, ValueError):
+    """An environment id is unknown, removed, or needs a missing package."""
+
+
+class CheckpointError(DiffrlError):
+    """A checkpoint or run directory is missing, corrupt, or incompatible."""
