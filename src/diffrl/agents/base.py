@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterable
 from typing import Any
@@ -85,5 +86,6 @@ class Agent:
                                           "the saved run.")
             module.load_state_dict(saved)
         for name, opt in self.optims.items():
-            opt.load_state_dict(state["optims"][name])
+            # deepcopy: torch keeps the given moment tensors, which would alias another live agent's
+            opt.load_state_dict(copy.deepcopy(state["optims"][name]))
         self.load_extra_state(state["extra"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ class SACParams(Params):
     """critics in the ensemble (REDQ's N)"""
     target_subset: int = 2
     """critics in the random subset whose min forms the target (REDQ's M; = num_critics for SAC)"""
-    actor_q: str = "min"
+    actor_q: Literal["min", "mean"] = "min"
     """how the actor aggregates the ensemble: min (SAC) or mean (REDQ)"""
     actor_update_every: int = 1
     """critic updates per actor/temperature update (REDQ: the update-to-data ratio)"""
@@ -76,7 +76,7 @@ class REDQParams(SACParams):
     """critics in the ensemble (REDQ's N)"""
     target_subset: int = 2
     """critics in the random subset whose min forms the target (REDQ's M)"""
-    actor_q: str = "mean"
+    actor_q: Literal["min", "mean"] = "mean"
     """how the actor aggregates the ensemble: min (SAC) or mean (REDQ)"""
     actor_update_every: int = 20
     """critic updates per actor/temperature update (REDQ's policy update delay = its UTD ratio G)"""

@@ -27,7 +27,7 @@ class Batch(dict[str, torch.Tensor]):
             raise AttributeError(key) from None
 
     def __len__(self) -> int:  # type: ignore[override]
-        return next(iter(self.values())).shape[0] if self else 0
+        return next(iter(self.values())).shape[0] if dict.__len__(self) else 0
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch({k: v.to(device, non_blocking=True) for k, v in self.items()})

@@ -48,10 +48,16 @@ def _register_families(env_id: str) -> None:
         gym.register_envs(gymnasium_robotics)
 
 
+def _is_removed(env_id: str) -> bool:
+    name, _, version = env_id.rpartition("-v")
+    m = _FETCH.match(env_id)
+    return (name in _MUJOCO_TASKS and version in ("0", "1", "2", "3")) or bool(m and int(m.group(4)) < 4)
+
+
 def _check_id(env_id: str) -> None:
     """Raise one clear sentence for removed or unknown ids."""
     name, _, version = env_id.rpartition("-v")
-    if name in _MUJOCO_TASKS and version in ("0", "1", "2", "3"):
+    if name in _MUJOCO_TASKS and _is_removed(env_id):
         raise EnvError(f"{env_id} is a mujoco-py environment that Gymnasium 1.x no longer provides; use "
                        f"{name}-v5 (MuJoCo 3 bindings). D4RL-style datasets for it come from "
                        "`diffrl data collect`.")
@@ -61,7 +67,7 @@ def _check_id(env_id: str) -> None:
                        "(gymnasium-robotics, MuJoCo 3 bindings).")
     if env_id in gym.registry:
         return
-    known = list(gym.registry)
+    known = [k for k in gym.registry if not _is_removed(k)]
     close = difflib.get_close_matches(env_id, known, n=3, cutoff=0.6)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise EnvError(f"unknown environment id {env_id!r}.{hint} diffrl supports Gymnasium MuJoCo v5 ids "
@@ -105,7 +111,9 @@ def make_env(env_id: str, seed: int | None = None, *, max_episode_steps: int | N
                        "bounds.")
     if not (np.all(space.low == -1) and np.all(space.high == 1)):
         env = RescaleAction(env, -1.0, 1.0)
+    bounded = env.action_space  # [-1, 1] after RescaleAction
     env = ClipAction(env)
+    env.action_space = bounded  # Gymnasium 1.x ClipAction advertises (-inf, inf); actions are still clipped
     if seed is not None:
         env.reset(seed=seed)
         env.action_space.seed(seed)

@@ -102,7 +102,7 @@ class OnlineConfig(Params):
 
 
 @dataclasses.dataclass(frozen=True)
-class SACConfig(OnlineConfig, SACParams):
+class SACConfig(SACParams, OnlineConfig):
     """``diffrl train sac``: Soft Actor-Critic."""
 
     actor_update_every: int | None = None  # type: ignore[assignment]
@@ -110,7 +110,7 @@ class SACConfig(OnlineConfig, SACParams):
 
 
 @dataclasses.dataclass(frozen=True)
-class REDQConfig(OnlineConfig, REDQParams):
+class REDQConfig(REDQParams, OnlineConfig):
     """``diffrl train redq``: REDQ (N critics, random subset M, high update-to-data ratio)."""
 
     utd: int = 20
@@ -120,7 +120,7 @@ class REDQConfig(OnlineConfig, REDQParams):
 
 
 @dataclasses.dataclass(frozen=True)
-class TD3Config(OnlineConfig, TD3Params):
+class TD3Config(TD3Params, OnlineConfig):
     """``diffrl train td3``: TD3."""
 
 
@@ -297,3 +297,24 @@ def run(cfg: OnlineConfig) -> Path:
     envs.close()
     eval_env.close()
     return run_dir
+
+
+def evaluate_run(run_dir: Path, episodes: int = 10, device: str = "auto", seed: int | None = None) -> dict[str, Any]:
+    """Evaluate the latest checkpoint of an online run with :func:`diffrl.eval.evaluate`.
+
+    Uses the run's env and seed (so the same eval episodes as during training) unless ``seed`` is given.
+    Returns a dict with the checkpoint step and the :class:`~diffrl.eval.EvalResult` fields.
+    """
+    cfg = load_config(run_dir)
+    env = make_env(cfg.env, max_episode_steps=cfg.max_episode_steps)
+    manifest, parts = ckpt.load_checkpoint(run_dir, parts=("state",))
+    signature = env_signature(cfg.env, env)
+    if manifest["meta"].get("env") != signature:
+        raise CheckpointError(f"the checkpoint in {run_dir} was written for {manifest['meta'].get('env')}, "
+                              f"not {signature}.")
+    agent = build(cfg, obs_dim(env.observation_space), obs_dim(env.action_space), resolve_device(device))
+    agent.load_state_dict(parts["state"]["agent"])
+    result = evaluate(agent, env, episodes, seed=cfg.seed if seed is None else seed)
+    env.close()
+    return {"run_dir": str(run_dir), "env_id": cfg.env, "checkpoint_step": manifest["step"], "episodes": episodes,
+            **result.to_dict()}

@@ -1,0 +1,156 @@
+"""End to end through the CLI on real MuJoCo tasks with tiny settings (seconds each)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffrl.cli import main
+
+TINY = ["--hidden", "32", "32", "--batch-size", "64", "--learning-starts", "100", "--eval-episodes", "1",
+        "--log-every", "50", "--no-progress"]
+VOLATILE = {"wall_s", "perf/env_steps_per_s"}  # timing columns differ between any two runs
+
+
+def curve(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k not in VOLATILE} for row in csv.DictReader(f)]
+
+
+def tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(path)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def train(algo: str, run_dir: Path, *extra: str) -> int:
+    return main(["train", algo, "--run-dir", str(run_dir), *TINY, *extra])
+
+
+def test_train_sac_writes_the_full_run_directory_then_eval_and_report_read_it(tmp_path, capsys):
+    run_dir = tmp_path / "sac"
+    assert train("sac", run_dir, "--env", "HalfCheetah-v5", "--steps", "300", "--eval-every", "150",
+                 "--checkpoint-every", "150") == 0
+    assert (run_dir / "config.yaml").is_file()
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    rows = curve(run_dir)
+    assert [int(r["step"]) for r in rows] == [50, 100, 150, 200, 250, 300]
+    assert rows[-1]["eval/return_mean"] != "" and float(rows[-1]["gradient_steps"]) == 201
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["env_steps"] == 300 and summary["gradient_steps"] == 201
+    assert summary["eval_return_mean"] == pytest.approx(float(rows[-1]["eval/return_mean"]))
+    assert set(summary["time_breakdown_s"]) == {"env_s", "update_s", "eval_s"}
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["latest", "step-000000150", "step-000000300"]
+    files = {p.name for p in (run_dir / "checkpoints" / "latest").iterdir()}
+    assert files == {"manifest.json", "state.safetensors", "buffer.safetensors"}
+    manifest = json.loads((run_dir / "checkpoints" / "latest" / "manifest.json").read_text())
+    assert manifest["meta"]["env"]["env_id"] == "HalfCheetah-v5" and manifest["versions"]["torch"]
+
+    # diffrl eval uses the same evaluate() and eval seeds as training: same number on the same checkpoint.
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--episodes", "1"]) == 0
+    result = json.loads((run_dir / "eval-step-300.json").read_text())
+    assert result["return_mean"] == pytest.approx(summary["eval_return_mean"])
+
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "report.md").is_file()
+    assert list((tmp_path / "report").glob("*.png"))
+
+
+@pytest.mark.parametrize("algo", ["sac", "td3", "redq"])
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, algo):
+    # Hopper terminates early and episodes are capped at 120 steps: the checkpoint at 300 is mid-episode.
+    extra = ["--env", "Hopper-v5", "--max-episode-steps", "120", "--eval-every", "200",
+             "--checkpoint-every", "1000", *(["--utd", "3"] if algo == "redq" else [])]
+    assert train(algo, tmp_path / "full", "--steps", "600", *extra) == 0
+    assert train(algo, tmp_path / "split", "--steps", "300", *extra) == 0
+    assert main(["train", algo, "--resume", str(tmp_path / "split"), "--steps", "600", "--no-progress"]) == 0
+    full, split = curve(tmp_path / "full"), curve(tmp_path / "split")
+    assert len(full) == 12 and full == split
+    s_full = json.loads((tmp_path / "full" / "summary.json").read_text())
+    s_split = json.loads((tmp_path / "split" / "summary.json").read_text())
+    assert s_full["eval_return_mean"] == s_split["eval_return_mean"]
+
+
+def test_same_seed_gives_identical_runs_and_another_seed_does_not(tmp_path):
+    args = ["--env", "Hopper-v5", "--steps", "250", "--eval-every", "250"]
+    train("sac", tmp_path / "a", *args)
+    train("sac", tmp_path / "b", *args)
+    train("sac", tmp_path / "c", *args, "--seed", "1")
+    assert curve(tmp_path / "a") == curve(tmp_path / "b")
+    assert curve(tmp_path / "a") != curve(tmp_path / "c")
+
+
+def test_resume_with_another_env_or_network_size_is_refused_and_changes_nothing(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    train("sac", run_dir, "--env", "Hopper-v5", "--steps", "200", "--eval-every", "200")
+    before = tree_digest(run_dir)
+    capsys.readouterr()
+    assert main(["train", "sac", "--resume", str(run_dir), "--env", "Walker2d-v5"]) == 2
+    assert "env='Walker2d-v5'" in capsys.readouterr().err
+    assert main(["train", "sac", "--resume", str(run_dir), "--hidden", "64", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "hidden=[64, 64]" in err and "nothing was changed" in err and "Traceback" not in err
+    assert main(["train", "td3", "--resume", str(run_dir)]) == 2
+    assert tree_digest(run_dir) == before
+
+
+def test_training_into_an_existing_run_directory_is_refused(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    train("sac", run_dir, "--env", "Hopper-v5", "--steps", "120", "--eval-every", "0")
+    before = tree_digest(run_dir)
+    assert train("sac", run_dir, "--env", "Hopper-v5", "--steps", "120") == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert tree_digest(run_dir) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--steps", "-5"], "steps=-5"), (["--gamma", "1.5"], "gamma=1.5"), (["--gamma", "0"], "gamma=0"),
+     (["--batch-size", "512", "--buffer-size", "100"], "batch_size=512"), (["--utd", "0"], "utd=0"),
+     (["--tau", "0"], "tau=0")])
+def test_invalid_config_values_are_rejected_with_one_sentence(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "sac", "--run-dir", str(tmp_path / "r"), *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["train", "sac", "--env", "HalfCheetah-v2", "--steps", "10"], "HalfCheetah-v5"),
+     (["train", "sac", "--env", "Hoper-v5", "--steps", "10"], "Did you mean Hopper-v5"),
+     (["train", "ppo"], "unknown algorithm 'ppo'"),
+     (["train", "sac", "--preset", "huge"], "unknown preset 'huge'"),
+     (["eval", "/nonexistent/run"], "not a diffrl run directory"),
+     (["report", "/nonexistent/run"], "/nonexistent/run")])
+def test_bad_user_input_gets_one_clear_sentence_and_no_traceback(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") <= 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
+    assert train("sac", tmp_path / "r", "--env", "Hopper-v5", "--steps", "10", "--device", "cuda") == 2
+    assert "sees no CUDA GPU" in capsys.readouterr().err
+
+
+def test_quickstart_runs_and_writes_a_report(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["quickstart", "--steps", "400"]) == 0
+    out = capsys.readouterr().out
+    assert "report:" in out
+    report = Path(out.split("report:")[-1].strip())
+    assert report.is_file() and (report.parent / "report.json").is_file()
