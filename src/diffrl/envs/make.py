@@ -59,8 +59,7 @@ def _check_id(env_id: str) -> None:
     name, _, version = env_id.rpartition("-v")
     if name in _MUJOCO_TASKS and _is_removed(env_id):
         raise EnvError(f"{env_id} is a mujoco-py environment that Gymnasium 1.x no longer provides; use "
-                       f"{name}-v5 (MuJoCo 3 bindings). D4RL-style datasets for it come from "
-                       "`diffrl data collect`.")
+                       f"{name}-v5 (MuJoCo 3 bindings).")
     m = _FETCH.match(env_id)
     if m and int(m.group(4)) < 4:
         raise EnvError(f"{env_id} is the mujoco-py version of this Fetch task; use {m.group(1)}-v4 "
