@@ -1,0 +1,1 @@
+"""Run infrastructure: run directory, logger, checkpoints, seeding, device, progress, reports."""
