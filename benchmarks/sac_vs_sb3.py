@@ -30,6 +30,7 @@ from diffrl.data import ReplayBuffer
 from diffrl.envs import make_env
 from diffrl.eval import evaluate
 from diffrl.pipelines.online import SACConfig, run
+from diffrl.runs.device import tune_cpu_allocator
 
 OUT = Path(__file__).parent / "out"
 
@@ -104,9 +105,12 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=OUT / "sac_vs_sb3.jsonl")
     args = ap.parse_args()
     os.environ.setdefault("DIFFRL_PROGRESS", "0")
+    # The allocator setting `diffrl` applies; process-wide, so SB3 runs with it too (same conditions).
+    tuned = tune_cpu_allocator()
     args.results.parent.mkdir(parents=True, exist_ok=True)
     done = [json.loads(x) for x in args.results.read_text().splitlines()] if args.results.exists() else []
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {os.cpu_count()} cpus", flush=True)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {os.cpu_count()} cpus, "
+          f"glibc allocator tuned: {tuned}", flush=True)
     for seed in args.seeds:
         for env_id in args.envs:
             # alternate which library goes first so slow drift in machine load hits both

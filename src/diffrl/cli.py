@@ -152,7 +152,7 @@ class QuickstartArgs:
 
     env: str = "Hopper-v5"
     """environment id"""
-    steps: int = 12_000
+    steps: int = 20_000
     """environment steps"""
     seed: int = 0
     """seed"""
@@ -165,8 +165,11 @@ def cmd_quickstart(args: list[str]) -> None:
     from diffrl.runs.report import make_report
 
     a = tyro.cli(QuickstartArgs, args=args, prog="diffrl quickstart")
-    cfg = online.SACConfig(env=a.env, steps=a.steps, seed=a.seed, learning_starts=2_000, eval_every=2_000,
-                           eval_episodes=3, log_every=500, checkpoint_every=a.steps, runs_root=a.out)
+    if a.steps <= 0:
+        raise ConfigError(f"invalid steps={a.steps}: it must be > 0.")
+    cfg = online.SACConfig(env=a.env, steps=a.steps, seed=a.seed, learning_starts=min(2_000, a.steps // 4),
+                           eval_every=max(a.steps // 10, 1), eval_episodes=3, log_every=500,
+                           checkpoint_every=a.steps, runs_root=a.out)
     print(f"diffrl quickstart: SAC on {a.env} for {a.steps} env steps (UTD 1, batch 256, 2x256 networks)")
     run_dir = online.run(cfg)
     _print_summary(json.loads((run_dir / "summary.json").read_text()))
@@ -189,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"diffrl {diffrl.__version__}")
         return 0
+    from diffrl.runs.device import tune_cpu_allocator
+
+    tune_cpu_allocator()
     command = COMMANDS.get(argv[0])
     if command is None:
         print(f"diffrl: error: unknown command {argv[0]!r}.\n\n{USAGE}", file=sys.stderr)

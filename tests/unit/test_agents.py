@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -185,8 +186,11 @@ def test_state_dict_is_complete():
     agent.update(batches(1)[0])
     state = agent.state_dict()
     assert set(state["nets"]) == {"actor", "critic", "critic_target"}
-    assert set(state["optims"]) == {"actor", "critic", "alpha"}
+    assert set(state["optims"]) == {"actor", "critic"}
     assert all(len(o["state"]) > 0 for o in state["optims"].values())  # Adam moments are included
+    # the temperature is the actor optimizer's second parameter group, with its moments saved too
+    actor_groups = state["optims"]["actor"]["param_groups"]
+    assert len(actor_groups) == 2 and len(state["optims"]["actor"]["state"]) == len(list(agent.actor.parameters())) + 1
     assert state["extra"]["num_updates"] == 1 and "log_alpha" in state["extra"]
 
 
@@ -227,3 +231,31 @@ def test_act_returns_bounded_actions_and_deterministic_act_is_repeatable(kind):
     d1, d2 = agent.act(obs, deterministic=True), agent.act(obs, deterministic=True)
     np.testing.assert_array_equal(d1, d2)
     assert not np.array_equal(agent.act(obs), agent.act(obs))  # exploration is stochastic
+
+
+def test_shared_actor_temperature_step_equals_two_separate_adam_steps():
+    """One backward of actor_loss + alpha_loss through one two-group Adam == two separate Adam updates."""
+    torch.manual_seed(0)
+    agent = make_agent("sac")
+    batch = batches(1)[0]
+    actor_ref = copy.deepcopy(agent.actor)
+    log_alpha_ref = agent.log_alpha.detach().clone().requires_grad_(True)
+    opt_a = torch.optim.Adam(actor_ref.parameters(), lr=agent.p.actor_lr)
+    opt_t = torch.optim.Adam([log_alpha_ref], lr=agent.p.alpha_lr)
+    rng_state = torch.get_rng_state()
+    alpha = agent.alpha
+    agent._update_actor(batch.obs, alpha)
+    torch.set_rng_state(rng_state)
+    agent.critic.requires_grad_(False)
+    a, logp = actor_ref.sample(batch.obs)
+    actor_loss = (alpha * logp - agent.critic(batch.obs, a).min(0).values).mean()
+    opt_a.zero_grad()
+    actor_loss.backward()
+    opt_a.step()
+    alpha_loss = -(log_alpha_ref * (logp.detach() + agent.target_entropy)).mean()
+    opt_t.zero_grad()
+    alpha_loss.backward()
+    opt_t.step()
+    for p, q in zip(agent.actor.parameters(), actor_ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(agent.log_alpha.detach(), log_alpha_ref.detach(), rtol=1e-6, atol=1e-7)

@@ -57,7 +57,7 @@ class EnsembleQ(nn.Module):
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         x = torch.cat([obs, act], dim=-1)  # (B, Do+Da)
         for layer in self.layers:
-            x = F.relu(layer(x))  # (E, B, H)
+            x = F.relu_(layer(x))  # (E, B, H); in place: the matmul's backward does not need its output
         return self.head(x).squeeze(-1)  # (E, B)
 
 
@@ -71,7 +71,7 @@ class TanhGaussianActor(nn.Module):
         self.log_std = nn.Linear(hidden[-1], act_dim)
 
     def _dist(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = F.relu(self.trunk(obs))
+        h = F.relu_(self.trunk(obs))
         return self.mean(h), self.log_std(h).clamp(LOG_STD_MIN, LOG_STD_MAX)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:

@@ -103,11 +103,15 @@ class SAC(Agent):
                                       requires_grad=True)
         self.target_entropy = float(params.target_entropy if params.target_entropy is not None else -act_dim)
         fused = dict(fused=True) if self.device.type in ("cpu", "cuda") else {}
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=params.actor_lr, **fused)
+        # Actor and temperature share one Adam (two parameter groups, own learning rates): their losses touch
+        # disjoint parameters, so one backward + one step gives exactly the two separate Adam updates.
+        groups = [{"params": list(self.actor.parameters()), "lr": params.actor_lr}]
+        if params.autotune_alpha:
+            groups.append({"params": [self.log_alpha], "lr": params.alpha_lr})
+        self.actor_opt = torch.optim.Adam(groups, **fused)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=params.critic_lr, **fused)
-        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=params.alpha_lr, **fused)
         self.nets = {"actor": self.actor, "critic": self.critic, "critic_target": self.critic_target}
-        self.optims = {"actor": self.actor_opt, "critic": self.critic_opt, "alpha": self.alpha_opt}
+        self.optims = {"actor": self.actor_opt, "critic": self.critic_opt}
         self.num_updates = 0
         self._last_actor: dict[str, torch.Tensor] = {}
 
@@ -155,17 +159,16 @@ class SAC(Agent):
         q = self.critic(obs, a)  # (N, B)
         q = q.min(0).values if self.p.actor_q == "min" else q.mean(0)
         actor_loss = (alpha * logp - q).mean()
+        out = {"actor_loss": actor_loss.detach(), "entropy": -logp.detach().mean(), "alpha": alpha}
+        loss = actor_loss
+        if self.p.autotune_alpha:  # J(alpha) with the same sample's log-probs (as the SAC paper's code)
+            alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
+            out["alpha_loss"] = alpha_loss.detach()
+            loss = actor_loss + alpha_loss  # disjoint parameters: gradients are those of each loss alone
         self.actor_opt.zero_grad(set_to_none=True)
-        actor_loss.backward()
+        loss.backward()
         self.actor_opt.step()
         set_requires_grad(self.critic.parameters(), True)
-        out = {"actor_loss": actor_loss.detach(), "entropy": -logp.detach().mean(), "alpha": alpha}
-        if self.p.autotune_alpha:
-            alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
-            self.alpha_opt.zero_grad(set_to_none=True)
-            alpha_loss.backward()
-            self.alpha_opt.step()
-            out["alpha_loss"] = alpha_loss.detach()
         return out
 
     def extra_state(self) -> dict[str, Any]:

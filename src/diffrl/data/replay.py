@@ -55,10 +55,15 @@ class ReplayBuffer:
         if n > self.capacity:  # only the last `capacity` rows survive
             data = {k: v[-self.capacity:] for k, v in data.items()}
             n = self.capacity
-        idx = (torch.arange(n) + self.ptr) % self.capacity
-        for k, v in data.items():
-            t = torch.as_tensor(v, dtype=self.storage[k].dtype).to(self.device)
-            self.storage[k][idx.to(self.device)] = t.reshape(n, *self.shapes[k])
+        if self.ptr + n <= self.capacity:  # contiguous: plain slice copies (the hot path, one row per env step)
+            for k, v in data.items():
+                store = self.storage[k]
+                store[self.ptr:self.ptr + n] = torch.as_tensor(v).reshape(n, *self.shapes[k]).to(store.dtype)
+        else:
+            idx = ((torch.arange(n) + self.ptr) % self.capacity).to(self.device)
+            for k, v in data.items():
+                store = self.storage[k]
+                store[idx] = torch.as_tensor(v).reshape(n, *self.shapes[k]).to(store.device, store.dtype)
         self.ptr = (self.ptr + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
 
