@@ -15,7 +15,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import tyro
 
@@ -50,51 +50,94 @@ def _pop_option(args: list[str], name: str) -> tuple[str | None, list[str]]:
     return value, rest
 
 
-def cmd_train(args: list[str]) -> None:
-    from diffrl.pipelines import online
-
+def _train_command(group: str, module: Any, args: list[str]) -> None:
+    """``diffrl <group> ALGO [--preset P | --resume RUN_DIR] [fields]`` for a pipeline module with ``ALGOS``,
+    ``PRESETS``, ``load_config``, ``algo_name`` and ``run``."""
+    algos = module.ALGOS
     if not args or args[0] in ("-h", "--help"):
-        print(f"usage: diffrl train {{{','.join(online.ALGOS)}}} [--preset quick|paper] [options]\n"
-              "       diffrl train ALGO --resume RUN_DIR [--steps N]")
+        print(f"usage: diffrl {group} {{{','.join(algos)}}} [--preset {'|'.join(module.PRESETS[next(iter(algos))])}] "
+              f"[options]\n       diffrl {group} ALGO --resume RUN_DIR [--steps N]\n"
+              f"       diffrl {group} ALGO --help   (every option)")
         return
     algo, rest = args[0], args[1:]
-    if algo not in online.ALGOS:
-        raise ConfigError(f"unknown algorithm {algo!r}: choose one of {', '.join(online.ALGOS)}.")
-    cls = online.ALGOS[algo][0]
+    if algo not in algos:
+        raise ConfigError(f"unknown algorithm {algo!r} for `diffrl {group}`: choose one of {', '.join(algos)}.")
+    cls = algos[algo][0]
     preset, rest = _pop_option(rest, "--preset")
     resume, _ = _pop_option(list(rest), "--resume")
     if resume is not None:
         if preset is not None:
             raise ConfigError("--preset cannot be combined with --resume: a resumed run keeps its own settings.")
-        saved = online.load_config(Path(resume))
+        saved = module.load_config(Path(resume))
         if type(saved) is not cls:
-            raise ConfigError(f"{resume} is a {online.algo_name(saved)} run; resume it with "
-                              f"`diffrl train {online.algo_name(saved)} --resume {resume}`.")
+            name = module.algo_name(saved)
+            raise ConfigError(f"{resume} is a {name} run; resume it with `diffrl {group} {name} --resume {resume}`.")
         default = saved
-    elif preset is not None:
-        presets = online.PRESETS[algo]
-        if preset not in presets:
-            raise ConfigError(f"unknown preset {preset!r} for {algo}: choose one of {', '.join(presets)}.")
-        default = cls(**presets[preset])
     else:
-        default = cls()
-    cfg = tyro.cli(cls, default=default, args=rest, prog=f"diffrl train {algo}",
-                   description=(cls.__doc__ or "") + " Presets: --preset " + "|".join(online.PRESETS[algo]))
-    run_dir = online.run(cfg)
+        default = None  # the dataclass's own defaults
+        if preset is not None:
+            presets = module.PRESETS[algo]
+            if preset not in presets:
+                raise ConfigError(f"unknown preset {preset!r} for {algo}: choose one of {', '.join(presets)}.")
+            rest = _as_args(presets[preset]) + rest  # explicit flags come later, so they win
+    cfg = _parse(cls, rest, f"diffrl {group} {algo}", default,
+                 (cls.__doc__ or "") + " Presets (--preset NAME; explicit flags override them): " + "; ".join(
+                     f"{name}: " + " ".join(_as_args(values)) for name, values in module.PRESETS[algo].items()))
+    run_dir = module.run(cfg)
     summary = json.loads((run_dir / "summary.json").read_text())
     print(f"run directory: {run_dir}")
     _print_summary(summary)
 
 
-def _print_summary(summary: dict) -> None:
-    ret = summary.get("eval_return_mean")
-    if ret is not None:
-        print(f"final eval return: {ret:.1f} ± {summary['eval_return_std']:.1f} "
-              f"({summary['eval_episodes']} episodes), best {summary['best_eval_return']:.1f}")
-    if summary.get("success_rate") is not None:
-        print(f"success rate: {summary['success_rate']:.2f}")
-    print(f"env steps: {summary['env_steps']}, gradient steps: {summary['gradient_steps']}, "
-          f"wall: {summary['wall_s']:.0f} s ({summary['env_steps_per_s']:.0f} env steps/s)")
+def _as_args(values: dict[str, Any]) -> list[str]:
+    """Config values as command-line flags (``{"learning_starts": 5}`` -> ``["--learning-starts", "5"]``)."""
+    out: list[str] = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, (list, tuple)):
+            out += [flag, *map(str, value)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def _parse(cls: type, args: list[str], prog: str, default: Any = None, description: str | None = None) -> Any:
+    """tyro parsing; a value rejected by a config's validation is one sentence (exit status 2)."""
+    return tyro.cli(cls, default=default, args=args, prog=prog, description=description or cls.__doc__)
+
+
+def cmd_train(args: list[str]) -> None:
+    from diffrl.pipelines import online
+
+    _train_command("train", online, args)
+
+
+def cmd_offline(args: list[str]) -> None:
+    from diffrl.pipelines import offline
+
+    _train_command("offline", offline, args)
+
+
+def _print_summary(s: dict) -> None:
+    if s.get("eval_return_mean") is not None:
+        line = (f"final eval return: {s['eval_return_mean']:.1f} ± {s['eval_return_std']:.1f} "
+                f"({s['eval_episodes']} episodes)")
+        if s.get("normalized_score") is not None:
+            line += f", normalized score {s['normalized_score']:.1f}"
+        if s.get("best_eval_return") is not None:
+            line += f", best {s['best_eval_return']:.1f}"
+        elif s.get("best_score") is not None:
+            line += f", best {'score' if s.get('normalized_score') is not None else 'return'} {s['best_score']:.1f}"
+        print(line)
+    if s.get("success_rate") is not None:
+        print(f"success rate: {s['success_rate']:.2f}")
+    if s.get("env_steps"):
+        print(f"env steps: {s['env_steps']}, gradient steps: {s['gradient_steps']}, wall: {s['wall_s']:.0f} s "
+              f"({s['env_steps_per_s']:.0f} env steps/s)")
+    else:
+        print(f"gradient steps: {s['gradient_steps']}, wall: {s['wall_s']:.0f} s ({s['updates_per_s']:.0f} updates/s)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,19 +155,78 @@ class EvalArgs:
 
 
 def cmd_eval(args: list[str]) -> None:
-    from diffrl.pipelines.online import evaluate_run
-    from diffrl.runs.rundir import write_json_atomic
+    from diffrl.pipelines import offline, online
+    from diffrl.runs.rundir import read_config, write_json_atomic
 
     a = tyro.cli(EvalArgs, args=args, prog="diffrl eval")
     if a.episodes <= 0:
         raise ConfigError(f"invalid episodes={a.episodes}: it must be > 0.")
-    result = evaluate_run(a.run_dir, a.episodes, a.device, a.seed)
+    module = offline if read_config(a.run_dir)["pipeline"].startswith("offline_") else online
+    result = module.evaluate_run(a.run_dir, a.episodes, a.device, a.seed)
     out = a.run_dir / f"eval-step-{result['checkpoint_step']}.json"
     write_json_atomic(out, result)
     print(f"{result['env_id']} checkpoint at step {result['checkpoint_step']}: return "
           f"{result['return_mean']:.1f} ± {result['return_std']:.1f} over {a.episodes} episodes"
-          + (f", success rate {result['success_rate']:.2f}" if result["success_rate"] is not None else ""))
+          + (f", success rate {result['success_rate']:.2f}" if result["success_rate"] is not None else "")
+          + (f", normalized score {result['normalized_score']:.1f}" if "normalized_score" in result else ""))
     print(f"written: {out}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfoArgs:
+    """Episodes, transitions, return statistics, normalized scores and spaces of a dataset."""
+
+    dataset: Annotated[str, tyro.conf.Positional]
+    """Minari id (under MINARI_DATASETS_PATH) or a path to a D4RL .hdf5 or DPPO .npz file"""
+    env: str | None = None
+    """also check the dataset against this env's spaces and action bounds"""
+    json: bool = False
+    """print JSON instead of a table"""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConvertArgs:
+    """Convert a dataset between the Minari, D4RL HDF5 and DPPO npz layouts (arrays bit-exact)."""
+
+    dataset: Annotated[str, tyro.conf.Positional]
+    """source: Minari id or a .hdf5 / .npz path"""
+    to: Literal["minari", "d4rl", "npz"]
+    """target layout"""
+    out: str
+    """target: a Minari id (or dataset directory) for minari, a file path otherwise"""
+    overwrite: bool = False
+    """replace an existing target"""
+
+
+def cmd_data(args: list[str]) -> None:
+    from diffrl.data import load_dataset, save_dataset
+
+    sub_commands = ("info", "convert", "collect")
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: diffrl data info DATASET [--env ID]\n"
+              "       diffrl data convert DATASET --to minari|d4rl|npz --out TARGET\n"
+              "       diffrl data collect --env ID --kind random|medium|medium-replay|expert|medium-expert")
+        return
+    if args[0] not in sub_commands:
+        raise ConfigError(f"unknown data command {args[0]!r}: choose one of {', '.join(sub_commands)}.")
+    if args[0] == "info":
+        a = tyro.cli(DataInfoArgs, args=args[1:], prog="diffrl data info")
+        info = load_dataset(a.dataset, env_id=a.env).describe()
+        if a.json:
+            print(json.dumps(info, indent=2, default=float))
+        else:
+            width = max(map(len, info))
+            for k, v in info.items():
+                print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    elif args[0] == "convert":
+        a = tyro.cli(DataConvertArgs, args=args[1:], prog="diffrl data convert")
+        ds = load_dataset(a.dataset)
+        print(f"written: {save_dataset(ds, a.out, a.to, overwrite=a.overwrite)} ({len(ds)} transitions)")
+    else:
+        from diffrl.pipelines import data_collect
+
+        cfg = _parse(data_collect.CollectConfig, args[1:], "diffrl data collect")
+        print(f"dataset: {data_collect.run(cfg)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +280,8 @@ def cmd_quickstart(args: list[str]) -> None:
     print(f"report: {report}")
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "quickstart": cmd_quickstart}
+COMMANDS = {"train": cmd_train, "offline": cmd_offline, "data": cmd_data, "eval": cmd_eval, "report": cmd_report,
+            "quickstart": cmd_quickstart}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,5 +18,13 @@ class EnvError(DiffrlError, ValueError):
     """An environment id is unknown, removed, or needs a missing package."""
 
 
+class DatasetError(DiffrlError, ValueError):
+    """A dataset is missing, malformed, or disagrees with its environment."""
+
+
 class CheckpointError(DiffrlError):
     """A checkpoint or run directory is missing, corrupt, or incompatible."""
+
+
+class TrainingDiverged(DiffrlError):
+    """A loss or evaluation became NaN/inf; the run stops before overwriting good checkpoints."""

@@ -154,3 +154,38 @@ def test_quickstart_runs_and_writes_a_report(tmp_path, monkeypatch, capsys):
     assert "report:" in out
     report = Path(out.split("report:")[-1].strip())
     assert report.is_file() and (report.parent / "report.json").is_file()
+
+
+def test_a_bad_env_id_writes_no_run_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "sac", "--env", "Hoper-v5", "--steps", "10"]) == 2
+    assert not (tmp_path / "runs").exists()
+
+
+def test_goal_conditioned_env_is_refused_with_a_sentence(tmp_path, capsys):
+    assert train("sac", tmp_path / "r", "--env", "FetchReach-v4", "--steps", "10") == 2
+    assert "dict (goal-conditioned) observations" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_resuming_from_a_corrupt_checkpoint_is_a_clear_error_and_changes_nothing(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    train("sac", run_dir, "--env", "Hopper-v5", "--steps", "120", "--eval-every", "0")
+    state = run_dir / "checkpoints" / "latest" / "state.safetensors"
+    state.write_bytes(state.read_bytes()[:100])
+    before = tree_digest(run_dir)
+    capsys.readouterr()
+    assert main(["train", "sac", "--resume", str(run_dir), "--steps", "240"]) == 2
+    err = capsys.readouterr().err
+    assert "state.safetensors" in err and "corrupt" in err and "Traceback" not in err
+    assert tree_digest(run_dir) == before
+
+
+def test_dm_control_task_trains_and_evaluates_with_flat_observations(tmp_path):
+    run_dir = tmp_path / "dmc"
+    assert train("td3", run_dir, "--env", "dm_control/cartpole-swingup-v0", "--steps", "150",
+                 "--eval-every", "0") == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["env_steps"] == 150 and summary["eval_return_mean"] is not None
+    manifest = json.loads((run_dir / "checkpoints" / "latest" / "manifest.json").read_text())
+    assert manifest["meta"]["env"]["observation_space"]["type"] == "Box"

@@ -47,12 +47,19 @@ class EnsembleLinear(nn.Module):
 class EnsembleQ(nn.Module):
     """``E`` Q-networks ``Q_e(s, a)`` in one module: ``forward(obs (B,Do), act (B,Da)) -> (E, B)``."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], num_members: int) -> None:
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], num_members: int,
+                 orthogonal_init: bool = False) -> None:
         super().__init__()
         self.num_members = num_members
         dims = [obs_dim + act_dim, *hidden]
         self.layers = nn.ModuleList(EnsembleLinear(num_members, a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.head = EnsembleLinear(num_members, dims[-1], 1)
+        if orthogonal_init:  # CQL's reference init: orthogonal, gain sqrt(2) inside and 1e-2 at the head, zero bias
+            with torch.no_grad():
+                for layer, gain in [*((l, math.sqrt(2.0)) for l in self.layers), (self.head, 1e-2)]:
+                    for w in layer.weight:  # one (d_in, d_out) matrix per member
+                        nn.init.orthogonal_(w, gain=gain)
+                    layer.bias.zero_()
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         x = torch.cat([obs, act], dim=-1)  # (B, Do+Da)
@@ -99,3 +106,29 @@ class DeterministicActor(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.net(obs))
+
+
+class GaussianActor(nn.Module):
+    """IQL's policy: ``N(tanh(MLP(obs)), exp(log_std))`` with a state-independent, learned ``log_std``.
+
+    ``log_prob(obs, act)`` scores dataset actions (no tanh correction: the mean is squashed, not the sample).
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int]) -> None:
+        super().__init__()
+        self.net = mlp(obs_dim, hidden, act_dim)
+        self.log_std = nn.Parameter(torch.zeros(act_dim))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """Deterministic action: the mean, ``(B, Da)`` in [-1, 1]."""
+        return torch.tanh(self.net(obs))
+
+    def log_prob(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """``log N(act; mean(obs), std)`` summed over action dims, shape ``(B,)``."""
+        log_std = self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+        z = (act - self(obs)) / log_std.exp()
+        return (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def sample(self, obs: torch.Tensor) -> torch.Tensor:
+        mean = self(obs)
+        return (mean + self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX).exp() * torch.randn_like(mean)).clamp(-1.0, 1.0)

@@ -27,7 +27,9 @@ class SACParams(Params):
     """SAC hyper-parameters (defaults: the SAC paper / Stable-Baselines3)."""
 
     hidden: tuple[int, ...] = (256, 256)
-    """hidden layer widths of actor and critics"""
+    """hidden layer widths of the actor (and of the critics unless critic_hidden is set)"""
+    critic_hidden: tuple[int, ...] | None = None
+    """hidden layer widths of the critics; None = hidden"""
     actor_lr: float = 3e-4
     """actor learning rate (Adam)"""
     critic_lr: float = 3e-4
@@ -52,10 +54,14 @@ class SACParams(Params):
     """how the actor aggregates the ensemble: min (SAC) or mean (REDQ)"""
     actor_update_every: int = 1
     """critic updates per actor/temperature update (REDQ: the update-to-data ratio)"""
+    backup_entropy: bool = True
+    """subtract alpha * log pi(a'|s') in the TD target (SAC); CQL's reference code does not"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_hidden(self.hidden)
+        if self.critic_hidden is not None:
+            check_hidden(self.critic_hidden)
         for name in ("actor_lr", "critic_lr", "alpha_lr", "init_alpha"):
             check_positive(name, getattr(self, name))
         check_unit_interval("gamma", self.gamma)
@@ -97,7 +103,8 @@ class SAC(Agent):
         self.device = torch.device(device)
         hidden = tuple(params.hidden)
         self.actor = TanhGaussianActor(obs_dim, act_dim, hidden).to(self.device)
-        self.critic = EnsembleQ(obs_dim, act_dim, hidden, params.num_critics).to(self.device)
+        critic_hidden = tuple(params.critic_hidden) if params.critic_hidden is not None else hidden
+        self.critic = EnsembleQ(obs_dim, act_dim, critic_hidden, params.num_critics).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = torch.tensor(np.log(params.init_alpha), dtype=torch.float32, device=self.device,
                                       requires_grad=True)
@@ -132,26 +139,32 @@ class SAC(Agent):
             if self.p.target_subset < self.p.num_critics:  # REDQ: min over a random subset of M critics
                 idx = torch.randperm(self.p.num_critics, device=self.device)[: self.p.target_subset]
                 q_next = q_next.index_select(0, idx)
-            v_next = q_next.min(0).values - alpha * next_logp  # (B,)
+            v_next = q_next.min(0).values  # (B,)
+            if self.p.backup_entropy:
+                v_next = v_next - alpha * next_logp
             return batch.rew + self.p.gamma * (1.0 - batch.done) * v_next
 
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
         """One critic update (and, every ``actor_update_every`` calls, one actor + temperature update)."""
         self.num_updates += 1
         alpha = self.alpha
-        target = self._target(batch, alpha)
-        q = self.critic(batch.obs, batch.act)  # (N, B)
-        # 0.5 * sum over members of each member's MSE, as Stable-Baselines3.
-        critic_loss = 0.5 * (q - target).pow(2).mean(1).sum()
+        critic_loss, metrics = self._critic_loss(batch, alpha)
         self.critic_opt.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.critic_opt.step()
         soft_update(self.critic_target, self.critic, self.p.tau)
-        metrics = {"critic_loss": critic_loss.detach(), "q_mean": q.detach().mean()}
+        metrics["critic_loss"] = critic_loss.detach()
         if self.num_updates % (self.p.actor_update_every or 1) == 0:
             self._last_actor = self._update_actor(batch.obs, alpha)
         metrics.update(self._last_actor)
         return metrics
+
+    def _critic_loss(self, batch: Batch, alpha: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The critic's loss and metrics; offline variants (CQL, EDAC) add their regularisers here."""
+        target = self._target(batch, alpha)
+        q = self.critic(batch.obs, batch.act)  # (N, B)
+        # 0.5 * sum over members of each member's MSE, as Stable-Baselines3.
+        return 0.5 * (q - target).pow(2).mean(1).sum(), {"q_mean": q.detach().mean()}
 
     def _update_actor(self, obs: torch.Tensor, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
         set_requires_grad(self.critic.parameters(), False)  # no wasted critic gradients

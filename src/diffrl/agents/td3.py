@@ -95,16 +95,20 @@ class TD3(Agent):
         metrics = {"critic_loss": critic_loss.detach(), "q_mean": q.detach().mean()}
         if self.num_updates % self.p.policy_delay == 0:
             set_requires_grad(self.critic.parameters(), False)
-            actor_loss = -self.critic(batch.obs, self.actor(batch.obs))[0].mean()  # Q_1 only, as in TD3
+            actor_loss, actor_metrics = self._actor_loss(batch)
             self.actor_opt.zero_grad(set_to_none=True)
             actor_loss.backward()
             self.actor_opt.step()
             set_requires_grad(self.critic.parameters(), True)
             soft_update(self.critic_target, self.critic, self.p.tau)
             soft_update(self.actor_target, self.actor, self.p.tau)
-            self._last_actor = {"actor_loss": actor_loss.detach()}
+            self._last_actor = {"actor_loss": actor_loss.detach(), **actor_metrics}
         metrics.update(self._last_actor)
         return metrics
+
+    def _actor_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Deterministic policy gradient on Q_1 (as TD3); TD3+BC adds its behaviour-cloning term here."""
+        return -self.critic(batch.obs, self.actor(batch.obs))[0].mean(), {}
 
     def extra_state(self) -> dict[str, Any]:
         return {"num_updates": self.num_updates, "last_actor": dict(self._last_actor)}

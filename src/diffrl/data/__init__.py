@@ -1,6 +1,10 @@
-"""Tensors at rest: the Batch contract and the replay buffer."""
+"""Tensors at rest: the Batch contract, the replay buffer, the normalizer and offline datasets."""
 
 from diffrl.data.batch import GOAL_KEYS, TRANSITION_KEYS, Batch
+from diffrl.data.datasets import OfflineDataset, detect_format, load_dataset, save_dataset, validate
+from diffrl.data.normalizer import Normalizer
 from diffrl.data.replay import MixedSampler, ReplayBuffer
+from diffrl.errors import DatasetError
 
-__all__ = ["Batch", "TRANSITION_KEYS", "GOAL_KEYS", "ReplayBuffer", "MixedSampler"]
+__all__ = ["Batch", "TRANSITION_KEYS", "GOAL_KEYS", "ReplayBuffer", "MixedSampler", "Normalizer", "OfflineDataset",
+           "load_dataset", "save_dataset", "validate", "detect_format", "DatasetError"]

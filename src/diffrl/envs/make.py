@@ -109,7 +109,8 @@ def make_env(env_id: str, seed: int | None = None, *, max_episode_steps: int | N
         raise EnvError(f"{env_id} has unbounded actions; diffrl rescales actions to [-1, 1] and needs finite "
                        "bounds.")
     if not (np.all(space.low == -1) and np.all(space.high == 1)):
-        env = RescaleAction(env, -1.0, 1.0)
+        ones = np.ones(space.shape, dtype=space.dtype)  # bounds in the space's dtype: no precision warning
+        env = RescaleAction(env, -ones, ones)
     bounded = env.action_space  # [-1, 1] after RescaleAction
     env = ClipAction(env)
     env.action_space = bounded  # Gymnasium 1.x ClipAction advertises (-inf, inf); actions are still clipped

@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
 
@@ -26,16 +27,17 @@ from diffrl.envs import VecEnv, env_signature, make_env
 from diffrl.envs.vector import obs_dim
 from diffrl.errors import CheckpointError, ConfigError
 from diffrl.eval import evaluate
+from diffrl.pipelines.common import RunConfig
 from diffrl.runs import checkpoint as ckpt
 from diffrl.runs.device import resolve_device
-from diffrl.runs.logger import Logger
+from diffrl.runs.logger import Logger, check_finite
 from diffrl.runs.progress import Progress
 from diffrl.runs.rundir import check_resumable, new_run_dir, read_config, write_config, write_summary
 from diffrl.runs.seeding import generator_state, get_rng_state, seed_everything, set_generator_state, set_rng_state
 
 
 @dataclasses.dataclass(frozen=True)
-class OnlineConfig(Params):
+class OnlineConfig(RunConfig):
     """Settings of the online loop, shared by every off-policy agent."""
 
     env: str = "HalfCheetah-v5"
@@ -56,45 +58,15 @@ class OnlineConfig(Params):
     """parallel environments (stepped synchronously)"""
     max_episode_steps: int | None = None
     """override the env's time limit (None keeps the registered one)"""
-    eval_every: int = 5_000
-    """evaluate every this many env steps (0: only at the end)"""
-    eval_episodes: int = 10
-    """deterministic evaluation episodes"""
-    log_every: int = 1_000
-    """write a metrics row every this many env steps"""
     checkpoint_every: int = 10_000
     """write a checkpoint every this many env steps (and always at the end)"""
-    keep_checkpoints: int = 2
-    """how many checkpoints to keep (0 keeps all)"""
-    device: str = "auto"
-    """auto, cpu or cuda"""
-    runs_root: Path = Path("runs")
-    """parent directory of generated run directories"""
-    run_dir: Path | None = None
-    """write to this run directory instead of runs/<pipeline>/<env>/<time>-s<seed>"""
-    resume: Path | None = None
-    """continue the run in this directory from its latest checkpoint"""
-    wandb: bool = False
-    """also log to Weights & Biases (pip install 'diffrl[wandb]')"""
-    wandb_project: str = "diffrl"
-    """W&B project name"""
-    progress: bool = True
-    """show a progress bar"""
-
-    # Fields a resume may change; everything else must match the saved run.
-    RESUMABLE: ClassVar[frozenset[str]] = frozenset(
-        {"steps", "device", "resume", "run_dir", "runs_root", "wandb", "wandb_project", "progress",
-         "eval_episodes", "keep_checkpoints"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive("steps", self.steps)
-        for name in ("utd", "batch_size", "buffer_size", "n_envs", "eval_episodes", "log_every",
-                     "checkpoint_every"):
+        for name in ("utd", "batch_size", "buffer_size", "n_envs"):
             check_positive(name, getattr(self, name))
         check(self.learning_starts >= 0, "learning_starts", self.learning_starts, ">= 0")
-        check(self.eval_every >= 0, "eval_every", self.eval_every, ">= 0")
-        check(self.keep_checkpoints >= 0, "keep_checkpoints", self.keep_checkpoints, ">= 0")
         check(self.batch_size <= self.buffer_size, "batch_size", self.batch_size,
               f"<= buffer_size={self.buffer_size}")
         check(self.max_episode_steps is None or self.max_episode_steps > 0, "max_episode_steps",
@@ -172,22 +144,15 @@ def run(cfg: OnlineConfig) -> Path:
     pipeline = f"train_{algo}"
     device = resolve_device(cfg.device)
 
-    # ------------------------------------------------------------------ setup (fresh run or resume)
-    if cfg.resume is not None:
-        run_dir = Path(cfg.resume)
-        check_resumable(run_dir, pipeline, read_config(run_dir), to_dict(cfg), set(cfg.RESUMABLE))
-        manifest, parts = ckpt.load_checkpoint(run_dir)
-    else:
-        run_dir = new_run_dir(pipeline, cfg.env, cfg.seed, cfg.runs_root, cfg.run_dir)
-        manifest, parts = None, None
-    write_config(run_dir, pipeline, to_dict(cfg))
-
+    # ------------------------------------------------------------------ setup
+    # Everything that can fail on user input (env id, checkpoint, config) is checked before anything is written.
     seed_everything(cfg.seed)
     envs = VecEnv(cfg.env, cfg.n_envs, cfg.seed, max_episode_steps=cfg.max_episode_steps)
     eval_env = make_env(cfg.env, max_episode_steps=cfg.max_episode_steps)
+    if isinstance(envs.single_observation_space, gym.spaces.Dict):
+        raise ConfigError(f"{cfg.env} has dict (goal-conditioned) observations; SAC/TD3/REDQ here take flat "
+                          "observations, and goal-conditioned Fetch tasks need a HER agent.")
     signature = env_signature(cfg.env, envs.envs[0])
-    if not isinstance(envs.single_observation_space.shape, tuple) or envs.single_observation_space.shape is None:
-        raise ConfigError(f"{cfg.env} has dict observations; train goal-conditioned tasks with `diffrl iter`.")
     d_obs, d_act = obs_dim(envs.single_observation_space), obs_dim(envs.single_action_space)
     agent = build(cfg, d_obs, d_act, device)
     buffer = ReplayBuffer.for_transitions(cfg.buffer_size, d_obs, d_act, device=device, seed=cfg.seed)
@@ -197,8 +162,11 @@ def run(cfg: OnlineConfig) -> Path:
     timers = {"env_s": 0.0, "update_s": 0.0, "eval_s": 0.0}
     ep_stats: list[tuple[float, int]] = []
     wall_offset = 0.0
-    obs = envs.reset()
-    if manifest is not None and parts is not None:
+    resumed = cfg.resume is not None
+    if resumed:
+        run_dir = Path(cfg.resume)  # type: ignore[arg-type]
+        check_resumable(run_dir, pipeline, read_config(run_dir), to_dict(cfg), set(cfg.RESUMABLE))
+        manifest, parts = ckpt.load_checkpoint(run_dir)
         if manifest["meta"].get("env") != signature:
             raise CheckpointError(f"the checkpoint in {run_dir} was written for {manifest['meta'].get('env')}, "
                                   f"not {signature}; nothing was changed.")
@@ -212,7 +180,11 @@ def run(cfg: OnlineConfig) -> Path:
         set_generator_state(rng, loop["rng"])
         obs = envs.load_state_dict(state["envs"])
         set_rng_state(state["rng"])  # last: replaying the episodes must not disturb any RNG we restore
-    logger = Logger(run_dir, resume_step=env_steps if manifest else None, wall_offset=wall_offset,
+    else:
+        run_dir = new_run_dir(pipeline, cfg.env, cfg.seed, cfg.runs_root, cfg.run_dir)
+        obs = envs.reset()
+    write_config(run_dir, pipeline, to_dict(cfg))
+    logger = Logger(run_dir, resume_step=env_steps if resumed else None, wall_offset=wall_offset,
                     wandb_project=cfg.wandb_project if cfg.wandb else None, config=to_dict(cfg))
 
     def save() -> None:
@@ -268,6 +240,7 @@ def run(cfg: OnlineConfig) -> Path:
         if crossed(cfg.log_every, before) or done_all:
             now = time.perf_counter()
             row.update({k: float(v) for k, v in metrics.items()})
+            check_finite(row, env_steps, run_dir)
             if ep_stats:
                 row["train/episode_return"] = float(np.mean([r for r, _ in ep_stats]))
                 row["train/episode_length"] = float(np.mean([n for _, n in ep_stats]))

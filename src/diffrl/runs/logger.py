@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from diffrl.errors import ConfigError
+from diffrl.errors import ConfigError, TrainingDiverged
 from diffrl.runs.rundir import METRICS_FILE
 
 FIXED = ("step", "env_steps", "wall_s")
@@ -103,6 +103,14 @@ class Logger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def check_finite(row: Mapping[str, float], step: int, run_dir: Path) -> None:
+    """Stop a run whose metrics became NaN/inf, before it overwrites good checkpoints."""
+    bad = sorted(k for k, v in row.items() if not math.isfinite(v))
+    if bad:
+        raise TrainingDiverged(f"training diverged at step {step}: {bad[0]}={row[bad[0]]}; the checkpoints before it "
+                               f"are in {Path(run_dir) / 'checkpoints'} (try a lower learning rate).")
 
 
 def _wandb_id(run_dir: Path) -> str:

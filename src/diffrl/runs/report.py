@@ -20,9 +20,9 @@ from diffrl.runs.rundir import (
     CONFIG_FILE,
     METRICS_FILE,
     SUMMARY_FILE,
-    _slug,
     read_config,
     read_summary,
+    slug,
     write_json_atomic,
 )
 
@@ -176,7 +176,7 @@ def make_report(run_dirs: Sequence[Path], out: Path, metric: str = "eval/return_
         curves, x_col = _curves(runs, metric, x)
         png = None
         if curves:
-            png = f"{_slug(pipeline)}__{_slug(env)}.png"
+            png = f"{slug(pipeline)}__{slug(env)}.png"
             _plot(curves, x_col, f"{pipeline} on {env}", metric, band, out / png)
             images.append(f"### {pipeline} on {env}\n\n![{pipeline} on {env}]({png})\n")
         partial = f" (n={n_final})" if 0 < n_final < len(runs) else ""

@@ -29,7 +29,8 @@ SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.csv"
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
+    """A file-name-safe form of ``text`` (env ids like dm_control/cheetah-run-v0 included)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
 
 
@@ -51,7 +52,7 @@ def new_run_dir(pipeline: str, name: str, seed: int, root: Path = Path("runs"), 
         path.mkdir(parents=True, exist_ok=True)
         return path
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(root) / _slug(pipeline) / _slug(name)
+    base = Path(root) / slug(pipeline) / slug(name)
     for i in range(1000):
         path = base / (f"{stamp}-s{seed}" + (f"-{i}" if i else ""))
         try:

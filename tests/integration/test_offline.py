@@ -1,0 +1,121 @@
+"""Offline data and offline RL end to end through the CLI: collect, info, convert, train, eval, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffrl.cli import main
+from diffrl.data import load_dataset
+
+TINY_COLLECT = ["--env", "Hopper-v5", "--expert-steps", "600", "--transitions", "300", "--no-progress"]
+TINY_OFFLINE = ["--steps", "200", "--batch-size", "32", "--eval-every", "100", "--eval-episodes", "1",
+                "--log-every", "50", "--no-progress"]
+NETS = {"bc": ["--hidden", "32", "32"], "td3bc": ["--hidden", "32", "32"], "iql": ["--hidden", "32", "32"],
+        "cql": ["--hidden", "32", "32", "--critic-hidden", "32", "32", "--cql-n-actions", "4"],
+        "edac": ["--hidden", "32", "32", "--critic-hidden", "32", "32", "--num-critics", "3", "--target-subset", "3"]}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("offline")
+
+
+@pytest.fixture(scope="module")
+def medium(workdir) -> Path:
+    """A tiny Hopper 'medium' dataset (the SAC run behind it is cached for the other kinds)."""
+    out = workdir / "hopper-medium.hdf5"
+    assert main(["data", "collect", *TINY_COLLECT, "--kind", "medium", "--out", str(out),
+                 "--experts-dir", str(workdir / "experts")]) == 0
+    return out
+
+
+def test_collect_records_reference_returns_and_keeps_timeouts_apart_from_terminals(medium):
+    ds = load_dataset(medium, env_id="Hopper-v5")
+    meta = ds.metadata
+    assert len(ds) == 300 and meta["kind"] == "medium" and meta["preset"] == "quick"
+    assert meta["ref_max_score"] > meta["ref_min_score"]
+    assert "NOT D4RL's sizes" in meta["budget_note"]
+    assert ds.timeouts[-1] or ds.terminals[-1]
+    assert not np.any(ds.terminals & ds.timeouts)
+    # inside an episode the next observation is the following observation
+    ends = ds.terminals | ds.timeouts
+    assert np.array_equal(ds.next_observations[:-1][~ends[:-1]], ds.observations[1:][~ends[:-1]])
+    assert (medium.parent / "hopper-medium.hdf5.policies" / "expert.safetensors").is_file()
+
+
+@pytest.mark.parametrize("kind", ["random", "expert", "medium-replay", "medium-expert"])
+def test_every_recipe_builds_a_valid_dataset_reusing_the_cached_expert(workdir, medium, kind):
+    out = workdir / f"hopper-{kind}.npz"
+    assert main(["data", "collect", *TINY_COLLECT, "--kind", kind, "--out", str(out),
+                 "--experts-dir", str(workdir / "experts")]) == 0
+    ds = load_dataset(out, env_id="Hopper-v5")
+    meta = ds.metadata
+    if kind == "medium-expert":
+        assert len(ds) == 600
+    elif kind == "medium-replay":  # the SAC replay buffer up to the medium snapshot
+        assert len(ds) == meta["medium"]["env_steps"]
+    else:
+        assert len(ds) == 300
+    assert meta["ref_max_score"] == load_dataset(medium).metadata["ref_max_score"]  # same expert, same refs
+
+
+def test_data_info_and_convert_round_trip_through_the_cli(workdir, medium, capsys):
+    assert main(["data", "info", str(medium), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["transitions"] == 300 and "normalized_mean" in info and "return_mean" in info
+    target = workdir / "converted.npz"
+    assert main(["data", "convert", str(medium), "--to", "npz", "--out", str(target)]) == 0
+    a, b = load_dataset(medium), load_dataset(target)
+    for k, v in a.arrays().items():
+        assert np.array_equal(v, b.arrays()[k])
+    assert main(["data", "convert", str(medium), "--to", "npz", "--out", str(target)]) == 2  # exists: refused
+
+
+@pytest.mark.parametrize("algo", ["bc", "td3bc", "iql", "cql", "edac"])
+def test_offline_agent_trains_evaluates_and_reports_normalized_scores(workdir, medium, algo, capsys):
+    run_dir = workdir / f"run-{algo}"
+    assert main(["offline", algo, "--dataset", str(medium), "--run-dir", str(run_dir), *TINY_OFFLINE,
+                 *NETS[algo]]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["gradient_steps"] == 200 and summary["normalized_score"] is not None
+    meta = load_dataset(medium).metadata
+    expected = 100 * (summary["eval_return_mean"] - meta["ref_min_score"]) / (meta["ref_max_score"] -
+                                                                              meta["ref_min_score"])
+    assert summary["normalized_score"] == pytest.approx(expected)
+    assert summary["best_score"] >= summary["normalized_score"] - 1e-9
+    rows = list(csv.DictReader((run_dir / "metrics.csv").read_text().splitlines()))
+    assert [int(r["step"]) for r in rows] == [50, 100, 150, 200] and rows[1]["eval/normalized_score"] != ""
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--episodes", "1"]) == 0  # same evaluate(), same normaliser
+    assert f"return {summary['eval_return_mean']:.1f}" in capsys.readouterr().out
+
+
+def test_offline_resume_reproduces_the_uninterrupted_run(workdir, medium):
+    args = ["offline", "td3bc", "--dataset", str(medium), *TINY_OFFLINE, *NETS["td3bc"]]
+    main([*args, "--run-dir", str(workdir / "full")])
+    main([*args, "--run-dir", str(workdir / "split"), "--steps", "100"])
+    main(["offline", "td3bc", "--resume", str(workdir / "split"), "--steps", "200", "--no-progress"])
+
+    def curve(d: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if k not in ("wall_s", "perf/updates_per_s")}
+                for r in csv.DictReader((d / "metrics.csv").read_text().splitlines())]
+
+    assert curve(workdir / "full") == curve(workdir / "split")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--dataset", "/nonexistent/data.hdf5"], "/nonexistent/data.hdf5"),
+     (["--env", "HalfCheetah-v5"], "HalfCheetah-v5"),
+     (["--dataset", "nobody/nothing-v0"], "diffrl data collect")])
+def test_bad_offline_inputs_get_one_sentence(workdir, medium, capsys, extra, message):
+    args = ["offline", "bc", "--dataset", str(medium), "--run-dir", str(workdir / "bad"), *TINY_OFFLINE, *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (workdir / "bad").exists()
