@@ -3,8 +3,7 @@
 The SAC critic loss gains ``cql_alpha * (logsumexp_a Q(s, a) - Q(s, a_data))`` (eq. (4)), the logsumexp
 estimated from ``cql_n_actions`` uniform actions and policy actions at ``s`` and at ``s'``, each divided by its
 sampling density. As in the reference code (young-geng/CQL, CORL), actions sampled at ``s'`` are scored at ``s``.
-Difference from CORL: the actor is updated after the critic with the updated critic (diffrl's SAC order);
-CORL computes both losses from the same pre-update critic.
+As in CORL, actor and temperature are updated first, from the pre-update critic (``actor_first``).
 """
 
 from __future__ import annotations
@@ -34,6 +33,8 @@ class CQLParams(SACParams):
     """temperature learning rate (CORL uses the policy's)"""
     backup_entropy: bool = False
     """no entropy term in the TD target (CORL)"""
+    actor_first: bool = True
+    """actor and temperature before the critic (CORL's order)"""
     cql_alpha: float = 10.0
     """weight of the conservative term"""
     cql_n_actions: int = 10

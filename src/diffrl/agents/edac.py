@@ -3,6 +3,10 @@
 Critic loss: the N critics' TD errors (target = min over all N, minus the entropy term) plus
 ``eta / (N - 1) * sum_{i != j} <g_i, g_j>`` averaged over the batch, ``g_i`` the normalised gradient of
 ``Q_i(s, a)`` with respect to the dataset action (eq. (6)). One ensemble forward serves both terms.
+As CORL (which found it better, following the EDAC code), actor and temperature are updated before the critic.
+Differences from CORL kept on purpose: the temperature loss reuses the actor's sample instead of drawing a
+second one, log-std is clipped to [-20, 2] (CORL: [-5, 2]) and layers use PyTorch's default init (CORL: bias
+0.1, output layers U(+-3e-3)).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ class EDACParams(SACParams):
     """the target takes the min over all N critics"""
     eta: float = 1.0
     """weight of the gradient-diversity term"""
+    actor_first: bool = True
+    """actor and temperature before the critic (CORL / the EDAC code's order)"""
 
     def __post_init__(self) -> None:
         super().__post_init__()

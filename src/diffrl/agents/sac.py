@@ -56,6 +56,9 @@ class SACParams(Params):
     """critic updates per actor/temperature update (REDQ: the update-to-data ratio)"""
     backup_entropy: bool = True
     """subtract alpha * log pi(a'|s') in the TD target (SAC); CQL's reference code does not"""
+    actor_first: bool = False
+    """update actor and temperature before the critic, from the pre-update critic (EDAC's and CQL's reference
+    order); SAC updates the critic first"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -147,6 +150,9 @@ class SAC(Agent):
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
         """One critic update (and, every ``actor_update_every`` calls, one actor + temperature update)."""
         self.num_updates += 1
+        actor_due = self.num_updates % (self.p.actor_update_every or 1) == 0
+        if actor_due and self.p.actor_first:
+            self._last_actor = self._update_actor(batch.obs, self.alpha)
         alpha = self.alpha
         critic_loss, metrics = self._critic_loss(batch, alpha)
         self.critic_opt.zero_grad(set_to_none=True)
@@ -154,7 +160,7 @@ class SAC(Agent):
         self.critic_opt.step()
         soft_update(self.critic_target, self.critic, self.p.tau)
         metrics["critic_loss"] = critic_loss.detach()
-        if self.num_updates % (self.p.actor_update_every or 1) == 0:
+        if actor_due and not self.p.actor_first:
             self._last_actor = self._update_actor(batch.obs, alpha)
         metrics.update(self._last_actor)
         return metrics
