@@ -40,6 +40,8 @@ def test_collect_records_reference_returns_and_keeps_timeouts_apart_from_termina
     assert len(ds) == 300 and meta["kind"] == "medium" and meta["preset"] == "quick"
     assert meta["ref_max_score"] > meta["ref_min_score"]
     assert "NOT D4RL's sizes" in meta["budget_note"]
+    # medium is chosen by the return of the policy that records the data (stochastic), not its mean action
+    assert meta["medium"]["selected_by"].startswith("stochastic") and "stochastic_return" in meta["medium"]
     assert ds.timeouts[-1] or ds.terminals[-1]
     assert not np.any(ds.terminals & ds.timeouts)
     # inside an episode the next observation is the following observation
