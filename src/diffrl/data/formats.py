@@ -349,7 +349,7 @@ def _open_minari(spec: str | Path) -> tuple[Any, str]:
     except FileNotFoundError:
         local = sorted(minari.list_local_datasets())
         raise DatasetError(f"no dataset {str(spec)!r}: it is not a file, not a Minari dataset directory and not a "
-                           f"local Minari id under {_minari_root()} (local ids: {', '.join(local) or 'none'}); "
+                           f"local Minari id under {minari_root()} (local ids: {', '.join(local) or 'none'}); "
                            "diffrl never downloads, build one with `diffrl data collect`.") from None
 
 
@@ -361,7 +361,8 @@ def _minari_call(fn: Any, source: str) -> Any:
                            "version.") from None
 
 
-def _minari_root() -> Path:
+def minari_root() -> Path:
+    """Where local Minari datasets live (``MINARI_DATASETS_PATH`` or Minari's default)."""
     from minari.storage import get_dataset_path
 
     return Path(get_dataset_path())

@@ -31,7 +31,8 @@ from safetensors.torch import save_file
 import diffrl
 from diffrl.agents.base import Params
 from diffrl.config import check, check_positive
-from diffrl.data import OfflineDataset, save_dataset
+from diffrl.data import OfflineDataset, detect_format, save_dataset
+from diffrl.data.formats import minari_root
 from diffrl.envs import VecEnv, make_env
 from diffrl.envs.vector import obs_dim
 from diffrl.eval import evaluate
@@ -117,15 +118,16 @@ def _eval_returns(run_dir: Path) -> dict[int, float]:
             if not np.isnan(r.get("eval/return_mean", np.nan))}
 
 
-def _policy(run_dir: Path, step: int, device: torch.device,
-            parts: tuple[str, ...] | None = None) -> tuple[Any, dict[str, Any]]:
-    """The SAC agent of checkpoint ``step`` and that checkpoint's parts (all, or those named)."""
+def _snapshots(run_dir: Path, steps: list[int], env: Any, device: torch.device) -> dict[int, Any]:
+    """The SAC agent of each checkpoint in ``steps`` (networks only; the replay buffers stay on disk)."""
     sac_cfg = online.load_config(run_dir)
-    env = make_env(sac_cfg.env)
-    agent = online.build(sac_cfg, obs_dim(env.observation_space), obs_dim(env.action_space), device)
-    _, parts = ckpt.load_checkpoint(run_dir / "checkpoints" / ckpt.step_dir_name(step), parts=parts)
-    agent.load_state_dict(parts["state"]["agent"])
-    return agent, parts
+    out = {}
+    for step in steps:
+        agent = online.build(sac_cfg, obs_dim(env.observation_space), obs_dim(env.action_space), device)
+        _, parts = ckpt.load_checkpoint(run_dir / "checkpoints" / ckpt.step_dir_name(step), parts=("state",))
+        agent.load_state_dict(parts["state"]["agent"])
+        out[step] = agent
+    return out
 
 
 def record(env_id: str, act: Any, transitions: int, seed: int, stream: int, progress: bool,
@@ -157,9 +159,8 @@ def concat(a: OfflineDataset, b: OfflineDataset) -> OfflineDataset:
     return OfflineDataset(**{k: np.concatenate([a.arrays()[k], b.arrays()[k]]) for k in a.arrays()}, metadata={})
 
 
-def from_replay(parts: dict[str, Any]) -> OfflineDataset:
-    """The SAC checkpoint's replay buffer as a dataset (insertion order, episodes closed by terminals/timeouts)."""
-    buf = parts["buffer"]
+def from_replay(buf: dict[str, Any]) -> OfflineDataset:
+    """A saved replay buffer (``ReplayBuffer.state_dict``) as a dataset, episodes closed by terminals/timeouts."""
     size = int(buf["size"])
     data = {k: v[:size].numpy() for k, v in buf["data"].items()}
     # The online buffer stores terminations only; episode ends by time limit are where next_obs != obs[t+1].
@@ -187,17 +188,16 @@ def run(cfg: CollectConfig) -> str:
     sac_dir = expert_run(cfg, budget)
     evals = _eval_returns(sac_dir)
     expert_step = max(evals)
-    expert, expert_parts = _policy(sac_dir, expert_step, device)
+    snapshots = _snapshots(sac_dir, sorted(evals), eval_env, device)
+    expert = snapshots[expert_step]
     expert_ref = evaluate(expert, eval_env, budget["ref_episodes"], seed=cfg.seed).return_mean
     medium_target = expert_ref / 3.0
     # Score each snapshot with the policy that will record the data: SAC's stochastic policy can differ a lot
     # from its deterministic mean mid-training (HalfCheetah at 39k steps: 1057 deterministic vs 2223 stochastic).
-    recording = {}
-    for s in sorted(evals):
-        snapshot, _ = _policy(sac_dir, s, device, parts=("state",))
-        recording[s] = evaluate(lambda o, a=snapshot: a.act(o, deterministic=False), eval_env,
-                                budget["ref_episodes"], seed=cfg.seed).return_mean
+    recording = {s: evaluate(lambda o, a=agent: a.act(o, deterministic=False), eval_env, budget["ref_episodes"],
+                             seed=cfg.seed).return_mean for s, agent in snapshots.items()}
     medium_step = min(recording, key=lambda s: (abs(recording[s] - medium_target), s))
+    medium = snapshots[medium_step]
     meta: dict[str, Any] = {
         "env_id": cfg.env, "kind": cfg.kind, "preset": cfg.preset, "seed": cfg.seed,
         "ref_min_score": float(random_ref), "ref_max_score": float(expert_ref),
@@ -216,40 +216,31 @@ def run(cfg: CollectConfig) -> str:
     elif cfg.kind == "expert":
         ds = record(cfg.env, expert.act, n, cfg.seed, 2, cfg.progress, "expert")
     elif cfg.kind == "medium":
-        medium, _ = _policy(sac_dir, medium_step, device)
         ds = record(cfg.env, medium.act, n, cfg.seed, 3, cfg.progress, "medium")
     elif cfg.kind == "medium-replay":
-        ds = from_replay(_policy(sac_dir, medium_step, device)[1])
+        _, parts = ckpt.load_checkpoint(sac_dir / "checkpoints" / ckpt.step_dir_name(medium_step), parts=("buffer",))
+        ds = from_replay(parts["buffer"])
     else:
-        medium, _ = _policy(sac_dir, medium_step, device)
         ds = concat(record(cfg.env, medium.act, n, cfg.seed, 3, cfg.progress, "medium"),
                     record(cfg.env, expert.act, n, cfg.seed, 2, cfg.progress, "expert"))
     ds.metadata = {**meta, "transitions": len(ds), "collect_wall_s": round(time.perf_counter() - t0, 1)}
-    written = save_dataset(ds, out, "minari" if not Path(out).suffix else ("npz" if out.endswith(".npz") else "d4rl"),
-                           overwrite=cfg.overwrite)
-    _save_policies(written, cfg, sac_dir, medium_step, expert_step, expert_parts)
+    written = save_dataset(ds, out, detect_format(out), overwrite=cfg.overwrite)
+    _save_policies(written, cfg, sac_dir, {"expert": (expert_step, expert), "medium": (medium_step, medium)})
     eval_env.close()
     return written
 
 
-def _save_policies(written: str, cfg: CollectConfig, sac_dir: Path, medium_step: int, expert_step: int,
-                   expert_parts: dict[str, Any]) -> None:
-    """Save the expert and medium actors beside the dataset (``<out>.policies/`` or the Minari directory)."""
-    import os
-
+def _save_policies(written: str, cfg: CollectConfig, sac_dir: Path, policies: dict[str, tuple[int, Any]]) -> None:
+    """Save the actors (name -> (env step, agent)) beside the dataset (``<out>.policies/`` or the Minari dir)."""
     target = Path(written)
     if not target.suffix:  # Minari id or directory
-        root = Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets"))
-        target = target if target.is_dir() else root / written
-        folder = target / "policies"
+        folder = (target if target.is_dir() else minari_root() / written) / "policies"
     else:
         folder = target.with_name(target.name + ".policies")
     folder.mkdir(parents=True, exist_ok=True)
-    for name, step in (("expert", expert_step), ("medium", medium_step)):
-        _, parts = ckpt.load_checkpoint(sac_dir / "checkpoints" / ckpt.step_dir_name(step), parts=("state",))
-        actor = {k: v.contiguous() for k, v in parts["state"]["agent"]["nets"]["actor"].items()}
-        save_file(actor, str(folder / f"{name}.safetensors"))
+    for name, (_, agent) in policies.items():
+        save_file({k: v.contiguous() for k, v in agent.actor.state_dict().items()}, str(folder / f"{name}.safetensors"))
     (folder / "policies.json").write_text(json.dumps(
         {"architecture": "diffrl.agents.nets.TanhGaussianActor", "hidden": list(online.load_config(sac_dir).hidden),
-         "env_id": cfg.env, "expert_env_steps": expert_step, "medium_env_steps": medium_step,
+         "env_id": cfg.env, **{f"{name}_env_steps": step for name, (step, _) in policies.items()},
          "sac_run": str(sac_dir)}, indent=2))

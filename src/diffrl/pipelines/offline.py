@@ -9,6 +9,7 @@ its fingerprint must match.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import time
@@ -20,7 +21,7 @@ import torch
 
 from diffrl.agents import BC, CQL, EDAC, IQL, TD3BC, Agent, BCParams, CQLParams, EDACParams, IQLParams, TD3BCParams
 from diffrl.config import check, check_positive, from_dict, to_dict
-from diffrl.data import Normalizer, OfflineDataset, ReplayBuffer, load_dataset
+from diffrl.data import Normalizer, OfflineDataset, ReplayBuffer, load_dataset, validate
 from diffrl.envs import env_signature, make_env
 from diffrl.envs.vector import obs_dim
 from diffrl.errors import CheckpointError, ConfigError, DiffrlError
@@ -169,7 +170,7 @@ def run(cfg: OfflineConfig) -> Path:
     if not env_id:
         raise ConfigError(f"dataset {cfg.dataset} records no environment; pass --env ID for evaluation.")
     if cfg.env is None:
-        ds = load_dataset(cfg.dataset, env_id=env_id)  # validate against the recorded env too
+        validate(ds, env_id, source=str(cfg.dataset))  # against the recorded env too
     seed_everything(cfg.seed)
     eval_env = make_env(env_id)
     signature = env_signature(env_id, eval_env)
@@ -277,11 +278,6 @@ def evaluate_run(run_dir: Path, episodes: int = 10, device: str = "auto", seed: 
     env.close()
     out = {"run_dir": str(run_dir), "env_id": env_id, "checkpoint_step": manifest["step"], "episodes": episodes,
            **result.to_dict()}
-    try:
-        ds_meta = load_dataset(cfg.dataset).metadata
-        if ds_meta.get("ref_min_score") is not None and ds_meta.get("ref_max_score") is not None:
-            lo, hi = float(ds_meta["ref_min_score"]), float(ds_meta["ref_max_score"])
-            out["normalized_score"] = 100.0 * (result.return_mean - lo) / (hi - lo)
-    except (DiffrlError, OSError):  # the dataset may have moved; the return is still reported
-        pass
+    with contextlib.suppress(DiffrlError, OSError):  # no references, or the dataset moved: return still reported
+        out["normalized_score"] = float(load_dataset(cfg.dataset).normalized_score(result.return_mean))
     return out
