@@ -2,6 +2,8 @@
 
     diffrl train sac|td3|redq [--preset quick|paper] [--env ID] [--steps N] [--seed S] [--utd G] ...
     diffrl train sac --resume RUN_DIR [--steps N]
+    diffrl offline td3bc --dataset D ...;  diffrl data info|convert|collect ...
+    diffrl diffusion train|sample|fidelity ...
     diffrl eval RUN_DIR [--episodes N]
     diffrl report RUN_DIR... [--out DIR]
     diffrl quickstart
@@ -24,10 +26,13 @@ from diffrl.errors import ConfigError, DiffrlError
 USAGE = """usage: diffrl <command> [options]
 
 commands:
-  train sac|td3|redq   train an off-policy agent online   (diffrl train sac --help)
-  eval RUN_DIR         evaluate a run's latest checkpoint  (diffrl eval --help)
-  report RUN_DIR...    learning curves and a results table (diffrl report --help)
-  quickstart           a short demo run with a report
+  train sac|td3|redq               train an off-policy agent online      (diffrl train --help)
+  offline bc|td3bc|iql|cql|edac    train an offline agent on a dataset   (diffrl offline --help)
+  data info|convert|collect        inspect, convert or build datasets    (diffrl data --help)
+  diffusion train|sample|fidelity  transition diffusion models           (diffrl diffusion --help)
+  eval RUN_DIR                     evaluate a run's latest checkpoint    (diffrl eval --help)
+  report RUN_DIR...                learning curves and a results table   (diffrl report --help)
+  quickstart                       a short demo run with a report
 
 Every command accepts --help. Training commands accept --preset quick|paper and --resume RUN_DIR."""
 
@@ -62,31 +67,37 @@ def _train_command(group: str, module: Any, args: list[str]) -> None:
     algo, rest = args[0], args[1:]
     if algo not in algos:
         raise ConfigError(f"unknown algorithm {algo!r} for `diffrl {group}`: choose one of {', '.join(algos)}.")
-    cls = algos[algo][0]
+    cfg = _config_from_args(algos[algo][0], module.PRESETS[algo], rest, f"diffrl {group} {algo}", module.load_config,
+                            lambda saved: f"diffrl {group} {module.algo_name(saved)}")
+    run_dir = module.run(cfg)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(f"run directory: {run_dir}")
+    _print_summary(summary)
+
+
+def _config_from_args(cls: type, presets: dict[str, dict[str, Any]], rest: list[str], prog: str,
+                      load_config: Any, resume_hint: Any) -> Any:
+    """A pipeline config from ``[--preset P | --resume RUN_DIR] [fields]``: a preset's values become flags that
+    explicit flags override; a resume starts from the saved config (and refuses a run of another kind)."""
     preset, rest = _pop_option(rest, "--preset")
     resume, _ = _pop_option(list(rest), "--resume")
     if resume is not None:
         if preset is not None:
             raise ConfigError("--preset cannot be combined with --resume: a resumed run keeps its own settings.")
-        saved = module.load_config(Path(resume))
+        saved = load_config(Path(resume))
         if type(saved) is not cls:
-            name = module.algo_name(saved)
-            raise ConfigError(f"{resume} is a {name} run; resume it with `diffrl {group} {name} --resume {resume}`.")
+            raise ConfigError(f"{resume} is another kind of run; resume it with `{resume_hint(saved)} --resume "
+                              f"{resume}`.")
         default = saved
     else:
         default = None  # the dataclass's own defaults
         if preset is not None:
-            presets = module.PRESETS[algo]
             if preset not in presets:
-                raise ConfigError(f"unknown preset {preset!r} for {algo}: choose one of {', '.join(presets)}.")
+                raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(presets)}.")
             rest = _as_args(presets[preset]) + rest  # explicit flags come later, so they win
-    cfg = _parse(cls, rest, f"diffrl {group} {algo}", default,
-                 (cls.__doc__ or "") + " Presets (--preset NAME; explicit flags override them): " + "; ".join(
-                     f"{name}: " + " ".join(_as_args(values)) for name, values in module.PRESETS[algo].items()))
-    run_dir = module.run(cfg)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    print(f"run directory: {run_dir}")
-    _print_summary(summary)
+    return _parse(cls, rest, prog, default,
+                  (cls.__doc__ or "") + " Presets (--preset NAME; explicit flags override them): " + "; ".join(
+                      f"{name}: " + " ".join(_as_args(values)) for name, values in presets.items()))
 
 
 def _as_args(values: dict[str, Any]) -> list[str]:
@@ -230,6 +241,94 @@ def cmd_data(args: list[str]) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class DiffusionSampleArgs:
+    """Generate transitions with a trained diffusion model (EMA weights) into SynthER's npz layout
+    (observations, actions, rewards, next_observations, terminals; terminals thresholded, actions clipped)."""
+
+    model: Path
+    """run directory of `diffrl diffusion train` (or one of its checkpoints)"""
+    num: int
+    """number of transitions"""
+    out: Path
+    """output .npz file (never overwritten unless --overwrite)"""
+    sampler: str | None = None
+    """heun, euler, dpmpp_2m (EDM) or ddpm, ddim (DDPM); default: the model's"""
+    steps: int | None = None
+    """sampler steps (default: the model's)"""
+    batch_size: int = 100_000
+    """samples generated per batch"""
+    seed: int = 0
+    """sampling seed"""
+    bf16: bool = False
+    """run the network in bfloat16 autocast"""
+    device: str = "auto"
+    """auto, cpu or cuda"""
+    overwrite: bool = False
+    """replace an existing --out"""
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionFidelityArgs:
+    """Fidelity of generated transitions against a dataset: simulator validity, diversity, marginals, next to real
+    data and a real-plus-noise baseline."""
+
+    samples: Path
+    """.npz of generated transitions (diffrl diffusion sample)"""
+    dataset: str
+    """the real dataset (Minari id or .hdf5 / .npz path)"""
+    env: str | None = None
+    """env id (default: the dataset's)"""
+    num: int = 2000
+    """transitions compared"""
+    seed: int = 0
+    """subsampling seed"""
+    json_out: Path | None = None
+    """also write the full report as JSON here"""
+
+
+def cmd_diffusion(args: list[str]) -> None:
+    from diffrl.pipelines import diffusion
+
+    sub_commands = ("train", "sample", "fidelity")
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: diffrl diffusion train --dataset D [--preset quick|paper] [options]\n"
+              "       diffrl diffusion train --resume RUN_DIR [--steps N]\n"
+              "       diffrl diffusion sample --model RUN_DIR --num N --out samples.npz [--sampler NAME --steps K]\n"
+              "       diffrl diffusion fidelity --samples F --dataset D [--env ID]")
+        return
+    if args[0] not in sub_commands:
+        raise ConfigError(f"unknown diffusion command {args[0]!r}: choose one of {', '.join(sub_commands)}.")
+    if args[0] == "train":
+        cfg = _config_from_args(diffusion.DiffusionConfig, diffusion.PRESETS, args[1:], "diffrl diffusion train",
+                                diffusion.load_config, lambda saved: "diffrl diffusion train")
+        run_dir = diffusion.run(cfg)
+        s = json.loads((run_dir / "summary.json").read_text())
+        print(f"run directory: {run_dir}")
+        print(f"gradient steps: {s['gradient_steps']}, final loss {s['final_loss']:.4f}, wall {s['wall_s']:.0f} s "
+              f"({s['updates_per_s']:.1f} steps/s)")
+        if "synthetic" in (s.get("fidelity") or {}):
+            from diffrl.eval.fidelity import format_fidelity
+
+            print(format_fidelity(s["fidelity"]))
+    elif args[0] == "sample":
+        a = tyro.cli(DiffusionSampleArgs, args=args[1:], prog="diffrl diffusion sample")
+        r = diffusion.sample_to_file(a.model, a.num, a.out, sampler=a.sampler, steps=a.steps,
+                                     batch_size=a.batch_size, seed=a.seed, device=a.device, overwrite=a.overwrite,
+                                     bf16=a.bf16)
+        print(f"written: {r['out']} ({r['num']} transitions, sampler {r['sampler']} with {r['steps']} steps = "
+              f"{r['network_evaluations']} network evaluations, {r['samples_per_s']:.0f} samples/s)")
+    else:
+        a = tyro.cli(DiffusionFidelityArgs, args=args[1:], prog="diffrl diffusion fidelity")
+        report, table = diffusion.fidelity_of_file(a.samples, a.dataset, a.env, a.num, a.seed)
+        print(table)
+        if a.json_out is not None:
+            from diffrl.runs.rundir import write_json_atomic
+
+            write_json_atomic(a.json_out, report)
+            print(f"written: {a.json_out}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ReportArgs:
     """Learning curves (mean and spread over seeds) and a markdown table of final returns."""
 
@@ -280,8 +379,8 @@ def cmd_quickstart(args: list[str]) -> None:
     print(f"report: {report}")
 
 
-COMMANDS = {"train": cmd_train, "offline": cmd_offline, "data": cmd_data, "eval": cmd_eval, "report": cmd_report,
-            "quickstart": cmd_quickstart}
+COMMANDS = {"train": cmd_train, "offline": cmd_offline, "data": cmd_data, "diffusion": cmd_diffusion, "eval": cmd_eval,
+            "report": cmd_report, "quickstart": cmd_quickstart}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,3 +1,6 @@
-"""Producers of extra experience (SynthER generator, KER/GER, episode generator, Dydiff rollouts).
+"""Producers of extra experience: the transition layout that SynthER's generator models (and later KER/GER,
+the episode generator, Dydiff rollouts, quality filters)."""
 
-Empty until the SynthER and ITER issues land; it is a layer of the import contract already."""
+from diffrl.augment.transitions import TransitionLayout
+
+__all__ = ["TransitionLayout"]

@@ -173,7 +173,7 @@ def _refuse_existing(dest: Path, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def _atomic_file(dest: Path, overwrite: bool) -> Iterator[Path]:
+def atomic_file(dest: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; rename it to ``dest`` on success, delete it on failure."""
     _refuse_existing(dest, overwrite)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -242,7 +242,7 @@ def _h5_array(f: h5py.File, key: str, source: str) -> np.ndarray:
 def write_d4rl(arrays: Arrays, metadata: dict[str, Any], path: Path, overwrite: bool = False) -> None:
     """Write all six keys (next_observations included) and our metadata as the file attribute ``diffrl_metadata``."""
     text = _dump_metadata(metadata)
-    with _atomic_file(path, overwrite) as tmp:
+    with atomic_file(path, overwrite) as tmp:
         _write_hdf5(tmp, arrays, text)
 
 
@@ -306,7 +306,7 @@ def write_npz(arrays: Arrays, metadata: dict[str, Any], path: Path, overwrite: b
     starts, stops = episode_bounds(arrays["terminals"], arrays["timeouts"])
     out = {DPPO_NAMES[k]: arrays[k] for k in KEYS}
     out.update(traj_lengths=(stops - starts).astype(np.int64), **{META_KEY: np.array(_dump_metadata(metadata))})
-    with _atomic_file(path, overwrite) as tmp, open(tmp, "wb") as f:
+    with atomic_file(path, overwrite) as tmp, open(tmp, "wb") as f:
         np.savez(f, **out)
 
 

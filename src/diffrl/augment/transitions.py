@@ -1,0 +1,77 @@
+"""Transitions as flat vectors for a diffusion model, in SynthER's column order.
+
+``[obs (Do), action (Da), reward (1), next_obs (Do), terminal (1, optional)]``: SynthER's ``make_inputs``
+order, with the terminal flag last so it can be left out of normalisation and thresholded on the way back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from diffrl.errors import DatasetError
+
+SAMPLE_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransitionLayout:
+    """Where each part of a transition sits in the vector, and how to turn generated vectors back into data."""
+
+    obs_dim: int
+    act_dim: int
+    terminals: bool = True
+    """model the terminal flag (a last column, not normalised, thresholded when splitting)"""
+    action_low: float = -1.0
+    action_high: float = 1.0
+    """bounds generated actions are clipped to (diffrl's envs act in [-1, 1])"""
+
+    @property
+    def dim(self) -> int:
+        return 2 * self.obs_dim + self.act_dim + 1 + int(self.terminals)
+
+    @property
+    def reward_index(self) -> int:
+        return self.obs_dim + self.act_dim
+
+    @property
+    def terminal_index(self) -> int | None:
+        return self.dim - 1 if self.terminals else None
+
+    def join(self, data: dict[str, np.ndarray] | Any) -> np.ndarray:
+        """``(N, dim)`` float32 from a mapping or object with SynthER's keys (an ``OfflineDataset`` works)."""
+        get = data.get if isinstance(data, dict) else lambda k: getattr(data, k)
+        obs, act = np.asarray(get("observations")), np.asarray(get("actions"))
+        if obs.ndim != 2 or obs.shape[1] != self.obs_dim or act.ndim != 2 or act.shape[1] != self.act_dim:
+            raise DatasetError(f"transitions have observation/action dims {obs.shape[1:]} / {act.shape[1:]}, the "
+                               f"layout expects ({self.obs_dim},) / ({self.act_dim},).")
+        parts = [obs, act, np.asarray(get("rewards")).reshape(-1, 1), np.asarray(get("next_observations"))]
+        if self.terminals:
+            parts.append(np.asarray(get("terminals")).reshape(-1, 1))
+        return np.concatenate([p.astype(np.float32) for p in parts], axis=1)
+
+    def split(self, x: np.ndarray, terminal_threshold: float = 0.5, clip_actions: bool = True) -> dict[str, np.ndarray]:
+        """Generated vectors ``(N, dim)`` back to SynthER's npz layout: terminals thresholded to 0/1 (zeros when
+        not modelled), actions clipped to the bounds. Rewards and terminals are 1-D."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise DatasetError(f"generated samples have shape {x.shape}, the layout expects (N, {self.dim}).")
+        o, a = self.obs_dim, self.act_dim
+        actions = x[:, o:o + a]
+        if clip_actions:
+            actions = np.clip(actions, self.action_low, self.action_high)
+        if self.terminals:
+            terminals = (x[:, -1] > terminal_threshold).astype(np.float32)
+        else:
+            terminals = np.zeros(len(x), np.float32)
+        return {"observations": x[:, :o].copy(), "actions": actions.copy(), "rewards": x[:, o + a].copy(),
+                "next_observations": x[:, o + a + 1:o + a + 1 + o].copy(), "terminals": terminals}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TransitionLayout:
+        return cls(**d)

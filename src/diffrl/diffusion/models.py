@@ -1,0 +1,280 @@
+"""Diffusion models: EDM (Karras et al. 2022) and variance-preserving DDPM (Ho et al. 2020), one interface.
+
+``model.loss(x, cond=None) -> scalar`` and ``model.sample(n, cond=None, sampler=..., steps=..., inpaint=...)``
+take and return data in its own units: normalisation happens inside (``model.normalizer``), so it is saved and
+loaded with the weights. The network works in normalised space.
+
+Conditioning:
+- a global condition vector ``cond`` ``(B, cond_dim)`` given to the denoiser;
+- classifier-free guidance: with ``cond_drop_prob > 0`` training replaces the condition by a learned null
+  vector with that probability, and ``sample(..., guidance=w)`` mixes ``D_uncond + w (D_cond - D_uncond)``;
+- inpainting: ``Inpaint(mask, values)`` fixes entries (e.g. the first state of a trajectory, or given actions);
+  they are re-imposed at every sampler step at the current noise level and are exact in the output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffrl.diffusion.normalize import DataNormalizer
+from diffrl.diffusion.schedules import VPSchedule, make_betas
+
+
+@dataclasses.dataclass
+class Inpaint:
+    """Entries to keep fixed while sampling: where ``mask`` is true the sample equals ``values`` (data units).
+
+    Both broadcast against ``(n, *event_shape)``; entries of ``values`` outside the mask are ignored.
+    """
+
+    mask: torch.Tensor
+    values: torch.Tensor
+
+    def expand(self, shape: Sequence[int], device: torch.device) -> Inpaint:
+        mask = torch.as_tensor(self.mask, dtype=torch.bool, device=device).expand(*shape)
+        values = torch.as_tensor(self.values, dtype=torch.float32, device=device).expand(*shape)
+        return Inpaint(mask, values)
+
+
+class DiffusionModel(nn.Module):
+    """What EDM and DDPM share: the denoiser, the normaliser, the condition handling and ``sample``."""
+
+    samplers: tuple[str, ...] = ()
+
+    def __init__(self, net: nn.Module, event_shape: Sequence[int], cond_dim: int = 0,
+                 normalizer: DataNormalizer | None = None, cond_drop_prob: float = 0.0,
+                 sampler_defaults: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        if not 0.0 <= cond_drop_prob < 1.0:
+            raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
+        if cond_drop_prob > 0 and cond_dim == 0:
+            raise ValueError("classifier-free guidance (cond_drop_prob > 0) needs a condition (cond_dim > 0)")
+        self.net = net
+        self.event_shape = tuple(int(s) for s in event_shape)
+        self.cond_dim = int(cond_dim)
+        self.normalizer = normalizer if normalizer is not None else DataNormalizer(self.event_shape[-1], "none")
+        self.cond_drop_prob = float(cond_drop_prob)
+        self.null_cond = nn.Parameter(torch.zeros(cond_dim)) if cond_drop_prob > 0 else None
+        self.sampler_defaults = dict(sampler_defaults or {})
+        self.amp_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: run the network under autocast
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.amp_dtype)
+
+    def _check_inputs(self, x: torch.Tensor, cond: torch.Tensor | None) -> None:
+        if tuple(x.shape[1:]) != self.event_shape:
+            raise ValueError(f"expected samples of shape (B, {', '.join(map(str, self.event_shape))}), "
+                             f"got {tuple(x.shape)}")
+        if (cond is None) != (self.cond_dim == 0):
+            raise ValueError(f"this model {'needs' if self.cond_dim else 'takes no'} condition vectors"
+                             + (f" of size {self.cond_dim}" if self.cond_dim else ""))
+        if cond is not None and tuple(cond.shape) != (x.shape[0], self.cond_dim):
+            raise ValueError(f"expected cond of shape ({x.shape[0]}, {self.cond_dim}), got {tuple(cond.shape)}")
+
+    def _drop_cond(self, cond: torch.Tensor | None, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        if cond is None or self.null_cond is None or not self.training:
+            return cond
+        drop = torch.rand(cond.shape[0], 1, device=cond.device, generator=generator) < self.cond_drop_prob
+        return torch.where(drop, self.null_cond.expand_as(cond), cond)
+
+    def network(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, guidance: float = 1.0,
+                net: nn.Module | None = None) -> torch.Tensor:
+        """Raw network output (float32) at noise input ``t``; classifier-free guidance when ``guidance != 1``.
+
+        ``net`` replaces the model's own denoiser (DPPO routes the last steps to a fine-tuned copy).
+        """
+        net = self.net if net is None else net
+        with self._autocast(x.device):
+            if guidance != 1.0 and cond is not None:
+                if self.null_cond is None:
+                    raise ValueError("guidance needs a model trained with cond_drop_prob > 0")
+                out = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, self.null_cond.expand_as(cond)]))
+                out_c, out_u = out.float().chunk(2)
+                return out_u + guidance * (out_c - out_u)
+            return net(x, t, cond).float()
+
+    # ------------------------------------------------------------------------------------------- interface
+    def loss(self, x: torch.Tensor, cond: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Denoising loss of a batch ``x`` in data units (scalar)."""
+        self._check_inputs(x, cond)
+        return self._loss(self.normalizer(x), self._drop_cond(cond, generator), generator)
+
+    def _loss(self, x: torch.Tensor, cond: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, n: int, cond: torch.Tensor | None = None, *, sampler: str | None = None,
+               steps: int | None = None, inpaint: Inpaint | None = None, guidance: float = 1.0,
+               clip: float | None = None, generator: torch.Generator | None = None,
+               **options: Any) -> torch.Tensor:
+        """``n`` samples in data units. ``sampler`` / ``steps`` / ``options`` default to ``sampler_defaults``.
+
+        ``clip`` clamps the normalised sample to ``[-clip, clip]`` before un-normalising (use 1 with a min-max
+        normaliser). Samplers: EDM ``heun`` (stochastic with churn), ``euler``, ``dpmpp_2m``; DDPM ``ddpm``,
+        ``ddim`` (``eta``).
+        """
+        from diffrl.diffusion import samplers  # samplers import this module
+
+        settings = {**self.sampler_defaults, **options}
+        sampler = sampler or settings.pop("sampler", self.samplers[0])
+        settings.pop("sampler", None)
+        steps = steps or settings.pop("steps", None)
+        settings.pop("steps", None)
+        if sampler not in self.samplers:
+            raise ValueError(f"sampler {sampler!r} does not apply to a {type(self).__name__} model: choose one of "
+                             f"{', '.join(self.samplers)}")
+        device = self.normalizer.shift.device
+        if cond is not None:
+            cond = cond.to(device)
+            self._check_inputs(torch.empty(n, *self.event_shape), cond.cpu())
+        elif self.cond_dim:
+            raise ValueError(f"this model needs condition vectors of size {self.cond_dim}")
+        shape = (n, *self.event_shape)
+        fixed = None
+        if inpaint is not None:
+            fixed = inpaint.expand(shape, device)
+            fixed = Inpaint(fixed.mask, self.normalizer(fixed.values))
+        x = samplers.run(self, sampler, shape, cond, steps=steps, inpaint=fixed, guidance=guidance,
+                         generator=generator, device=device, **settings)
+        if clip is not None:
+            x = x.clamp(-clip, clip)
+        x = self.normalizer.unnormalize(x)
+        if inpaint is not None:
+            full = inpaint.expand(shape, device)
+            x = torch.where(full.mask, full.values, x)
+        return x
+
+
+class EDM(DiffusionModel):
+    """Karras et al. (2022) preconditioning and training; SynthER's diffusion model.
+
+    ``D(x, sigma) = c_skip x + c_out F(c_in x, c_noise)`` with ``c_skip = sd^2 / (sigma^2 + sd^2)``,
+    ``c_out = sigma sd / sqrt(sigma^2 + sd^2)``, ``c_in = 1 / sqrt(sigma^2 + sd^2)``, ``c_noise = log(sigma) / 4``.
+    Training draws ``ln sigma ~ N(P_mean, P_std^2)`` and weights the squared error by
+    ``(sigma^2 + sd^2) / (sigma sd)^2``.
+    """
+
+    samplers = ("heun", "euler", "dpmpp_2m")
+
+    def __init__(self, net: nn.Module, event_shape: Sequence[int], cond_dim: int = 0,
+                 normalizer: DataNormalizer | None = None, *, sigma_data: float = 1.0, sigma_min: float = 0.002,
+                 sigma_max: float = 80.0, rho: float = 7.0, p_mean: float = -1.2, p_std: float = 1.2,
+                 cond_drop_prob: float = 0.0, sampler_defaults: dict[str, Any] | None = None) -> None:
+        super().__init__(net, event_shape, cond_dim, normalizer, cond_drop_prob, sampler_defaults)
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+        self.sigma_data, self.sigma_min, self.sigma_max, self.rho = sigma_data, sigma_min, sigma_max, rho
+        self.p_mean, self.p_std = p_mean, p_std
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None,
+                guidance: float = 1.0) -> torch.Tensor:
+        """The preconditioned denoiser ``D(x; sigma)`` in normalised space; ``sigma`` ``(B,)`` or a scalar."""
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        sd2 = self.sigma_data ** 2
+        c_skip = sd2 / (s ** 2 + sd2)
+        c_out = s * self.sigma_data / (s ** 2 + sd2).sqrt()
+        c_in = 1 / (s ** 2 + sd2).sqrt()
+        c_noise = sigma.log() / 4
+        return c_skip * x + c_out * self.network(c_in * x, c_noise, cond, guidance)
+
+    def _loss(self, x: torch.Tensor, cond: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+        n = x.shape[0]
+        sigma = (self.p_mean + self.p_std * torch.randn(n, device=x.device, generator=generator)).exp()
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        noise = torch.randn(x.shape, device=x.device, generator=generator)
+        weight = (s ** 2 + self.sigma_data ** 2) / (s * self.sigma_data) ** 2
+        return (weight * (self.denoise(x + s * noise, sigma, cond) - x) ** 2).mean()
+
+
+class DDPM(DiffusionModel):
+    """Variance-preserving discrete diffusion with ``num_steps`` steps (DPPO, Diffuser, ITER-Diffusion).
+
+    ``prediction``: the network predicts the noise (``epsilon``) or the clean sample (``x0``). ``clip_x0``
+    clamps the predicted clean sample to ``[-clip_x0, clip_x0]`` (DPPO: 1 with min-max normalised data); the
+    noise is then recomputed from the clamped value so DDIM stays consistent with it.
+    """
+
+    samplers = ("ddpm", "ddim")
+
+    def __init__(self, net: nn.Module, event_shape: Sequence[int], cond_dim: int = 0,
+                 normalizer: DataNormalizer | None = None, *, num_steps: int = 100, schedule: str = "cosine",
+                 prediction: str = "epsilon", clip_x0: float | None = None, cond_drop_prob: float = 0.0,
+                 sampler_defaults: dict[str, Any] | None = None, **schedule_options: float) -> None:
+        super().__init__(net, event_shape, cond_dim, normalizer, cond_drop_prob, sampler_defaults)
+        if prediction not in ("epsilon", "x0"):
+            raise ValueError(f"prediction must be 'epsilon' or 'x0', got {prediction!r}")
+        self.schedule = VPSchedule(make_betas(schedule, num_steps, **schedule_options))
+        self.prediction, self.clip_x0 = prediction, clip_x0
+
+    @property
+    def num_steps(self) -> int:
+        return self.schedule.num_steps
+
+    def _loss(self, x: torch.Tensor, cond: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+        t = torch.randint(0, self.num_steps, (x.shape[0],), device=x.device, generator=generator)
+        noise = torch.randn(x.shape, device=x.device, generator=generator)
+        sched = self.schedule
+        x_t = (sched.at("sqrt_alphas_cumprod", t, x.ndim) * x
+               + sched.at("sqrt_one_minus_alphas_cumprod", t, x.ndim) * noise)
+        out = self.network(x_t, t.float(), cond)
+        return ((out - (noise if self.prediction == "epsilon" else x)) ** 2).mean()
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None, guidance: float = 1.0,
+                net: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's clean-sample and noise estimates ``(x0, eps)`` at step ``t`` ``(B,)`` (x0 clamped)."""
+        sched = self.schedule
+        sa = sched.at("sqrt_alphas_cumprod", t, x_t.ndim)
+        s1a = sched.at("sqrt_one_minus_alphas_cumprod", t, x_t.ndim)
+        out = self.network(x_t, t.float(), cond, guidance, net)
+        if self.prediction == "epsilon":
+            x0, eps = (x_t - s1a * out) / sa, out
+        else:
+            x0, eps = out, (x_t - sa * out) / s1a
+        if self.clip_x0 is not None:
+            x0 = x0.clamp(-self.clip_x0, self.clip_x0)
+            eps = (x_t - sa * x0) / s1a
+        return x0, eps
+
+    def ddpm_step(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None, guidance: float = 1.0,
+                  net: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of the ancestral transition ``p(x_{t-1} | x_t)`` (the posterior at the predicted x0).
+
+        The std is ``sqrt(posterior_variance_t)``, exactly 0 at ``t = 0``; callers that need a density there
+        (DPPO) floor it.
+        """
+        x0, _ = self.predict(x_t, t, cond, guidance, net)
+        sched = self.schedule
+        mean = sched.at("posterior_mean_coef1", t, x_t.ndim) * x0 + sched.at("posterior_mean_coef2", t, x_t.ndim) * x_t
+        return mean, sched.at("posterior_variance", t, x_t.ndim).sqrt()
+
+    def ddim_step(self, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, eta: float = 0.0,
+                  cond: torch.Tensor | None = None, guidance: float = 1.0,
+                  net: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of DDIM's transition from ``t`` to ``t_prev`` (``-1``: the clean sample), Song et al. eq. 12.
+
+        ``sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)``;
+        ``mean = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps``.
+        """
+        x0, eps = self.predict(x_t, t, cond, guidance, net)
+        abar_t = self.schedule.abar(t, x_t.ndim)
+        abar_prev = self.schedule.abar(t_prev, x_t.ndim)
+        sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).clamp(min=0).sqrt()
+        mean = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+        return mean, sigma
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Element-wise ``log N(x; mean, std^2)`` (the caller reduces over dims; DPPO averages)."""
+    var = std ** 2
+    return -((x - mean) ** 2) / (2 * var) - std.log() - 0.5 * torch.log(torch.tensor(2 * torch.pi, device=x.device))
