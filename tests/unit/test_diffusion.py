@@ -172,7 +172,8 @@ def test_vp_schedule_identities() -> None:
 
 
 # ------------------------------------------------------------------------------------------------- samplers
-SAMPLER_CASES = [("heun", 128), ("heun", 32), ("euler", 128), ("dpmpp_2m", 16), ("ddpm", None), ("ddim", 20)]
+SAMPLER_CASES = [("heun", 128), ("heun", 32), ("euler", 128), ("dpmpp_2m", 16), ("dpmpp_2m_sde", 24), ("ddpm", None),
+                 ("ddim", 20)]
 
 
 @pytest.mark.parametrize(("sampler", "steps"), SAMPLER_CASES)
@@ -230,7 +231,7 @@ def test_network_evaluations() -> None:
     assert len(calls) == 19
 
 
-@pytest.mark.parametrize("sampler", ["heun", "dpmpp_2m", "ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", ["heun", "dpmpp_2m", "dpmpp_2m_sde", "ddpm", "ddim"])
 def test_inpainting_is_exact_and_conditions_the_rest(sampler: str) -> None:
     model = analytic_ddpm() if sampler in ("ddpm", "ddim") else analytic_edm()
     fix = Inpaint(torch.tensor([True, False]), torch.tensor([-2.0, 123.0]))
@@ -444,3 +445,18 @@ def test_bad_inputs_are_rejected() -> None:
         build_model({**SPEC, "denoiser": {"type": "transformer"}})
     with pytest.raises(ValueError, match="condition"):
         model.sample(4, cond=torch.zeros(4, 2))
+
+
+def test_sampler_defaults_apply_only_to_the_default_sampler() -> None:
+    model = build_model({**SPEC, "sampler": {"sampler": "heun", "steps": 64, "S_churn": 80.0}})
+    assert model.resolve_sampler() == ("heun", 64, {"S_churn": 80.0})
+    assert model.resolve_sampler("heun", 8) == ("heun", 8, {"S_churn": 80.0})
+    assert model.resolve_sampler("dpmpp_2m") == ("dpmpp_2m", None, {})
+    model.sample(3, sampler="dpmpp_2m", steps=4)  # the heun churn settings must not leak into another sampler
+
+
+def test_dpmpp_2m_sde_without_noise_is_the_ode_solver() -> None:
+    model = analytic_edm()
+    a = model.sample(64, sampler="dpmpp_2m", steps=12, generator=torch.Generator().manual_seed(0))
+    b = model.sample(64, sampler="dpmpp_2m_sde", steps=12, eta=0.0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

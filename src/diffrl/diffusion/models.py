@@ -112,6 +112,23 @@ class DiffusionModel(nn.Module):
     def _loss(self, x: torch.Tensor, cond: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def resolve_sampler(self, sampler: str | None = None, steps: int | None = None,
+                        options: dict[str, Any] | None = None) -> tuple[str, int | None, dict[str, Any]]:
+        """The sampler, steps and options ``sample`` will use: ``sampler_defaults`` fill what is not given, but
+        only for the default sampler (another sampler starts from its own defaults)."""
+        defaults = dict(self.sampler_defaults)
+        default_sampler = defaults.pop("sampler", self.samplers[0])
+        default_steps = defaults.pop("steps", None)
+        if sampler is None or sampler == default_sampler:
+            sampler, settings = default_sampler, {**defaults, **(options or {})}
+            steps = steps if steps is not None else default_steps
+        else:
+            settings = dict(options or {})
+        if sampler not in self.samplers:
+            raise ValueError(f"sampler {sampler!r} does not apply to a {type(self).__name__} model: choose one of "
+                             f"{', '.join(self.samplers)}")
+        return sampler, steps, settings
+
     @torch.no_grad()
     def sample(self, n: int, cond: torch.Tensor | None = None, *, sampler: str | None = None,
                steps: int | None = None, inpaint: Inpaint | None = None, guidance: float = 1.0,
@@ -120,19 +137,12 @@ class DiffusionModel(nn.Module):
         """``n`` samples in data units. ``sampler`` / ``steps`` / ``options`` default to ``sampler_defaults``.
 
         ``clip`` clamps the normalised sample to ``[-clip, clip]`` before un-normalising (use 1 with a min-max
-        normaliser). Samplers: EDM ``heun`` (stochastic with churn), ``euler``, ``dpmpp_2m``; DDPM ``ddpm``,
-        ``ddim`` (``eta``).
+        normaliser). Samplers: EDM ``heun`` (stochastic with churn), ``euler``, ``dpmpp_2m``, ``dpmpp_2m_sde``;
+        DDPM ``ddpm``, ``ddim`` (``eta``).
         """
         from diffrl.diffusion import samplers  # samplers import this module
 
-        settings = {**self.sampler_defaults, **options}
-        sampler = sampler or settings.pop("sampler", self.samplers[0])
-        settings.pop("sampler", None)
-        steps = steps or settings.pop("steps", None)
-        settings.pop("steps", None)
-        if sampler not in self.samplers:
-            raise ValueError(f"sampler {sampler!r} does not apply to a {type(self).__name__} model: choose one of "
-                             f"{', '.join(self.samplers)}")
+        sampler, steps, settings = self.resolve_sampler(sampler, steps, options)
         device = self.normalizer.shift.device
         if cond is not None:
             cond = cond.to(device)
@@ -164,7 +174,7 @@ class EDM(DiffusionModel):
     ``(sigma^2 + sd^2) / (sigma sd)^2``.
     """
 
-    samplers = ("heun", "euler", "dpmpp_2m")
+    samplers = ("heun", "euler", "dpmpp_2m", "dpmpp_2m_sde")
 
     def __init__(self, net: nn.Module, event_shape: Sequence[int], cond_dim: int = 0,
                  normalizer: DataNormalizer | None = None, *, sigma_data: float = 1.0, sigma_min: float = 0.002,

@@ -82,8 +82,10 @@ class DiffusionTrainer:
         self.model, self.data, self.cond, self.settings = model, data, cond, settings
         self.device = data.device
         params = [p for p in model.parameters() if p.requires_grad]
+        # fused AdamW (one kernel over all tensors) is 1.2-1.4x faster per step than foreach on a 2-core CPU at
+        # width 1024 (benchmarks/diffusion_speed.py); same arithmetic
         self.opt = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, settings.adam_beta2),
-                                     weight_decay=settings.weight_decay, foreach=True)
+                                     weight_decay=settings.weight_decay, fused=self.device.type in ("cpu", "cuda"))
         self.ema = EMA(model, settings.ema_decay, settings.ema_every, settings.ema_start,
                        settings.ema_warmup_power or None)
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
