@@ -20,8 +20,6 @@ from diffrl.diffusion.spec import build_model, load_model
 from diffrl.diffusion.trainer import DiffusionTrainer, TrainerSettings, lr_factor
 from diffrl.runs.checkpoint import save_checkpoint
 
-diffusers = pytest.importorskip("diffusers")
-
 CENTRES = torch.tensor([[2.0, 2.0], [-2.0, 2.0], [2.0, -2.0], [-2.0, -2.0]])
 WEIGHTS = torch.tensor([0.4, 0.3, 0.2, 0.1])
 MODE_STD = 0.3
@@ -91,6 +89,7 @@ def sliced_w1(a: torch.Tensor, b: torch.Tensor, projections: int = 64) -> float:
 # ------------------------------------------------------------------------------------------------ schedules
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 def test_ddpm_step_matches_diffusers(kind: str) -> None:
+    diffusers = pytest.importorskip("diffusers")  # test-only reference (dev extra)
     K = 50
     betas = linear_betas(K) if kind == "linear" else cosine_betas(K)
     ref = diffusers.DDPMScheduler(num_train_timesteps=K, beta_schedule="linear" if kind == "linear" else
@@ -111,6 +110,7 @@ def test_ddpm_step_matches_diffusers(kind: str) -> None:
 
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 def test_ddim_step_matches_diffusers(eta: float) -> None:
+    diffusers = pytest.importorskip("diffusers")  # test-only reference (dev extra)
     K, S = 100, 10
     ref = diffusers.DDIMScheduler(num_train_timesteps=K, beta_schedule="squaredcos_cap_v2", clip_sample=False,
                                   set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
@@ -128,6 +128,7 @@ def test_ddim_step_matches_diffusers(eta: float) -> None:
 
 
 def test_x0_clamping_matches_diffusers() -> None:
+    diffusers = pytest.importorskip("diffusers")  # test-only reference (dev extra)
     K = 20
     ref = diffusers.DDPMScheduler(num_train_timesteps=K, beta_schedule="squaredcos_cap_v2", clip_sample=True,
                                   clip_sample_range=1.0, variance_type="fixed_small")
@@ -141,6 +142,7 @@ def test_x0_clamping_matches_diffusers() -> None:
 
 
 def test_edm_preconditioning_and_karras_sigmas_match_diffusers() -> None:
+    diffusers = pytest.importorskip("diffusers")  # test-only reference (dev extra)
     ref = diffusers.EDMEulerScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=1.0, sigma_schedule="karras",
                                       rho=7.0)
     ref.set_timesteps(18)
@@ -454,9 +456,3 @@ def test_sampler_defaults_apply_only_to_the_default_sampler() -> None:
     assert model.resolve_sampler("dpmpp_2m") == ("dpmpp_2m", None, {})
     model.sample(3, sampler="dpmpp_2m", steps=4)  # the heun churn settings must not leak into another sampler
 
-
-def test_dpmpp_2m_sde_without_noise_is_the_ode_solver() -> None:
-    model = analytic_edm()
-    a = model.sample(64, sampler="dpmpp_2m", steps=12, generator=torch.Generator().manual_seed(0))
-    b = model.sample(64, sampler="dpmpp_2m_sde", steps=12, eta=0.0, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

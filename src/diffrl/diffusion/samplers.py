@@ -80,32 +80,13 @@ def edm_euler(model: EDM, shape: Sequence[int], cond: torch.Tensor | None = None
 
 
 def dpmpp_2m(model: EDM, shape: Sequence[int], cond: torch.Tensor | None = None, *, steps: int = 16,
-             inpaint: Inpaint | None = None, guidance: float = 1.0, generator: torch.Generator | None = None,
-             device: torch.device | None = None) -> torch.Tensor:
+             **options: Any) -> torch.Tensor:
     """DPM-Solver++(2M) on the Karras sigmas, data prediction, in ``lambda = -log sigma`` (Lu et al. 2022).
 
     The first step (no history) and the last (to sigma = 0) are first order; the others extrapolate the
-    denoised estimate linearly in lambda from the previous one.
+    denoised estimate linearly in lambda from the previous one. It is ``dpmpp_2m_sde`` without noise.
     """
-    device = device or torch.device("cpu")
-    sigmas, x = _edm_setup(model, shape, steps, inpaint, generator, device)
-    old_denoised, h_last = None, None
-    for i in range(steps):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model.denoise(x, sigma, cond, guidance)
-        if sigma_next == 0:
-            x = denoised
-        else:
-            h = math.log(sigma / sigma_next)
-            d = denoised
-            if old_denoised is not None and h_last is not None:
-                r = h_last / h
-                d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-            x = (sigma_next / sigma) * x - math.expm1(-h) * d
-            h_last = h
-        old_denoised = denoised
-        x = _impose(x, inpaint, lambda v, s=sigma_next: v + s * _randn(shape, generator, device))
-    return x
+    return dpmpp_2m_sde(model, shape, cond, steps=steps, eta=0.0, **options)
 
 
 def dpmpp_2m_sde(model: EDM, shape: Sequence[int], cond: torch.Tensor | None = None, *, steps: int = 32,
