@@ -30,6 +30,7 @@ commands:
   offline bc|td3bc|iql|cql|edac    train an offline agent on a dataset   (diffrl offline --help)
   data info|convert|collect        inspect, convert or build datasets    (diffrl data --help)
   diffusion train|sample|fidelity  transition diffusion models           (diffrl diffusion --help)
+  synther offline                  SynthER: upsample a dataset, train on it (diffrl synther --help)
   eval RUN_DIR                     evaluate a run's latest checkpoint    (diffrl eval --help)
   report RUN_DIR...                learning curves and a results table   (diffrl report --help)
   quickstart                       a short demo run with a report
@@ -131,6 +132,37 @@ def cmd_offline(args: list[str]) -> None:
     _train_command("offline", offline, args)
 
 
+def cmd_synther(args: list[str]) -> None:
+    from diffrl.pipelines import synther_offline
+
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: diffrl synther offline --dataset D [--algo td3bc|iql|cql|edac]\n"
+              "           [--data-mode synthetic|mixed|real] [--real-ratio R] [--num-samples N]\n"
+              "           [--data-fraction F] [--diffusion RUN_DIR]\n"
+              "           [--preset quick|paper] [--seed S]\n"
+              "       diffrl synther offline --algo ALGO --resume RUN_DIR\n"
+              "       diffrl synther offline --algo ALGO --help   (every option)")
+        return
+    if args[0] != "offline":
+        raise ConfigError(f"unknown synther command {args[0]!r}: choose offline.")
+    algo, rest = _pop_option(args[1:], "--algo")
+    algo = algo or "td3bc"
+    if algo not in synther_offline.ALGOS:
+        raise ConfigError(f"unknown algorithm {algo!r} for `diffrl synther offline`: choose one of "
+                          f"{', '.join(synther_offline.ALGOS)}.")
+    cfg = _config_from_args(synther_offline.ALGOS[algo], synther_offline.PRESETS[algo], rest,
+                            f"diffrl synther offline --algo {algo}", synther_offline.load_config,
+                            lambda saved: f"diffrl synther offline --algo {synther_offline.algo_name(saved)}")
+    run_dir = synther_offline.run(cfg)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(f"run directory: {run_dir}")
+    _print_summary(summary)
+    if "fidelity" in summary:
+        from diffrl.eval.fidelity import format_fidelity
+
+        print(format_fidelity(summary["fidelity"]))
+
+
 def _print_summary(s: dict) -> None:
     if s.get("eval_return_mean") is not None:
         line = (f"final eval return: {s['eval_return_mean']:.1f} ± {s['eval_return_std']:.1f} "
@@ -172,7 +204,11 @@ def cmd_eval(args: list[str]) -> None:
     a = tyro.cli(EvalArgs, args=args, prog="diffrl eval")
     if a.episodes <= 0:
         raise ConfigError(f"invalid episodes={a.episodes}: it must be > 0.")
-    module = offline if read_config(a.run_dir)["pipeline"].startswith("offline_") else online
+    pipeline = read_config(a.run_dir)["pipeline"]
+    if pipeline.startswith("synther_offline_"):
+        from diffrl.pipelines import synther_offline as module
+    else:
+        module = offline if pipeline.startswith("offline_") else online
     result = module.evaluate_run(a.run_dir, a.episodes, a.device, a.seed)
     out = a.run_dir / f"eval-step-{result['checkpoint_step']}.json"
     write_json_atomic(out, result)
@@ -379,7 +415,8 @@ def cmd_quickstart(args: list[str]) -> None:
     print(f"report: {report}")
 
 
-COMMANDS = {"train": cmd_train, "offline": cmd_offline, "data": cmd_data, "diffusion": cmd_diffusion, "eval": cmd_eval,
+COMMANDS = {"train": cmd_train, "offline": cmd_offline, "data": cmd_data, "diffusion": cmd_diffusion,
+            "synther": cmd_synther, "eval": cmd_eval,
             "report": cmd_report, "quickstart": cmd_quickstart}
 
 

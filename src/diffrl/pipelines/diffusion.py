@@ -23,7 +23,7 @@ import torch
 
 from diffrl.augment import TransitionLayout
 from diffrl.config import check, check_choice, check_non_negative, check_positive, from_dict, to_dict
-from diffrl.data import load_dataset
+from diffrl.data import OfflineDataset, load_dataset
 from diffrl.data.formats import atomic_file
 from diffrl.diffusion.samplers import DEFAULT_STEPS, network_evaluations
 from diffrl.diffusion.spec import build_model, load_model
@@ -183,10 +183,10 @@ def _flat(report: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def run(cfg: DiffusionConfig) -> Path:
-    """Train the diffusion model; returns the run directory."""
+def run(cfg: DiffusionConfig, dataset: OfflineDataset | None = None) -> Path:
+    """Train the diffusion model on ``cfg.dataset`` (or on ``dataset``, e.g. a subset); returns the run directory."""
     device = resolve_device(cfg.device)
-    ds = load_dataset(cfg.dataset, env_id=cfg.env)
+    ds = dataset if dataset is not None else load_dataset(cfg.dataset, env_id=cfg.env)
     env_id = cfg.env or ds.metadata.get("env_id")
     layout = TransitionLayout(ds.obs_dim, ds.act_dim, terminals=cfg.model_terminals)
     real = ds.arrays()

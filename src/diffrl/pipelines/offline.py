@@ -21,7 +21,7 @@ import torch
 
 from diffrl.agents import BC, CQL, EDAC, IQL, TD3BC, Agent, BCParams, CQLParams, EDACParams, IQLParams, TD3BCParams
 from diffrl.config import check, check_positive, from_dict, to_dict
-from diffrl.data import Normalizer, OfflineDataset, ReplayBuffer, load_dataset, validate
+from diffrl.data import MixedSampler, Normalizer, OfflineDataset, ReplayBuffer, load_dataset, validate
 from diffrl.envs import env_signature, make_env
 from diffrl.envs.vector import obs_dim
 from diffrl.errors import CheckpointError, ConfigError, DiffrlError
@@ -115,7 +115,8 @@ class NormalizedPolicy:
 
 
 def algo_name(cfg: OfflineConfig) -> str:
-    return next(name for name, (cls, _) in ALGOS.items() if type(cfg) is cls)
+    """The agent of a config (also of configs that extend an agent's config, e.g. SynthER's)."""
+    return next(name for name, (cls, _) in ALGOS.items() if isinstance(cfg, cls))
 
 
 def build(cfg: OfflineConfig, d_obs: int, d_act: int, device: torch.device) -> Agent:
@@ -143,12 +144,23 @@ def reward_scale(ds: OfflineDataset) -> float:
     return 1000.0 / spread
 
 
-def fingerprint(ds: OfflineDataset) -> str:
-    """Hash of the dataset's arrays: a resumed run must train on exactly the same data."""
+def fingerprint(ds: OfflineDataset, extra: dict[str, np.ndarray] | None = None) -> str:
+    """Hash of the dataset's arrays (and any extra arrays): a resumed run must train on exactly the same data."""
     h = hashlib.sha256()
-    for v in ds.arrays().values():
-        h.update(np.ascontiguousarray(v).tobytes())
+    for arrays in (ds.arrays(), extra or {}):
+        for v in arrays.values():
+            h.update(np.ascontiguousarray(v).tobytes())
     return h.hexdigest()[:16]
+
+
+def _buffer(arrays: dict[str, np.ndarray], normalizer: Normalizer, scale: float, d_obs: int, d_act: int,
+            device: torch.device, seed: int) -> ReplayBuffer:
+    """A buffer holding transitions with states normalised and rewards scaled."""
+    buffer = ReplayBuffer.for_transitions(len(arrays["observations"]), d_obs, d_act, device=device, seed=seed)
+    buffer.add_batch(obs=normalizer(arrays["observations"]), act=arrays["actions"], rew=arrays["rewards"] * scale,
+                     next_obs=normalizer(arrays["next_observations"]),
+                     done=np.asarray(arrays["terminals"]).astype(np.float32))
+    return buffer
 
 
 def _eval_metrics(result: Any, ds: OfflineDataset) -> dict[str, float]:
@@ -158,14 +170,31 @@ def _eval_metrics(result: Any, ds: OfflineDataset) -> dict[str, float]:
     return out
 
 
-def run(cfg: OfflineConfig) -> Path:
-    """Train ``cfg``'s offline agent on ``cfg.dataset``; returns the run directory."""
+@dataclasses.dataclass
+class OfflineData:
+    """What another pipeline (SynthER) hands the offline loop instead of ``cfg.dataset`` alone.
+
+    ``real`` sets the state / reward normalisation and the normalised scores (always the REAL data, as SynthER
+    does); batches take ``real_ratio`` of their rows from ``real`` and the rest from ``synthetic`` (SynthER's npz
+    layout). ``run_dir`` is the run directory to write (already created by the caller).
+    """
+
+    real: OfflineDataset
+    synthetic: dict[str, np.ndarray] | None = None
+    real_ratio: float = 1.0
+    pipeline: str | None = None
+    run_dir: Path | None = None
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def run(cfg: OfflineConfig, data: OfflineData | None = None) -> Path:
+    """Train ``cfg``'s offline agent on ``cfg.dataset`` (or on ``data``); returns the run directory."""
     algo = algo_name(cfg)
-    pipeline = f"offline_{algo}"
+    pipeline = (data.pipeline if data is not None else None) or f"offline_{algo}"
     device = resolve_device(cfg.device)
 
     # ------------------------------------------------------------------ setup (checks before any write)
-    ds = load_dataset(cfg.dataset, env_id=cfg.env)
+    ds = data.real if data is not None else load_dataset(cfg.dataset, env_id=cfg.env)
     env_id = cfg.env or ds.metadata.get("env_id")
     if not env_id:
         raise ConfigError(f"dataset {cfg.dataset} records no environment; pass --env ID for evaluation.")
@@ -177,12 +206,18 @@ def run(cfg: OfflineConfig) -> Path:
     d_obs, d_act = obs_dim(eval_env.observation_space), obs_dim(eval_env.action_space)
     normalizer = Normalizer.fit(ds.observations) if cfg.normalize_states else Normalizer.identity(d_obs)
     scale = reward_scale(ds) if cfg.normalize_reward else 1.0
-    buffer = ReplayBuffer.for_transitions(len(ds), d_obs, d_act, device=device, seed=cfg.seed)
-    buffer.add_batch(obs=normalizer(ds.observations), act=ds.actions, rew=ds.rewards * scale,
-                     next_obs=normalizer(ds.next_observations), done=ds.terminals.astype(np.float32))
+    buffer = _buffer(ds.arrays(), normalizer, scale, d_obs, d_act, device, cfg.seed)
+    sampler: Any = buffer
+    buffers = [buffer]
+    if data is not None and data.synthetic is not None and data.real_ratio < 1.0:
+        # synthetic data goes through the REAL data's normalisation (SynthER: state and reward normalisers are
+        # fitted on the real dataset and applied to generated transitions too)
+        synthetic = _buffer(data.synthetic, normalizer, scale, d_obs, d_act, device, cfg.seed + 1)
+        buffers.append(synthetic)
+        sampler = synthetic if data.real_ratio == 0.0 else MixedSampler(buffer, synthetic, 1.0 - data.real_ratio)
     agent = build(cfg, d_obs, d_act, device)
     policy = NormalizedPolicy(agent, normalizer)
-    data_id = fingerprint(ds)
+    data_id = fingerprint(ds, data.synthetic if data is not None else None)
 
     step, best, last_eval, wall_offset = 0, -np.inf, None, 0.0
     resumed = cfg.resume is not None
@@ -195,10 +230,15 @@ def run(cfg: OfflineConfig) -> Path:
                                   "resume with the same data (nothing was changed).")
         state = parts["state"]
         agent.load_state_dict(state["agent"])
-        buffer.generator.set_state(state["buffer_generator"])
+        gen_states = state.get("buffer_generators") or [state["buffer_generator"]]  # older runs: one buffer
+        for b, gen_state in zip(buffers, gen_states, strict=True):
+            b.generator.set_state(gen_state)
         step, best = int(state["loop"]["step"]), float(state["loop"]["best"])
         last_eval, wall_offset = state["loop"]["last_eval"], float(state["loop"]["wall_s"])
         set_rng_state(state["rng"])
+    elif data is not None and data.run_dir is not None:
+        run_dir = data.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
     else:
         name = Path(cfg.dataset).stem if Path(cfg.dataset).suffix else cfg.dataset  # file stem or Minari id
         run_dir = new_run_dir(pipeline, name, cfg.seed, cfg.runs_root, cfg.run_dir)
@@ -207,7 +247,8 @@ def run(cfg: OfflineConfig) -> Path:
                     wandb_project=cfg.wandb_project if cfg.wandb else None, config=to_dict(cfg))
 
     def save() -> None:
-        state = {"agent": agent.state_dict(), "rng": get_rng_state(), "buffer_generator": buffer.generator.get_state(),
+        state = {"agent": agent.state_dict(), "rng": get_rng_state(),
+                 "buffer_generators": [b.generator.get_state() for b in buffers],
                  "normalizer": normalizer.state_dict(), "reward_scale": scale,
                  "loop": {"step": step, "best": float(best), "last_eval": last_eval, "wall_s": logger.wall_s()}}
         meta = {"env": signature, "pipeline": pipeline, "gradient_steps": step, "seed": cfg.seed,
@@ -220,7 +261,7 @@ def run(cfg: OfflineConfig) -> Path:
     metrics: dict[str, torch.Tensor] = {}
     t_rate, steps_rate = time.perf_counter(), step
     while step < cfg.steps:
-        metrics = agent.update(buffer.sample(cfg.batch_size))
+        metrics = agent.update(sampler.sample(cfg.batch_size))
         step += 1
         row: dict[str, float] = {}
         on_grid = cfg.eval_every > 0 and step % cfg.eval_every == 0
@@ -256,15 +297,18 @@ def run(cfg: OfflineConfig) -> Path:
                "best_score": max(float(best), final_key) if final else None,
                "best_eval_return": None, "eval_episodes": cfg.eval_episodes,
                "updates_per_s": step / max(logger.wall_s(), 1e-9), "dataset_transitions": len(ds),
-               "normalize_states": cfg.normalize_states, "reward_scale": scale}
+               "normalize_states": cfg.normalize_states, "reward_scale": scale,
+               **(data.summary if data is not None else {})}
     write_summary(run_dir, summary)
     eval_env.close()
     return run_dir
 
 
-def evaluate_run(run_dir: Path, episodes: int = 10, device: str = "auto", seed: int | None = None) -> dict[str, Any]:
-    """Evaluate the latest checkpoint of an offline run (its saved normaliser included)."""
-    cfg = load_config(run_dir)
+def evaluate_run(run_dir: Path, episodes: int = 10, device: str = "auto", seed: int | None = None,
+                 cfg: OfflineConfig | None = None) -> dict[str, Any]:
+    """Evaluate the latest checkpoint of an offline run (its saved normaliser included); ``cfg`` defaults to the
+    run's saved config."""
+    cfg = cfg if cfg is not None else load_config(run_dir)
     manifest, parts = ckpt.load_checkpoint(run_dir, parts=("state",))
     env_id = manifest["meta"]["env"]["env_id"]
     env = make_env(env_id)

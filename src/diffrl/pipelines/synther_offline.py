@@ -1,0 +1,220 @@
+"""SynthER offline (Lu, Ball et al. 2023): upsample a dataset with a diffusion model, train an offline agent on it.
+
+    diffrl synther offline --dataset D --algo td3bc|iql|cql|edac [--data-mode synthetic|mixed|real]
+        [--real-ratio R] [--num-samples N] [--data-fraction F] [--diffusion RUN_DIR] [--preset quick|paper]
+
+Reads top to bottom, in stages that a resume skips when they are done:
+1. real data: the dataset, or a random ``data_fraction`` of its episodes (SynthER's small-data experiment);
+2. the transition diffusion model, trained on that real data (``run_dir/diffusion``, the diffusion pipeline's own
+   run directory) or loaded from ``--diffusion``;
+3. ``num_samples`` generated transitions, saved as ``run_dir/samples.npz`` (SynthER's layout: terminals
+   thresholded at 0.5, actions clipped to the action space), and their fidelity on a subsample;
+4. the offline agent on synthetic-only, mixed (``real_ratio`` of each batch real) or real data, with state and
+   reward normalisation fitted on the REAL data and applied to synthetic transitions too (as SynthER's CORL code);
+5. evaluation: normalised scores in ``summary.json``, with the fidelity and the diffusion run's figures.
+SynthER's own code trains on synthetic data only offline; ``mixed`` is diffrl's addition.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffrl.agents.base import Params
+from diffrl.augment import TransitionLayout
+from diffrl.augment.transitions import SAMPLE_KEYS
+from diffrl.config import check, check_choice, check_positive, check_unit_interval, from_dict, to_dict
+from diffrl.data import load_dataset
+from diffrl.data.formats import atomic_file
+from diffrl.diffusion.spec import load_model
+from diffrl.errors import CheckpointError, ConfigError
+from diffrl.eval.fidelity import LAYOUTS, fidelity_report
+from diffrl.pipelines import diffusion, offline
+from diffrl.runs import checkpoint as ckpt
+from diffrl.runs.device import resolve_device
+from diffrl.runs.rundir import check_resumable, new_run_dir, read_config, read_summary, write_config
+
+PREFIX = "synther_offline_"
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthERSettings(Params):
+    """SynthER's data settings, shared by every offline agent."""
+
+    data_mode: str = "synthetic"
+    """synthetic (SynthER), mixed (real_ratio of each batch real) or real (the baseline; no diffusion model)"""
+    real_ratio: float = 0.5
+    """mixed mode: fraction of each batch drawn from the real data"""
+    num_samples: int = 5_000_000
+    """generated transitions (SynthER: 5M)"""
+    data_fraction: float = 1.0
+    """keep this random fraction of the real episodes first (SynthER's small-data experiment: 0.15)"""
+    diffusion: Path | None = None
+    """reuse a trained `diffrl diffusion train` run instead of training one"""
+    diffusion_steps: int = 100_000
+    """diffusion model gradient steps"""
+    diffusion_width: int = 2048
+    """residual MLP width (SynthER offline: 2048)"""
+    diffusion_depth: int = 6
+    """residual blocks"""
+    diffusion_batch_size: int = 256
+    """diffusion batch size (SynthER: 256 below 800k transitions, else 1024)"""
+    diffusion_lr: float = 3e-4
+    """diffusion learning rate"""
+    bf16: bool = False
+    """train and sample the diffusion model in bfloat16 autocast"""
+    sampler: str = "heun"
+    """sampler (SynthER: heun with churn, 128 steps)"""
+    sample_steps: int = 128
+    """sampler steps"""
+    sample_batch_size: int = 100_000
+    """samples generated per batch"""
+    fidelity_samples: int = 2000
+    """generated transitions whose fidelity is measured (0: skip)"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("data_mode", self.data_mode, ("synthetic", "mixed", "real"))
+        check(0.0 <= self.real_ratio <= 1.0, "real_ratio", self.real_ratio, "in [0, 1]")
+        check_unit_interval("data_fraction", self.data_fraction)
+        for name in ("num_samples", "diffusion_steps", "diffusion_width", "diffusion_depth", "diffusion_batch_size",
+                     "diffusion_lr", "sample_steps", "sample_batch_size"):
+            check_positive(name, getattr(self, name))
+        check(self.fidelity_samples >= 0, "fidelity_samples", self.fidelity_samples, ">= 0")
+        check_choice("sampler", self.sampler, ("heun", "euler", "dpmpp_2m", "dpmpp_2m_sde"))
+
+    @property
+    def batch_real_ratio(self) -> float:
+        return {"synthetic": 0.0, "mixed": self.real_ratio, "real": 1.0}[self.data_mode]
+
+
+def _config_class(algo: str, base: type) -> type:
+    cls = dataclasses.make_dataclass(f"SynthER{base.__name__}", [], bases=(SynthERSettings, base), frozen=True)
+    cls.__doc__ = f"``diffrl synther offline --algo {algo}``: {base.__doc__.split(': ', 1)[-1]} on SynthER data."
+    cls.__module__ = __name__
+    return cls
+
+
+ALGOS: dict[str, type] = {name: _config_class(name, cls) for name, (cls, _) in offline.ALGOS.items() if name != "bc"}
+for _cls in ALGOS.values():
+    globals()[_cls.__name__] = _cls  # importable by name (from_dict, pickling-free configs)
+
+_DIFFUSION_QUICK = dict(diffusion_steps=10_000, diffusion_width=256, sampler="dpmpp_2m_sde", sample_steps=32,
+                        num_samples=200_000)
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    name: {"quick": {**offline.PRESETS[name]["quick"], **_DIFFUSION_QUICK},
+           "paper": {**offline.PRESETS[name]["paper"], "diffusion_steps": 100_000, "diffusion_width": 2048,
+                     "sampler": "heun", "sample_steps": 128, "num_samples": 5_000_000}}
+    for name in ALGOS}
+
+
+def algo_name(cfg: Any) -> str:
+    return offline.algo_name(cfg)
+
+
+def load_config(run_dir: Path) -> Any:
+    saved = read_config(run_dir)
+    name = str(saved.get("pipeline", "")).removeprefix(PREFIX)
+    if name not in ALGOS:
+        raise ConfigError(f"{run_dir} is a {saved.get('pipeline')} run, not a SynthER offline run.")
+    return from_dict(ALGOS[name], saved["config"])
+
+
+def _diffusion_config(cfg: Any, run_dir: Path, resume: bool) -> diffusion.DiffusionConfig:
+    return diffusion.DiffusionConfig(
+        dataset=cfg.dataset, env=cfg.env, seed=cfg.seed, width=cfg.diffusion_width, depth=cfg.diffusion_depth,
+        steps=cfg.diffusion_steps, batch_size=cfg.diffusion_batch_size, lr=cfg.diffusion_lr, bf16=cfg.bf16,
+        sampler=cfg.sampler, sample_steps=cfg.sample_steps, fidelity_samples=0,
+        checkpoint_every=min(10_000, cfg.diffusion_steps), device=cfg.device, progress=cfg.progress,
+        run_dir=None if resume else run_dir, resume=run_dir if resume else None, runs_root=cfg.runs_root)
+
+
+def _train_diffusion(cfg: Any, real: Any, run_dir: Path) -> Path:
+    """Stage 2: the diffusion model's run directory (trained here, resumed, or the user's)."""
+    if cfg.diffusion is not None:
+        return Path(cfg.diffusion)
+    model_dir = run_dir / "diffusion"
+    if (model_dir / "summary.json").is_file():
+        return model_dir
+    resume = bool(ckpt.list_checkpoints(model_dir / "checkpoints"))
+    return diffusion.run(_diffusion_config(cfg, model_dir, resume), dataset=real)
+
+
+def _samples(cfg: Any, model_dir: Path, run_dir: Path, obs_dim: int, act_dim: int) -> tuple[dict, dict]:
+    """Stage 3: generated transitions (read back if a previous attempt saved them) and generation figures."""
+    path = run_dir / "samples.npz"
+    model, meta = load_model(model_dir, device=resolve_device(cfg.device))
+    layout = TransitionLayout.from_dict(meta["layout"])
+    if (layout.obs_dim, layout.act_dim) != (obs_dim, act_dim):
+        raise ConfigError(f"the diffusion model in {model_dir} generates {layout.obs_dim}/{layout.act_dim}-dim "
+                          f"observations/actions, the dataset has {obs_dim}/{act_dim}.")
+    if path.is_file():
+        with np.load(path) as f:
+            samples = {k: f[k] for k in SAMPLE_KEYS}
+        if len(samples["observations"]) == cfg.num_samples:
+            return samples, {"samples_per_s": None, "generation_s": None}
+    import torch
+
+    model.amp_dtype = torch.bfloat16 if cfg.bf16 else None
+    sampler, steps, _ = model.resolve_sampler(cfg.sampler, cfg.sample_steps)
+    t0 = time.perf_counter()
+    x, rate = diffusion.generate(model, cfg.num_samples, batch_size=cfg.sample_batch_size, seed=cfg.seed,
+                                 progress=cfg.progress, sampler=sampler, steps=steps)
+    samples = layout.split(x)
+    with atomic_file(path, overwrite=True) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **samples)
+    return samples, {"samples_per_s": rate, "generation_s": time.perf_counter() - t0}
+
+
+def run(cfg: Any) -> Path:
+    """Train the diffusion model, generate, measure fidelity, train and evaluate the agent; returns the run dir."""
+    algo = algo_name(cfg)
+    pipeline = PREFIX + algo
+    full = load_dataset(cfg.dataset, env_id=cfg.env)
+    env_id = cfg.env or full.metadata.get("env_id")
+    if not env_id:
+        raise ConfigError(f"dataset {cfg.dataset} records no environment; pass --env ID for evaluation.")
+    real = full.subset_episodes(cfg.data_fraction, cfg.seed) if cfg.data_fraction < 1.0 else full
+
+    if cfg.resume is not None:
+        run_dir = Path(cfg.resume)
+        check_resumable(run_dir, pipeline, read_config(run_dir), to_dict(cfg), set(cfg.RESUMABLE))
+    else:
+        name = Path(cfg.dataset).stem if Path(cfg.dataset).suffix else cfg.dataset
+        run_dir = new_run_dir(pipeline, name, cfg.seed, cfg.runs_root, cfg.run_dir)
+    write_config(run_dir, pipeline, to_dict(cfg))
+
+    extra: dict[str, Any] = {"data_mode": cfg.data_mode, "batch_real_ratio": cfg.batch_real_ratio,
+                             "data_fraction": cfg.data_fraction, "real_transitions": len(real),
+                             "real_episodes": len(real.episode_slices())}
+    samples = None
+    if cfg.data_mode != "real":
+        t0 = time.perf_counter()
+        model_dir = _train_diffusion(cfg, real, run_dir)
+        extra["diffusion_run"] = str(model_dir)
+        with_summary = read_summary(model_dir) if (model_dir / "summary.json").is_file() else {}
+        extra["diffusion_train_s"] = with_summary.get("wall_s", time.perf_counter() - t0)
+        extra["diffusion_final_loss"] = with_summary.get("final_loss")
+        samples, gen = _samples(cfg, model_dir, run_dir, real.obs_dim, real.act_dim)
+        extra.update(num_samples=len(samples["observations"]), **gen)
+        if cfg.fidelity_samples and env_id in LAYOUTS:
+            extra["fidelity"] = fidelity_report(real.arrays(), samples, env_id, num=cfg.fidelity_samples,
+                                                seed=cfg.seed)
+
+    agent_resume = cfg.resume is not None and bool(ckpt.list_checkpoints(run_dir / "checkpoints"))
+    agent_cfg = dataclasses.replace(cfg, resume=run_dir if agent_resume else None)
+    data = offline.OfflineData(real=real, synthetic=samples, real_ratio=cfg.batch_real_ratio, pipeline=pipeline,
+                               run_dir=run_dir, summary=extra)
+    try:
+        return offline.run(agent_cfg, data)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (SynthER run {run_dir})") from None
+
+
+def evaluate_run(run_dir: Path, episodes: int = 10, device: str = "auto", seed: int | None = None) -> dict[str, Any]:
+    return offline.evaluate_run(run_dir, episodes, device, seed, cfg=load_config(run_dir))
+
