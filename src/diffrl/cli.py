@@ -30,7 +30,8 @@ commands:
   offline bc|td3bc|iql|cql|edac    train an offline agent on a dataset   (diffrl offline --help)
   data info|convert|collect        inspect, convert or build datasets    (diffrl data --help)
   diffusion train|sample|fidelity  transition diffusion models           (diffrl diffusion --help)
-  synther offline                  SynthER: upsample a dataset, train on it (diffrl synther --help)
+  synther offline|online           SynthER: upsampled offline data, or online SAC/REDQ with synthetic data
+                                   (diffrl synther --help)
   eval RUN_DIR                     evaluate a run's latest checkpoint    (diffrl eval --help)
   report RUN_DIR...                learning curves and a results table   (diffrl report --help)
   quickstart                       a short demo run with a report
@@ -133,30 +134,36 @@ def cmd_offline(args: list[str]) -> None:
 
 
 def cmd_synther(args: list[str]) -> None:
-    from diffrl.pipelines import synther_offline
+    from diffrl.pipelines import synther_offline, synther_online
 
     if not args or args[0] in ("-h", "--help"):
         print("usage: diffrl synther offline --dataset D [--algo td3bc|iql|cql|edac]\n"
               "           [--data-mode synthetic|mixed|real] [--real-ratio R] [--num-samples N]\n"
-              "           [--data-fraction F] [--diffusion RUN_DIR]\n"
+              "           [--data-fraction F] [--diffusion RUN_DIR] [--preset quick|paper] [--seed S]\n"
+              "       diffrl synther online --env ID [--agent sac|redq] [--utd G] [--synthetic-ratio R]\n"
+              "           [--retrain-every K] [--num-samples N] [--diffusion-steps S] [--warm-start]\n"
               "           [--preset quick|paper] [--seed S]\n"
-              "       diffrl synther offline --algo ALGO --resume RUN_DIR\n"
-              "       diffrl synther offline --algo ALGO --help   (every option)")
+              "       diffrl synther offline|online ... --resume RUN_DIR;  ... --help (every option)")
         return
-    if args[0] != "offline":
-        raise ConfigError(f"unknown synther command {args[0]!r}: choose offline.")
-    algo, rest = _pop_option(args[1:], "--algo")
-    algo = algo or "td3bc"
-    if algo not in synther_offline.ALGOS:
-        raise ConfigError(f"unknown algorithm {algo!r} for `diffrl synther offline`: choose one of "
-                          f"{', '.join(synther_offline.ALGOS)}.")
-    cfg = _config_from_args(synther_offline.ALGOS[algo], synther_offline.PRESETS[algo], rest,
-                            f"diffrl synther offline --algo {algo}", synther_offline.load_config,
-                            lambda saved: f"diffrl synther offline --algo {synther_offline.algo_name(saved)}")
-    run_dir = synther_offline.run(cfg)
+    modes = {"offline": (synther_offline, "--algo", "td3bc"), "online": (synther_online, "--agent", "sac")}
+    if args[0] not in modes:
+        raise ConfigError(f"unknown synther command {args[0]!r}: choose offline or online.")
+    module, flag, default = modes[args[0]]
+    algo, rest = _pop_option(args[1:], flag)
+    algo = algo or default
+    if algo not in module.ALGOS:
+        raise ConfigError(f"unknown algorithm {algo!r} for `diffrl synther {args[0]}`: choose one of "
+                          f"{', '.join(module.ALGOS)}.")
+    prog = f"diffrl synther {args[0]} {flag} {algo}"
+    cfg = _config_from_args(module.ALGOS[algo], module.PRESETS[algo], rest, prog, module.load_config,
+                            lambda saved: f"diffrl synther {args[0]} {flag} {module.algo_name(saved)}")
+    run_dir = module.run(cfg)
     summary = json.loads((run_dir / "summary.json").read_text())
     print(f"run directory: {run_dir}")
     _print_summary(summary)
+    if "time_breakdown_s" in summary:
+        print("wall clock: " + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s"
+                                         for k, v in summary["time_breakdown_s"].items()))
     if "fidelity" in summary:
         from diffrl.eval.fidelity import format_fidelity
 
@@ -207,6 +214,8 @@ def cmd_eval(args: list[str]) -> None:
     pipeline = read_config(a.run_dir)["pipeline"]
     if pipeline.startswith("synther_offline_"):
         from diffrl.pipelines import synther_offline as module
+    elif pipeline.startswith("synther_online_"):
+        from diffrl.pipelines import synther_online as module
     else:
         module = offline if pipeline.startswith("offline_") else online
     result = module.evaluate_run(a.run_dir, a.episodes, a.device, a.seed)
@@ -384,35 +393,43 @@ def cmd_report(args: list[str]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class QuickstartArgs:
-    """A short SAC run on a real MuJoCo task, evaluated and summarised in a report (a few minutes on 2 CPU
-    cores)."""
+    """SynthER in miniature on a real MuJoCo task (minutes on 2 CPU cores): build a small dataset, train a diffusion
+    model, generate, measure fidelity, train TD3+BC on real vs synthetic vs mixed data, write a report."""
 
     env: str = "Hopper-v5"
-    """environment id"""
-    steps: int = 20_000
-    """environment steps"""
+    """environment id (Gymnasium MuJoCo v5 locomotion)"""
     seed: int = 0
     """seed"""
     out: Path = Path("runs/quickstart")
-    """where the run and its report go"""
+    """where the study's directory goes"""
+    expert_steps: int = 20_000
+    """SAC env steps behind the dataset"""
+    transitions: int = 20_000
+    """dataset size"""
+    diffusion_steps: int = 4_000
+    """diffusion model gradient steps"""
+    num_samples: int = 100_000
+    """synthetic transitions"""
+    agent_steps: int = 5_000
+    """TD3+BC gradient steps per data mode"""
+    progress: bool = True
+    """show progress bars"""
 
 
 def cmd_quickstart(args: list[str]) -> None:
-    from diffrl.pipelines import online
-    from diffrl.runs.report import make_report
+    from diffrl.pipelines import quickstart
 
     a = tyro.cli(QuickstartArgs, args=args, prog="diffrl quickstart")
-    if a.steps <= 0:
-        raise ConfigError(f"invalid steps={a.steps}: it must be > 0.")
-    cfg = online.SACConfig(env=a.env, steps=a.steps, seed=a.seed, learning_starts=min(2_000, a.steps // 4),
-                           eval_every=max(a.steps // 10, 1), eval_episodes=3, log_every=500,
-                           checkpoint_every=a.steps, runs_root=a.out)
-    print(f"diffrl quickstart: SAC on {a.env} for {a.steps} env steps (UTD 1, batch 256, 2x256 networks)")
-    run_dir = online.run(cfg)
-    _print_summary(json.loads((run_dir / "summary.json").read_text()))
-    report = make_report([run_dir], a.out / "report")
-    print(f"run directory: {run_dir}")
-    print(f"report: {report}")
+    for name in ("expert_steps", "transitions", "diffusion_steps", "num_samples", "agent_steps"):
+        if getattr(a, name) <= 0:
+            raise ConfigError(f"invalid {name}={getattr(a, name)}: it must be > 0.")
+    print(f"diffrl quickstart: SynthER in miniature on {a.env} (dataset, diffusion model, fidelity, TD3+BC on real / "
+          "synthetic / mixed data)", flush=True)
+    report = quickstart.run(quickstart.QuickstartSettings(**dataclasses.asdict(a)))
+    scores = json.loads((report.parent / "quickstart.json").read_text())
+    print("normalized scores: " + ", ".join(f"{m} {v:.1f}" for m, v in scores["scores"].items()))
+    print(f"total: {scores['timings_s']['total']:.0f} s")
+    print(f"report: {report.resolve()}")
 
 
 COMMANDS = {"train": cmd_train, "offline": cmd_offline, "data": cmd_data, "diffusion": cmd_diffusion,

@@ -147,13 +147,20 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
     assert "sees no CUDA GPU" in capsys.readouterr().err
 
 
-def test_quickstart_runs_and_writes_a_report(tmp_path, monkeypatch, capsys):
+def test_quickstart_runs_the_synther_study_and_writes_a_report(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["quickstart", "--steps", "400"]) == 0
+    assert main(["quickstart", "--expert-steps", "600", "--transitions", "600", "--diffusion-steps", "50",
+                 "--num-samples", "500", "--agent-steps", "100", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "report:" in out
+    assert "report:" in out and "normalized scores: real" in out
     report = Path(out.split("report:")[-1].strip())
-    assert report.is_file() and (report.parent / "report.json").is_file()
+    assert report.is_file() and report.is_relative_to(tmp_path / "runs")
+    text = report.read_text()
+    assert "next-state NMSE" in text and "| synthetic |" in text and "| mixed |" in text
+    for png in ("learning_curves.png", "marginals.png"):
+        assert (report.parent / png).stat().st_size > 1000
+    for mode in ("real", "synthetic", "mixed"):
+        assert (report.parent / f"td3bc-{mode}" / "summary.json").is_file()
 
 
 def test_a_bad_env_id_writes_no_run_directory(tmp_path, monkeypatch, capsys):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import gymnasium as gym
 import numpy as np
@@ -121,7 +121,23 @@ def _agent_params(cfg: OnlineConfig) -> Params:
 
 
 def algo_name(cfg: OnlineConfig) -> str:
-    return next(name for name, (cls, _) in ALGOS.items() if type(cfg) is cls)
+    """The agent of a config (also of configs that extend an agent's config, e.g. SynthER's)."""
+    return next(name for name, (cls, _) in ALGOS.items() if isinstance(cfg, cls))
+
+
+class Augment(Protocol):
+    """Extra experience mixed into the agent's batches (SynthER online). The loop calls ``sampler`` once,
+    ``after_step`` after every env step (before the updates), and checkpoints ``state_dict``."""
+
+    def sampler(self, real: ReplayBuffer) -> Any: ...
+
+    def after_step(self, env_steps: int, before: int, real: ReplayBuffer) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any], real: ReplayBuffer) -> None: ...
+
+    def timers(self) -> dict[str, float]: ...
 
 
 def build(cfg: OnlineConfig, env_sig_obs: int, act_dim: int, device: torch.device) -> Agent:
@@ -138,10 +154,13 @@ def load_config(run_dir: Path) -> OnlineConfig:
     return from_dict(ALGOS[name][0], saved["config"])
 
 
-def run(cfg: OnlineConfig) -> Path:
-    """Train ``cfg``'s agent online; returns the run directory (see DESIGN.md, "Run directory")."""
+def run(cfg: OnlineConfig, augment: Augment | None = None, pipeline: str | None = None) -> Path:
+    """Train ``cfg``'s agent online; returns the run directory (see DESIGN.md, "Run directory").
+
+    ``augment`` mixes extra experience into the batches (SynthER); ``pipeline`` names the run's pipeline.
+    """
     algo = algo_name(cfg)
-    pipeline = f"train_{algo}"
+    pipeline = pipeline or f"train_{algo}"
     device = resolve_device(cfg.device)
 
     # ------------------------------------------------------------------ setup
@@ -173,6 +192,8 @@ def run(cfg: OnlineConfig) -> Path:
         state = parts["state"]
         agent.load_state_dict(state["agent"])
         buffer.load_state_dict(parts["buffer"])
+        if augment is not None:
+            augment.load_state_dict(parts["augment"], buffer)
         loop = state["loop"]
         env_steps, best_eval = int(loop["env_steps"]), float(loop["best_eval"])
         last_eval, timers, wall_offset = loop["last_eval"], dict(loop["timers"]), float(loop["wall_s"])
@@ -194,8 +215,10 @@ def run(cfg: OnlineConfig) -> Path:
                           "rng": generator_state(rng)}}
         meta = {"env": signature, "pipeline": pipeline, "env_steps": env_steps,
                 "gradient_steps": agent.num_updates, "seed": cfg.seed}  # type: ignore[attr-defined]
-        ckpt.save_checkpoint(run_dir / "checkpoints", env_steps, {"state": state, "buffer": buffer.state_dict()},
-                             meta, keep_last=cfg.keep_checkpoints)
+        parts = {"state": state, "buffer": buffer.state_dict()}
+        if augment is not None:
+            parts["augment"] = augment.state_dict()
+        ckpt.save_checkpoint(run_dir / "checkpoints", env_steps, parts, meta, keep_last=cfg.keep_checkpoints)
 
     def crossed(every: int, before: int) -> bool:
         return every > 0 and env_steps // every > before // every
@@ -203,6 +226,8 @@ def run(cfg: OnlineConfig) -> Path:
     # ------------------------------------------------------------------ loop
     bar = Progress(cfg.steps, initial=env_steps, desc=f"{algo} {cfg.env}", unit="env-step", enabled=cfg.progress)
     metrics: dict[str, torch.Tensor] = {}
+    sampler = augment.sampler(buffer) if augment is not None else buffer
+    pending: dict[str, float] = {}  # augmentation metrics waiting for the next logged row
     t_rate, steps_rate = time.perf_counter(), env_steps
     while env_steps < cfg.steps:
         before = env_steps
@@ -219,9 +244,12 @@ def run(cfg: OnlineConfig) -> Path:
         env_steps += cfg.n_envs
         t1 = time.perf_counter()
         timers["env_s"] += t1 - t0
+        if augment is not None:
+            pending.update(augment.after_step(env_steps, before, buffer))
+            t1 = time.perf_counter()
         if env_steps >= cfg.learning_starts and len(buffer) >= cfg.batch_size:
             for _ in range(cfg.utd * cfg.n_envs):
-                metrics = agent.update(buffer.sample(cfg.batch_size))
+                metrics = agent.update(sampler.sample(cfg.batch_size))
             timers["update_s"] += time.perf_counter() - t1
 
         done_all = env_steps >= cfg.steps
@@ -240,6 +268,8 @@ def run(cfg: OnlineConfig) -> Path:
         if crossed(cfg.log_every, before) or done_all:
             now = time.perf_counter()
             row.update({k: float(v) for k, v in metrics.items()})
+            row.update(pending)
+            pending = {}
             check_finite(row, env_steps, run_dir)
             if ep_stats:
                 row["train/episode_return"] = float(np.mean([r for r, _ in ep_stats]))
@@ -265,20 +295,22 @@ def run(cfg: OnlineConfig) -> Path:
                "eval_return_std": last_eval["eval/return_std"] if last_eval else None,
                "success_rate": last_eval.get("eval/success_rate") if last_eval else None,
                "best_eval_return": max(float(best_eval), last_eval["eval/return_mean"]) if last_eval else None,
-               "eval_episodes": cfg.eval_episodes, "time_breakdown_s": timers}
+               "eval_episodes": cfg.eval_episodes,
+               "time_breakdown_s": {**timers, **(augment.timers() if augment is not None else {})}}
     write_summary(run_dir, summary)
     envs.close()
     eval_env.close()
     return run_dir
 
 
-def evaluate_run(run_dir: Path, episodes: int = 10, device: str = "auto", seed: int | None = None) -> dict[str, Any]:
+def evaluate_run(run_dir: Path, episodes: int = 10, device: str = "auto", seed: int | None = None,
+                 cfg: OnlineConfig | None = None) -> dict[str, Any]:
     """Evaluate the latest checkpoint of an online run with :func:`diffrl.eval.evaluate`.
 
     Uses the run's env and seed (so the same eval episodes as during training) unless ``seed`` is given.
     Returns a dict with the checkpoint step and the :class:`~diffrl.eval.EvalResult` fields.
     """
-    cfg = load_config(run_dir)
+    cfg = cfg if cfg is not None else load_config(run_dir)
     env = make_env(cfg.env, max_episode_steps=cfg.max_episode_steps)
     manifest, parts = ckpt.load_checkpoint(run_dir, parts=("state",))
     signature = env_signature(cfg.env, env)

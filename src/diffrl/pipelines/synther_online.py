@@ -1,0 +1,171 @@
+"""SynthER online (Lu, Ball et al. 2023): SAC or REDQ at a high update-to-data ratio on batches that mix real and
+diffusion-generated transitions.
+
+    diffrl synther online --env ID [--agent sac|redq] [--utd G] [--synthetic-ratio R] [--retrain-every K]
+        [--num-samples N] [--diffusion-steps S] [--warm-start] [--preset quick|paper] [--seed S]
+
+The online loop of ``diffrl train`` with one addition (``augment.synther.SynthERGenerator``): every
+``retrain_every`` env steps a diffusion model is trained on the whole real buffer (fresh normaliser statistics),
+and the synthetic buffer is replaced by ``num_samples`` new samples; each batch then takes ``synthetic_ratio`` of
+its rows from it (real only before the first retrain). ``summary.json`` and ``metrics.csv`` break the wall clock
+down into env stepping, agent updates, diffusion training and sampling. Resume is exact (the synthetic buffer and,
+with ``--warm-start``, the diffusion trainer are in the checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from diffrl.agents.base import Params
+from diffrl.augment import TransitionLayout
+from diffrl.augment.synther import GeneratorSettings, SynthERGenerator
+from diffrl.config import check, check_choice, check_positive, from_dict
+from diffrl.data import ReplayBuffer
+from diffrl.diffusion.trainer import TrainerSettings
+from diffrl.envs import make_env
+from diffrl.envs.vector import obs_dim
+from diffrl.errors import ConfigError
+from diffrl.pipelines import online
+from diffrl.runs.device import resolve_device
+from diffrl.runs.rundir import read_config
+
+PREFIX = "synther_online_"
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthEROnlineSettings(Params):
+    """SynthER's online settings (config/online/sac_synther_*.gin)."""
+
+    utd: int = 20
+    """update-to-data ratio (SynthER: 20)"""
+    synthetic_ratio: float = 0.5
+    """fraction of each batch drawn from the synthetic buffer (SynthER: 0.5)"""
+    retrain_every: int = 10_000
+    """retrain the diffusion model and regenerate every this many env steps (SynthER: 10k)"""
+    num_samples: int = 1_000_000
+    """synthetic transitions after each retrain (SynthER's README: 1M)"""
+    diffusion_steps: int = 100_000
+    """diffusion gradient steps per retrain (SynthER: 100k, from scratch)"""
+    diffusion_width: int = 1024
+    """residual MLP width (SynthER online: 1024)"""
+    diffusion_depth: int = 6
+    """residual blocks"""
+    diffusion_dim_t: int = 256
+    """time embedding width (SynthER online: 256)"""
+    diffusion_batch_size: int = 256
+    """diffusion batch size"""
+    diffusion_lr: float = 3e-4
+    """diffusion learning rate"""
+    warm_start: bool = False
+    """continue the previous diffusion model at each retrain instead of training from scratch (not in the paper)"""
+    model_terminals: bool = True
+    """model the terminal flag (SynthER's OpenAI-gym config; its DMC config does not: DMC never terminates)"""
+    normalize_reward: bool = True
+    """z-score rewards inside the diffusion model (SynthER's DMC config skips it)"""
+    bf16: bool = False
+    """train and sample the diffusion model in bfloat16 autocast"""
+    sampler: str = "heun"
+    """sampler (SynthER: heun with churn, 128 steps)"""
+    sample_steps: int = 128
+    """sampler steps"""
+    sample_batch_size: int = 100_000
+    """samples generated per batch"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0.0 <= self.synthetic_ratio <= 1.0, "synthetic_ratio", self.synthetic_ratio, "in [0, 1]")
+        for name in ("retrain_every", "num_samples", "diffusion_steps", "diffusion_width", "diffusion_depth",
+                     "diffusion_dim_t", "diffusion_batch_size", "diffusion_lr", "sample_steps", "sample_batch_size"):
+            check_positive(name, getattr(self, name))
+        check_choice("sampler", self.sampler, ("heun", "euler", "dpmpp_2m", "dpmpp_2m_sde"))
+
+    def generator_settings(self, layout: TransitionLayout) -> GeneratorSettings:
+        skip = [d for d in (layout.terminal_index,) if d is not None]
+        if not self.normalize_reward:
+            skip.append(layout.reward_index)
+        sampler: dict[str, Any] = {"sampler": self.sampler, "steps": self.sample_steps}
+        spec = {"type": "edm", "event_shape": [layout.dim],
+                "denoiser": {"type": "resmlp", "width": self.diffusion_width, "depth": self.diffusion_depth,
+                             "dim_t": self.diffusion_dim_t},
+                "normalizer": {"kind": "zscore", "skip_dims": skip}, "sampler": sampler}
+        trainer = TrainerSettings(steps=self.diffusion_steps, batch_size=self.diffusion_batch_size,
+                                  lr=self.diffusion_lr, bf16=self.bf16)
+        return GeneratorSettings(spec=spec, trainer=trainer, num_samples=self.num_samples, sampler=sampler,
+                                 sample_batch_size=self.sample_batch_size, warm_start=self.warm_start)
+
+
+def _config_class(name: str, base: type) -> type:
+    cls = dataclasses.make_dataclass(f"SynthER{base.__name__}", [], bases=(SynthEROnlineSettings, base), frozen=True)
+    cls.__doc__ = f"``diffrl synther online --agent {name}``: {base.__doc__.split(': ', 1)[-1]} with SynthER."
+    cls.__module__ = __name__
+    return cls
+
+
+ALGOS: dict[str, type] = {name: _config_class(name, online.ALGOS[name][0]) for name in ("sac", "redq")}
+for _cls in ALGOS.values():
+    globals()[_cls.__name__] = _cls
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    name: {
+        # minutes on 2 CPU cores: two retrains of a width-256 model, 50k samples with 32-evaluation sampling
+        "quick": dict(steps=6_000, learning_starts=1_000, eval_every=2_000, eval_episodes=3, checkpoint_every=2_000,
+                      retrain_every=2_000, num_samples=50_000, diffusion_steps=3_000, diffusion_width=256,
+                      diffusion_dim_t=128, sampler="dpmpp_2m_sde", sample_steps=32),
+        # SynthER's settings (100k env steps; DMC: 300k in its code)
+        "paper": dict(steps=100_000, learning_starts=5_000, eval_every=5_000, eval_episodes=10,
+                      retrain_every=10_000, num_samples=1_000_000, diffusion_steps=100_000, diffusion_width=1024,
+                      sampler="heun", sample_steps=128)}
+    for name in ALGOS}
+
+
+class SynthERAugment:
+    """Schedules the generator's retrains in the online loop (``online.Augment``)."""
+
+    def __init__(self, cfg: Any, generator: SynthERGenerator) -> None:
+        self.cfg, self.generator = cfg, generator
+
+    def sampler(self, real: ReplayBuffer) -> Any:
+        return self.generator.sampler(real, self.cfg.synthetic_ratio)
+
+    def after_step(self, env_steps: int, before: int, real: ReplayBuffer) -> dict[str, float]:
+        every = self.cfg.retrain_every
+        if env_steps // every > before // every and len(real) > 0:
+            return self.generator.retrain(real)
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.generator.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any], real: ReplayBuffer) -> None:
+        self.generator.load_state_dict(state, real)
+
+    def timers(self) -> dict[str, float]:
+        return dict(self.generator.timers)
+
+
+def algo_name(cfg: Any) -> str:
+    return online.algo_name(cfg)
+
+
+def load_config(run_dir: Path) -> Any:
+    saved = read_config(run_dir)
+    name = str(saved.get("pipeline", "")).removeprefix(PREFIX)
+    if name not in ALGOS:
+        raise ConfigError(f"{run_dir} is a {saved.get('pipeline')} run, not a SynthER online run.")
+    return from_dict(ALGOS[name], saved["config"])
+
+
+def run(cfg: Any) -> Path:
+    """Online SAC/REDQ with SynthER; returns the run directory."""
+    env = make_env(cfg.env, max_episode_steps=cfg.max_episode_steps)
+    layout = TransitionLayout(obs_dim(env.observation_space), obs_dim(env.action_space),
+                              terminals=cfg.model_terminals)
+    env.close()
+    generator = SynthERGenerator(layout, cfg.generator_settings(layout), resolve_device(cfg.device), cfg.seed)
+    return online.run(cfg, SynthERAugment(cfg, generator), pipeline=PREFIX + algo_name(cfg))
+
+
+def evaluate_run(run_dir: Path, episodes: int = 10, device: str = "auto", seed: int | None = None) -> dict[str, Any]:
+    return online.evaluate_run(run_dir, episodes, device, seed, cfg=load_config(run_dir))
