@@ -1,6 +1,7 @@
 """``diffrl quickstart``: a SynthER study in miniature on a real MuJoCo task, minutes on 2 CPU cores.
 
-1. build a small D4RL-style dataset (a short SAC run; its 1/3-return snapshot records ``transitions`` steps);
+1. build a small dataset: the final policy of a short SAC run records ``transitions`` steps (a modest policy,
+   the kind of data offline RL usually starts from; D4RL's "expert" recipe at a CPU budget);
 2. train a small transition diffusion model on it (SynthER's residual MLP at width 256);
 3. generate synthetic transitions (stochastic DPM-Solver++, 32 evaluations) and measure their fidelity;
 4. train TD3+BC on real, synthetic and mixed (50/50) data, same seed and budget;
@@ -86,8 +87,8 @@ def run(s: QuickstartSettings) -> Path:
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    data_path = out / f"{data_collect.task_name(s.env)}-medium-small.hdf5"
-    data_collect.run(data_collect.CollectConfig(env=s.env, kind="medium", seed=s.seed, out=str(data_path),
+    data_path = out / f"{data_collect.task_name(s.env)}-sac{s.expert_steps // 1000}k.hdf5"
+    data_collect.run(data_collect.CollectConfig(env=s.env, kind="expert", seed=s.seed, out=str(data_path),
                                                 transitions=s.transitions, expert_steps=s.expert_steps,
                                                 experts_dir=out / "expert", progress=s.progress))
     timings["dataset"] = time.perf_counter() - t0
@@ -120,7 +121,7 @@ def run(s: QuickstartSettings) -> Path:
         f"Total wall time: {timings['total']:.0f} s on this machine. Directory: `{out}`.",
         "",
         "## 1. Data",
-        f"A SAC agent trained for {s.expert_steps} env steps; its snapshot closest to 1/3 of the final return "
+        f"A SAC agent trained for {s.expert_steps} env steps; its final policy "
         f"recorded {info['transitions']} transitions ({info['episodes']} episodes, return "
         f"{info['return_mean']:.0f} ± {info['return_std']:.0f}, normalized score {info.get('normalized_mean', 0):.1f}) "
         f"-> `{data_path.name}` ({timings['dataset']:.0f} s).",
