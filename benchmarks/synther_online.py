@@ -1,4 +1,6 @@
-"""SynthER online evidence: SAC (UTD 1) vs SAC + SynthER (UTD 20, 50% synthetic) at a CPU-sized budget.
+"""SynthER online evidence: SAC (UTD 1) vs SAC + SynthER (UTD 20, 50% synthetic) at a CPU-sized budget, and
+SynthER with --warm-start at a quarter of the diffusion steps per retrain (not in the paper: does continuing the
+previous model keep the quality at lower cost?).
 
     python benchmarks/synther_online.py                                   # HalfCheetah + cheetah-run, 3 seeds, 30k
     python benchmarks/synther_online.py --envs HalfCheetah-v5 --seeds 0 --steps 2000   # a smoke run
@@ -36,6 +38,8 @@ def main() -> None:
     ap.add_argument("--retrain-every", type=int, default=10_000)
     ap.add_argument("--diffusion-steps", type=int, default=10_000)
     ap.add_argument("--num-samples", type=int, default=200_000)
+    ap.add_argument("--arms", nargs="+", default=["sac", "synther", "synther-warm"],
+                    help="synther-warm: --warm-start with a quarter of the diffusion steps per retrain")
     ap.add_argument("--results", type=Path, default=OUT / "synther_online.jsonl")
     args = ap.parse_args()
     os.environ.setdefault("DIFFRL_PROGRESS", "0")
@@ -46,7 +50,7 @@ def main() -> None:
     for seed in args.seeds:
         for env_id in args.envs:
             dmc = env_id.startswith("dm_control/")
-            for arm in ("sac", "synther"):
+            for arm in args.arms:
                 key = dict(env=env_id, arm=arm, seed=seed, steps=args.steps, retrain_every=args.retrain_every,
                            diffusion_steps=args.diffusion_steps, num_samples=args.num_samples)
                 if any(all(r.get(k) == v for k, v in key.items()) for r in done):
@@ -55,10 +59,12 @@ def main() -> None:
                     cfg = online.SACConfig(env=env_id, seed=seed, **common)
                     run = online.run
                 else:
+                    warm = arm == "synther-warm"
                     cfg = synther_online.ALGOS["sac"](
                         env=env_id, seed=seed, **common, utd=20, retrain_every=args.retrain_every,
-                        diffusion_steps=args.diffusion_steps, num_samples=args.num_samples, diffusion_width=256,
-                        diffusion_dim_t=128, sampler="dpmpp_2m_sde", sample_steps=32,
+                        diffusion_steps=args.diffusion_steps // 4 if warm else args.diffusion_steps, warm_start=warm,
+                        num_samples=args.num_samples, diffusion_width=256, diffusion_dim_t=128,
+                        sampler="dpmpp_2m_sde", sample_steps=32,
                         # SynthER's DMC config: no terminals (DMC never terminates), raw rewards
                         model_terminals=not dmc, normalize_reward=not dmc)
                     run = synther_online.run
@@ -74,25 +80,21 @@ def main() -> None:
                 done.append(row)
                 with open(args.results, "a") as f:
                     f.write(json.dumps(row) + "\n")
-    print(f"\nfinal return after {args.steps} env steps, mean ± std over seeds (n); wall clock per run\n")
-    print("| env | SAC (UTD 1) | SAC + SynthER (UTD 20) | SAC wall | SynthER wall (env / updates / diffusion / "
-          "sampling) |\n|---|---|---|---|---|")
+    print(f"\nfinal return after {args.steps} env steps, mean ± std over seeds (n); wall clock per run "
+          "(env / updates / diffusion training / sampling, seconds)\n")
+    print("| env | arm | final return | wall | breakdown |\n|---|---|---|---|---|")
     for env_id in args.envs:
-        cells = []
-        for arm in ("sac", "synther"):
+        for arm in args.arms:
             rs = [r for r in done if r["env"] == env_id and r["arm"] == arm and r["steps"] == args.steps]
+            if not rs:
+                print(f"| {env_id} | {arm} | — | — | — |")
+                continue
             v = np.array([r["final_return"] for r in rs])
-            cells.append((f"{v.mean():.0f} ± {v.std():.0f} (n={len(v)})" if len(v) else "—", rs))
-        sac_wall = np.mean([r["wall_s"] for r in cells[0][1]]) if cells[0][1] else float("nan")
-        syn = cells[1][1]
-        if syn:
-            tb = {k: np.mean([r["time_breakdown_s"].get(k, 0.0) for r in syn])
+            tb = {k: np.mean([r["time_breakdown_s"].get(k, 0.0) for r in rs])
                   for k in ("env_s", "update_s", "diffusion_train_s", "sampling_s")}
-            syn_wall = (f"{np.mean([r['wall_s'] for r in syn]):.0f} s ({tb['env_s']:.0f} / {tb['update_s']:.0f} / "
-                        f"{tb['diffusion_train_s']:.0f} / {tb['sampling_s']:.0f})")
-        else:
-            syn_wall = "—"
-        print(f"| {env_id} | {cells[0][0]} | {cells[1][0]} | {sac_wall:.0f} s | {syn_wall} |")
+            print(f"| {env_id} | {arm} | {v.mean():.0f} ± {v.std():.0f} (n={len(v)}) | "
+                  f"{np.mean([r['wall_s'] for r in rs]):.0f} s | {tb['env_s']:.0f} / {tb['update_s']:.0f} / "
+                  f"{tb['diffusion_train_s']:.0f} / {tb['sampling_s']:.0f} |")
 
 
 if __name__ == "__main__":

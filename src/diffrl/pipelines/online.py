@@ -276,6 +276,8 @@ def run(cfg: OnlineConfig, augment: Augment | None = None, pipeline: str | None 
                 row["train/episode_length"] = float(np.mean([n for _, n in ep_stats]))
                 ep_stats = []
             row["perf/env_steps_per_s"] = (env_steps - steps_rate) / max(now - t_rate, 1e-9)
+            if augment is not None:  # cumulative wall-clock breakdown (env, updates, eval, diffusion, sampling)
+                row.update({f"perf/{k}": v for k, v in {**timers, **augment.timers()}.items()})
             row["gradient_steps"] = agent.num_updates  # type: ignore[attr-defined]
             t_rate, steps_rate = now, env_steps
         if row:
