@@ -26,12 +26,8 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dataset(workdir) -> Path:
-    out = workdir / "hopper-random.hdf5"
-    assert main(["data", "collect", "--env", "Hopper-v5", "--kind", "random", "--expert-steps", "600",
-                 "--transitions", "2000", "--no-progress", "--out", str(out), "--experts-dir",
-                 str(workdir / "experts")]) == 0
-    return out
+def dataset(hopper_random) -> Path:
+    return hopper_random
 
 
 @pytest.fixture(scope="module")

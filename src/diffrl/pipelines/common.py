@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from diffrl.agents.base import Params
-from diffrl.config import check, check_positive
+from diffrl.config import check, check_choice, check_positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,3 +50,36 @@ class RunConfig(Params):
             check_positive(name, getattr(self, name))
         check(self.eval_every >= 0, "eval_every", self.eval_every, ">= 0")
         check(self.keep_checkpoints >= 0, "keep_checkpoints", self.keep_checkpoints, ">= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionSettings(Params):
+    """The transition diffusion model a SynthER pipeline trains (SynthER's EDM + residual MLP)."""
+
+    diffusion_steps: int = 100_000
+    """diffusion model gradient steps (per retrain, online)"""
+    diffusion_width: int = 2048
+    """residual MLP width (SynthER: 2048 offline, 1024 online)"""
+    diffusion_depth: int = 6
+    """residual blocks"""
+    diffusion_dim_t: int = 128
+    """time embedding width (SynthER: 128 offline, 256 online)"""
+    diffusion_batch_size: int = 256
+    """diffusion batch size (SynthER: 256 below 800k transitions, else 1024)"""
+    diffusion_lr: float = 3e-4
+    """diffusion learning rate"""
+    bf16: bool = False
+    """train and sample the diffusion model in bfloat16 autocast"""
+    sampler: str = "heun"
+    """sampler: heun (SynthER: with churn, 128 steps), euler, dpmpp_2m, dpmpp_2m_sde"""
+    sample_steps: int = 128
+    """sampler steps"""
+    sample_batch_size: int = 100_000
+    """samples generated per batch"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("diffusion_steps", "diffusion_width", "diffusion_depth", "diffusion_dim_t",
+                     "diffusion_batch_size", "diffusion_lr", "sample_steps", "sample_batch_size"):
+            check_positive(name, getattr(self, name))
+        check_choice("sampler", self.sampler, ("heun", "euler", "dpmpp_2m", "dpmpp_2m_sde"))

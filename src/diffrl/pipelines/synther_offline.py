@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from diffrl.agents.base import Params
 from diffrl.augment import TransitionLayout
 from diffrl.augment.transitions import SAMPLE_KEYS
 from diffrl.config import check, check_choice, check_positive, check_unit_interval, from_dict, to_dict
@@ -34,6 +33,7 @@ from diffrl.diffusion.spec import load_model
 from diffrl.errors import CheckpointError, ConfigError
 from diffrl.eval.fidelity import LAYOUTS, fidelity_report
 from diffrl.pipelines import diffusion, offline
+from diffrl.pipelines.common import DiffusionSettings
 from diffrl.runs import checkpoint as ckpt
 from diffrl.runs.device import resolve_device
 from diffrl.runs.rundir import check_resumable, new_run_dir, read_config, read_summary, write_config
@@ -42,8 +42,8 @@ PREFIX = "synther_offline_"
 
 
 @dataclasses.dataclass(frozen=True)
-class SynthERSettings(Params):
-    """SynthER's data settings, shared by every offline agent."""
+class SynthERSettings(DiffusionSettings):
+    """SynthER's data and diffusion settings, shared by every offline agent."""
 
     data_mode: str = "synthetic"
     """synthetic (SynthER), mixed (real_ratio of each batch real) or real (the baseline; no diffusion model)"""
@@ -55,24 +55,6 @@ class SynthERSettings(Params):
     """keep this random fraction of the real episodes first (SynthER's small-data experiment: 0.15)"""
     diffusion: Path | None = None
     """reuse a trained `diffrl diffusion train` run instead of training one"""
-    diffusion_steps: int = 100_000
-    """diffusion model gradient steps"""
-    diffusion_width: int = 2048
-    """residual MLP width (SynthER offline: 2048)"""
-    diffusion_depth: int = 6
-    """residual blocks"""
-    diffusion_batch_size: int = 256
-    """diffusion batch size (SynthER: 256 below 800k transitions, else 1024)"""
-    diffusion_lr: float = 3e-4
-    """diffusion learning rate"""
-    bf16: bool = False
-    """train and sample the diffusion model in bfloat16 autocast"""
-    sampler: str = "heun"
-    """sampler (SynthER: heun with churn, 128 steps)"""
-    sample_steps: int = 128
-    """sampler steps"""
-    sample_batch_size: int = 100_000
-    """samples generated per batch"""
     fidelity_samples: int = 2000
     """generated transitions whose fidelity is measured (0: skip)"""
 
@@ -81,11 +63,8 @@ class SynthERSettings(Params):
         check_choice("data_mode", self.data_mode, ("synthetic", "mixed", "real"))
         check(0.0 <= self.real_ratio <= 1.0, "real_ratio", self.real_ratio, "in [0, 1]")
         check_unit_interval("data_fraction", self.data_fraction)
-        for name in ("num_samples", "diffusion_steps", "diffusion_width", "diffusion_depth", "diffusion_batch_size",
-                     "diffusion_lr", "sample_steps", "sample_batch_size"):
-            check_positive(name, getattr(self, name))
+        check_positive("num_samples", self.num_samples)
         check(self.fidelity_samples >= 0, "fidelity_samples", self.fidelity_samples, ">= 0")
-        check_choice("sampler", self.sampler, ("heun", "euler", "dpmpp_2m", "dpmpp_2m_sde"))
 
     @property
     def batch_real_ratio(self) -> float:
@@ -127,6 +106,7 @@ def load_config(run_dir: Path) -> Any:
 def _diffusion_config(cfg: Any, run_dir: Path, resume: bool) -> diffusion.DiffusionConfig:
     return diffusion.DiffusionConfig(
         dataset=cfg.dataset, env=cfg.env, seed=cfg.seed, width=cfg.diffusion_width, depth=cfg.diffusion_depth,
+        dim_t=cfg.diffusion_dim_t,
         steps=cfg.diffusion_steps, batch_size=cfg.diffusion_batch_size, lr=cfg.diffusion_lr, bf16=cfg.bf16,
         sampler=cfg.sampler, sample_steps=cfg.sample_steps, fidelity_samples=0,
         checkpoint_every=min(10_000, cfg.diffusion_steps), device=cfg.device, progress=cfg.progress,

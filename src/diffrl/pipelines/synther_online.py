@@ -18,16 +18,16 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from diffrl.agents.base import Params
 from diffrl.augment import TransitionLayout
 from diffrl.augment.synther import GeneratorSettings, SynthERGenerator
-from diffrl.config import check, check_choice, check_positive, from_dict
+from diffrl.config import check, check_positive, from_dict
 from diffrl.data import ReplayBuffer
 from diffrl.diffusion.trainer import TrainerSettings
 from diffrl.envs import make_env
 from diffrl.envs.vector import obs_dim
 from diffrl.errors import ConfigError
 from diffrl.pipelines import online
+from diffrl.pipelines.common import DiffusionSettings
 from diffrl.runs.device import resolve_device
 from diffrl.runs.rundir import read_config
 
@@ -35,7 +35,7 @@ PREFIX = "synther_online_"
 
 
 @dataclasses.dataclass(frozen=True)
-class SynthEROnlineSettings(Params):
+class SynthEROnlineSettings(DiffusionSettings):
     """SynthER's online settings (config/online/sac_synther_*.gin)."""
 
     utd: int = 20
@@ -46,40 +46,22 @@ class SynthEROnlineSettings(Params):
     """retrain the diffusion model and regenerate every this many env steps (SynthER: 10k)"""
     num_samples: int = 1_000_000
     """synthetic transitions after each retrain (SynthER's README: 1M)"""
-    diffusion_steps: int = 100_000
-    """diffusion gradient steps per retrain (SynthER: 100k, from scratch)"""
     diffusion_width: int = 1024
     """residual MLP width (SynthER online: 1024)"""
-    diffusion_depth: int = 6
-    """residual blocks"""
     diffusion_dim_t: int = 256
     """time embedding width (SynthER online: 256)"""
-    diffusion_batch_size: int = 256
-    """diffusion batch size"""
-    diffusion_lr: float = 3e-4
-    """diffusion learning rate"""
     warm_start: bool = False
     """continue the previous diffusion model at each retrain instead of training from scratch (not in the paper)"""
     model_terminals: bool = True
     """model the terminal flag (SynthER's OpenAI-gym config; its DMC config does not: DMC never terminates)"""
     normalize_reward: bool = True
     """z-score rewards inside the diffusion model (SynthER's DMC config skips it)"""
-    bf16: bool = False
-    """train and sample the diffusion model in bfloat16 autocast"""
-    sampler: str = "heun"
-    """sampler (SynthER: heun with churn, 128 steps)"""
-    sample_steps: int = 128
-    """sampler steps"""
-    sample_batch_size: int = 100_000
-    """samples generated per batch"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(0.0 <= self.synthetic_ratio <= 1.0, "synthetic_ratio", self.synthetic_ratio, "in [0, 1]")
-        for name in ("retrain_every", "num_samples", "diffusion_steps", "diffusion_width", "diffusion_depth",
-                     "diffusion_dim_t", "diffusion_batch_size", "diffusion_lr", "sample_steps", "sample_batch_size"):
+        for name in ("retrain_every", "num_samples"):
             check_positive(name, getattr(self, name))
-        check_choice("sampler", self.sampler, ("heun", "euler", "dpmpp_2m", "dpmpp_2m_sde"))
 
     def generator_settings(self, layout: TransitionLayout) -> GeneratorSettings:
         skip = [d for d in (layout.terminal_index,) if d is not None]
