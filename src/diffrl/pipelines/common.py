@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from diffrl.agents.base import Params
-from diffrl.config import check, check_choice, check_positive
+from diffrl.config import check, check_choice, check_positive, from_dict
+from diffrl.errors import ConfigError
+from diffrl.runs.rundir import read_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,3 +85,24 @@ class DiffusionSettings(Params):
                      "diffusion_batch_size", "diffusion_lr", "sample_steps", "sample_batch_size"):
             check_positive(name, getattr(self, name))
         check_choice("sampler", self.sampler, ("heun", "euler", "dpmpp_2m", "dpmpp_2m_sde"))
+
+
+def extend_configs(settings: type, bases: dict[str, type], module: str, doc: str) -> dict[str, type]:
+    """One frozen config class per agent that adds ``settings``' fields to the agent's config (so every agent flag
+    stays a flag); ``doc`` is formatted with ``name`` and ``what`` (the agent's description)."""
+    out = {}
+    for name, base in bases.items():
+        cls = dataclasses.make_dataclass(f"SynthER{base.__name__}", [], bases=(settings, base), frozen=True)
+        cls.__doc__ = doc.format(name=name, what=(base.__doc__ or "").split(": ", 1)[-1].rstrip("."))
+        cls.__module__ = module
+        out[name] = cls
+    return out
+
+
+def load_prefixed_config(run_dir: Path, prefix: str, algos: dict[str, type], what: str) -> Any:
+    """The saved config of a run whose pipeline is ``prefix + algo``."""
+    saved = read_config(run_dir)
+    name = str(saved.get("pipeline", "")).removeprefix(prefix)
+    if name not in algos:
+        raise ConfigError(f"{run_dir} is a {saved.get('pipeline')} run, not a {what} run.")
+    return from_dict(algos[name], saved["config"])

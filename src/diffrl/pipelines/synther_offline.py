@@ -26,14 +26,14 @@ import numpy as np
 
 from diffrl.augment import TransitionLayout
 from diffrl.augment.transitions import SAMPLE_KEYS
-from diffrl.config import check, check_choice, check_positive, check_unit_interval, from_dict, to_dict
+from diffrl.config import check, check_choice, check_positive, check_unit_interval, to_dict
 from diffrl.data import load_dataset
 from diffrl.data.formats import atomic_file
 from diffrl.diffusion.spec import load_model
 from diffrl.errors import CheckpointError, ConfigError
 from diffrl.eval.fidelity import LAYOUTS, fidelity_report
 from diffrl.pipelines import diffusion, offline
-from diffrl.pipelines.common import DiffusionSettings
+from diffrl.pipelines.common import DiffusionSettings, extend_configs, load_prefixed_config
 from diffrl.runs import checkpoint as ckpt
 from diffrl.runs.device import resolve_device
 from diffrl.runs.rundir import check_resumable, new_run_dir, read_config, read_summary, write_config
@@ -71,14 +71,9 @@ class SynthERSettings(DiffusionSettings):
         return {"synthetic": 0.0, "mixed": self.real_ratio, "real": 1.0}[self.data_mode]
 
 
-def _config_class(algo: str, base: type) -> type:
-    cls = dataclasses.make_dataclass(f"SynthER{base.__name__}", [], bases=(SynthERSettings, base), frozen=True)
-    cls.__doc__ = f"``diffrl synther offline --algo {algo}``: {base.__doc__.split(': ', 1)[-1]} on SynthER data."
-    cls.__module__ = __name__
-    return cls
-
-
-ALGOS: dict[str, type] = {name: _config_class(name, cls) for name, (cls, _) in offline.ALGOS.items() if name != "bc"}
+ALGOS: dict[str, type] = extend_configs(
+    SynthERSettings, {name: cls for name, (cls, _) in offline.ALGOS.items() if name != "bc"}, __name__,
+    "``diffrl synther offline --algo {name}``: {what} on SynthER data.")
 for _cls in ALGOS.values():
     globals()[_cls.__name__] = _cls  # importable by name (from_dict, pickling-free configs)
 
@@ -96,11 +91,7 @@ def algo_name(cfg: Any) -> str:
 
 
 def load_config(run_dir: Path) -> Any:
-    saved = read_config(run_dir)
-    name = str(saved.get("pipeline", "")).removeprefix(PREFIX)
-    if name not in ALGOS:
-        raise ConfigError(f"{run_dir} is a {saved.get('pipeline')} run, not a SynthER offline run.")
-    return from_dict(ALGOS[name], saved["config"])
+    return load_prefixed_config(run_dir, PREFIX, ALGOS, "SynthER offline")
 
 
 def _diffusion_config(cfg: Any, run_dir: Path, resume: bool) -> diffusion.DiffusionConfig:

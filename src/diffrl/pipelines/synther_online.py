@@ -20,16 +20,14 @@ from typing import Any
 
 from diffrl.augment import TransitionLayout
 from diffrl.augment.synther import GeneratorSettings, SynthERGenerator
-from diffrl.config import check, check_positive, from_dict
+from diffrl.config import check, check_positive
 from diffrl.data import ReplayBuffer
 from diffrl.diffusion.trainer import TrainerSettings
 from diffrl.envs import make_env
 from diffrl.envs.vector import obs_dim
-from diffrl.errors import ConfigError
 from diffrl.pipelines import online
-from diffrl.pipelines.common import DiffusionSettings
+from diffrl.pipelines.common import DiffusionSettings, extend_configs, load_prefixed_config
 from diffrl.runs.device import resolve_device
-from diffrl.runs.rundir import read_config
 
 PREFIX = "synther_online_"
 
@@ -78,14 +76,9 @@ class SynthEROnlineSettings(DiffusionSettings):
                                  sample_batch_size=self.sample_batch_size, warm_start=self.warm_start)
 
 
-def _config_class(name: str, base: type) -> type:
-    cls = dataclasses.make_dataclass(f"SynthER{base.__name__}", [], bases=(SynthEROnlineSettings, base), frozen=True)
-    cls.__doc__ = f"``diffrl synther online --agent {name}``: {base.__doc__.split(': ', 1)[-1]} with SynthER."
-    cls.__module__ = __name__
-    return cls
-
-
-ALGOS: dict[str, type] = {name: _config_class(name, online.ALGOS[name][0]) for name in ("sac", "redq")}
+ALGOS: dict[str, type] = extend_configs(
+    SynthEROnlineSettings, {name: online.ALGOS[name][0] for name in ("sac", "redq")}, __name__,
+    "``diffrl synther online --agent {name}``: {what} with SynthER.")
 for _cls in ALGOS.values():
     globals()[_cls.__name__] = _cls
 
@@ -132,11 +125,7 @@ def algo_name(cfg: Any) -> str:
 
 
 def load_config(run_dir: Path) -> Any:
-    saved = read_config(run_dir)
-    name = str(saved.get("pipeline", "")).removeprefix(PREFIX)
-    if name not in ALGOS:
-        raise ConfigError(f"{run_dir} is a {saved.get('pipeline')} run, not a SynthER online run.")
-    return from_dict(ALGOS[name], saved["config"])
+    return load_prefixed_config(run_dir, PREFIX, ALGOS, "SynthER online")
 
 
 def run(cfg: Any) -> Path:
