@@ -9,7 +9,8 @@ Both arms use diffrl's SAC with the same networks and batch; SynthER retrains it
 every ``--retrain-every`` env steps on the whole real buffer and regenerates ``--num-samples`` transitions (the
 `quick` diffusion settings: width 256, stochastic DPM-Solver++ with 32 evaluations). Final and per-evaluation
 returns and the wall-clock breakdown (env, updates, diffusion training, sampling) per run go to
-benchmarks/out/synther_online.jsonl; finished runs are skipped when re-run. SynthER's paper settings (100k steps,
+benchmarks/out/synther_online.jsonl; finished runs are skipped and interrupted ones resumed (from their last
+checkpoint, every tenth of the budget) when re-run. SynthER's paper settings (100k steps,
 10 retrains of 100k diffusion steps, 1M samples each) are GPU work: ``diffrl synther online --preset paper``.
 """
 
@@ -46,7 +47,7 @@ def main() -> None:
     tune_cpu_allocator()
     done = [json.loads(x) for x in args.results.read_text().splitlines()] if args.results.exists() else []
     common = dict(steps=args.steps, learning_starts=5_000, eval_every=max(args.steps // 10, 1), eval_episodes=5,
-                  checkpoint_every=args.steps, runs_root=OUT / "runs", progress=False)
+                  checkpoint_every=max(args.steps // 10, 1), keep_checkpoints=1, progress=False)
     for seed in args.seeds:
         for env_id in args.envs:
             dmc = env_id.startswith("dm_control/")
@@ -55,26 +56,33 @@ def main() -> None:
                            diffusion_steps=args.diffusion_steps, num_samples=args.num_samples)
                 if any(all(r.get(k) == v for k, v in key.items()) for r in done):
                     continue
+                # a fixed run directory per (env, arm, seed, budget): a killed benchmark resumes its runs exactly
+                run_dir = (OUT / "runs" / "synther_online_bench" /
+                           f"{env_id.replace('/', '_')}-{arm}-s{seed}-{args.steps}-{args.retrain_every}-"
+                           f"{args.diffusion_steps}-{args.num_samples}")
+                started = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step-*"))
+                where = {"resume": run_dir} if started else {"run_dir": run_dir}
                 if arm == "sac":
-                    cfg = online.SACConfig(env=env_id, seed=seed, **common)
+                    cfg = online.SACConfig(env=env_id, seed=seed, **common, **where)
                     run = online.run
                 else:
                     warm = arm == "synther-warm"
                     cfg = synther_online.ALGOS["sac"](
-                        env=env_id, seed=seed, **common, utd=20, retrain_every=args.retrain_every,
+                        env=env_id, seed=seed, **common, **where, utd=20, retrain_every=args.retrain_every,
                         diffusion_steps=args.diffusion_steps // 4 if warm else args.diffusion_steps, warm_start=warm,
                         num_samples=args.num_samples, diffusion_width=256, diffusion_dim_t=128,
                         sampler="dpmpp_2m_sde", sample_steps=32,
                         # SynthER's DMC config: no terminals (DMC never terminates), raw rewards
                         model_terminals=not dmc, normalize_reward=not dmc)
                     run = synther_online.run
-                t0 = time.perf_counter()
+                if started:
+                    print(f"resuming {run_dir}", flush=True)
                 run_dir = run(cfg)
                 s = json.loads((run_dir / "summary.json").read_text())
                 curve = [(r["env_steps"], r["eval/return_mean"]) for r in read_metrics(run_dir)
                          if not np.isnan(r.get("eval/return_mean", np.nan))]
                 row = {**key, "final_return": s["eval_return_mean"], "curve": curve,
-                       "time_breakdown_s": s["time_breakdown_s"], "wall_s": time.perf_counter() - t0,
+                       "time_breakdown_s": s["time_breakdown_s"], "wall_s": s["wall_s"],
                        "run_dir": str(run_dir), "date": time.strftime("%Y-%m-%d %H:%M")}
                 print(json.dumps(row), flush=True)
                 done.append(row)
