@@ -153,3 +153,21 @@ def test_x_falls_back_to_step_when_env_steps_is_empty(tmp_path: Path):
     group = json.loads((out / "report.json").read_text())["groups"][0]
     assert group["x"] == "step" and group["plot"] == "train_offline__Hopper-v5.png"
     assert (out / group["plot"]).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_runs_that_differ_in_a_setting_are_separate_experiments_with_normalized_scores(tmp_path: Path) -> None:
+    made = []
+    for mode in ("real", "synthetic"):
+        for seed in (0, 1):
+            run = fake_run(tmp_path / "runs", f"{mode}-s{seed}", pipeline="synther_offline_td3bc", seed=seed,
+                           evals=[(1000, 10.0)], final=10.0 * (seed + 1))
+            cfg = yaml.safe_load((run / "config.yaml").read_text())
+            cfg["config"].update(data_mode=mode, run_dir=str(run))  # run_dir differs too: bookkeeping, ignored
+            (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+            summary = json.loads((run / "summary.json").read_text())
+            (run / "summary.json").write_text(json.dumps({**summary, "normalized_score": 40.0 + seed}))
+            made.append(run)
+    md = make_report(made, tmp_path / "out").read_text()
+    real = _row(md, "synther_offline_td3bc", "Hopper-v5 (data_mode=real)").split(" | ")
+    assert real[2] == "2" and real[-1].rstrip(" |") == "40.5 ± 0.5"
+    assert _row(md, "synther_offline_td3bc", "Hopper-v5 (data_mode=synthetic)")

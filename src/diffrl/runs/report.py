@@ -1,6 +1,7 @@
 """Report over finished runs: ``report.md``, ``report.json`` and one learning-curve PNG per experiment.
 
-Runs are grouped by (pipeline, env id); the runs of a group are the seeds of one experiment. Final numbers
+Runs are grouped by (pipeline, env id) and, within that, by any setting that differs between them (e.g. SynthER's
+``data_mode``); the runs of a group are the seeds of one experiment. Final numbers
 come from each run's ``summary.json`` (its last evaluation), curves from its ``metrics.csv``.
 """
 
@@ -26,7 +27,11 @@ from diffrl.runs.rundir import (
     write_json_atomic,
 )
 
-FINAL_KEYS = ("eval_return_mean", "eval_return_std", "best_eval_return", "success_rate")  # from summary.json
+FINAL_KEYS = ("eval_return_mean", "eval_return_std", "best_eval_return", "success_rate",  # from summary.json
+              "normalized_score")
+# config fields that never make two runs different experiments
+BOOKKEEPING = frozenset({"seed", "run_dir", "runs_root", "resume", "progress", "wandb", "wandb_project", "device",
+                         "keep_checkpoints", "diffusion"})
 Curve = tuple[np.ndarray, np.ndarray]  # (x, metric), x strictly increasing
 
 
@@ -40,6 +45,7 @@ class _Run:
     rows: list[dict[str, float]]  # metrics rows where the metric was logged
     env_steps: float | None
     wall_s: float | None
+    config: dict[str, Any]
 
     def get(self, key: str) -> float | None:
         v = self.summary.get(key)
@@ -71,7 +77,14 @@ def _load_run(path: Path, metric: str) -> _Run:
     return _Run(path, str(cfg["pipeline"]), str(env), summary.get("seed", cfg["config"].get("seed")), summary,
                 [r for r in all_rows if not math.isnan(r.get(metric, math.nan))],
                 None if steps is None or math.isnan(steps) else float(steps),
-                None if wall is None or math.isnan(wall) else float(wall))
+                None if wall is None or math.isnan(wall) else float(wall), dict(cfg["config"]))
+
+
+def _variants(runs: Sequence[_Run]) -> list[str]:
+    """A label per run naming the settings that differ among runs of one (pipeline, env): '' when none do."""
+    keys = sorted({k for r in runs for k in r.config} - BOOKKEEPING)
+    varying = [k for k in keys if len({repr(r.config.get(k)) for r in runs}) > 1]
+    return [", ".join(f"{k}={r.config.get(k)}" for k in varying) for r in runs]
 
 
 def _curves(runs: Sequence[_Run], metric: str, x: str) -> tuple[list[Curve], str]:
@@ -160,10 +173,14 @@ def make_report(run_dirs: Sequence[Path], out: Path, metric: str = "eval/return_
         raise ConfigError(f"report output {out} exists and is not a directory; choose another output path.")
     out.mkdir(parents=True, exist_ok=True)
     paths = list({Path(p).resolve(): Path(p) for p in run_dirs}.values())  # a run given twice counts once
-    groups: dict[tuple[str, str], list[_Run]] = {}
+    buckets: dict[tuple[str, str], list[_Run]] = {}
     for p in paths:
         run = _load_run(p, metric)
-        groups.setdefault((run.pipeline, run.env), []).append(run)
+        buckets.setdefault((run.pipeline, run.env), []).append(run)
+    groups: dict[tuple[str, str], list[_Run]] = {}
+    for (pipeline, env), bucket in buckets.items():
+        for run, variant in zip(bucket, _variants(bucket), strict=True):
+            groups.setdefault((pipeline, f"{env} ({variant})" if variant else env), []).append(run)
 
     summary_rows, detail_rows, notes, images, report = [], [], [], [], []
     for (pipeline, env), runs in sorted(groups.items()):
@@ -171,6 +188,7 @@ def make_report(run_dirs: Sequence[Path], out: Path, metric: str = "eval/return_
         final, final_sd, n_final = _stats(r.get("eval_return_mean") for r in runs)
         best, _, _ = _stats(r.get("best_eval_return") for r in runs)
         success, _, _ = _stats(r.get("success_rate") for r in runs)
+        score, score_sd, _ = _stats(r.get("normalized_score") for r in runs)
         steps, _, _ = _stats(r.env_steps for r in runs)
         wall, _, _ = _stats(r.wall_s for r in runs)
         curves, x_col = _curves(runs, metric, x)
@@ -181,13 +199,14 @@ def make_report(run_dirs: Sequence[Path], out: Path, metric: str = "eval/return_
             images.append(f"### {pipeline} on {env}\n\n![{pipeline} on {env}]({png})\n")
         partial = f" (n={n_final})" if 0 < n_final < len(runs) else ""
         summary_rows.append(f"| {pipeline} | {env} | {len(runs)} | {_f(final)} ± {_f(final_sd)}{partial} | "
-                            f"{_f(best)} | {_f(success, '.2f')} | {_f(steps, '.0f')} | {_time(wall)} |")
+                            f"{_f(best)} | {_f(success, '.2f')} | {_f(steps, '.0f')} | {_time(wall)} | "
+                            f"{f'{score:.1f} ± {score_sd:.1f}' if score is not None else '—'} |")
         run_info = []
         for r in runs:
             detail_rows.append(f"| {pipeline} | {env} | {_f(r.seed, '')} | {_f(r.get('eval_return_mean'))} ± "
                                f"{_f(r.get('eval_return_std'))} | {_f(r.get('best_eval_return'))} | "
                                f"{_f(r.get('success_rate'), '.2f')} | {_f(r.env_steps, '.0f')} | "
-                               f"{_time(r.wall_s)} | `{r.path}` |")
+                               f"{_time(r.wall_s)} | {_f(r.get('normalized_score'))} | `{r.path}` |")
             if not r.summary:
                 notes.append(f"- `{r.path}` has no {SUMMARY_FILE} (unfinished run?): no final numbers.")
             if not r.rows:
@@ -195,7 +214,8 @@ def make_report(run_dirs: Sequence[Path], out: Path, metric: str = "eval/return_
                              "no curve.")
             run_info.append({"run_dir": str(r.path), "seed": r.seed, **{k: r.get(k) for k in FINAL_KEYS},
                              "env_steps": r.env_steps, "wall_s": r.wall_s, "has_curve": bool(r.rows)})
-        report.append({"pipeline": pipeline, "env": env, "n_seeds": len(runs), "final_return_mean": final,
+        report.append({"pipeline": pipeline, "env": env, "n_seeds": len(runs), "normalized_score_mean": score,
+                       "normalized_score_std": score_sd, "final_return_mean": final,
                        "final_return_std": final_sd, "final_return_n": n_final, "best_return_mean": best,
                        "success_rate_mean": success, "env_steps_mean": steps, "wall_s_mean": wall,
                        "plot": png, "x": x_col if curves else None, "runs": run_info})
@@ -205,8 +225,9 @@ def make_report(run_dirs: Sequence[Path], out: Path, metric: str = "eval/return_
           f"{len(paths)} run(s) in {len(groups)} experiment(s). Final numbers come from each run's "
           f"{SUMMARY_FILE} (its last evaluation): mean ± population std across seeds; the other columns are "
           "means across seeds. In the per-seed table, ± is the std over evaluation episodes.", "",
-          f"| pipeline | env | seeds | {cols} |", "|---" * 8 + "|", *summary_rows, "", "## Runs", "",
-          f"| pipeline | env | seed | {cols} | run |", "|---" * 9 + "|", *detail_rows]
+          f"| pipeline | env | seeds | {cols} | final normalized score |", "|---" * 9 + "|", *summary_rows, "",
+          "## Runs", "", f"| pipeline | env | seed | {cols} | normalized score | run |", "|---" * 10 + "|",
+          *detail_rows]
     if notes:
         md += ["", "Notes:", "", *notes]
     band_text = "min–max" if band == "minmax" else "±1 std"
