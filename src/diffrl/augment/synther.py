@@ -13,12 +13,12 @@ import dataclasses
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
 from diffrl.augment.transitions import TransitionLayout
 from diffrl.data import MixedSampler, ReplayBuffer
 from diffrl.diffusion.models import DiffusionModel
+from diffrl.diffusion.samplers import generate
 from diffrl.diffusion.spec import build_model
 from diffrl.diffusion.trainer import DiffusionTrainer, TrainerSettings
 from diffrl.runs.seeding import derive_seed
@@ -93,13 +93,9 @@ class SynthERGenerator:
         t1 = time.perf_counter()
         model = trainer.ema.shadow
         model.amp_dtype = torch.bfloat16 if self.settings.trainer.bf16 else None
-        gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, 2000 + self.retrains))
-        chunks, done = [], 0
-        while done < self.settings.num_samples:
-            n = min(self.settings.sample_batch_size, self.settings.num_samples - done)
-            chunks.append(model.sample(n, generator=gen, **self.settings.sampler).cpu().numpy())
-            done += n
-        samples = self.layout.split(np.concatenate(chunks))
+        x, _ = generate(model, self.settings.num_samples, batch_size=self.settings.sample_batch_size,
+                        seed=derive_seed(self.seed, 2000 + self.retrains), **self.settings.sampler)
+        samples = self.layout.split(x)
         self.synthetic.ptr = self.synthetic.size = 0  # replaced, not appended (SynthER's reset_diffusion_buffer)
         self.synthetic.add_batch(obs=samples["observations"], act=samples["actions"], rew=samples["rewards"],
                                  next_obs=samples["next_observations"], done=samples["terminals"])

@@ -74,11 +74,14 @@ class DiffusionModel(nn.Module):
         if tuple(x.shape[1:]) != self.event_shape:
             raise ValueError(f"expected samples of shape (B, {', '.join(map(str, self.event_shape))}), "
                              f"got {tuple(x.shape)}")
+        self._check_cond(cond, x.shape[0])
+
+    def _check_cond(self, cond: torch.Tensor | None, n: int) -> None:
         if (cond is None) != (self.cond_dim == 0):
             raise ValueError(f"this model {'needs' if self.cond_dim else 'takes no'} condition vectors"
                              + (f" of size {self.cond_dim}" if self.cond_dim else ""))
-        if cond is not None and tuple(cond.shape) != (x.shape[0], self.cond_dim):
-            raise ValueError(f"expected cond of shape ({x.shape[0]}, {self.cond_dim}), got {tuple(cond.shape)}")
+        if cond is not None and tuple(cond.shape) != (n, self.cond_dim):
+            raise ValueError(f"expected cond of shape ({n}, {self.cond_dim}), got {tuple(cond.shape)}")
 
     def _drop_cond(self, cond: torch.Tensor | None, generator: torch.Generator | None = None) -> torch.Tensor | None:
         if cond is None or self.null_cond is None or not self.training:
@@ -144,11 +147,8 @@ class DiffusionModel(nn.Module):
 
         sampler, steps, settings = self.resolve_sampler(sampler, steps, options)
         device = self.normalizer.shift.device
-        if cond is not None:
-            cond = cond.to(device)
-            self._check_inputs(torch.empty(n, *self.event_shape), cond.cpu())
-        elif self.cond_dim:
-            raise ValueError(f"this model needs condition vectors of size {self.cond_dim}")
+        self._check_cond(cond, n)
+        cond = cond.to(device) if cond is not None else None
         shape = (n, *self.event_shape)
         fixed = None
         if inpaint is not None:

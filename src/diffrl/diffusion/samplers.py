@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from diffrl.diffusion.models import DDPM, EDM, DiffusionModel, Inpaint, gaussian_log_prob
 from diffrl.diffusion.schedules import ddim_timesteps, karras_sigmas
+from diffrl.runs.progress import Progress
 
 
 def _impose(x: torch.Tensor, inpaint: Inpaint | None, noised: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -230,6 +233,23 @@ def ddim(model: DDPM, shape: Sequence[int], cond: torch.Tensor | None = None, *,
 SAMPLERS: dict[str, Callable[..., Any]] = {"heun": edm_heun, "euler": edm_euler, "dpmpp_2m": dpmpp_2m,
                                            "dpmpp_2m_sde": dpmpp_2m_sde, "ddpm": ddpm, "ddim": ddim}
 DEFAULT_STEPS = {"heun": 128, "euler": 64, "dpmpp_2m": 16, "dpmpp_2m_sde": 32, "ddpm": None, "ddim": 10}
+
+
+def generate(model: DiffusionModel, num: int, *, batch_size: int = 100_000, seed: int = 0, progress: bool = False,
+             **options: Any) -> tuple[np.ndarray, float]:
+    """``num`` samples (data units, NumPy) drawn ``batch_size`` at a time from one generator seeded with ``seed``;
+    returns ``(samples, samples per second)``. ``options`` go to ``model.sample``."""
+    gen = torch.Generator(device=model.normalizer.shift.device).manual_seed(seed)
+    out, t0 = [], time.perf_counter()
+    bar = Progress(num, desc="sampling", unit="sample", enabled=progress)
+    done = 0
+    while done < num:
+        n = min(batch_size, num - done)
+        out.append(model.sample(n, generator=gen, **options).cpu().numpy())
+        done += n
+        bar.update(n)
+    bar.close()
+    return np.concatenate(out), num / max(time.perf_counter() - t0, 1e-9)
 
 
 def network_evaluations(sampler: str, steps: int | None, num_train_steps: int | None = None) -> int:

@@ -25,7 +25,7 @@ from diffrl.augment import TransitionLayout
 from diffrl.config import check, check_choice, check_non_negative, check_positive, from_dict, to_dict
 from diffrl.data import OfflineDataset, load_dataset
 from diffrl.data.formats import atomic_file
-from diffrl.diffusion.samplers import DEFAULT_STEPS, network_evaluations
+from diffrl.diffusion.samplers import DEFAULT_STEPS, generate, network_evaluations
 from diffrl.diffusion.spec import build_model, load_model
 from diffrl.diffusion.trainer import DiffusionTrainer, TrainerSettings
 from diffrl.errors import CheckpointError, ConfigError, DatasetError
@@ -138,22 +138,6 @@ def model_spec(cfg: DiffusionConfig, layout: TransitionLayout) -> dict[str, Any]
             "normalizer": {"kind": "zscore", "skip_dims": skip},
             "diffusion": {"num_steps": cfg.ddpm_steps} if cfg.model == "ddpm" else {},
             "sampler": cfg.sampler_defaults()}
-
-
-def generate(model: Any, num: int, *, batch_size: int = 100_000, seed: int = 0, progress: bool = False,
-             **options: Any) -> tuple[np.ndarray, float]:
-    """``num`` samples (data units, NumPy) in batches; returns ``(samples, samples per second)``."""
-    gen = torch.Generator(device=model.normalizer.shift.device).manual_seed(seed)
-    out, t0 = [], time.perf_counter()
-    bar = Progress(num, desc="sampling", unit="sample", enabled=progress)
-    done = 0
-    while done < num:
-        n = min(batch_size, num - done)
-        out.append(model.sample(n, generator=gen, **options).cpu().numpy())
-        done += n
-        bar.update(n)
-    bar.close()
-    return np.concatenate(out), num / max(time.perf_counter() - t0, 1e-9)
 
 
 def _fidelity(model: Any, layout: TransitionLayout, real: dict[str, np.ndarray], env_id: str | None, num: int,

@@ -42,13 +42,14 @@ MODES = ("real", "synthetic", "mixed")
 
 
 def _plots(out: Path, runs: dict[str, Path], real: dict[str, np.ndarray], samples: dict[str, np.ndarray]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # Figure + Agg canvas directly, as runs/report.py: no pyplot, no global backend switch, nothing left open
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     files = []
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     for mode, run_dir in runs.items():
         rows = [r for r in read_metrics(run_dir) if not np.isnan(r.get("eval/normalized_score", np.nan))]
         ax.plot([r["step"] for r in rows], [r["eval/normalized_score"] for r in rows], marker="o", label=mode)
@@ -58,11 +59,12 @@ def _plots(out: Path, runs: dict[str, Path], real: dict[str, np.ndarray], sample
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "learning_curves.png", dpi=110)
-    plt.close(fig)
     files.append("learning_curves.png")
 
     dims = [("observations", 0), ("observations", 5), ("actions", 0), ("rewards", None)]
-    fig, axes = plt.subplots(1, len(dims), figsize=(3.2 * len(dims), 3))
+    fig = Figure(figsize=(3.2 * len(dims), 3))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(dims))
     for ax, (key, d) in zip(axes, dims, strict=True):
         r = real[key] if d is None else real[key][:, d]
         s = samples[key] if d is None else samples[key][:, d]
@@ -74,7 +76,6 @@ def _plots(out: Path, runs: dict[str, Path], real: dict[str, np.ndarray], sample
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(out / "marginals.png", dpi=110)
-    plt.close(fig)
     files.append("marginals.png")
     return files
 

@@ -29,6 +29,7 @@ from diffrl.augment.transitions import SAMPLE_KEYS
 from diffrl.config import check, check_choice, check_positive, check_unit_interval, to_dict
 from diffrl.data import load_dataset
 from diffrl.data.formats import atomic_file
+from diffrl.diffusion.samplers import generate
 from diffrl.diffusion.spec import load_model
 from diffrl.errors import CheckpointError, ConfigError
 from diffrl.eval.fidelity import LAYOUTS, fidelity_report
@@ -118,7 +119,9 @@ def _train_diffusion(cfg: Any, real: Any, run_dir: Path) -> Path:
 def _samples(cfg: Any, model_dir: Path, run_dir: Path, obs_dim: int, act_dim: int) -> tuple[dict, dict]:
     """Stage 3: generated transitions (read back if a previous attempt saved them) and generation figures."""
     path = run_dir / "samples.npz"
-    model, meta = load_model(model_dir, device=resolve_device(cfg.device))
+    meta = ckpt.read_manifest(ckpt.resolve_checkpoint(model_dir)).get("meta", {})
+    if "layout" not in meta:
+        raise CheckpointError(f"{model_dir} is not a transition diffusion model (its checkpoint has no layout).")
     layout = TransitionLayout.from_dict(meta["layout"])
     if (layout.obs_dim, layout.act_dim) != (obs_dim, act_dim):
         raise ConfigError(f"the diffusion model in {model_dir} generates {layout.obs_dim}/{layout.act_dim}-dim "
@@ -130,10 +133,11 @@ def _samples(cfg: Any, model_dir: Path, run_dir: Path, obs_dim: int, act_dim: in
             return samples, {"samples_per_s": None, "generation_s": None}
     import torch
 
+    model, _ = load_model(model_dir, device=resolve_device(cfg.device))
     model.amp_dtype = torch.bfloat16 if cfg.bf16 else None
     sampler, steps, _ = model.resolve_sampler(cfg.sampler, cfg.sample_steps)
     t0 = time.perf_counter()
-    x, rate = diffusion.generate(model, cfg.num_samples, batch_size=cfg.sample_batch_size, seed=cfg.seed,
+    x, rate = generate(model, cfg.num_samples, batch_size=cfg.sample_batch_size, seed=cfg.seed,
                                  progress=cfg.progress, sampler=sampler, steps=steps)
     samples = layout.split(x)
     with atomic_file(path, overwrite=True) as tmp, open(tmp, "wb") as f:
