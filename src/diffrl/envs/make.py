@@ -11,7 +11,9 @@ termination: wrappers keep Gymnasium's ``terminated`` / ``truncated`` apart.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import io
 import re
 import warnings
 from typing import Any
@@ -41,7 +43,9 @@ def _register_families(env_id: str) -> None:
         gym.register_envs(shimmy)
     elif env_id.startswith("Fetch") or env_id.startswith("HandManipulate"):
         try:
-            import gymnasium_robotics
+            # its import prints a notice about Adroit reward versions to stderr, irrelevant to Fetch: silence it
+            with contextlib.redirect_stderr(io.StringIO()):
+                import gymnasium_robotics
         except ImportError:
             raise EnvError(f"{env_id} needs gymnasium-robotics: pip install gymnasium-robotics "
                            "mujoco==3.11.0.") from None
