@@ -4,6 +4,7 @@
     diffrl train sac --resume RUN_DIR [--steps N]
     diffrl offline td3bc --dataset D ...;  diffrl data info|convert|collect ...
     diffrl diffusion train|sample|fidelity ...
+    diffrl iter --env FetchPush-v4 [--n-ker 8] [--n-ger 4] [--ddpm] [--preset quick|paper] ...
     diffrl eval RUN_DIR [--episodes N]
     diffrl report RUN_DIR... [--out DIR]
     diffrl quickstart
@@ -32,6 +33,8 @@ commands:
   diffusion train|sample|fidelity  transition diffusion models           (diffrl diffusion --help)
   synther offline|online           SynthER: upsampled offline data, or online SAC/REDQ with synthetic data
                                    (diffrl synther --help)
+  iter --env FetchPush-v4          DDPG+HER, ITER (KER + GER) and ITER-Diffusion on Fetch tasks
+                                   (diffrl iter --help)
   eval RUN_DIR                     evaluate a run's latest checkpoint    (diffrl eval --help)
   report RUN_DIR...                learning curves and a results table   (diffrl report --help)
   quickstart                       a short demo run with a report
@@ -170,6 +173,19 @@ def cmd_synther(args: list[str]) -> None:
         print(format_fidelity(summary["fidelity"]))
 
 
+def cmd_iter(args: list[str]) -> None:
+    from diffrl.pipelines import iter_her
+
+    cfg = _config_from_args(iter_her.ITERConfig, iter_her.PRESETS, args, "diffrl iter", iter_her.load_config,
+                            lambda saved: "diffrl iter")
+    run_dir = iter_her.run(cfg)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(f"run directory: {run_dir}")
+    _print_summary(summary)
+    print("wall clock: " + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s"
+                                     for k, v in summary["time_breakdown_s"].items()))
+
+
 def _print_summary(s: dict) -> None:
     if s.get("eval_return_mean") is not None:
         line = (f"final eval return: {s['eval_return_mean']:.1f} ± {s['eval_return_std']:.1f} "
@@ -212,7 +228,9 @@ def cmd_eval(args: list[str]) -> None:
     if a.episodes <= 0:
         raise ConfigError(f"invalid episodes={a.episodes}: it must be > 0.")
     pipeline = read_config(a.run_dir)["pipeline"]
-    if pipeline.startswith("synther_offline_"):
+    if pipeline == "iter":
+        from diffrl.pipelines import iter_her as module
+    elif pipeline.startswith("synther_offline_"):
         from diffrl.pipelines import synther_offline as module
     elif pipeline.startswith("synther_online_"):
         from diffrl.pipelines import synther_online as module
@@ -433,7 +451,7 @@ def cmd_quickstart(args: list[str]) -> None:
 
 
 COMMANDS = {"train": cmd_train, "offline": cmd_offline, "data": cmd_data, "diffusion": cmd_diffusion,
-            "synther": cmd_synther, "eval": cmd_eval,
+            "synther": cmd_synther, "iter": cmd_iter, "eval": cmd_eval,
             "report": cmd_report, "quickstart": cmd_quickstart}
 
 

@@ -312,8 +312,18 @@ def test_denoisers_shapes_and_gradients() -> None:
         assert out.shape == inp.shape
         out.square().mean().backward()
         assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
-    with pytest.raises(ValueError, match="divisible"):
-        TemporalUNet([10, 5], dim=16, dim_mults=(1, 2, 4))
+
+
+def test_unet_takes_a_horizon_not_divisible_by_its_downsampling() -> None:
+    """A Fetch episode's 51 rows (down-sampling factor 4): padded inside, cropped back, gradients reach x."""
+    net = TemporalUNet([51, 5], cond_dim=3, dim=8, dim_mults=(1, 2, 4))
+    x = torch.randn(2, 51, 5, requires_grad=True)
+    out = net(x, torch.rand(2), torch.randn(2, 3))
+    assert out.shape == x.shape
+    out.square().mean().backward()
+    assert x.grad is not None and torch.all(x.grad[:, -1].abs().sum(-1) > 0)
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+    assert TemporalUNet([10, 5], dim=8, dim_mults=(1, 2, 4))(torch.randn(1, 10, 5), torch.rand(1)).shape == (1, 10, 5)
 
 
 def test_unet_is_translation_aware_in_time() -> None:

@@ -66,9 +66,9 @@ import re
 from collections.abc import Mapping
 
 import numpy as np
-from gymnasium_robotics.utils import rotations
 
 from diffrl.data.episodes import EPISODE_KEYS
+from diffrl.envs.make import import_robotics
 from diffrl.errors import ConfigError, DatasetError
 
 SUPPORTED_IDS = ("FetchReach", "FetchPush", "FetchSlide", "FetchPickAndPlace")
@@ -179,6 +179,7 @@ def reflect_episodes(episodes: Mapping[str, np.ndarray], M: np.ndarray, p: np.nd
         return vec(x - p) + p
 
     def euler(e: np.ndarray) -> np.ndarray:  # R' = M R M, through matrices (ITER negated Euler x, z for theta = 0)
+        rotations = import_robotics("KER").utils.rotations
         R = rotations.euler2mat(e)  # (N, L, 3, 3)
         return rotations.mat2euler(np.einsum("nij,nljk,nkm->nlim", M, R, M))
 

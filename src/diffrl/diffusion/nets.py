@@ -177,8 +177,11 @@ class TemporalUNet(nn.Module):
 
     Convolutions run along time; each level has two FiLM residual blocks, then a stride-2 down-sampling (not
     after the last level); the up path mirrors it with skip connections. The time embedding (sinusoidal ->
-    MLP) and the global condition vector are concatenated and drive every block's FiLM. ``horizon`` must be
-    divisible by ``2 ** (len(dim_mults) - 1)``.
+    MLP) and the global condition vector are concatenated and drive every block's FiLM.
+
+    Any horizon works: the time axis is padded at the end, by repeating the last step, up to a multiple of
+    ``2 ** (len(dim_mults) - 1)`` and the output is cropped back (e.g. a Fetch episode's ``T + 1 = 51`` rows
+    run at 52); Diffuser's TemporalUnet instead requires a divisible horizon.
     """
 
     def __init__(self, event_shape: Sequence[int], cond_dim: int = 0, *, dim: int = 32,
@@ -186,10 +189,8 @@ class TemporalUNet(nn.Module):
         super().__init__()
         if len(event_shape) != 2:
             raise ValueError(f"the temporal UNet takes (horizon, channels) sequences, got {tuple(event_shape)}")
-        horizon, channels = (int(s) for s in event_shape)
-        factor = 2 ** (len(dim_mults) - 1)
-        if horizon % factor:
-            raise ValueError(f"horizon {horizon} must be divisible by {factor} for dim_mults {tuple(dim_mults)}")
+        _, channels = (int(s) for s in event_shape)
+        self.time_factor = 2 ** (len(dim_mults) - 1)  # total down-sampling of the time axis
         widths = [dim * m for m in dim_mults]
         if any(w % groups for w in widths):
             raise ValueError(f"UNet widths {widths} must be divisible by groups={groups}")
@@ -217,7 +218,11 @@ class TemporalUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.time(t) if cond is None else torch.cat([self.time(t), cond], dim=-1)
-        h = x.transpose(1, 2)
+        horizon = x.shape[1]
+        pad = -horizon % self.time_factor
+        if pad:  # replicate the last step so every stride-2 level sees an even length
+            x = torch.cat([x, x[:, -1:].expand(-1, pad, -1)], dim=1)  # (B, horizon + pad, C)
+        h = x.transpose(1, 2)  # (B, C, horizon + pad)
         skips = []
         for block1, block2, downsample in self.down:
             h = block2(block1(h, emb), emb)
@@ -229,7 +234,7 @@ class TemporalUNet(nn.Module):
         for upsample, block1, block2 in self.up:
             h = upsample(h)
             h = block2(block1(torch.cat([h, skips.pop()], dim=1), emb), emb)
-        return self.final(h).transpose(1, 2)
+        return self.final(h).transpose(1, 2)[:, :horizon]
 
 
 DENOISERS: dict[str, type[nn.Module]] = {

@@ -42,14 +42,19 @@ def _register_families(env_id: str) -> None:
                            "dm-control==1.0.44.") from None
         gym.register_envs(shimmy)
     elif env_id.startswith("Fetch") or env_id.startswith("HandManipulate"):
-        try:
-            # its import prints a notice about Adroit reward versions to stderr, irrelevant to Fetch: silence it
-            with contextlib.redirect_stderr(io.StringIO()):
-                import gymnasium_robotics
-        except ImportError:
-            raise EnvError(f"{env_id} needs gymnasium-robotics: pip install gymnasium-robotics "
-                           "mujoco==3.11.0.") from None
-        gym.register_envs(gymnasium_robotics)
+        gym.register_envs(import_robotics(env_id))
+
+
+def import_robotics(what: str = "Fetch tasks") -> Any:
+    """``gymnasium_robotics`` (with ``utils.rotations`` loaded), imported quietly: its import prints a notice about
+    Adroit reward versions to stderr, irrelevant to Fetch."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            import gymnasium_robotics
+            import gymnasium_robotics.utils.rotations  # noqa: F401
+    except ImportError:
+        raise EnvError(f"{what} need(s) gymnasium-robotics: pip install gymnasium-robotics mujoco==3.11.0.") from None
+    return gymnasium_robotics
 
 
 def _is_removed(env_id: str) -> bool:

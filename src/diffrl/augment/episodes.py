@@ -1,0 +1,502 @@
+"""ITER-Diffusion's episode generator: a trajectory DDPM over whole goal-conditioned Fetch episodes.
+
+Shapes: ``N`` episodes of ``T`` steps (50 for Fetch), ``Do`` / ``Da`` / ``Dg`` observation / action / goal dims,
+``C = Do + Da + 2 Dg`` channels (35 for Push), ``M`` contexts. An episode dict holds float32 arrays
+``obs (N, T+1, Do)``, ``act (N, T, Da)`` in [-1, 1], ``ag (N, T+1, Dg)`` achieved goals and ``g (N, T, Dg)``
+desired goals (constant per episode for real data).
+
+The model sees one episode as ``T + 1`` rows ``[obs_t, act_t, ag_t, g_t]`` (event shape ``(T+1, C)``); the last
+row has no action or desired goal, so ``act_T := 0`` and ``g_T := g_{T-1}``. It is conditioned on ``[g_0, obs_0]``
+and ``obs_0``, ``ag_0``, every ``g_t`` and ``act_T`` are also inpainted, so they are exact in the output.
+
+Fetch observations (gymnasium-robotics ``fetch/*.py``): ``grip_pos[0:3], object_pos[3:6], object_rel_pos[6:9]
+= object - grip, ...``; the achieved goal is ``object_pos`` for Push / Slide / PickAndPlace and ``grip_pos`` for
+Reach.
+
+Reference: EzgiAskin/ITER-Diffusion, branch ``iter_ker_ger``, ``her/ddpm_temporal.py`` and ``her/her.py``. What
+we do differently is said where it happens; in short: a cosine schedule (betas capped at 0.5) and the posterior
+std when sampling (its linear schedule never reaches noise and its sampler std is wrong), a down-sampling UNet
+with FiLM conditioning (its conv stack never down-samples), one optimiser and an EMA across calls, constant
+desired goals, clipped actions, achieved goals read from the observation, and ``tol`` rejects inconsistent
+episodes (there it only labelled them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffrl.config import check, check_choice, check_non_negative, check_positive
+from diffrl.diffusion.models import DiffusionModel, Inpaint
+from diffrl.diffusion.spec import build_model
+from diffrl.diffusion.trainer import DiffusionTrainer, TrainerSettings
+from diffrl.errors import DatasetError
+from diffrl.runs.seeding import derive_seed
+
+FETCH_SUCCESS_THRESHOLD = 0.05
+"""metres: Fetch's ``distance_threshold``"""
+GRIP, OBJECT, REL = slice(0, 3), slice(3, 6), slice(6, 9)
+"""slices of a Fetch observation: gripper position, object position, object position relative to the gripper"""
+COMPONENTS = ("obs", "act", "ag", "g")
+
+RewardFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""``reward_fn(ag (K, Dg), g (K, Dg)) -> (K,)`` sparse rewards in {-1, 0}, e.g.
+``lambda ag, g: env.unwrapped.compute_reward(ag, g, None)``"""
+
+
+# ------------------------------------------------------------------------------------------------- layout
+@dataclasses.dataclass(frozen=True)
+class EpisodeLayout:
+    """Where each part of an episode sits in the model's rows ``[obs, act, ag, g]``."""
+
+    obs_dim: int
+    act_dim: int
+    goal_dim: int
+    object_task: bool = True
+    """the achieved goal is the object position ``obs[3:6]`` (Push / Slide / PickAndPlace), else ``obs[0:3]``"""
+
+    def __post_init__(self) -> None:
+        if self.goal_dim != 3:
+            raise ValueError(f"the episode layout reads Fetch goals (3-d positions) from observations, got "
+                             f"goal_dim={self.goal_dim}")
+        need = 9 if self.object_task else 3
+        if self.obs_dim < need:
+            raise ValueError(f"a Fetch {'object' if self.object_task else 'Reach'} observation has at least {need} "
+                             f"dims, got obs_dim={self.obs_dim}")
+
+    @property
+    def channels(self) -> int:
+        return self.obs_dim + self.act_dim + 2 * self.goal_dim
+
+    @property
+    def obs(self) -> slice:
+        return slice(0, self.obs_dim)
+
+    @property
+    def act(self) -> slice:
+        return slice(self.obs_dim, self.obs_dim + self.act_dim)
+
+    @property
+    def ag(self) -> slice:
+        start = self.obs_dim + self.act_dim
+        return slice(start, start + self.goal_dim)
+
+    @property
+    def g(self) -> slice:
+        return slice(self.channels - self.goal_dim, self.channels)
+
+    def achieved_goal(self, obs: np.ndarray) -> np.ndarray:
+        """The achieved goal a Fetch observation implies (``(..., Do) -> (..., 3)``)."""
+        return obs[..., OBJECT if self.object_task else GRIP]
+
+    def check(self, episodes: Mapping[str, Any]) -> tuple[int, int]:
+        """``(N, T)`` of an episode dict; raises :class:`DatasetError` if a key is missing or a shape is off."""
+        missing = [k for k in COMPONENTS if k not in episodes]
+        if missing:
+            raise DatasetError(f"episodes lack {missing}: an episode dict needs keys {list(COMPONENTS)}.")
+        obs = np.asarray(episodes["obs"])
+        if obs.ndim != 3 or obs.shape[1] < 2:
+            raise DatasetError(f"episode 'obs' must be (N, T+1, {self.obs_dim}) with T >= 1, got {obs.shape}.")
+        n, t = obs.shape[0], obs.shape[1] - 1
+        expected = {"obs": (n, t + 1, self.obs_dim), "act": (n, t, self.act_dim), "ag": (n, t + 1, self.goal_dim),
+                    "g": (n, t, self.goal_dim)}
+        for key, shape in expected.items():
+            got = np.shape(episodes[key])
+            if got != shape:
+                raise DatasetError(f"episode {key!r} has shape {got}, expected {shape} (N={n} episodes of T={t} "
+                                   f"steps with obs/act/goal dims {self.obs_dim}/{self.act_dim}/{self.goal_dim}).")
+        return n, t
+
+    def join(self, episodes: Mapping[str, Any]) -> np.ndarray:
+        """Rows ``(N, T+1, C)`` float32 of an episode dict, with ``act_T := 0`` and ``g_T := g_{T-1}``."""
+        n, _ = self.check(episodes)
+        act = np.asarray(episodes["act"], dtype=np.float32)
+        g = np.asarray(episodes["g"], dtype=np.float32)
+        act = np.concatenate([act, np.zeros((n, 1, self.act_dim), np.float32)], axis=1)
+        g = np.concatenate([g, g[:, -1:]], axis=1)
+        return np.concatenate([np.asarray(episodes["obs"], dtype=np.float32), act,
+                               np.asarray(episodes["ag"], dtype=np.float32), g], axis=2)
+
+    def split(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows ``(N, T+1, C)`` back to an episode dict (the padded ``act_T`` and ``g_T`` dropped), unchanged."""
+        rows = np.asarray(rows, dtype=np.float32)
+        if rows.ndim != 3 or rows.shape[2] != self.channels:
+            raise DatasetError(f"episode rows have shape {rows.shape}, the layout expects (N, T+1, {self.channels}).")
+        return {"obs": rows[:, :, self.obs].copy(), "act": rows[:, :-1, self.act].copy(),
+                "ag": rows[:, :, self.ag].copy(), "g": rows[:, :-1, self.g].copy()}
+
+
+# ------------------------------------------------------------------------------------- consistency filter
+def consistency_error(obs: np.ndarray, ag: np.ndarray, object_task: bool) -> np.ndarray:
+    """Per-episode disagreement (metres) of generated quantities that the observation determines.
+
+    ``max_t max(||ag_t - ag(obs_t)||, ||rel_t - (obj_t - grip_t)||)`` (the second term for object tasks only),
+    for ``obs (N, T+1, Do)`` and ``ag (N, T+1, 3)``; returns ``(N,)``.
+    """
+    implied = obs[..., OBJECT] if object_task else obs[..., GRIP]
+    err = np.linalg.norm(ag - implied, axis=-1)  # (N, T+1)
+    if object_task:
+        err = np.maximum(err, np.linalg.norm(obs[..., REL] - (obs[..., OBJECT] - obs[..., GRIP]), axis=-1))
+    return err.max(axis=-1)
+
+
+def consistency_filter(obs: np.ndarray, ag: np.ndarray, object_task: bool,
+                       tol: float) -> tuple[np.ndarray, np.ndarray]:
+    """Which generated episodes to keep: ``(keep (N,) bool, error (N,) metres)``, keep where error <= ``tol``.
+
+    ITER-Diffusion's ``ddpm_tol`` only labelled synthetic successes; here it rejects episodes whose achieved goal
+    (or object-relative position) contradicts their own observations (the brief's suggested quality filter).
+    """
+    error = consistency_error(obs, ag, object_task)
+    return error <= tol, error
+
+
+def goal_reached(ag: np.ndarray, g: np.ndarray, reward_fn: RewardFn | None = None,
+                 threshold: float = FETCH_SUCCESS_THRESHOLD) -> np.ndarray:
+    """Success of each ``(ag, g)`` pair ``(K, Dg)``: ``||ag - g|| < threshold``, or ``reward_fn(ag, g) > -0.5``
+    (a sparse reward: 0 on success, -1 otherwise). Returns ``(K,)`` bool."""
+    if reward_fn is not None:
+        return np.asarray(reward_fn(ag, g)).reshape(len(ag)) > -0.5
+    return np.linalg.norm(ag - g, axis=-1) < threshold
+
+
+def successful_contexts(episodes: Mapping[str, np.ndarray], reward_fn: RewardFn | None = None,
+                        threshold: float = FETCH_SUCCESS_THRESHOLD) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Contexts ``{"obs0": (M, Do), "g": (M, Dg)}`` of the episodes with at least one successful step.
+
+    Step ``t`` succeeds when ``ag_{t+1}`` reaches ``g_t`` (``goal_reached``). The reference samples contexts from
+    such episodes; when none succeeded we fall back to all episodes and report it (``fallback = 1``). Info:
+    ``successful_episodes``, ``success_fraction``, ``fallback``.
+    """
+    ag, g = np.asarray(episodes["ag"]), np.asarray(episodes["g"])
+    n, t, dg = g.shape
+    hit = goal_reached(ag[:, 1:].reshape(-1, dg), g.reshape(-1, dg), reward_fn, threshold).reshape(n, t).any(1)
+    idx = np.flatnonzero(hit)
+    fallback = len(idx) == 0
+    if fallback:
+        idx = np.arange(n)
+    obs = np.asarray(episodes["obs"])
+    contexts = {"obs0": obs[idx, 0].astype(np.float32), "g": g[idx, 0].astype(np.float32)}
+    return contexts, {"successful_episodes": float(hit.sum()), "success_fraction": float(hit.mean()) if n else 0.0,
+                      "fallback": float(fallback)}
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def gaussian_kl(mu_p: np.ndarray, cov_p: np.ndarray, mu_q: np.ndarray, cov_q: np.ndarray) -> float:
+    """``KL(N(mu_p, cov_p) || N(mu_q, cov_q)) = 0.5 [tr(Sq^-1 Sp) + d^T Sq^-1 d - k + ln det Sq - ln det Sp]``."""
+    mu_p, mu_q = np.atleast_1d(np.asarray(mu_p, np.float64)), np.atleast_1d(np.asarray(mu_q, np.float64))
+    cov_p, cov_q = np.atleast_2d(np.asarray(cov_p, np.float64)), np.atleast_2d(np.asarray(cov_q, np.float64))
+    d = mu_q - mu_p
+    trace = np.trace(np.linalg.solve(cov_q, cov_p))
+    quad = d @ np.linalg.solve(cov_q, d)
+    logdet_p, logdet_q = np.linalg.slogdet(cov_p)[1], np.linalg.slogdet(cov_q)[1]
+    return max(0.5 * float(trace + quad - len(mu_p) + logdet_q - logdet_p), 0.0)
+
+
+def _sqrt_psd(cov: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((cov + cov.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
+    """``||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2})`` (as in FID), with ``tr (S1 S2)^{1/2}`` computed as
+    ``tr (S1^{1/2} S2 S1^{1/2})^{1/2}`` from two symmetric eigen-decompositions (no complex ``sqrtm``)."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    cov1, cov2 = np.atleast_2d(np.asarray(cov1, np.float64)), np.atleast_2d(np.asarray(cov2, np.float64))
+    r = _sqrt_psd(cov1)
+    m = r @ cov2 @ r
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum()
+    d = mu1 - mu2
+    return max(float(d @ d + np.trace(cov1) + np.trace(cov2) - 2 * tr_sqrt), 0.0)
+
+
+def _fit_gaussian(x: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+    x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    cov = np.atleast_2d(np.cov(x, rowvar=False, bias=True))
+    return x.mean(0), cov + ridge * np.eye(x.shape[1])
+
+
+def component_stats(real: Mapping[str, np.ndarray], synthetic: Mapping[str, np.ndarray], *,
+                    ridge: float = 1e-6) -> dict[str, float]:
+    """Gaussian-fit KL ``KL(N_real || N_synth)`` and Frechet distance per component (obs, act, ag, g).
+
+    Each component's rows of all episodes are pooled and fitted by a Gaussian (covariances get ``ridge * I``, so
+    constant dims, such as a desired goal shared by every episode, stay invertible). ITER-Diffusion logs the same
+    figures as ``ddpm/kl_*`` and ``ddpm/fid_*``. Keys ``kl/<component>``, ``fd/<component>``; NaN when either
+    side has fewer than two rows.
+    """
+    out: dict[str, float] = {}
+    for key in COMPONENTS:
+        a, b = np.asarray(real[key]), np.asarray(synthetic[key])
+        rows_a, rows_b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+        if len(rows_a) < 2 or len(rows_b) < 2:
+            out[f"kl/{key}"] = out[f"fd/{key}"] = float("nan")
+            continue
+        (mu_r, cov_r), (mu_s, cov_s) = _fit_gaussian(rows_a, ridge), _fit_gaussian(rows_b, ridge)
+        out[f"kl/{key}"] = gaussian_kl(mu_r, cov_r, mu_s, cov_s)
+        out[f"fd/{key}"] = frechet_distance(mu_r, cov_r, mu_s, cov_s)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- generator
+@dataclasses.dataclass(frozen=True)
+class EpisodeDiffusionSettings:
+    """The episode DDPM and its optimisation (ITER-Diffusion's ``--ddpm_*`` flags where they exist)."""
+
+    num_steps: int = 50
+    """DDPM steps K (the reference's ``--ddpm-time-steps``)"""
+    schedule: str = "cosine"
+    """beta schedule, cosine or linear; the reference's linear 1e-4..2e-2 over 50 steps ends at alpha_bar ~ 0.6
+    yet sampling starts from N(0, I), so cosine (alpha_bar_K ~ 0) is the default"""
+    max_beta: float = 0.5
+    """cap on the cosine betas. Nichol & Dhariwal's 0.999 makes the first sampling step multiply the noise
+    prediction's error by 1 / sqrt(1 - 0.999) ~ 32 (straight-line toy episodes after 2000 steps: median
+    consistency error 80 m with 0.999, 0.05 m with 0.5); 0.5 caps the last three of 50 steps and still ends at
+    alpha_bar_K ~ 1e-3"""
+    prediction: str = "epsilon"
+    """what the UNet predicts: the noise (``epsilon``, the reference's) or the clean episode (``x0``)"""
+    clip_x0: float | None = None
+    """clamp the predicted clean episode to [-clip_x0, clip_x0] z-scores while sampling (None: no clamp; real
+    Fetch velocity channels reach |z| ~ 18, so keep it generous)"""
+    dim: int = 32
+    """UNet base width (a multiple of 8, its GroupNorm groups)"""
+    dim_mults: tuple[int, ...] = (1, 2, 4)
+    """UNet width multipliers per level (small for CPU; the reference's conv stack is 256/512/1024 wide)"""
+    lr: float = 1e-4
+    """Adam learning rate, constant (the reference's)"""
+    batch_size: int = 64
+    """episodes per gradient step (the reference's)"""
+    train_steps: int = 80
+    """gradient steps per ``fit`` call when not given: ~ the reference's 10 passes over 500 episodes at batch 64"""
+    n_train_episodes: int = 500
+    """``fit`` trains on at most this many episodes, drawn without replacement (``ddpm_n_train_sample``)"""
+    grad_clip: float = 1.0
+    """gradient-norm clip (0: none; the reference does not clip)"""
+    ema: bool = True
+    """sample from an EMA of the weights (the reference has none and samples the live weights)"""
+    ema_decay: float = 0.995
+    """EMA decay, applied every step (a ~200-step window: ITER trains ~80 steps per epoch, so SynthER's every-10
+    steps would lag ~25 epochs); the weights are copied until step 100, then the decay ramps up (diffusion.ema)"""
+    tol: float = 0.05
+    """metres: reject generated episodes whose consistency error exceeds this (``ddpm_tol``, which only labelled
+    episodes there); ``inf`` keeps all"""
+    scale_floor: float = 1e-3
+    """lower bound on each channel's z-score scale (data units), so a channel almost constant in the first
+    training set (e.g. object velocity under a random policy) is not blown up when later data moves"""
+    sample_batch_size: int = 500
+    """episodes per sampler call"""
+    bf16: bool = False
+    """run the UNet under bfloat16 autocast in training and sampling"""
+
+    def __post_init__(self) -> None:
+        for name in ("num_steps", "dim", "lr", "batch_size", "n_train_episodes", "tol", "scale_floor",
+                     "sample_batch_size"):
+            check_positive(name, getattr(self, name))
+        for name in ("train_steps", "grad_clip"):
+            check_non_negative(name, getattr(self, name))
+        check_choice("schedule", self.schedule, ("cosine", "linear"))
+        check_choice("prediction", self.prediction, ("epsilon", "x0"))
+        check(self.dim % 8 == 0, "dim", self.dim, "a multiple of 8 (the UNet's GroupNorm groups)")
+        check(len(self.dim_mults) >= 1 and all(m >= 1 for m in self.dim_mults), "dim_mults", self.dim_mults,
+              "a non-empty tuple of positive integers")
+        check(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "in [0, 1)")
+        check(0 < self.max_beta < 1, "max_beta", self.max_beta, "in (0, 1)")
+        check(self.clip_x0 is None or self.clip_x0 > 0, "clip_x0", self.clip_x0, "None or > 0")
+
+
+class EpisodeGenerator:
+    """A DDPM over whole episodes, conditioned on ``[g_0, obs_0]``; ``fit`` trains it, ``generate`` samples,
+    repairs and filters episodes.
+
+    Built on the diffusion core: ``build_model`` (DDPM, temporal UNet, epsilon prediction, z-score normaliser
+    inside the model) and one ``DiffusionTrainer`` kept across ``fit`` calls, so Adam's moments and the EMA
+    persist (the reference re-created Adam on every call).
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, goal_dim: int, T: int, object_task: bool,  # noqa: N803
+                 settings: EpisodeDiffusionSettings | None = None, seed: int = 0,
+                 device: torch.device | str = "cpu") -> None:
+        if T < 1:
+            raise ValueError(f"episodes need at least one step, got T={T}")
+        self.layout = EpisodeLayout(obs_dim, act_dim, goal_dim, object_task)
+        self.T, self.settings = int(T), settings or EpisodeDiffusionSettings()
+        self.device = torch.device(device)
+        s, lay = self.settings, self.layout
+        self.spec: dict[str, Any] = {
+            "type": "ddpm", "event_shape": [self.T + 1, lay.channels], "cond_dim": goal_dim + obs_dim,
+            "denoiser": {"type": "unet", "dim": s.dim, "dim_mults": list(s.dim_mults)},
+            "normalizer": {"kind": "zscore"},
+            "diffusion": {"num_steps": s.num_steps, "schedule": s.schedule, "prediction": s.prediction,
+                          "clip_x0": s.clip_x0, **({"max_beta": s.max_beta} if s.schedule == "cosine" else {})},
+            "sampler": {"sampler": "ddpm"},
+        }
+        with torch.random.fork_rng(devices=[]):  # seeded init that leaves the caller's global RNG alone
+            torch.manual_seed(derive_seed(seed, 0))
+            model = build_model(self.spec).to(self.device)
+        trainer_settings = TrainerSettings(
+            steps=max(s.train_steps, 1), batch_size=s.batch_size, lr=s.lr, adam_beta2=0.999,  # torch Adam's betas
+            lr_schedule="constant", grad_clip=s.grad_clip, ema_decay=s.ema_decay, ema_every=1, bf16=s.bf16)
+        # the trainer needs a dataset to exist; fit() replaces this one-episode placeholder before any step
+        placeholder = torch.zeros(1, self.T + 1, lay.channels, device=self.device)
+        self.trainer = DiffusionTrainer(model, placeholder, trainer_settings,
+                                        cond=torch.zeros(1, goal_dim + obs_dim, device=self.device),
+                                        seed=derive_seed(seed, 1))
+        self.sample_gen = torch.Generator(device=self.device).manual_seed(derive_seed(seed, 2))
+        self.normalizer_fitted = False
+        self.fits = 0
+        self.generated = self.accepted = 0
+
+    # --------------------------------------------------------------------------------------------- helpers
+    @property
+    def sampling_model(self) -> DiffusionModel:
+        """The weights ``generate`` samples from: the EMA (default) or the live model."""
+        return self.trainer.ema.shadow if self.settings.ema else self.trainer.model
+
+    def _cond(self, obs0: torch.Tensor, g0: torch.Tensor) -> torch.Tensor:
+        """``[g_0, obs_0]`` ``(M, Dg + Do)``, z-scored with the model's statistics (the core feeds ``cond`` to the
+        network as is)."""
+        norm, lay = self.trainer.model.normalizer, self.layout
+        return torch.cat([(g0 - norm.shift[lay.g]) / norm.scale[lay.g],
+                          (obs0 - norm.shift[lay.obs]) / norm.scale[lay.obs]], dim=-1)
+
+    # ----------------------------------------------------------------------------------------------- train
+    def fit(self, episodes: Mapping[str, np.ndarray], steps: int | None = None) -> dict[str, float]:
+        """Train for ``steps`` gradient steps (default ``settings.train_steps``) on minibatches of whole episodes.
+
+        At most ``n_train_episodes`` episodes are used (a random subset without replacement). The normaliser's
+        statistics are fitted on the first call's episodes and then kept: later calls continue training the same
+        network, whose inputs must keep their units (the reference re-fitted buffer-wide statistics, synthetic
+        episodes included, at every call). Returns ``loss_mean``, ``loss_std`` over the steps and ``steps``.
+        """
+        n, t = self.layout.check(episodes)
+        if t != self.T:
+            raise DatasetError(f"episodes have T={t} steps, the generator was built for T={self.T}.")
+        steps = self.settings.train_steps if steps is None else int(steps)
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        rows = torch.as_tensor(self.layout.join(episodes))  # (N, T+1, C)
+        gen = self.trainer.gen
+        if n > self.settings.n_train_episodes:
+            idx = torch.randperm(n, generator=gen, device=gen.device)[:self.settings.n_train_episodes]
+            rows = rows[idx.cpu()]
+        rows = rows.to(self.device)
+        model = self.trainer.model
+        if not self.normalizer_fitted:
+            model.normalizer.fit(rows)
+            model.normalizer.scale.clamp_(min=self.settings.scale_floor)
+            self.trainer.ema.shadow.normalizer.load_state_dict(model.normalizer.state_dict())
+            self.normalizer_fitted = True
+        lay = self.layout
+        self.trainer.data = rows
+        self.trainer.cond = self._cond(rows[:, 0, lay.obs], rows[:, 0, lay.g])
+        losses = [self.trainer.train_step() for _ in range(steps)]
+        self.fits += 1
+        if not losses:
+            return {"loss_mean": float("nan"), "loss_std": float("nan"), "steps": 0.0}
+        loss = torch.stack(losses).float()
+        return {"loss_mean": float(loss.mean()), "loss_std": float(loss.std(unbiased=False)), "steps": float(steps)}
+
+    # -------------------------------------------------------------------------------------------- generate
+    @torch.no_grad()
+    def sample_rows(self, obs0: torch.Tensor, g0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Raw generated rows ``(M, T+1, C)`` (data units) for contexts ``obs0 (M, Do)``, ``g0 (M, Dg)``.
+
+        DDPM ancestral sampling with the posterior std ``sqrt(beta~_t)`` (the reference used
+        ``sqrt(beta_t / (1 - alpha_bar_t))``, ~0.91 at t = 1, so its samples kept unit-scale noise), conditioned on
+        ``[g_0, obs_0]`` and inpainting ``obs_0``, ``ag_0 = ag(obs_0)``, ``g_t = g_0`` at every row (the reference
+        added per-step noise to the goals) and ``act_T = 0``.
+        """
+        lay, m, rows = self.layout, len(obs0), self.T + 1
+        model = self.sampling_model
+        model.amp_dtype = torch.bfloat16 if self.settings.bf16 else None
+        mask = torch.zeros(m, rows, lay.channels, dtype=torch.bool, device=self.device)
+        values = torch.zeros(m, rows, lay.channels, device=self.device)
+        mask[:, 0, lay.obs] = True
+        values[:, 0, lay.obs] = obs0
+        mask[:, 0, lay.ag] = True  # ag_0 follows from obs_0 (ours; the reference generated it)
+        values[:, 0, lay.ag] = lay.achieved_goal(obs0)
+        mask[:, :, lay.g] = True
+        values[:, :, lay.g] = g0[:, None]
+        mask[:, -1, lay.act] = True  # act_T := 0 (values already 0)
+        return model.sample(m, self._cond(obs0, g0), sampler="ddpm", inpaint=Inpaint(mask, values),
+                            generator=generator)
+
+    def repair(self, raw: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Make a generated episode dict self-consistent: actions clipped to [-1, 1] (the reference did not clip),
+        achieved goals replaced by the observation's (the reference's own comment flags its ag as wrong), and for
+        object tasks ``object_rel_pos`` recomputed as ``object - grip`` in rows 1..T (row 0 is the real context)."""
+        out = {k: np.array(v, dtype=np.float32, copy=True) for k, v in raw.items()}
+        out["act"] = np.clip(out["act"], -1.0, 1.0)
+        if self.layout.object_task:
+            obs = out["obs"]
+            obs[:, 1:, REL] = obs[:, 1:, OBJECT] - obs[:, 1:, GRIP]
+        out["ag"] = self.layout.achieved_goal(out["obs"]).copy()
+        return out
+
+    def generate(self, contexts: Mapping[str, np.ndarray], n: int | None = None, *,
+                 generator: torch.Generator | None = None, reward_fn: RewardFn | None = None,
+                 success_threshold: float = FETCH_SUCCESS_THRESHOLD) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Sample ``n`` episodes, repair them and keep those passing the consistency filter.
+
+        Args:
+            contexts: ``{"obs0": (M, Do), "g": (M, Dg)}`` (e.g. from :func:`successful_contexts`).
+            n: episodes to generate, each from a context drawn uniformly with replacement (as the reference);
+                ``None``: one episode per context, in order.
+            generator: torch generator on the generator's device; default the generator's own (checkpointed).
+            reward_fn, success_threshold: how ``synthetic_success_rate`` decides success (see ``goal_reached``).
+
+        Returns ``(episodes, stats)``: the accepted episodes (the episode dict layout) and ``generated``,
+        ``accepted``, ``rejection_rate``, ``consistency_error_median`` (metres, all generated episodes, measured
+        before the repair), ``synthetic_success_rate`` (accepted episodes whose final ag reaches g; NaN if none).
+        """
+        lay = self.layout
+        obs0 = np.asarray(contexts["obs0"], dtype=np.float32)
+        g0 = np.asarray(contexts["g"], dtype=np.float32)
+        if obs0.ndim != 2 or obs0.shape[1] != lay.obs_dim or g0.shape != (len(obs0), lay.goal_dim) or not len(obs0):
+            raise DatasetError(f"contexts must hold obs0 (M, {lay.obs_dim}) and g (M, {lay.goal_dim}) with M >= 1, "
+                               f"got {obs0.shape} and {g0.shape}.")
+        gen = self.sample_gen if generator is None else generator
+        obs0_t, g0_t = torch.as_tensor(obs0, device=self.device), torch.as_tensor(g0, device=self.device)
+        if n is not None:
+            idx = torch.randint(len(obs0), (int(n),), generator=gen, device=gen.device).to(self.device)
+            obs0_t, g0_t = obs0_t[idx], g0_t[idx]
+        total = len(obs0_t)
+        bs = self.settings.sample_batch_size
+        chunks = [self.sample_rows(obs0_t[i:i + bs], g0_t[i:i + bs], gen).cpu().numpy() for i in range(0, total, bs)]
+        raw = lay.split(np.concatenate(chunks) if chunks else np.zeros((0, self.T + 1, lay.channels), np.float32))
+        keep, error = consistency_filter(raw["obs"], raw["ag"], lay.object_task, self.settings.tol)
+        fixed = self.repair(raw)
+        episodes = {k: v[keep] for k, v in fixed.items()}
+        n_acc = int(keep.sum())
+        success = goal_reached(episodes["ag"][:, -1], episodes["g"][:, -1], reward_fn, success_threshold)
+        self.generated += total
+        self.accepted += n_acc
+        return episodes, {
+            "generated": float(total), "accepted": float(n_acc),
+            "rejection_rate": 1.0 - n_acc / total if total else 0.0,
+            "consistency_error_median": float(np.median(error)) if total else float("nan"),
+            "synthetic_success_rate": float(success.mean()) if n_acc else float("nan"),
+        }
+
+    # ------------------------------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs: model (normaliser inside), EMA, optimiser, both RNGs and the counters."""
+        return {"trainer": self.trainer.state_dict(), "sample_gen": self.sample_gen.get_state(),
+                "normalizer_fitted": self.normalizer_fitted, "fits": self.fits, "generated": self.generated,
+                "accepted": self.accepted}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.trainer.load_state_dict(dict(state["trainer"]))
+        gen_state = state["sample_gen"]
+        self.sample_gen.set_state(gen_state.cpu() if isinstance(gen_state, torch.Tensor) else gen_state)
+        self.normalizer_fitted = bool(state["normalizer_fitted"])
+        self.fits, self.generated, self.accepted = int(state["fits"]), int(state["generated"]), int(state["accepted"])
+
+
+__all__ = ["EpisodeLayout", "EpisodeDiffusionSettings", "EpisodeGenerator", "consistency_error", "consistency_filter",
+           "goal_reached", "successful_contexts", "component_stats", "gaussian_kl", "frechet_distance",
+           "FETCH_SUCCESS_THRESHOLD"]

@@ -1,0 +1,233 @@
+"""ITER-Diffusion's episode generator: row layout, consistency filter, KL / Frechet metrics, training, inpainted
+sampling and exact checkpoint round trips (tiny UNet, a few steps)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffrl.augment.episodes import (
+    EpisodeDiffusionSettings,
+    EpisodeGenerator,
+    EpisodeLayout,
+    component_stats,
+    consistency_filter,
+    frechet_distance,
+    gaussian_kl,
+    successful_contexts,
+)
+from diffrl.errors import ConfigError, DatasetError
+from diffrl.runs.checkpoint import load_checkpoint, save_checkpoint
+
+DO, DA, DG, T = 9, 4, 3, 6  # grip, obj, rel; 7 rows: the UNet pads them to 8
+TINY = EpisodeDiffusionSettings(num_steps=10, dim=8, dim_mults=(1, 2), lr=1e-3, batch_size=16, train_steps=5,
+                                tol=math.inf)
+
+
+def line_episodes(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Straight-line Fetch-like episodes: the gripper moves at constant velocity, the object at half of it."""
+    rng = np.random.default_rng(seed)
+    grip0 = rng.uniform(1.0, 1.5, (n, 1, 3))
+    obj0 = grip0 + rng.uniform(-0.1, 0.1, (n, 1, 3))
+    v = rng.uniform(-0.02, 0.02, (n, 1, 3))
+    steps = np.arange(T + 1)[None, :, None]
+    grip, obj = grip0 + v * steps, obj0 + 0.5 * v * steps
+    act = np.concatenate([np.repeat(v / 0.05, T, axis=1), np.zeros((n, T, 1))], axis=2)
+    g = np.repeat(rng.uniform(1.0, 1.5, (n, 1, 3)), T, axis=1)
+    eps = {"obs": np.concatenate([grip, obj, obj - grip], axis=2), "act": act, "ag": obj, "g": g}
+    return {k: v.astype(np.float32) for k, v in eps.items()}
+
+
+def generator(seed: int = 0, **overrides: object) -> EpisodeGenerator:
+    settings = EpisodeDiffusionSettings(**{**TINY.__dict__, **overrides})
+    return EpisodeGenerator(DO, DA, DG, T, object_task=True, settings=settings, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------------- layout
+def test_rows_are_obs_act_ag_g_with_padded_last_action_and_goal() -> None:
+    lay, eps = EpisodeLayout(DO, DA, DG), line_episodes(4)
+    rows = lay.join(eps)
+    assert rows.shape == (4, T + 1, DO + DA + 2 * DG) == (4, T + 1, lay.channels)
+    np.testing.assert_array_equal(rows[:, :, :DO], eps["obs"])
+    np.testing.assert_array_equal(rows[:, :T, DO:DO + DA], eps["act"])
+    np.testing.assert_array_equal(rows[:, T, DO:DO + DA], 0.0)
+    np.testing.assert_array_equal(rows[:, :, DO + DA:DO + DA + DG], eps["ag"])
+    np.testing.assert_array_equal(rows[:, T, -DG:], eps["g"][:, -1])
+    for k, v in lay.split(rows).items():
+        np.testing.assert_array_equal(v, eps[k])
+    assert EpisodeLayout(25, 4, 3).channels == 35
+
+
+def test_default_schedule_reaches_noise_without_a_degenerate_last_step() -> None:
+    """Cosine, betas capped at 0.5: alpha_bar_K ~ 1e-3 (the reference's linear schedule stops at ~0.6)."""
+    sched = EpisodeGenerator(DO, DA, DG, T, object_task=True).trainer.model.schedule
+    assert sched.num_steps == 50 and float(sched.betas.max()) <= 0.5 + 1e-6
+    assert float(sched.alphas_cumprod[-1]) < 2e-3
+
+
+def test_bad_episode_shapes_and_settings_are_rejected() -> None:
+    eps = line_episodes(2)
+    with pytest.raises(DatasetError, match="'act' has shape"):
+        EpisodeLayout(DO, DA, DG).join({**eps, "act": eps["act"][:, :-1]})
+    with pytest.raises(DatasetError, match="T=5"):
+        generator().fit({k: v[:, :-1] for k, v in eps.items()})
+    with pytest.raises(ConfigError, match="schedule"):
+        EpisodeDiffusionSettings(schedule="quadratic")
+    with pytest.raises(ValueError, match="obs_dim"):
+        EpisodeLayout(5, 4, 3, object_task=True)
+
+
+# ------------------------------------------------------------------------------------------------ filter
+def test_consistency_filter_measures_metres_and_honours_tol() -> None:
+    eps = line_episodes(4)
+    obs, ag = eps["obs"].astype(np.float64), eps["ag"].astype(np.float64)
+    ag[1, 3] += [0.03, 0.04, 0.0]         # achieved goal 0.05 m off the object at one row
+    obs[2, 5, 6:9] += [0.0, 0.0, 0.2]     # object_rel_pos 0.2 m off obj - grip
+    ag[3, 0] += [0.1, 0.0, 0.0]
+    ag[3, 6] += [0.0, 0.3, 0.0]           # worst row counts
+    keep, err = consistency_filter(obs, ag, object_task=True, tol=0.1)
+    np.testing.assert_allclose(err, [0.0, 0.05, 0.2, 0.3], atol=1e-6)
+    np.testing.assert_array_equal(keep, [True, True, False, False])
+    assert 1 - keep.mean() == 0.5  # rejection rate
+    keep, _ = consistency_filter(obs, ag, object_task=True, tol=0.04)
+    np.testing.assert_array_equal(keep, [True, False, False, False])
+    # Reach: the achieved goal is the gripper position, the rel-pos term does not apply
+    _, err = consistency_filter(obs, obs[..., 0:3] + [0.0, 0.0, 0.01], object_task=False, tol=0.1)
+    np.testing.assert_allclose(err, 0.01, atol=1e-6)
+
+
+def test_successful_contexts_pick_succeeding_episodes_and_fall_back_to_all() -> None:
+    eps = line_episodes(5)
+    eps["g"][2] = eps["ag"][2, 4]  # episode 2 reaches its goal at step 4 (ag_4 vs g_3)
+    ctx, info = successful_contexts(eps)
+    np.testing.assert_array_equal(ctx["obs0"], eps["obs"][[2], 0])
+    np.testing.assert_array_equal(ctx["g"], eps["g"][[2], 0])
+    assert info == {"successful_episodes": 1.0, "success_fraction": 0.2, "fallback": 0.0}
+    ctx, info = successful_contexts(eps, reward_fn=lambda ag, g: np.full(len(ag), -1.0))
+    assert info["fallback"] == 1.0 and len(ctx["obs0"]) == 5
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def test_kl_and_frechet_match_closed_forms_in_1d() -> None:
+    m1, s1, m2, s2 = 0.3, 0.5, -1.0, 2.0
+    kl = math.log(s2 / s1) + (s1 ** 2 + (m1 - m2) ** 2) / (2 * s2 ** 2) - 0.5
+    assert gaussian_kl([m1], [[s1 ** 2]], [m2], [[s2 ** 2]]) == pytest.approx(kl, rel=1e-12)
+    assert frechet_distance([m1], [[s1 ** 2]], [m2], [[s2 ** 2]]) == pytest.approx((m1 - m2) ** 2 + (s1 - s2) ** 2)
+
+
+def test_kl_and_frechet_match_closed_forms_for_diagonal_gaussians() -> None:
+    m1, v1 = np.array([0.0, 1.0, -2.0]), np.array([1.0, 0.25, 4.0])
+    m2, v2 = np.array([0.5, 1.0, 0.0]), np.array([2.0, 0.25, 1.0])
+    kl = 0.5 * np.sum(v1 / v2 + (m2 - m1) ** 2 / v2 - 1 + np.log(v2 / v1))
+    fd = np.sum((m1 - m2) ** 2) + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
+    assert gaussian_kl(m1, np.diag(v1), m2, np.diag(v2)) == pytest.approx(kl, rel=1e-12)
+    assert frechet_distance(m1, np.diag(v1), m2, np.diag(v2)) == pytest.approx(fd, rel=1e-12)
+
+
+def _whitened(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Samples whose pooled rows have mean exactly 0 and covariance exactly I."""
+    x = rng.normal(size=(int(np.prod(shape[:-1])), shape[-1]))
+    x -= x.mean(0)
+    chol = np.linalg.cholesky(np.atleast_2d(np.cov(x, rowvar=False, bias=True)))
+    return np.linalg.solve(chol, x.T).T.reshape(shape)
+
+
+def test_component_stats_are_zero_for_identical_data_and_exact_for_affine_copies() -> None:
+    rng = np.random.default_rng(0)
+    real = {"obs": _whitened(rng, (20, T + 1, DO)), "act": _whitened(rng, (20, T, DA)),
+            "ag": _whitened(rng, (20, T + 1, DG)), "g": _whitened(rng, (20, T, DG))}
+    same = component_stats(real, real)
+    assert set(same) == {f"{m}/{c}" for m in ("kl", "fd") for c in ("obs", "act", "ag", "g")}
+    assert all(abs(v) < 1e-9 for v in same.values())
+    scale = {k: rng.uniform(0.5, 2.0, v.shape[-1]) for k, v in real.items()}
+    shift = {k: rng.normal(size=v.shape[-1]) for k, v in real.items()}
+    synth = {k: v * scale[k] + shift[k] for k, v in real.items()}  # N(shift, diag(scale^2)) exactly
+    stats = component_stats(real, synth)
+    for k in real:
+        a2, b = scale[k] ** 2, shift[k]
+        kl = 0.5 * np.sum(1 / a2 + b ** 2 / a2 - 1 + np.log(a2))
+        fd = np.sum(b ** 2) + np.sum((1 - scale[k]) ** 2)
+        assert stats[f"kl/{k}"] == pytest.approx(kl, rel=1e-4)
+        assert stats[f"fd/{k}"] == pytest.approx(fd, rel=1e-4)
+    assert math.isnan(component_stats(real, {k: v[:0] for k, v in real.items()})["kl/obs"])
+
+
+# ----------------------------------------------------------------------------------------- train, sample
+def test_fit_reduces_the_denoising_loss_on_straight_lines() -> None:
+    gen = generator(batch_size=32, dim=16, dim_mults=(1,), lr=1e-2)
+    eps = line_episodes(64)
+    first = gen.fit(eps, steps=20)
+    gen.fit(eps, steps=80)
+    last = gen.fit(eps, steps=20)
+    assert first["steps"] == 20 and gen.trainer.step == 120 and gen.fits == 3
+    assert set(first) == {"loss_mean", "loss_std", "steps"}
+    assert last["loss_mean"] < 0.75 * first["loss_mean"]  # ~0.97 -> ~0.57 over seeds 0-2
+
+
+def test_fit_uses_at_most_n_train_episodes_and_keeps_the_first_normaliser() -> None:
+    gen = generator(n_train_episodes=10)
+    gen.fit(line_episodes(30), steps=1)
+    assert len(gen.trainer.data) == 10
+    shift = gen.trainer.model.normalizer.shift.clone()
+    shifted = line_episodes(30, seed=1)
+    shifted["obs"] += 5.0
+    gen.fit(shifted, steps=1)
+    torch.testing.assert_close(gen.trainer.model.normalizer.shift, shift, rtol=0, atol=0)
+    torch.testing.assert_close(gen.sampling_model.normalizer.shift, shift, rtol=0, atol=0)
+
+
+def test_generated_episodes_keep_the_context_and_are_repaired() -> None:
+    gen = generator()
+    eps = line_episodes(16)
+    gen.fit(eps, steps=5)
+    ctx = {"obs0": eps["obs"][:3, 0], "g": eps["g"][:3, 0]}
+    out, stats = gen.generate(ctx)  # one episode per context, in order
+    assert out["obs"].shape == (3, T + 1, DO) and out["act"].shape == (3, T, DA)
+    assert out["ag"].shape == (3, T + 1, DG) and out["g"].shape == (3, T, DG)
+    np.testing.assert_array_equal(out["obs"][:, 0], ctx["obs0"])  # inpainted, exact
+    np.testing.assert_array_equal(out["g"], np.repeat(ctx["g"][:, None], T, axis=1))  # constant per episode
+    assert np.all(np.abs(out["act"]) <= 1.0)
+    np.testing.assert_array_equal(out["ag"], out["obs"][..., 3:6])
+    np.testing.assert_allclose(out["obs"][..., 6:9], out["obs"][..., 3:6] - out["obs"][..., 0:3], atol=1e-6)
+    assert stats["generated"] == stats["accepted"] == 3 and stats["rejection_rate"] == 0.0
+    assert stats["consistency_error_median"] > 0  # an untrained model's ag disagrees with its obs
+    assert 0.0 <= stats["synthetic_success_rate"] <= 1.0
+    raw = gen.sample_rows(torch.as_tensor(ctx["obs0"]), torch.as_tensor(ctx["g"]), torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(raw[:, 0, DO + DA:DO + DA + DG].numpy(), ctx["obs0"][:, 3:6])  # ag_0 inpainted
+    np.testing.assert_array_equal(raw[:, T, DO:DO + DA].numpy(), 0.0)  # act_T := 0
+    many, stats = gen.generate(ctx, n=7)  # contexts drawn with replacement
+    assert len(many["obs"]) == 7
+    assert all(any(np.array_equal(o, c) for c in ctx["obs0"]) for o in many["obs"][:, 0])
+
+
+def test_generate_rejects_episodes_beyond_tol() -> None:
+    gen = generator(tol=1e-9)  # an untrained model is never this consistent
+    eps = line_episodes(8)
+    gen.fit(eps, steps=1)
+    out, stats = gen.generate({"obs0": eps["obs"][:, 0], "g": eps["g"][:, 0]})
+    assert stats == {**stats, "generated": 8.0, "accepted": 0.0, "rejection_rate": 1.0}
+    assert out["obs"].shape == (0, T + 1, DO) and math.isnan(stats["synthetic_success_rate"])
+    assert (gen.generated, gen.accepted) == (8, 0)
+
+
+def test_state_dict_round_trip_gives_identical_samples_and_training(tmp_path) -> None:
+    eps = line_episodes(16)
+    ctx = {"obs0": eps["obs"][:4, 0], "g": eps["g"][:4, 0]}
+    a = generator(seed=0, ema_decay=0.9)
+    a.fit(eps, steps=8)
+    save_checkpoint(tmp_path, 8, {"episodes": a.state_dict()})
+    b = generator(seed=123, ema_decay=0.9)
+    b.load_state_dict(load_checkpoint(tmp_path)[1]["episodes"])
+    out_a, stats_a = a.generate(ctx, n=5)
+    out_b, stats_b = b.generate(ctx, n=5)
+    for k in out_a:
+        np.testing.assert_array_equal(out_a[k], out_b[k])
+    assert stats_a == stats_b
+    seeded = [g.generate(ctx, generator=torch.Generator().manual_seed(7))[0]["obs"] for g in (a, b)]
+    np.testing.assert_array_equal(*seeded)
+    assert a.fit(eps, steps=3) == b.fit(eps, steps=3)
+    for pa, pb in zip(a.trainer.ema.shadow.parameters(), b.trainer.ema.shadow.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
