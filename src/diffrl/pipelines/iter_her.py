@@ -111,6 +111,11 @@ class ITERConfig(DDPGHERParams, RunConfig):
     """diffusion gradient steps per epoch (the reference: 10 passes over 500 episodes in batches of 64)"""
     ddpm_dim: int = 32
     """temporal UNet base width"""
+    ddpm_lr: float = 1e-3
+    """diffusion learning rate (the reference: 1e-4; see EpisodeDiffusionSettings.lr)"""
+    ddpm_prediction: str = "x0"
+    """the UNet predicts the clean episode (x0) or the noise (epsilon, the reference's; see
+    EpisodeDiffusionSettings.prediction)"""
     ddpm_batch_size: int = 64
     """diffusion batch size (episodes)"""
     synthetic_ratio: float = 0.05
@@ -137,6 +142,8 @@ class ITERConfig(DDPGHERParams, RunConfig):
         for name in ("n_ker", "n_ger", "replay_k", "ddpm_train_start", "ddpm_aug_start", "ddpm_tol"):
             check_non_negative(name, getattr(self, name))
         check_choice("replay_strategy", self.replay_strategy, HER_STRATEGIES)
+        check_choice("ddpm_prediction", self.ddpm_prediction, ("x0", "epsilon"))
+        check_positive("ddpm_lr", self.ddpm_lr)
         check(0.0 <= self.synthetic_ratio <= 1.0, "synthetic_ratio", self.synthetic_ratio, "in [0, 1]")
         check(self.ddpm_aug_start >= self.ddpm_train_start, "ddpm_aug_start", self.ddpm_aug_start,
               f">= ddpm_train_start={self.ddpm_train_start} (the model must be trained before it generates)")
@@ -238,7 +245,8 @@ def run(cfg: ITERConfig) -> Path:
                                  settings=EpisodeDiffusionSettings(
                                      num_steps=cfg.ddpm_time_steps, tol=cfg.ddpm_tol, dim=cfg.ddpm_dim,
                                      batch_size=cfg.ddpm_batch_size, n_train_episodes=cfg.ddpm_n_train_episodes,
-                                     train_steps=cfg.ddpm_train_steps)) if cfg.ddpm else None
+                                     train_steps=cfg.ddpm_train_steps, lr=cfg.ddpm_lr,
+                                     prediction=cfg.ddpm_prediction)) if cfg.ddpm else None
     rng = np.random.default_rng(cfg.seed)  # KER angles, GER offsets
 
     epoch, episodes_done, best_success = 0, 0, -1.0
