@@ -30,7 +30,7 @@ from diffrl.pipelines.iter_her import ITERConfig, run
 from diffrl.runs.logger import read_metrics
 
 OUT = Path(__file__).parent / "out"
-BUDGETS = {"FetchReach-v4": dict(epochs=5, n_cycles=10), "FetchPush-v4": dict(epochs=20, n_cycles=50)}
+BUDGETS = {"FetchReach-v4": dict(epochs=10, n_cycles=10), "FetchPush-v4": dict(epochs=10, n_cycles=50)}
 
 
 def run_diffrl(env_id: str, seed: int, epochs: int, n_cycles: int) -> dict:
