@@ -399,13 +399,20 @@ class ReportArgs:
     """run directories (seeds of one experiment are grouped by pipeline and env)"""
     out: Path = Path("report")
     """output directory for report.md, report.json and the PNG curves"""
+    metric: str = "auto"
+    """metrics.csv column to plot; auto: eval/success_rate for goal tasks (diffrl iter), else eval/return_mean"""
 
 
 def cmd_report(args: list[str]) -> None:
     from diffrl.runs.report import make_report
+    from diffrl.runs.rundir import read_config
 
     a = tyro.cli(ReportArgs, args=args, prog="diffrl report")
-    path = make_report(list(a.run_dirs), a.out)
+    metric = a.metric
+    if metric == "auto":
+        goal = a.run_dirs and all(read_config(d).get("pipeline") == "iter" for d in a.run_dirs)
+        metric = "eval/success_rate" if goal else "eval/return_mean"
+    path = make_report(list(a.run_dirs), a.out, metric=metric)
     print(f"report: {path}")
 
 

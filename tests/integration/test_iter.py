@@ -34,6 +34,8 @@ def test_plain_her_run_directory_and_success_per_epoch(tmp_path) -> None:
     r = rows(d)
     assert [int(x["env_steps"]) for x in r] == [100, 200] and all(x["eval/success_rate"] != "" for x in r)
     assert main(["eval", str(d), "--episodes", "2"]) == 0
+    assert main(["report", str(d), "--out", str(tmp_path / "rep")]) == 0  # goal tasks plot the success rate
+    assert "eval/success_rate" in json.dumps(json.loads((tmp_path / "rep" / "report.json").read_text()))
 
 
 def test_ker_stores_2_nker_episodes_per_rollout_and_ger_runs(tmp_path) -> None:
