@@ -4,9 +4,11 @@ Matched settings: 3x256 MLPs, Adam lr 1e-3 (actor and critic), batch 256, gamma 
 HER "future" with 4 sampled goals (p = 0.8), Gaussian exploration noise 0.2, one 50-step episode then 40
 gradient steps per cycle (SB3: ``train_freq=(1, "episode"), gradient_steps=40``), and the same target speed (diffrl:
 Polyak 0.95 once per cycle; SB3 updates its targets every gradient step, so tau = 1 - 0.95^(1/40)). diffrl also
-keeps what baselines' HER has and SB3's DDPG lacks: running input normalisation, the action L2 penalty and 30%
-random actions. Both are scored after every epoch (n_cycles episodes) by diffrl's one ``evaluate`` (10 deterministic
-test episodes, same eval seeds); env steps/s counts training only (evaluation excluded).
+keeps what baselines' HER has and SB3's DDPG lacks: the action L2 penalty and 30% random actions. SB3 gets observation normalisation the way rl-baselines3-zoo runs HER tasks (``VecNormalize``,
+``norm_obs``, clip 5; its HerReplayBuffer normalises sampled observations); without it SB3's DDPG stayed at 0-10%
+success on FetchReach for 2500 steps (benchmarks/out/her_vs_sb3-sb3-unnormalized.jsonl). Both are scored after
+every epoch (n_cycles episodes) by diffrl's one ``evaluate`` (10 deterministic test episodes, same eval seeds);
+env steps/s counts training only (evaluation excluded).
 
     python benchmarks/her_vs_sb3.py                                  # FetchReach + FetchPush, 3 seeds
     python benchmarks/her_vs_sb3.py --envs FetchReach-v4 --seeds 0   # a smoke run
@@ -49,10 +51,11 @@ def run_sb3(env_id: str, seed: int, epochs: int, n_cycles: int) -> dict:
     from stable_baselines3 import DDPG, HerReplayBuffer
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.noise import NormalActionNoise
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
     gym.register_envs(gymnasium_robotics)
-    env = gym.make(env_id)
-    T = env.spec.max_episode_steps
+    env = VecNormalize(DummyVecEnv([lambda: gym.make(env_id)]), norm_obs=True, norm_reward=False, clip_obs=5.0)
+    T = env.get_attr("spec")[0].max_episode_steps
     eval_env = make_env(env_id)
     curve: list[tuple[int, float]] = []
     eval_s = [0.0]
@@ -61,7 +64,8 @@ def run_sb3(env_id: str, seed: int, epochs: int, n_cycles: int) -> dict:
         def _on_step(self) -> bool:
             if self.num_timesteps % (n_cycles * T) == 0:
                 t0 = time.perf_counter()
-                result = evaluate(lambda o: self.model.predict(o, deterministic=True)[0], eval_env, 10, seed=seed)
+                result = evaluate(lambda o: self.model.predict(env.normalize_obs(o), deterministic=True)[0], eval_env,
+                                  10, seed=seed)
                 curve.append((self.num_timesteps, result.success_rate))
                 eval_s[0] += time.perf_counter() - t0
             return True
