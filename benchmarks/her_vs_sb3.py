@@ -2,13 +2,15 @@
 
 Matched settings: 3x256 MLPs, Adam lr 1e-3 (actor and critic), batch 256, gamma 0.98, buffer 1M transitions,
 HER "future" with 4 sampled goals (p = 0.8), Gaussian exploration noise 0.2, one 50-step episode then 40
-gradient steps per cycle (SB3: ``train_freq=(1, "episode"), gradient_steps=40``), and the same target speed (diffrl:
-Polyak 0.95 once per cycle; SB3 updates its targets every gradient step, so tau = 1 - 0.95^(1/40)). diffrl also
-keeps what baselines' HER has and SB3's DDPG lacks: the action L2 penalty and 30% random actions. SB3 gets
-observation normalisation the way rl-baselines3-zoo runs HER tasks (``VecNormalize``, ``norm_obs``, clip 5; its HerReplayBuffer normalises sampled observations); without it SB3's DDPG stayed at 0-10%
-success on FetchReach for 2500 steps (benchmarks/out/her_vs_sb3-sb3-unnormalized.jsonl). Both are scored after
-every epoch (n_cycles episodes) by diffrl's one ``evaluate`` (10 deterministic test episodes, same eval seeds);
-env steps/s counts training only (evaluation excluded).
+gradient steps per cycle (SB3: ``train_freq=(1, "episode"), gradient_steps=40``), and the same target speed
+(diffrl: Polyak 0.95 once per cycle; SB3 updates its targets every gradient step, so tau = 1 - 0.95^(1/40)).
+Observations are normalised on both sides: diffrl with baselines' running normalisers, SB3 the way
+rl-baselines3-zoo runs HER tasks (``VecNormalize``, ``norm_obs``, clip 5; its HerReplayBuffer normalises sampled
+observations). Without it SB3's DDPG stayed at 0-10% success on FetchReach for 2500 steps
+(benchmarks/out/her_vs_sb3-sb3-unnormalized.jsonl). diffrl also keeps what baselines' HER has and SB3's DDPG
+lacks: the action L2 penalty and 30% random actions. Both are scored after every epoch (n_cycles episodes) by
+diffrl's one ``evaluate`` (10 deterministic test episodes, same eval seeds); env steps/s counts training only
+(evaluation excluded).
 
     python benchmarks/her_vs_sb3.py                                  # FetchReach + FetchPush, 3 seeds
     python benchmarks/her_vs_sb3.py --envs FetchReach-v4 --seeds 0   # a smoke run
