@@ -86,7 +86,7 @@ def evaluate(policy: Policy | Callable[[Any], np.ndarray], env: gym.Env, episode
             a = act(_batch(obs), deterministic=True) if act is not None else policy(_batch(obs))  # type: ignore[operator]
             obs, r, terminated, truncated, info = env.step(np.asarray(a)[0])
             ret += float(r)
-            length += 1
+            length += int(info.get("env_steps", 1))  # an action-chunk env step runs several env steps
             if terminated or truncated:
                 break
         returns.append(ret)

@@ -1,0 +1,176 @@
+"""What a PPO fine-tuning loop needs around the agent: reward scaling, GAE and (env step, transition) minibatches.
+
+Shapes: ``T`` rollout steps (action chunks), ``N`` envs, ``S`` policy transitions per env step (DPPO: the
+``K'`` fine-tuned denoising steps; a Gaussian policy: 1), ``B`` minibatch, ``To`` / ``Do`` observation history
+length / dim, ``Ta`` / ``Da`` chunk length / action dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class RunningRewardScaler:
+    """Divides rewards by the running std of a discounted return (Engstrom et al. 2020, arXiv:2005.12729, 9.3).
+
+    DPPO's ``reward_scale_running`` (``util/reward_scaling.py``, after OpenAI baselines): each env keeps a
+    return ``R <- r + gamma R`` that restarts after an episode end; one running variance is pooled over every
+    env's ``R`` (no per-env statistics) and rewards are scaled by ``1 / sqrt(var + eps)``, then clipped.
+
+    Args:
+        num_envs: ``N``.
+        gamma: discount of the tracked return (its own, 0.99, not the RL discount).
+        clip: rewards are clipped to ``[-clip, clip]`` after scaling.
+        eps: added to the variance.
+    """
+
+    def __init__(self, num_envs: int, gamma: float = 0.99, clip: float = 10.0, eps: float = 1e-8) -> None:
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        self.gamma, self.clip, self.eps = gamma, clip, eps
+        self.ret = np.zeros(num_envs, dtype=np.float64)  # running discounted return of each env
+        # running moments start from a prior of mean 0, var 1 with a tiny weight (baselines' RunningMeanStd)
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
+
+    def _update_moments(self, x: np.ndarray) -> None:
+        # Chan et al.'s parallel update; DPPO divides M2 by (count - 1), negligible once count is large
+        b_mean, b_var, b_count = float(x.mean()), float(x.var()), x.size
+        delta, total = b_mean - self.mean, self.count + b_count
+        m2 = self.var * self.count + b_var * b_count + delta ** 2 * self.count * b_count / total
+        self.mean, self.var, self.count = self.mean + delta * b_count / total, m2 / total, total
+
+    def __call__(self, rewards: np.ndarray, episode_ends: np.ndarray) -> np.ndarray:
+        """Update the statistics with a rollout and return its scaled rewards.
+
+        Args:
+            rewards: ``(T, N)`` rewards of one rollout, in order.
+            episode_ends: ``(T, N)`` true where an episode ended at that step (terminated or truncated): the
+                tracked return restarts at the next step. Carried over between calls.
+        Returns:
+            ``(T, N)`` float32 scaled rewards (all scaled with the statistics after this rollout, as DPPO).
+        """
+        r = np.asarray(rewards, dtype=np.float64)
+        ends = np.asarray(episode_ends, dtype=bool)
+        if r.ndim != 2 or r.shape != ends.shape or r.shape[1] != len(self.ret):
+            raise ValueError(f"rewards and episode_ends must both be (T, {len(self.ret)}), got {r.shape} and "
+                             f"{ends.shape}")
+        rets = np.empty_like(r)
+        for t in range(len(r)):
+            self.ret = r[t] + self.gamma * self.ret
+            rets[t] = self.ret
+            self.ret = np.where(ends[t], 0.0, self.ret)
+        self._update_moments(rets)
+        return self.scale(r)
+
+    def scale(self, rewards: np.ndarray) -> np.ndarray:
+        """Scale rewards with the current statistics (no update)."""
+        scaled = np.asarray(rewards, dtype=np.float64) / np.sqrt(self.var + self.eps)
+        return np.clip(scaled, -self.clip, self.clip).astype(np.float32)
+
+    @property
+    def std(self) -> float:
+        return float(np.sqrt(self.var + self.eps))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ret": self.ret.copy(), "mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ret = np.asarray(state["ret"].cpu() if isinstance(state["ret"], torch.Tensor) else state["ret"], np.float64)
+        if ret.shape != self.ret.shape:
+            raise ValueError(f"the saved reward scaler tracks {ret.shape[0]} envs, this one {self.ret.shape[0]}")
+        self.ret = ret.copy()
+        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), float(state["count"])
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, terminated: torch.Tensor,
+        gamma: float, lam: float, truncated: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over ``(T, N)`` env (chunk) steps.
+
+    ``delta_t = r_t + gamma (1 - terminated_t) V'_t - V_t`` and ``A_t = delta_t + gamma lam (1 - end_t) A_{t+1}``.
+    Bootstrapping is masked by TERMINATION only: a truncated step still bootstraps from ``next_values``.
+
+    Args:
+        rewards, values: ``(T, N)``; ``values[t] = V(s_t)``.
+        next_values: ``(T, N)`` value of the observation each step reached, ``V(s_{t+1})``. Pass the value of the
+            true final observation where an episode ended (our vector env returns it); DPPO uses the value of the
+            auto-reset observation there, a small bias after truncations.
+        terminated: ``(T, N)`` true terminations.
+        gamma: discount per env step (DPPO: per chunk).
+        lam: GAE lambda.
+        truncated: ``(T, N)`` time-limit ends. The recursion stops at ``terminated | truncated`` when given; with
+            ``None`` it stops at terminations only (DPPO's loop, whose advantages then flow across a truncation
+            into the next episode).
+    Returns:
+        ``(advantages, returns)`` with ``returns = advantages + values``, both ``(T, N)`` float32.
+    """
+    r = torch.as_tensor(rewards, dtype=torch.float32)
+    v = torch.as_tensor(values, dtype=torch.float32, device=r.device)
+    nv = torch.as_tensor(next_values, dtype=torch.float32, device=r.device)
+    term = torch.as_tensor(terminated, device=r.device).float()
+    end = term if truncated is None else torch.maximum(term, torch.as_tensor(truncated, device=r.device).float())
+    if not (r.shape == v.shape == nv.shape == term.shape == end.shape) or r.dim() != 2:
+        raise ValueError(f"gae takes (T, N) tensors of one shape, got rewards {tuple(r.shape)}, values "
+                         f"{tuple(v.shape)}, next_values {tuple(nv.shape)}, terminated {tuple(term.shape)}")
+    delta = r + gamma * (1.0 - term) * nv - v
+    adv = torch.zeros_like(r)
+    last = torch.zeros_like(r[0])
+    for t in range(r.shape[0] - 1, -1, -1):
+        last = delta[t] + gamma * lam * (1.0 - end[t]) * last
+        adv[t] = last
+    return adv, adv + v
+
+
+@dataclasses.dataclass
+class PPOBatch:
+    """One PPO minibatch of (env step, transition) pairs.
+
+    For DPPO, ``chain_x -> chain_next`` is fine-tuned denoising transition ``denoise_idx`` of that env step's
+    recorded chain (0 = the noisiest fine-tuned step, ``K' - 1`` = the one producing the action). For a Gaussian
+    policy ``denoise_idx`` is 0 and ``chain_next`` is the sampled action chunk.
+    """
+
+    obs: torch.Tensor            # (B, To, Do) normalised observation history
+    chain_x: torch.Tensor        # (B, Ta, Da) input of the transition
+    chain_next: torch.Tensor     # (B, Ta, Da) its sampled output
+    denoise_idx: torch.Tensor    # (B,) long, transition index in [0, S)
+    old_log_prob: torch.Tensor   # (B,) reduced log-prob under the rollout policy
+    advantages: torch.Tensor     # (B,) env-step GAE advantage
+    returns: torch.Tensor        # (B,) env-step return target of the critic
+    old_values: torch.Tensor     # (B,) critic value at rollout time
+
+    def to(self, device: torch.device | str) -> PPOBatch:
+        return PPOBatch(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+
+    def __len__(self) -> int:
+        return int(self.obs.shape[0])
+
+
+def ppo_minibatches(obs: torch.Tensor, chains: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
+                    returns: torch.Tensor, values: torch.Tensor, batch_size: int,
+                    generator: torch.Generator | None = None) -> Iterator[PPOBatch]:
+    """One epoch of minibatches over the flattened ``M * S`` (env step, transition) pairs (DPPO PR #13).
+
+    Args:
+        obs: ``(M, To, Do)`` with ``M = T * N`` env steps flattened.
+        chains: ``(M, S + 1, Ta, Da)`` recorded chains.
+        old_log_probs: ``(M, S)`` reduced log-probs at rollout time (``agent.chain_log_probs``).
+        advantages, returns, values: ``(M,)`` per env step.
+        batch_size: pairs per minibatch; ``max(1, M S // batch_size)`` full minibatches are drawn from one random
+            permutation and the remainder is skipped (as DPPO).
+        generator: for the permutation.
+    """
+    m, s = old_log_probs.shape
+    if chains.shape[:2] != (m, s + 1) or obs.shape[0] != m:
+        raise ValueError(f"chains must be (M, S + 1, Ta, Da) and obs (M, To, Do) with (M, S) = {(m, s)}, got "
+                         f"{tuple(chains.shape)} and {tuple(obs.shape)}")
+    perm = torch.randperm(m * s, generator=generator).to(obs.device)
+    for b in range(max(1, (m * s) // batch_size)):
+        pair = perm[b * batch_size:(b + 1) * batch_size]
+        step, idx = pair // s, pair % s  # unravel (env step, transition)
+        yield PPOBatch(obs[step], chains[step, idx], chains[step, idx + 1], idx, old_log_probs[step, idx],
+                       advantages[step], returns[step], values[step])
