@@ -5,6 +5,7 @@
     diffrl offline td3bc --dataset D ...;  diffrl data info|convert|collect ...
     diffrl diffusion train|sample|fidelity ...
     diffrl iter --env FetchPush-v4 [--n-ker 8] [--n-ger 4] [--ddpm] [--preset quick|paper] ...
+    diffrl dppo pretrain --dataset D [--policy-type diffusion|gaussian];  diffrl dppo finetune --policy RUN_DIR ...
     diffrl eval RUN_DIR [--episodes N]
     diffrl report RUN_DIR... [--out DIR]
     diffrl quickstart
@@ -35,6 +36,8 @@ commands:
                                    (diffrl synther --help)
   iter --env FetchPush-v4          DDPG+HER, ITER (KER + GER) and ITER-Diffusion on Fetch tasks
                                    (diffrl iter --help)
+  dppo pretrain|finetune           DPPO: BC pre-training of a diffusion (or Gaussian) chunk policy, then PPO
+                                   fine-tuning over the denoising MDP (diffrl dppo --help)
   eval RUN_DIR                     evaluate a run's latest checkpoint    (diffrl eval --help)
   report RUN_DIR...                learning curves and a results table   (diffrl report --help)
   quickstart                       a short demo run with a report
@@ -186,6 +189,31 @@ def cmd_iter(args: list[str]) -> None:
                                      for k, v in summary["time_breakdown_s"].items()))
 
 
+def cmd_dppo(args: list[str]) -> None:
+    from diffrl.pipelines import dppo
+
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: diffrl dppo pretrain --dataset D [--policy-type diffusion|gaussian] [--preset quick|paper]\n"
+              "           [--seed S] [options]\n"
+              "       diffrl dppo finetune --policy PRETRAIN_RUN_DIR [--env ID] [--ft-denoising-steps K']\n"
+              "           [--use-ddim --ddim-steps S] [--n-envs N] [--preset quick|paper] [--seed S] [options]\n"
+              "       diffrl dppo pretrain|finetune --resume RUN_DIR;  ... --help (every option)")
+        return
+    stages = {"pretrain": (dppo.PretrainConfig, dppo.pretrain), "finetune": (dppo.FinetuneConfig, dppo.finetune)}
+    if args[0] not in stages:
+        raise ConfigError(f"unknown dppo command {args[0]!r}: choose pretrain or finetune.")
+    cls, run = stages[args[0]]
+    cfg = _config_from_args(cls, dppo.PRESETS[args[0]], args[1:], f"diffrl dppo {args[0]}", dppo.load_config,
+                            lambda saved: "diffrl dppo " + ("pretrain" if isinstance(saved, dppo.PretrainConfig)
+                                                            else "finetune"))
+    run_dir = run(cfg)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(f"run directory: {run_dir}")
+    _print_summary(summary)
+    print("wall clock: " + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s"
+                                     for k, v in summary["time_breakdown_s"].items()))
+
+
 def _print_summary(s: dict) -> None:
     if s.get("eval_return_mean") is not None:
         line = (f"final eval return: {s['eval_return_mean']:.1f} ± {s['eval_return_std']:.1f} "
@@ -234,6 +262,8 @@ def cmd_eval(args: list[str]) -> None:
         from diffrl.pipelines import synther_offline as module
     elif pipeline.startswith("synther_online_"):
         from diffrl.pipelines import synther_online as module
+    elif pipeline.startswith("dppo_"):
+        from diffrl.pipelines import dppo as module
     else:
         module = offline if pipeline.startswith("offline_") else online
     result = module.evaluate_run(a.run_dir, a.episodes, a.device, a.seed)
@@ -458,7 +488,7 @@ def cmd_quickstart(args: list[str]) -> None:
 
 
 COMMANDS = {"train": cmd_train, "offline": cmd_offline, "data": cmd_data, "diffusion": cmd_diffusion,
-            "synther": cmd_synther, "iter": cmd_iter, "eval": cmd_eval,
+            "synther": cmd_synther, "iter": cmd_iter, "dppo": cmd_dppo, "eval": cmd_eval,
             "report": cmd_report, "quickstart": cmd_quickstart}
 
 

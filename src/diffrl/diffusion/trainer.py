@@ -47,6 +47,9 @@ class TrainerSettings:
     """run the network in bfloat16 autocast (CPUs with AVX512-BF16/AMX, GPUs); optimiser state stays fp32"""
 
     def __post_init__(self) -> None:
+        parent = getattr(super(), "__post_init__", None)  # chain to the next base of a config that extends this one
+        if parent is not None:
+            parent()
         for name in ("steps", "batch_size", "lr", "ema_every"):
             check_positive(name, getattr(self, name))
         for name in ("weight_decay", "warmup_steps", "grad_clip", "ema_start", "ema_warmup_power"):

@@ -1,0 +1,263 @@
+"""`diffrl dppo pretrain|finetune` end to end on Hopper-v5 through the CLI: the run directories, raw and EMA weights,
+the chunk envs, the fine-tuned routing in `diffrl eval` (DPPO issue #29), the Gaussian baseline's plain PPO, exact
+resume of a killed fine-tuning run, and one-sentence errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffrl.agents.dppo import DiffusionPolicy, GaussianPolicy, GaussianPPO
+from diffrl.cli import main
+from diffrl.config import from_dict, to_dict
+from diffrl.data import load_dataset
+from diffrl.envs import make_env
+from diffrl.envs.wrappers import MinMaxNormalization
+from diffrl.eval import evaluate
+from diffrl.pipelines import dppo
+from diffrl.runs import checkpoint as ckpt
+from diffrl.runs.seeding import derive_seed
+
+PRE = ["--steps", "40", "--denoising-steps", "5", "--hidden", "32", "--gaussian-hidden", "32", "32", "32",
+       "--batch-size", "32", "--ema-start", "10", "--ema-every", "2", "--log-every", "20", "--eval-episodes", "2",
+       "--max-episode-steps", "40", "--no-progress"]
+FT = ["--ft-denoising-steps", "3", "--n-envs", "2", "--n-steps", "8", "--batch-size", "12", "--update-epochs", "2",
+      "--actor-lr", "1e-3", "--critic-hidden", "16", "16", "16", "--eval-every", "2", "--eval-episodes", "2",
+      "--max-episode-steps", "40", "--checkpoint-every", "1", "--no-progress"]
+
+
+def rows(run_dir: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader((run_dir / "metrics.csv").read_text().splitlines()))
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dppo")
+
+
+@pytest.fixture(scope="module")
+def pretrained(workdir, hopper_random) -> Path:
+    assert main(["dppo", "pretrain", "--dataset", str(hopper_random), *PRE, "--run-dir", str(workdir / "pre")]) == 0
+    return workdir / "pre"
+
+
+@pytest.fixture(scope="module")
+def gaussian_pretrained(workdir, hopper_random) -> Path:
+    assert main(["dppo", "pretrain", "--dataset", str(hopper_random), "--policy-type", "gaussian", *PRE,
+                 "--run-dir", str(workdir / "gpre")]) == 0
+    return workdir / "gpre"
+
+
+@pytest.fixture(scope="module")
+def finetuned(workdir, pretrained) -> Path:
+    assert main(["dppo", "finetune", "--policy", str(pretrained), *FT, "--n-train-itr", "3",
+                 "--run-dir", str(workdir / "ft")]) == 0
+    return workdir / "ft"
+
+
+def test_pretrain_keeps_raw_and_ema_weights_the_dataset_normalisation_and_evaluates_the_ema_policy(pretrained,
+                                                                                                  hopper_random):
+    s = summary(pretrained)
+    assert s["pipeline"] == "dppo_pretrain" and s["gradient_steps"] == 40 and s["env_steps"] == 0
+    meta = load_dataset(hopper_random).metadata
+    expected = 100 * (s["eval_return_mean"] - meta["ref_min_score"]) / (meta["ref_max_score"] - meta["ref_min_score"])
+    assert s["normalized_score"] == pytest.approx(expected) and s["eval_episodes"] == 2
+    assert [int(r["step"]) for r in rows(pretrained)] == [20, 40]
+    manifest, parts = ckpt.load_checkpoint(pretrained)
+    policy = manifest["meta"]["policy"]
+    assert policy["type"] == "diffusion" and policy["denoising_steps"] == 5 and policy["horizon_steps"] == 4
+    raw, ema = parts["policy"]["model"], parts["policy"]["ema"]["shadow"]
+    assert raw.keys() == ema.keys() and any(not torch.equal(raw[k], ema[k]) for k in raw)  # EMA lags the raw weights
+    ds = load_dataset(hopper_random)
+    fitted = MinMaxNormalization.fit(ds.observations, ds.actions).state_dict()
+    assert all(np.array_equal(parts["normalization"][k], v) for k, v in fitted.items())
+    # `diffrl eval` evaluates the same EMA policy the run evaluated at its end
+    out = dppo.evaluate_run(pretrained, episodes=2, device="cpu")
+    assert out["return_mean"] == pytest.approx(s["eval_return_mean"]) and out["policy_type"] == "diffusion"
+
+
+def test_chunk_envs_sum_chunk_rewards_seed_episodes_and_replay_running_ones_exactly(pretrained):
+    source = dppo.load_pretrained(pretrained)
+    norm = source.normalization
+
+    def envs() -> dppo.ChunkVecEnv:
+        return dppo.ChunkVecEnv("Hopper-v5", 2, 3, lambda: dppo.chunk_env("Hopper-v5", source.policy, norm))
+
+    vec, rng = envs(), np.random.default_rng(0)
+    obs = vec.reset()
+    chunks = rng.uniform(-1, 1, (3, 2, 4, 3)).astype(np.float32)
+    steps = [vec.step(c) for c in chunks[:2]]
+    # by hand: env 1's first episode from its seed, the 4 executed actions un-normalised, rewards summed
+    raw = make_env("Hopper-v5")
+    o, _ = raw.reset(seed=derive_seed(3, 1, 0))
+    np.testing.assert_array_equal(obs[1, -1], norm.normalize_obs(o))
+    for k, step in enumerate(steps):
+        total, n = 0.0, 0
+        for a in norm.unnormalize_act(chunks[k, 1]):
+            _, r, te, tr, _ = raw.step(a)
+            total, n = total + float(r), n + 1
+            if te or tr:
+                break
+        assert step.reward[1] == pytest.approx(total) and step.env_steps >= n
+    # a copy rebuilt from the state dict continues bit-exactly
+    state = vec.state_dict()
+    copy = envs()
+    np.testing.assert_array_equal(copy.load_state_dict(state), steps[-1].obs)
+    a, b = vec.step(chunks[2]), copy.step(chunks[2])
+    np.testing.assert_array_equal(a.obs, b.obs)
+    np.testing.assert_array_equal(a.reward, b.reward)
+
+
+def test_finetune_logs_every_iteration_and_writes_the_run_directory(finetuned):
+    s = summary(finetuned)
+    assert s["pipeline"] == "dppo_finetune" and s["policy_type"] == "diffusion" and s["iterations"] == 3
+    assert s["agent_params"]["denoising_steps"] == 5 and s["agent_params"]["ft_denoising_steps"] == 3  # K from pretrain
+    assert s["gradient_steps"] == 3 * 2 * (2 * 8 * 3 // 12) and s["actor_updates"] == s["gradient_steps"]
+    assert s["initial_eval_return"] is not None and s["normalized_score"] is not None
+    assert {"rollout_s", "scoring_s", "update_s", "eval_s"} <= set(s["time_breakdown_s"])
+    r = rows(finetuned)
+    assert [x["itr"] for x in r] == ["0.0", "1.0", "2.0", "3.0"]  # the pre-trained policy at env step 0, then each
+    steps = [int(x["env_steps"]) for x in r]
+    assert steps[0] == 0 and all(b > a for a, b in zip(steps, steps[1:])) and steps[-1] == s["env_steps"]
+    assert [x["eval/return_mean"] != "" for x in r] == [True, False, True, False]  # eval every 2; final: summary
+    for key in ("pg_loss", "v_loss", "approx_kl", "clipfrac", "perf/rollout_s_per_env_step",
+                "perf/update_s_per_env_step", "train/reward_scale_std"):
+        assert all(x[key] != "" for x in r[1:]), key
+    # the clip schedule is exponential between base and coef (0.01 both here: DPPO's Gym setting)
+    assert float(r[1]["clip_coef_mean"]) == pytest.approx(0.01)
+    manifest, parts = ckpt.load_checkpoint(finetuned)
+    assert manifest["meta"]["iteration"] == 3 and set(parts) == {"state", "normalization"}
+
+
+def test_eval_of_a_finetuned_run_routes_the_last_k_prime_steps_to_the_finetuned_network(finetuned, pretrained):
+    agent, source, _ = dppo.load_finetuned(finetuned, device="cpu")
+    policy = agent.policy
+    assert isinstance(policy, DiffusionPolicy) and policy.chain_steps == 5 and policy.ft_steps == 3
+    assert [policy.net_for_step(i) is policy.ft_net for i in range(5)] == [False, False, True, True, True]
+    ema = ckpt.load_checkpoint(pretrained)[1]["policy"]["ema"]["shadow"]
+    base = policy.base.state_dict()
+    assert all(torch.equal(base[k], ema[k]) for k in ema)  # the frozen base is the pre-trained EMA model
+    ft = policy.ft_net.state_dict()
+    assert any(not torch.equal(ft[k], base[f"net.{k}"]) for k in ft)  # the fine-tuned copy moved
+    # `diffrl eval` = the evaluation the run itself did (same routing, same episodes) ...
+    finetuned_eval = dppo.evaluate_run(finetuned, episodes=2, device="cpu")
+    assert finetuned_eval["return_mean"] == pytest.approx(summary(finetuned)["eval_return_mean"])
+    assert main(["eval", str(finetuned), "--episodes", "2"]) == 0
+    # ... and it differs from the pre-trained policy only through the fine-tuned copy: reset that copy to the base
+    # network and the same evaluation reproduces the pre-training run's exactly
+    pretrained_eval = dppo.evaluate_run(pretrained, episodes=2, device="cpu")
+    assert finetuned_eval["returns"] != pretrained_eval["returns"]
+    policy.ft_net.load_state_dict(policy.base.net.state_dict())
+    env = dppo.chunk_env("Hopper-v5", source.policy, source.normalization, max_episode_steps=40)
+    reset = evaluate(dppo.ChunkActor(policy, torch.device("cpu"), 0), env, 2, seed=0)
+    assert reset.returns == pretrained_eval["returns"]
+
+
+def test_a_gaussian_pretrain_run_is_finetuned_with_plain_ppo(workdir, gaussian_pretrained, capsys):
+    s = summary(gaussian_pretrained)
+    assert s["pipeline"] == "dppo_pretrain_gaussian" and s["policy_type"] == "gaussian"
+    run = workdir / "gft"
+    assert main(["dppo", "finetune", "--policy", str(gaussian_pretrained), *FT, "--n-train-itr", "2",
+                 "--n-critic-warmup-itr", "1", "--run-dir", str(run)]) == 0
+    s = summary(run)
+    assert s["pipeline"] == "dppo_finetune_gaussian" and s["policy_type"] == "gaussian"
+    assert s["gradient_steps"] == 2 * 2 * (2 * 8 // 12)  # one transition per env step, not K'
+    assert s["actor_updates"] == s["gradient_steps"] // 2  # the first iteration trains the critic only
+    assert [x["train/critic_only"] for x in rows(run)[1:]] == ["1.0", "0.0"]
+    agent, _, _ = dppo.load_finetuned(run, device="cpu")
+    assert isinstance(agent, GaussianPPO) and isinstance(agent.policy, GaussianPolicy)
+    assert agent.num_transitions == 1
+    r = rows(run)[1:]
+    assert all(float(x["clip_coef_mean"]) == pytest.approx(0.01) for x in r)  # constant clip, no denoising schedule
+    assert all(float(x["entropy"]) == pytest.approx(0.5 + 0.5 * np.log(2 * np.pi) + np.log(0.1), abs=0.05) for x in r)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--episodes", "2"]) == 0
+    assert f"return {s['eval_return_mean']:.1f}" in capsys.readouterr().out
+
+
+def test_unet_policy_is_finetuned_with_ddim_routing_the_last_k_prime_ddim_steps(workdir, hopper_random):
+    pre, ft = workdir / "unet-pre", workdir / "unet-ft"
+    assert main(["dppo", "pretrain", "--dataset", str(hopper_random), *PRE, "--denoiser", "unet", "--unet-dim", "8",
+                 "--steps", "10", "--run-dir", str(pre)]) == 0
+    assert ckpt.load_checkpoint(pre)[0]["meta"]["policy"]["model_spec"]["denoiser"]["type"] == "unet"
+    assert main(["dppo", "finetune", "--policy", str(pre), *FT, "--use-ddim", "--ddim-steps", "3",
+                 "--ft-denoising-steps", "2", "--n-train-itr", "1", "--run-dir", str(ft)]) == 0
+    agent, _, _ = dppo.load_finetuned(ft, device="cpu")
+    policy = agent.policy
+    assert isinstance(policy, DiffusionPolicy) and policy.use_ddim and policy.chain_steps == 3
+    assert [policy.net_for_step(i) is policy.ft_net for i in range(3)] == [False, True, True]
+    assert summary(ft)["gradient_steps"] == 2 * (2 * 8 * 2 // 12)
+    assert dppo.evaluate_run(ft, episodes=1, device="cpu")["return_mean"] > 0
+
+
+def test_resume_of_a_killed_finetuning_run_reproduces_the_uninterrupted_run(workdir, pretrained, finetuned):
+    part = workdir / "part"
+    assert main(["dppo", "finetune", "--policy", str(pretrained), *FT, "--n-train-itr", "2",
+                 "--run-dir", str(part)]) == 0
+    # killed after logging iteration 2 but before its checkpoint landed: resume must redo iteration 2
+    newest = ckpt.list_checkpoints(part / "checkpoints")
+    assert len(newest) == 2
+    shutil.rmtree(newest[-1])
+    assert main(["dppo", "finetune", "--resume", str(part), "--n-train-itr", "3", "--no-progress"]) == 0
+
+    def curve(d: Path) -> list[dict[str, str]]:
+        return [{k: v for k, v in x.items() if k != "wall_s" and not k.startswith("perf/")} for x in rows(d)]
+
+    assert curve(part) == curve(finetuned)
+    assert summary(part)["eval_return_mean"] == summary(finetuned)["eval_return_mean"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--policy", "/nonexistent/pretrain-run"], "/nonexistent/pretrain-run does not exist"),
+    (["--env", "Walker2d-v5"], "pre-trained on Hopper-v5 data"),
+    (["--ft-denoising-steps", "8"], "invalid ft_denoising_steps=8: it must be <= the 5 transitions"),
+    (["--horizon-steps", "8"], "horizon_steps=8 differs from the pre-trained policy's 4"),
+])
+def test_bad_finetune_inputs_get_one_sentence_and_write_nothing(workdir, pretrained, capsys, args, message):
+    out = workdir / "bad"
+    argv = ["dppo", "finetune", "--policy", str(pretrained), *FT, "--n-train-itr", "1", *args, "--run-dir", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("preset", ["quick", "paper"])
+def test_presets_build_valid_configs_that_round_trip(preset):
+    pre = dppo.PretrainConfig(dataset="d.hdf5", **dppo.PRESETS["pretrain"][preset])
+    ft = dppo.FinetuneConfig(policy=Path("runs/pre"), **dppo.PRESETS["finetune"][preset])
+    assert from_dict(dppo.PretrainConfig, to_dict(pre)) == pre and from_dict(dppo.FinetuneConfig, to_dict(ft)) == ft
+    assert pre.denoising_steps == 20 and pre.horizon_steps == pre.act_steps == 4 and ft.ft_denoising_steps == 10
+    if preset == "paper":  # DPPO's Hopper: 40 envs x 500 chunks x 4 actions; 200k pairs in 4 minibatches of 50k
+        assert ft.n_envs * ft.n_steps * pre.act_steps == 80_000
+        assert ft.n_envs * ft.n_steps * ft.ft_denoising_steps // ft.batch_size == 4 and pre.hidden == 512
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--dataset", "/nonexistent/data.hdf5"], "/nonexistent/data.hdf5 does not exist"),
+    (["--env", "Walker2d-v5"], "pass the env the dataset was collected on"),
+])
+def test_bad_pretrain_inputs_get_one_sentence_and_write_nothing(workdir, hopper_random, capsys, args, message):
+    out = workdir / "bad-pre"
+    assert main(["dppo", "pretrain", "--dataset", str(hopper_random), *PRE, *args, "--run-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_finetuning_a_finetuning_run_or_resuming_across_stages_is_refused(workdir, pretrained, finetuned, capsys):
+    assert main(["dppo", "finetune", "--policy", str(finetuned), *FT, "--run-dir", str(workdir / "bad2")]) == 2
+    assert "pass the run directory of `diffrl dppo pretrain`" in capsys.readouterr().err
+    assert main(["dppo", "finetune", "--resume", str(pretrained)]) == 2
+    assert "diffrl dppo pretrain --resume" in capsys.readouterr().err
+    assert not (workdir / "bad2").exists()
