@@ -167,16 +167,21 @@ def test_fit_reduces_the_denoising_loss_on_straight_lines() -> None:
     assert last["loss_mean"] < 0.75 * first["loss_mean"]  # ~0.97 -> ~0.57 over seeds 0-2
 
 
-def test_fit_uses_at_most_n_train_episodes_and_keeps_the_first_normaliser() -> None:
-    gen = generator(n_train_episodes=10)
-    gen.fit(line_episodes(30), steps=1)
-    assert len(gen.trainer.data) == 10
-    shift = gen.trainer.model.normalizer.shift.clone()
-    shifted = line_episodes(30, seed=1)
-    shifted["obs"] += 5.0
-    gen.fit(shifted, steps=1)
-    torch.testing.assert_close(gen.trainer.model.normalizer.shift, shift, rtol=0, atol=0)
-    torch.testing.assert_close(gen.sampling_model.normalizer.shift, shift, rtol=0, atol=0)
+def test_fit_uses_at_most_n_train_episodes_and_refits_or_keeps_the_normaliser() -> None:
+    for refit in (True, False):
+        gen = generator(n_train_episodes=10, refit_normalizer=refit)
+        gen.fit(line_episodes(30), steps=1)
+        assert len(gen.trainer.data) == 10
+        shift = gen.trainer.model.normalizer.shift.clone()
+        shifted = line_episodes(30, seed=1)
+        shifted["obs"] += 5.0
+        gen.fit(shifted, steps=1)
+        new = gen.trainer.model.normalizer.shift
+        if refit:  # the statistics follow the data (obs channels moved by 5), in the EMA model too
+            assert torch.allclose(new[gen.layout.obs] - shift[gen.layout.obs], torch.tensor(5.0), atol=0.5)
+        else:
+            torch.testing.assert_close(new, shift, rtol=0, atol=0)
+        torch.testing.assert_close(gen.sampling_model.normalizer.shift, new, rtol=0, atol=0)
 
 
 def test_generated_episodes_keep_the_context_and_are_repaired() -> None:
