@@ -33,6 +33,17 @@ from synther_offline import OUT, ci95, dataset
 GAUSSIAN_BATCH = 250  # n_envs * n_steps / 4: as many minibatches per epoch as DPPO's 10k pairs / 2500
 
 
+def curve_and_cost(ft_dir: Path | str) -> dict:
+    """Normalised score at each evaluation, and rollout / update milliseconds per env step (metrics.csv)."""
+    rows = read_metrics(Path(ft_dir))
+    evals = [r for r in rows if np.isfinite(r.get("eval/return_mean", np.nan))]
+    curve = [(r["env_steps"], r.get("eval/normalized_score", r["eval/return_mean"])) for r in evals]
+    perf = [r for r in rows if np.isfinite(r.get("perf/rollout_s_per_env_step", np.nan))]
+    return {"curve": curve,
+            "rollout_ms_per_step": 1e3 * float(np.mean([r["perf/rollout_s_per_env_step"] for r in perf])),
+            "update_ms_per_step": 1e3 * float(np.mean([r["perf/update_s_per_env_step"] for r in perf]))}
+
+
 def run_pair(env_id: str, seed: int, policy_type: str) -> dict:
     data = dataset(env_id, "medium")
     root = OUT / "runs" / "dppo_bench"
@@ -44,13 +55,7 @@ def run_pair(env_id: str, seed: int, policy_type: str) -> dict:
                                          "seed": seed, "runs_root": str(root), "progress": False})
     ft_dir = dppo.finetune(ft)
     s = json.loads((ft_dir / "summary.json").read_text())
-    rows = read_metrics(ft_dir)
-    curve = [(r["env_steps"], r.get("eval/normalized_score", r["eval/return_mean"])) for r in rows
-             if "eval/return_mean" in r]
-    perf = [r for r in rows if "perf/rollout_s_per_env_step" in r]
-    return {"curve": curve, "initial": s["initial_normalized_score"], "final": s["normalized_score"],
-            "rollout_ms_per_step": 1e3 * float(np.mean([r["perf/rollout_s_per_env_step"] for r in perf])),
-            "update_ms_per_step": 1e3 * float(np.mean([r["perf/update_s_per_env_step"] for r in perf])),
+    return {**curve_and_cost(ft_dir), "initial": s["initial_normalized_score"], "final": s["normalized_score"],
             "wall_s": s["wall_s"], "pretrain_dir": str(pre_dir), "finetune_dir": str(ft_dir)}
 
 
@@ -76,6 +81,8 @@ def main() -> None:
                       f"({row['wall_s']:.0f} s)", flush=True)
     print("\nnormalised score: pre-trained (env steps 0), then after each 20k env steps of fine-tuning; "
           "mean ± 95% CI over seeds (n); cost per env step (ms): rollout / update\n")
+    for r in done:  # curves and costs from the runs themselves (rows written before NaN filtering are fixed here)
+        r.update(curve_and_cost(r["finetune_dir"]))
     for env_id in args.envs:
         rows = {p: [r for r in done if r["env"] == env_id and r["policy_type"] == p] for p in ("diffusion", "gaussian")}
         if not any(rows.values()):
