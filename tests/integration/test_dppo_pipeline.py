@@ -17,7 +17,7 @@ from diffrl.agents.dppo import DiffusionPolicy, GaussianPolicy, GaussianPPO
 from diffrl.cli import main
 from diffrl.config import from_dict, to_dict
 from diffrl.data import load_dataset
-from diffrl.envs import make_env
+from diffrl.envs import VecEnv, make_env
 from diffrl.envs.wrappers import MinMaxNormalization
 from diffrl.eval import evaluate
 from diffrl.pipelines import dppo
@@ -90,8 +90,8 @@ def test_chunk_envs_sum_chunk_rewards_seed_episodes_and_replay_running_ones_exac
     source = dppo.load_pretrained(pretrained)
     norm = source.normalization
 
-    def envs() -> dppo.ChunkVecEnv:
-        return dppo.ChunkVecEnv("Hopper-v5", 2, 3, lambda: dppo.chunk_env("Hopper-v5", source.policy, norm))
+    def envs() -> VecEnv:
+        return dppo.chunk_envs("Hopper-v5", 2, 3, source.policy, norm)
 
     vec, rng = envs(), np.random.default_rng(0)
     obs = vec.reset()

@@ -16,6 +16,7 @@ actions ``(N, act_dim)``, rewards / flags ``(N,)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +50,9 @@ class StepResult:
     infos: list[dict[str, Any]]
     """per-env info dicts of this step (before any reset)"""
     finished: list[tuple[int, float, int, dict[str, Any]]]
-    """episodes that ended here: (env index, return, length, final info)"""
+    """episodes that ended here: (env index, return, length in env steps, final info)"""
+    env_steps: int = 0
+    """env steps executed over all envs (more than N when a wrapped env runs several per step, e.g. action chunks)"""
 
 
 class VecEnv:
@@ -59,14 +62,19 @@ class VecEnv:
         env_id: environment id (see :func:`diffrl.envs.make_env`).
         num_envs: number of copies.
         seed: run seed; episode ``k`` of env ``i`` is reset with ``derive_seed(seed, i, k)``.
+        wrap: applied to each env (e.g. DPPO's action-chunk wrapper); a step that runs several env steps reports
+            them in ``info["env_steps"]``, and episode lengths count env steps.
         env_kwargs: passed to :func:`make_env` (e.g. ``max_episode_steps``).
     """
 
-    def __init__(self, env_id: str, num_envs: int, seed: int, **env_kwargs: Any) -> None:
+    def __init__(self, env_id: str, num_envs: int, seed: int, wrap: Callable[[gym.Env], gym.Env] | None = None,
+                 **env_kwargs: Any) -> None:
         self.env_id = env_id
         self.num_envs = num_envs
         self.seed = seed
         self.envs = [make_env(env_id, **env_kwargs) for _ in range(num_envs)]
+        if wrap is not None:
+            self.envs = [wrap(env) for env in self.envs]
         self.single_observation_space = self.envs[0].observation_space
         self.single_action_space = self.envs[0].action_space
         self.episode = np.zeros(num_envs, dtype=np.int64)
@@ -94,12 +102,15 @@ class VecEnv:
         rew = np.zeros(self.num_envs, dtype=np.float64)
         term = np.zeros(self.num_envs, dtype=bool)
         trunc = np.zeros(self.num_envs, dtype=bool)
+        env_steps = 0
         for i, env in enumerate(self.envs):
             a = np.asarray(actions[i])
             o, r, te, tr, info = env.step(a)
             self._actions[i].append(a.copy())
             self.ep_return[i] += r
-            self.ep_length[i] += 1
+            n = int(info.get("env_steps", 1))
+            self.ep_length[i] += n
+            env_steps += n
             rew[i], term[i], trunc[i] = r, te, tr
             next_obs.append(o)
             infos.append(info)
@@ -109,7 +120,7 @@ class VecEnv:
                 o = self._reset_one(i)
             self._obs[i] = o
             obs.append(o)
-        return StepResult(_stack(next_obs), rew, term, trunc, _stack(obs), infos, finished)
+        return StepResult(_stack(next_obs), rew, term, trunc, _stack(obs), infos, finished, env_steps)
 
     def current_obs(self) -> Obs:
         return _stack(self._obs)
@@ -136,10 +147,10 @@ class VecEnv:
         for i in range(self.num_envs):
             self._reset_one(i)
             for a in state["actions"][i]:
-                o, r, te, tr, _ = self.envs[i].step(a)
+                o, r, te, tr, info = self.envs[i].step(a)
                 self._actions[i].append(a)
                 self.ep_return[i] += r
-                self.ep_length[i] += 1
+                self.ep_length[i] += int(info.get("env_steps", 1))
                 self._obs[i] = o
                 if te or tr:
                     raise CheckpointError(f"replaying env {i} of {self.env_id} ended its episode early; the "

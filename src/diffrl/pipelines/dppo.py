@@ -62,7 +62,7 @@ from diffrl.data.sequence import ChunkDataset
 from diffrl.diffusion.nets import ACTIVATIONS
 from diffrl.diffusion.spec import build_model
 from diffrl.diffusion.trainer import DiffusionTrainer, TrainerSettings
-from diffrl.envs import env_signature, make_env
+from diffrl.envs import VecEnv, env_signature, make_env
 from diffrl.envs.wrappers import ActionChunkEnv, MinMaxNormalization
 from diffrl.errors import CheckpointError, ConfigError
 from diffrl.eval import evaluate
@@ -402,105 +402,13 @@ def _evaluate(policy: DiffusionPolicy | GaussianPolicy, env: gym.Env, episodes: 
     return out
 
 
-@dataclasses.dataclass
-class ChunkStep:
-    """One synchronous step of every chunk env (arrays over envs)."""
-
-    reward: np.ndarray           # (N,) summed over the executed actions
-    terminated: np.ndarray       # (N,) bool
-    truncated: np.ndarray        # (N,) bool
-    obs: np.ndarray              # (N, To, Do) to act from next (a fresh reset where an episode ended)
-    final_obs: dict[int, np.ndarray]  # env index -> true final history of an episode that ended here
-    env_steps: int               # env steps executed over all envs
-    finished: list[tuple[float, int]]  # (return, length in env steps) of each episode that ended here
-
-
-class ChunkVecEnv:
-    """``N`` :class:`ActionChunkEnv` copies stepped in sequence, with :class:`~diffrl.envs.VecEnv`'s contract:
-    explicit resets, episode ``k`` of env ``i`` seeded ``derive_seed(seed, i, k)``, and a ``state_dict`` of the
-    seeds and the chunks of each running episode, replayed on load (MuJoCo is deterministic on CPU).
-
-    (``VecEnv`` with a per-env wrapper hook would replace this class; ``envs/vector.py`` is left as it is.)
-
-    Args:
-        env_id: environment id (for messages).
-        num_envs: ``N``.
-        seed: run seed.
-        make: builds one :class:`ActionChunkEnv`.
-    """
-
-    def __init__(self, env_id: str, num_envs: int, seed: int, make: Any) -> None:
-        self.env_id, self.num_envs, self.seed = env_id, num_envs, seed
-        self.envs: list[ActionChunkEnv] = [make() for _ in range(num_envs)]
-        self.episode = np.zeros(num_envs, dtype=np.int64)
-        self.ep_return = np.zeros(num_envs, dtype=np.float64)
-        self.ep_length = np.zeros(num_envs, dtype=np.int64)  # env steps, not chunks
-        self._chunks: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
-        self._obs: list[np.ndarray] = [np.zeros(0)] * num_envs
-
-    def _reset_one(self, i: int) -> np.ndarray:
-        obs, _ = self.envs[i].reset(seed=derive_seed(self.seed, i, int(self.episode[i])))
-        self.ep_return[i], self.ep_length[i], self._chunks[i] = 0.0, 0, []
-        self._obs[i] = obs
-        return obs
-
-    def reset(self) -> np.ndarray:
-        """Start the first episode of every env: ``(N, To, Do)``."""
-        self.episode[:] = 0
-        return np.stack([self._reset_one(i) for i in range(self.num_envs)])
-
-    def step(self, chunks: np.ndarray) -> ChunkStep:
-        """Execute chunk ``i`` ``(Ta, Da)`` in env ``i``; reset (next episode's seed) those whose episode ended."""
-        n = self.num_envs
-        rew, term, trunc = np.zeros(n), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
-        final, finished, env_steps = {}, [], 0
-        for i, env in enumerate(self.envs):
-            chunk = np.asarray(chunks[i], dtype=np.float32)
-            o, r, te, tr, info = env.step(chunk)
-            self._chunks[i].append(chunk.copy())
-            self.ep_return[i] += float(r)
-            self.ep_length[i] += int(info["env_steps"])
-            env_steps += int(info["env_steps"])
-            rew[i], term[i], trunc[i] = r, te, tr
-            if te or tr:
-                final[i] = o
-                finished.append((float(self.ep_return[i]), int(self.ep_length[i])))
-                self.episode[i] += 1
-                o = self._reset_one(i)
-            self._obs[i] = o
-        return ChunkStep(rew, term, trunc, np.stack(self._obs), final, env_steps, finished)
-
-    def state_dict(self) -> dict[str, Any]:
-        shape = self.envs[0].action_space.shape
-        return {"episode": self.episode.copy(), "ep_return": self.ep_return.copy(), "ep_length": self.ep_length.copy(),
-                "chunks": [np.stack(c) if c else np.zeros((0, *shape), np.float32) for c in self._chunks]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> np.ndarray:
-        """Rebuild each running episode by replaying its chunks from its seed; returns the current observations."""
-        if len(state["chunks"]) != self.num_envs:
-            raise CheckpointError(f"the checkpoint has {len(state['chunks'])} envs but this run has {self.num_envs}; "
-                                  "resume with the same --n-envs.")
-        self.episode = np.asarray(state["episode"], dtype=np.int64).copy()
-        for i in range(self.num_envs):
-            self._reset_one(i)
-            for chunk in state["chunks"][i]:
-                o, r, te, tr, info = self.envs[i].step(chunk)
-                self._chunks[i].append(np.asarray(chunk))
-                self.ep_return[i] += float(r)
-                self.ep_length[i] += int(info["env_steps"])
-                self._obs[i] = o
-                if te or tr:
-                    raise CheckpointError(f"replaying env {i} of {self.env_id} ended its episode early; the env is "
-                                          "not deterministic, so this run cannot be resumed exactly.")
-            if self.ep_return[i] != state["ep_return"][i]:
-                raise CheckpointError(f"replaying env {i} of {self.env_id} gave return {float(self.ep_return[i])!r} "
-                                      f"instead of {float(state['ep_return'][i])!r}; the env is not deterministic, so "
-                                      "this run cannot be resumed exactly.")
-        return np.stack(self._obs)
-
-    def close(self) -> None:
-        for env in self.envs:
-            env.close()
+def chunk_envs(env_id: str, num_envs: int, seed: int, meta: dict[str, Any], normalization: MinMaxNormalization,
+               act_steps: int | None = None, max_episode_steps: int | None = None) -> VecEnv:
+    """``num_envs`` seeded :class:`ActionChunkEnv` copies (:class:`~diffrl.envs.VecEnv`'s explicit resets and exact
+    replay; episode lengths count env steps)."""
+    return VecEnv(env_id, num_envs, seed, max_episode_steps=max_episode_steps,
+                  wrap=lambda env: ActionChunkEnv(env, act_steps or meta["act_steps"], meta["cond_steps"],
+                                                  meta["horizon_steps"], normalization))
 
 
 # ----------------------------------------------------------------------------------------------- pre-training
@@ -696,7 +604,7 @@ class Rollout:
     episodes: list[tuple[float, int]]
 
 
-def collect(agent: ChunkPPO, envs: ChunkVecEnv, obs: np.ndarray, n_steps: int, generator: torch.Generator) -> Rollout:
+def collect(agent: ChunkPPO, envs: VecEnv, obs: np.ndarray, n_steps: int, generator: torch.Generator) -> Rollout:
     """Roll out ``n_steps`` chunks per env with exploration noise, recording the chains PPO re-scores."""
     T, N = n_steps, envs.num_envs
     obs_buf = torch.zeros((T, N, *obs.shape[1:]), device=agent.device)
@@ -712,9 +620,9 @@ def collect(agent: ChunkPPO, envs: ChunkVecEnv, obs: np.ndarray, n_steps: int, g
         obs_buf[t], chains[t] = o, chain
         step = envs.step(action.cpu().numpy())
         rewards[t], term[t], trunc[t] = step.reward, step.terminated, step.truncated
-        final.update({(t, i): last for i, last in step.final_obs.items() if step.truncated[i]})
+        final.update({(t, i): step.next_obs[i] for i in np.flatnonzero(step.truncated)})  # type: ignore[index]
         env_steps += step.env_steps
-        episodes += step.finished
+        episodes += [(ret, length) for _, ret, length, _ in step.finished]
         obs = step.obs
     return Rollout(obs_buf, chains, rewards, term, trunc, final, obs, env_steps, episodes)  # type: ignore[arg-type]
 
@@ -789,8 +697,8 @@ def finetune(cfg: FinetuneConfig) -> Path:
     pipeline = PIPELINES["finetune", source.policy["type"]]
     act_steps = params.act_steps
     seed_everything(cfg.seed)
-    envs = ChunkVecEnv(env_id, cfg.n_envs, cfg.seed, lambda: chunk_env(
-        env_id, source.policy, source.normalization, act_steps, cfg.max_episode_steps))
+    envs = chunk_envs(env_id, cfg.n_envs, cfg.seed, source.policy, source.normalization, act_steps,
+                      cfg.max_episode_steps)
     eval_env = chunk_env(env_id, source.policy, source.normalization, act_steps, cfg.max_episode_steps)
     signature = env_signature(env_id, eval_env.env)
     if signature != source.env:
