@@ -50,6 +50,11 @@ ACTION_SLACK = 1e-6  # float32 rounding of actions that were clipped to the boun
 SUFFIXES = {".hdf5": "d4rl", ".h5": "d4rl", ".npz": "npz"}
 
 
+def normalized_score(returns: np.ndarray | float, ref_min: float, ref_max: float) -> np.ndarray:
+    """D4RL normalized score x100: ``100 (R - ref_min) / (ref_max - ref_min)`` (d4rl/offline_env.py)."""
+    return 100.0 * (np.asarray(returns, dtype=np.float64) - ref_min) / (ref_max - ref_min)
+
+
 @dataclass
 class OfflineDataset:
     """Transitions of a fixed dataset, numpy arrays on the CPU (shapes in the module docstring)."""
@@ -94,7 +99,7 @@ class OfflineDataset:
             raise DatasetError(f"dataset {self.metadata.get('env_id', '')} has no usable reference scores "
                                f"(ref_min_score={lo}, ref_max_score={hi}) in its metadata; build it with `diffrl "
                                "data collect` (which records them) or set both in ds.metadata.")
-        return 100.0 * (np.asarray(returns, dtype=np.float64) - lo) / (hi - lo)
+        return normalized_score(returns, lo, hi)
 
     def to_batch(self, device: str | torch.device = "cpu") -> Batch:
         """All transitions as a :class:`Batch` (``done`` = terminals as float32); shares memory on the CPU."""

@@ -58,6 +58,7 @@ from diffrl.config import (
     to_dict,
 )
 from diffrl.data import load_dataset, validate
+from diffrl.data.datasets import normalized_score
 from diffrl.data.sequence import ChunkDataset
 from diffrl.diffusion.nets import ACTIVATIONS
 from diffrl.diffusion.spec import build_model
@@ -388,7 +389,7 @@ def _normalized(returns: list[float], refs: dict[str, float] | None) -> float | 
     """D4RL's normalised score x100 of the mean return (OfflineDataset.normalized_score) with the dataset's refs."""
     if not refs:
         return None
-    return float(100.0 * (np.mean(returns) - refs["min"]) / (refs["max"] - refs["min"]))
+    return float(normalized_score(np.mean(returns), refs["min"], refs["max"]))
 
 
 def _evaluate(policy: DiffusionPolicy | GaussianPolicy, env: gym.Env, episodes: int, seed: int,
