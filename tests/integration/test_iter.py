@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from diffrl.augment.ger import ger_minibatch
 from diffrl.cli import main
 from diffrl.data.episodes import EpisodeBuffer
 from diffrl.pipelines import iter_her
@@ -71,7 +72,7 @@ def test_minibatches_take_the_synthetic_ratio_and_ger_multiplies_them() -> None:
     reward = lambda ag, g: -(np.linalg.norm(ag - g, axis=-1) > 0.05).astype(np.float32)  # noqa: E731
     batch = iter_her.her_batch(filled(1.0), filled(-1.0), cfg, reward)
     assert len(batch) == 40 and int((batch.obs[:, 0] == -1.0).sum()) == 10
-    big = iter_her.ger_batch(batch, cfg, rng, reward)
+    big = ger_minibatch(batch, cfg.n_ger, rng, cfg.env, reward, cfg.ger_radius)
     assert len(big) == 120 and np.allclose(big.obs[:40], batch.obs) and np.allclose(big.obs[40:80], batch.obs)
     moved = np.linalg.norm((big.goal[40:] - big.goal[:40].repeat(2, 1)).numpy(), axis=-1)
     assert moved.max() <= 0.05 + 1e-6 and moved.min() > 0

@@ -5,6 +5,7 @@ import dataclasses
 import mujoco
 import numpy as np
 import pytest
+import torch
 from gymnasium_robotics.utils import rotations
 
 from diffrl.augment.ger import SLIDE_TABLE_X, SLIDE_TABLE_Y, ger_goals, ger_minibatch
@@ -15,6 +16,7 @@ from diffrl.augment.ker import (
     plane_reflection,
     reflect_episodes,
 )
+from diffrl.data.batch import Batch
 from diffrl.envs.make import make_env
 
 
@@ -242,25 +244,30 @@ def push_env():
 def test_ger_minibatch_stacks_copies_and_recomputes_rewards_with_the_env(push_env):
     rng = np.random.default_rng(0)
     B = 64
-    batch = {"obs": rng.normal(size=(B, 25)).astype(np.float32), "act": rng.uniform(-1, 1, (B, 4)).astype(np.float32),
-             "ag": rng.uniform(1.2, 1.4, (B, 3)).astype(np.float32), "rew": np.zeros(B, np.float32),
-             "next_ag": rng.uniform(1.2, 1.4, (B, 3)).astype(np.float32), "done": np.zeros(B, np.float32)}
-    batch["g"] = batch["next_ag"] + rng.uniform(-0.04, 0.04, (B, 3)).astype(np.float32)
+    arrays = {"obs": rng.normal(size=(B, 25)), "act": rng.uniform(-1, 1, (B, 4)),
+              "achieved_goal": rng.uniform(1.2, 1.4, (B, 3)), "rew": np.zeros(B),
+              "next_achieved_goal": rng.uniform(1.2, 1.4, (B, 3)), "done": np.zeros(B)}
+    arrays["goal"] = arrays["next_achieved_goal"] + rng.uniform(-0.04, 0.04, (B, 3))
+    batch = Batch({k: torch.as_tensor(v, dtype=torch.float32) for k, v in arrays.items()})
 
     def reward_fn(ag, g):
         return push_env.unwrapped.compute_reward(ag, g, None)
 
-    out = ger_minibatch(batch, 4, np.random.default_rng(1), "FetchPush-v4", reward_fn)
+    out = {k: v.numpy() for k, v in ger_minibatch(batch, 4, np.random.default_rng(1), "FetchPush-v4",
+                                                  reward_fn).items()}
+    batch = {k: v.numpy() for k, v in batch.items()}
     assert {k: v.shape[0] for k, v in out.items()} == {k: 5 * B for k in batch}
-    for k in ("obs", "act", "ag", "next_ag", "g"):
+    for k in ("obs", "act", "achieved_goal", "next_achieved_goal", "goal"):
         np.testing.assert_array_equal(out[k][:B], batch[k])
-    for k in ("obs", "act", "next_ag", "done"):
+    for k in ("obs", "act", "next_achieved_goal", "done"):
         np.testing.assert_array_equal(out[k][3 * B:4 * B], batch[k])
-    np.testing.assert_array_equal(out["rew"], push_env.unwrapped.compute_reward(out["next_ag"], out["g"], None))
+    np.testing.assert_array_equal(out["rew"], push_env.unwrapped.compute_reward(out["next_achieved_goal"],
+                                                                               out["goal"], None))
     assert out["rew"].dtype == np.float32 and 0 < (out["rew"] == 0).mean() < 1  # both outcomes occur
-    assert np.abs(out["g"][B:] - np.tile(batch["g"], (4, 1))).max() > 0.01  # the copies' goals moved
-    with pytest.raises(ValueError, match="next_ag"):
-        ger_minibatch({k: v for k, v in batch.items() if k != "next_ag"}, 2, rng, "FetchPush-v4", reward_fn)
+    assert np.abs(out["goal"][B:] - np.tile(batch["goal"], (4, 1))).max() > 0.01  # the copies' goals moved
+    with pytest.raises(ValueError, match="next_achieved_goal"):
+        ger_minibatch(Batch({k: torch.as_tensor(v) for k, v in batch.items() if k != "next_achieved_goal"}), 2, rng,
+                      "FetchPush-v4", reward_fn)
 
 
 # ---- consistency with the simulator ---------------------------------------------------------------------------

@@ -7,11 +7,11 @@ by the env's own ``compute_reward`` (passed in as ``reward_fn``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
+import torch
 
 from diffrl.augment.ker import fetch_task
+from diffrl.data.batch import Batch
 from diffrl.data.episodes import RewardFn
 from diffrl.errors import ConfigError, DatasetError
 
@@ -20,7 +20,7 @@ SLIDE_TABLE_Y = (0.3, 1.2)
 # ITER's Slide clip box. v4's slide.xml table (centre (1.3244, 0.7502), half sizes (0.625, 0.45)) spans
 # x in [0.6994, 1.9494], y in [0.3002, 1.2002]: the box is the table to within 4.4 mm (at x_min) and 0.2 mm elsewhere.
 
-GER_KEYS = ("obs", "act", "g", "ag", "next_ag")
+GER_KEYS = ("goal", "next_achieved_goal")
 
 
 def ger_goals(g: np.ndarray, n_ger: int, rng: np.random.Generator, env_id: str, radius: float = 0.05) -> np.ndarray:
@@ -57,29 +57,28 @@ def ger_goals(g: np.ndarray, n_ger: int, rng: np.random.Generator, env_id: str, 
     return out.astype(g.dtype)
 
 
-def ger_minibatch(batch: Mapping[str, np.ndarray], n_ger: int, rng: np.random.Generator, env_id: str,
-                  reward_fn: RewardFn, radius: float = 0.05) -> dict[str, np.ndarray]:
+def ger_minibatch(batch: Batch, n_ger: int, rng: np.random.Generator, env_id: str, reward_fn: RewardFn,
+                  radius: float = 0.05) -> Batch:
     """The minibatch followed by ``n_ger`` copies with moved goals (:func:`ger_goals`), rewards recomputed.
 
     Args:
-        batch: ``obs, act, g, ag, next_ag`` (each ``(B, .)``), after HER relabelling; any other key with ``B`` rows
-            is repeated along (``rew``, if present, is replaced).
-        n_ger, rng, env_id, radius: as in :func:`ger_goals`.
+        batch: a :class:`~diffrl.data.Batch` with the goal keys (``goal``, ``next_achieved_goal``, ...), after HER
+            relabelling; every key is repeated, ``goal`` moved in the copies, ``rew`` recomputed.
+        n_ger, rng, env_id, radius: as in :func:`ger_goals` (``n_ger = 0`` returns ``batch`` itself).
         reward_fn: ``reward_fn(next_ag (M, 3), g (M, 3)) -> (M,)``, e.g. the env's ``compute_reward(ag, g, None)``.
     Returns:
-        Every key with ``B * (1 + n_ger)`` rows (copy ``k`` in rows ``k*B .. (k+1)*B``, copy 0 the original) and
-        ``rew`` = ``reward_fn(next_ag, g)`` as float32, recomputed for all rows.
+        A batch of ``B * (1 + n_ger)`` rows (copy ``k`` in rows ``k*B .. (k+1)*B``, copy 0 the original) whose
+        ``rew`` = ``reward_fn(next_achieved_goal, goal)`` as float32, recomputed for all rows.
     """
     missing = [k for k in GER_KEYS if k not in batch]
     if missing:
         raise DatasetError(f"GER needs a batch with keys {', '.join(GER_KEYS)}; missing {', '.join(missing)}.")
-    b = int(np.shape(batch["g"])[0])
-    bad = {k: np.shape(v) for k, v in batch.items() if k != "rew" and np.shape(v)[:1] != (b,)}
-    if bad:
-        raise DatasetError(f"GER batch arrays must all have {b} rows (as 'g'); these do not: {bad}.")
-    goals = ger_goals(batch["g"], n_ger, rng, env_id, radius).reshape(n_ger * b, 3)
-    reps = 1 + n_ger
-    out = {k: np.concatenate([np.asarray(v)] * reps, axis=0) for k, v in batch.items() if k != "rew"}
-    out["g"] = np.concatenate([np.asarray(batch["g"]), goals], axis=0)
-    out["rew"] = np.asarray(reward_fn(out["next_ag"], out["g"]), dtype=np.float32).reshape(b * reps)
+    if n_ger == 0:
+        return batch
+    b, goal = len(batch), batch.goal
+    goals = ger_goals(goal.cpu().numpy(), n_ger, rng, env_id, radius).reshape(n_ger * b, 3)
+    out = Batch({k: v.repeat(1 + n_ger, *([1] * (v.dim() - 1))) for k, v in batch.items()})
+    out["goal"] = torch.cat([goal, torch.as_tensor(goals, dtype=goal.dtype, device=goal.device)])
+    rew = reward_fn(out.next_achieved_goal.cpu().numpy(), out.goal.cpu().numpy())
+    out["rew"] = torch.as_tensor(np.asarray(rew), dtype=torch.float32, device=goal.device).reshape(len(out))
     return out

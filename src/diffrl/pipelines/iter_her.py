@@ -32,8 +32,8 @@ import torch
 
 from diffrl.agents.ddpg_her import DDPGHER, DDPGHERParams
 from diffrl.augment.episodes import EpisodeDiffusionSettings, EpisodeGenerator, component_stats, successful_contexts
-from diffrl.augment.ger import ger_goals
-from diffrl.augment.ker import ker_augment
+from diffrl.augment.ger import ger_minibatch
+from diffrl.augment.ker import fetch_task, ker_augment
 from diffrl.config import check, check_choice, check_non_negative, check_positive, from_dict, to_dict
 from diffrl.data.batch import Batch
 from diffrl.data.episodes import HER_STRATEGIES, EpisodeBuffer, RewardFn
@@ -202,20 +202,6 @@ def her_batch(real: EpisodeBuffer, synthetic: EpisodeBuffer | None, cfg: ITERCon
     return parts[0] if len(parts) == 1 else Batch.cat(parts)
 
 
-def ger_batch(batch: Batch, cfg: ITERConfig, rng: np.random.Generator, reward_fn: RewardFn) -> Batch:
-    """GER: the batch plus ``n_ger`` copies whose goals moved inside the success ball, rewards recomputed."""
-    if cfg.n_ger == 0:
-        return batch
-    goals = ger_goals(batch.goal.cpu().numpy(), cfg.n_ger, rng, cfg.env, radius=cfg.ger_radius)  # (n_ger, B, Dg)
-    next_ag = batch.next_achieved_goal.cpu().numpy()
-    copies = [batch]
-    for g in goals:
-        rew = torch.as_tensor(reward_fn(next_ag, g), dtype=torch.float32, device=batch.obs.device)
-        copies.append(Batch({**batch, "goal": torch.as_tensor(g, dtype=torch.float32, device=batch.obs.device),
-                             "rew": rew.reshape(-1)}))
-    return Batch.cat(copies)
-
-
 def run(cfg: ITERConfig) -> Path:
     """Train DDPG+HER (with KER / GER / generated episodes as configured); returns the run directory."""
     device = resolve_device(cfg.device)
@@ -227,10 +213,8 @@ def run(cfg: ITERConfig) -> Path:
     if not is_goal_env(env):
         raise ConfigError(f"{cfg.env} is not a goal-conditioned task; `diffrl iter` trains on Fetch tasks "
                           "(e.g. FetchPush-v4). Use `diffrl train` for flat-observation envs.")
-    if cfg.n_ker:
-        ker_augment(rollout_shapes(env), 1, np.random.default_rng(0), cfg.env)  # unsupported ids fail before work
-    if cfg.n_ger:
-        ger_goals(np.zeros((1, 3), np.float32), 1, np.random.default_rng(0), cfg.env)
+    if cfg.n_ker or cfg.n_ger:
+        fetch_task(cfg.env)  # KER / GER support only Fetch tasks: fail with one sentence before any work
     T = int(env.spec.max_episode_steps)  # type: ignore[union-attr]
     spaces = env.observation_space
     d_obs, d_goal = spaces["observation"].shape[0], spaces["desired_goal"].shape[0]  # type: ignore[index]
@@ -313,7 +297,8 @@ def run(cfg: ITERConfig) -> Path:
                                device)
             t2 = time.perf_counter()
             for _ in range(cfg.n_batches):
-                batch = ger_batch(her_batch(real, synthetic, cfg, reward_fn), cfg, rng, reward_fn)
+                batch = ger_minibatch(her_batch(real, synthetic, cfg, reward_fn), cfg.n_ger, rng, cfg.env, reward_fn,
+                                      cfg.ger_radius)
                 metrics = agent.update(batch)
             agent.update_target()
             t3 = time.perf_counter()
@@ -360,14 +345,6 @@ def run(cfg: ITERConfig) -> Path:
     env.close()
     eval_env.close()
     return run_dir
-
-
-def rollout_shapes(env: Any) -> dict[str, np.ndarray]:
-    """A zero episode of the env's shapes (T = 1), to validate settings before any work."""
-    s = env.observation_space
-    d_obs, d_goal, d_act = s["observation"].shape[0], s["desired_goal"].shape[0], env.action_space.shape[0]
-    return {"obs": np.zeros((1, 2, d_obs), np.float32), "ag": np.zeros((1, 2, d_goal), np.float32),
-            "g": np.zeros((1, 1, d_goal), np.float32), "act": np.zeros((1, 1, d_act), np.float32)}
 
 
 def update_normalizers(agent: DDPGHER, episodes: dict[str, np.ndarray], reward_fn: RewardFn, cfg: ITERConfig,
