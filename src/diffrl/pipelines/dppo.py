@@ -714,9 +714,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     timers = {"rollout_s": 0.0, "scoring_s": 0.0, "update_s": 0.0, "eval_s": 0.0}
     if resumed:
         check_resumable(run_dir, pipeline, read_config(run_dir), to_dict(cfg), set(cfg.RESUMABLE))
-        if manifest["meta"].get("env") != signature:
-            raise CheckpointError(f"the checkpoint in {run_dir} was written for {manifest['meta'].get('env')}, "
-                                  f"not {signature}; nothing was changed.")
+        ckpt.check_env(manifest, signature, run_dir, resume=True)
         state = parts["state"]
         agent.load_state_dict(state["agent"])
         if scaler is not None:

@@ -243,9 +243,7 @@ def run(cfg: ITERConfig) -> Path:
         run_dir = Path(cfg.resume)  # type: ignore[arg-type]
         check_resumable(run_dir, PIPELINE, read_config(run_dir), to_dict(cfg), set(cfg.RESUMABLE))
         manifest, parts = ckpt.load_checkpoint(run_dir)
-        if manifest["meta"].get("env") != signature:
-            raise CheckpointError(f"the checkpoint in {run_dir} was written for {manifest['meta'].get('env')}, "
-                                  f"not {signature}; nothing was changed.")
+        ckpt.check_env(manifest, signature, run_dir, resume=True)
         state = parts["state"]
         agent.load_state_dict(state["agent"])
         real.load_state_dict(parts["real"])
@@ -385,9 +383,7 @@ def evaluate_run(run_dir: Path, episodes: int = 10, device: str = "auto", seed: 
     env = make_env(cfg.env, max_episode_steps=cfg.max_episode_steps)
     manifest, parts = ckpt.load_checkpoint(run_dir, parts=("state",))
     signature = env_signature(cfg.env, env)
-    if manifest["meta"].get("env") != signature:
-        raise CheckpointError(f"the checkpoint in {run_dir} was written for {manifest['meta'].get('env')}, "
-                              f"not {signature}.")
+    ckpt.check_env(manifest, signature, run_dir)
     s = env.observation_space
     agent = DDPGHER(s["observation"].shape[0], s["desired_goal"].shape[0], env.action_space.shape[0],  # type: ignore[index]
                     cfg, resolve_device(device))

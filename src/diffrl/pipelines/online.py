@@ -186,9 +186,7 @@ def run(cfg: OnlineConfig, augment: Augment | None = None, pipeline: str | None 
         run_dir = Path(cfg.resume)  # type: ignore[arg-type]
         check_resumable(run_dir, pipeline, read_config(run_dir), to_dict(cfg), set(cfg.RESUMABLE))
         manifest, parts = ckpt.load_checkpoint(run_dir)
-        if manifest["meta"].get("env") != signature:
-            raise CheckpointError(f"the checkpoint in {run_dir} was written for {manifest['meta'].get('env')}, "
-                                  f"not {signature}; nothing was changed.")
+        ckpt.check_env(manifest, signature, run_dir, resume=True)
         state = parts["state"]
         agent.load_state_dict(state["agent"])
         buffer.load_state_dict(parts["buffer"])
@@ -316,9 +314,7 @@ def evaluate_run(run_dir: Path, episodes: int = 10, device: str = "auto", seed: 
     env = make_env(cfg.env, max_episode_steps=cfg.max_episode_steps)
     manifest, parts = ckpt.load_checkpoint(run_dir, parts=("state",))
     signature = env_signature(cfg.env, env)
-    if manifest["meta"].get("env") != signature:
-        raise CheckpointError(f"the checkpoint in {run_dir} was written for {manifest['meta'].get('env')}, "
-                              f"not {signature}.")
+    ckpt.check_env(manifest, signature, run_dir)
     agent = build(cfg, obs_dim(env.observation_space), obs_dim(env.action_space), resolve_device(device))
     agent.load_state_dict(parts["state"]["agent"])
     result = evaluate(agent, env, episodes, seed=cfg.seed if seed is None else seed)

@@ -223,3 +223,11 @@ def load_checkpoint(path: Path, parts: tuple[str, ...] | None = None) -> tuple[d
             raise CheckpointError(f"checkpoint file {file} lacks tensor {e}; it does not match its "
                                   "manifest.") from None
     return manifest, out
+
+
+def check_env(manifest: dict[str, Any], signature: dict[str, Any], run_dir: Path, resume: bool = False) -> None:
+    """Refuse, in one sentence, a checkpoint written for another env (id or spaces) than ``signature``."""
+    saved = manifest["meta"].get("env")
+    if saved != signature:
+        raise CheckpointError(f"the checkpoint in {run_dir} was written for {saved}, not {signature}"
+                              + ("; nothing was changed." if resume else "."))
