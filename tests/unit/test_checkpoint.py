@@ -261,3 +261,10 @@ def test_checkpoint_dir_listing_is_ordered_by_step(tmp_path):
     for step in (100, 9, 20):
         save_checkpoint(tmp_path, step, {"s": {"x": 1}}, keep_last=0)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [ckpt.step_dir_name(s) for s in (9, 20, 100)]
+
+
+def test_a_checkpoint_of_another_env_is_refused_in_one_sentence(tmp_path):
+    manifest = {"meta": {"env": {"env_id": "Hopper-v5"}}}
+    ckpt.check_env(manifest, {"env_id": "Hopper-v5"}, tmp_path)  # the same env passes
+    with pytest.raises(CheckpointError, match=r"written for \{'env_id': 'Hopper-v5'\}, not .*Walker2d.*; nothing was"):
+        ckpt.check_env(manifest, {"env_id": "Walker2d-v5"}, tmp_path, resume=True)
