@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -378,11 +379,17 @@ class ChunkActor:
         return self.policy.act(o, deterministic, self.generator)[0].cpu().numpy()
 
 
+def chunk_wrapper(meta: dict[str, Any], normalization: MinMaxNormalization,
+                  act_steps: int | None = None) -> Callable[[gym.Env], ActionChunkEnv]:
+    """Wraps an env to execute the policy's chunks in the normalised units of its data."""
+    return lambda env: ActionChunkEnv(env, act_steps or meta["act_steps"], meta["cond_steps"], meta["horizon_steps"],
+                                      normalization)
+
+
 def chunk_env(env_id: str, meta: dict[str, Any], normalization: MinMaxNormalization, act_steps: int | None = None,
               max_episode_steps: int | None = None) -> ActionChunkEnv:
-    """``make_env(env_id)`` executing the policy's chunks in the normalised units of its data."""
-    return ActionChunkEnv(make_env(env_id, max_episode_steps=max_episode_steps), act_steps or meta["act_steps"],
-                          meta["cond_steps"], meta["horizon_steps"], normalization)
+    """``make_env(env_id)`` executing the policy's chunks (:func:`chunk_wrapper`)."""
+    return chunk_wrapper(meta, normalization, act_steps)(make_env(env_id, max_episode_steps=max_episode_steps))
 
 
 def _normalized(returns: list[float], refs: dict[str, float] | None) -> float | None:
@@ -408,8 +415,7 @@ def chunk_envs(env_id: str, num_envs: int, seed: int, meta: dict[str, Any], norm
     """``num_envs`` seeded :class:`ActionChunkEnv` copies (:class:`~diffrl.envs.VecEnv`'s explicit resets and exact
     replay; episode lengths count env steps)."""
     return VecEnv(env_id, num_envs, seed, max_episode_steps=max_episode_steps,
-                  wrap=lambda env: ActionChunkEnv(env, act_steps or meta["act_steps"], meta["cond_steps"],
-                                                  meta["horizon_steps"], normalization))
+                  wrap=chunk_wrapper(meta, normalization, act_steps))
 
 
 # ----------------------------------------------------------------------------------------------- pre-training
