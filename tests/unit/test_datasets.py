@@ -265,6 +265,12 @@ def test_npz_errors_name_trajectory_lengths_and_layout(tmp_path):
              traj_lengths=np.array([4]))
     with pytest.raises(DatasetError, match="c.npz: 'actions' has 3 rows but 'states' has 4"):
         load_dataset(tmp_path / "c.npz")
+    np.save(tmp_path / "d.npy", np.zeros(3))  # an .npy renamed .npz, and a text file: neither is unpickled
+    (tmp_path / "d.npy").rename(tmp_path / "d.npz")
+    (tmp_path / "e.npz").write_text("garbage")
+    for name in ("d.npz", "e.npz"):
+        with pytest.raises(DatasetError, match=f"{name} is not an npz archive"):
+            load_dataset(tmp_path / name)
 
 
 def test_unknown_ids_and_paths_say_what_exists_and_how_to_build(tmp_path):

@@ -256,14 +256,21 @@ def _write_hdf5(path: Path, arrays: Arrays, metadata_json: str) -> None:
 # -------------------------------------------------------------------------------------- DPPO / SynthER npz
 
 
+def load_npz_arrays(path: Path) -> dict[str, np.ndarray]:
+    """All arrays of an npz archive, never unpickling; one-sentence :class:`DatasetError` for anything else."""
+    if not zipfile.is_zipfile(path):  # np.load would read a .npy as an array and anything else as a pickle
+        raise DatasetError(f"{path} is not an npz archive (np.savez / np.savez_compressed output).")
+    try:
+        with np.load(path, allow_pickle=False) as z:  # never unpickle
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise DatasetError(f"{path} is not a readable npz file without pickled objects ({e}).") from None
+
+
 def read_npz(path: Path, require_rewards: bool = True) -> tuple[Arrays, dict[str, Any]]:
     """Read DPPO's ``states, actions, traj_lengths[, rewards, terminals]`` or SynthER's flat sample layout."""
     source = str(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:  # never unpickle
-            raw = {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise DatasetError(f"{source} is not a readable npz file without pickled objects ({e}).") from None
+    raw = load_npz_arrays(path)
     meta = _load_metadata(raw.pop(META_KEY), source) if META_KEY in raw else {}
     if "states" in raw:
         return _read_dppo(raw, source, require_rewards), meta

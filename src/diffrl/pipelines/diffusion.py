@@ -24,7 +24,7 @@ import torch
 from diffrl.augment import TransitionLayout
 from diffrl.config import check, check_choice, check_non_negative, check_positive, from_dict, to_dict
 from diffrl.data import OfflineDataset, load_dataset
-from diffrl.data.formats import atomic_file
+from diffrl.data.formats import atomic_file, load_npz_arrays
 from diffrl.diffusion.samplers import DEFAULT_STEPS, generate, network_evaluations
 from diffrl.diffusion.spec import build_model, load_model
 from diffrl.diffusion.trainer import DiffusionTrainer, TrainerSettings
@@ -288,11 +288,7 @@ def fidelity_of_file(samples: Path, dataset: str, env_id: str | None = None, num
     env_id = env_id or ds.metadata.get("env_id")
     if not env_id:
         raise ConfigError(f"dataset {dataset} records no environment; pass --env ID.")
-    try:
-        with np.load(samples) as f:
-            synthetic = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"cannot read samples {samples} ({e}).") from None
+    synthetic = load_npz_arrays(samples)
     report = fidelity_report(ds.arrays(), synthetic, env_id, num=num, seed=seed)
     return report, format_fidelity(report)
 
