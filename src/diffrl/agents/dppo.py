@@ -31,7 +31,7 @@ from diffrl.agents.nets import mlp
 from diffrl.agents.ppo_utils import PPOBatch
 from diffrl.config import check, check_non_negative, check_positive, check_unit_interval
 from diffrl.diffusion.models import DDPM, gaussian_log_prob
-from diffrl.diffusion.nets import ACTIVATIONS
+from diffrl.diffusion.nets import ACTIVATIONS, PreActBlock
 from diffrl.diffusion.samplers import Chain, sample_chain
 from diffrl.diffusion.schedules import ddim_timesteps
 from diffrl.errors import ConfigError
@@ -196,23 +196,11 @@ class GaussianPPOParams(PPOParams):
 
 
 # ------------------------------------------------------------------------------------------------- networks
-class _PreActBlock(nn.Module):
-    """``x + L2(act(L1(act(x))))``: DPPO's two-layer pre-activation residual block."""
-
-    def __init__(self, width: int, activation: str) -> None:
-        super().__init__()
-        act = ACTIVATIONS[activation]
-        self.net = nn.Sequential(act(), nn.Linear(width, width), act(), nn.Linear(width, width))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.net(x)
-
-
 def residual_mlp(d_in: int, hidden: Sequence[int], d_out: int, activation: str) -> nn.Sequential:
     """DPPO's ``ResidualMLP``: ``Linear(d_in, h)``, ``(len(hidden) - 1) / 2`` pre-activation blocks, act,
     ``Linear(h, d_out)`` (``hidden = (256, 256, 256)``: one block)."""
     h = hidden[0]
-    return nn.Sequential(nn.Linear(d_in, h), *[_PreActBlock(h, activation) for _ in range((len(hidden) - 1) // 2)],
+    return nn.Sequential(nn.Linear(d_in, h), *[PreActBlock(h, activation) for _ in range((len(hidden) - 1) // 2)],
                          ACTIVATIONS[activation](), nn.Linear(h, d_out))
 
 

@@ -114,10 +114,10 @@ class ResidualMLPDenoiser(nn.Module):
         return self.head(self.body(h))
 
 
-class _PreActBlock(nn.Module):
+class PreActBlock(nn.Module):
     """``x + L2(act(L1(act(x))))`` (DPPO's two-layer pre-activation residual block), optional LayerNorm."""
 
-    def __init__(self, width: int, activation: str, layer_norm: bool) -> None:
+    def __init__(self, width: int, activation: str, layer_norm: bool = False) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.LayerNorm(width) if layer_norm else nn.Identity(), _activation(activation),
                                  nn.Linear(width, width), _activation(activation), nn.Linear(width, width))
@@ -143,7 +143,7 @@ class ChunkMLPDenoiser(nn.Module):
         flat = self.event_shape[0] * self.event_shape[1]
         self.time = time_mlp("sinusoidal", time_dim, time_dim, "mish")
         self.net = nn.Sequential(nn.Linear(flat + time_dim + cond_dim, hidden),
-                                 *[_PreActBlock(hidden, activation, layer_norm) for _ in range(blocks)],
+                                 *[PreActBlock(hidden, activation, layer_norm) for _ in range(blocks)],
                                  _activation(activation), nn.Linear(hidden, flat))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
