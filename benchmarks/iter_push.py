@@ -55,7 +55,10 @@ def main() -> None:
             run_dir = OUT / "runs" / "iter_push" / f"{args.env}-{arm}-s{seed}-{args.epochs}x{args.n_cycles}"
             common = dict(env=args.env, seed=seed, epochs=args.epochs, n_cycles=args.n_cycles, eval_episodes=10,
                           device="cpu", progress=False, ddpm_train_start=args.ddpm_train_start,
-                          ddpm_aug_start=args.ddpm_aug_start, ddpm_aug_freq=args.ddpm_aug_freq, **ARMS[arm])
+                          ddpm_aug_start=args.ddpm_aug_start, ddpm_aug_freq=args.ddpm_aug_freq,
+                          # what every run here used before these became options (the defaults now are 1 - 1/T =
+                          # 0.98 and random overwrite, the same here: 15 epochs never fill the 20k-episode buffer)
+                          gamma=0.98, buffer_overwrite="oldest", **ARMS[arm])
             resume = (run_dir / "checkpoints" / "latest").exists()
             cfg = ITERConfig(**common, **({"resume": run_dir} if resume else {"run_dir": run_dir}))
             run(cfg)

@@ -45,6 +45,16 @@ def test_ker_stores_2_nker_episodes_per_rollout_and_ger_runs(tmp_path) -> None:
     assert s["real_episodes"] == 4 * 2 * 2 and s["env_steps"] == 200  # reflections are data, not env steps
 
 
+def test_gamma_follows_the_horizon_and_dense_tasks_judge_success_by_distance(tmp_path) -> None:
+    # baselines: gamma = 1 - 1/T; a Dense task's reward is -distance, so "reward > -0.5" would call every step of
+    # FetchReach (goals within 0.26 m of the gripper) a success and every context "successful"
+    assert main(["iter", *TINY, "--env", "FetchReachDense-v4", "--max-episode-steps", "10", "--n-ker", "1",
+                 "--n-ger", "0", *DDPM, "--run-dir", str(tmp_path / "r")]) == 0
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert s["gamma"] == pytest.approx(0.9) and s["env_steps"] == 2 * 2 * 10
+    assert float(rows(tmp_path / "r")[1]["ddpm/success_fraction"]) < 1.0
+
+
 def test_iter_diffusion_logs_generation_and_keeps_synthetic_episodes_apart(tmp_path) -> None:
     assert main(["iter", *TINY, "--n-ker", "1", "--n-ger", "1", *DDPM, "--run-dir", str(tmp_path / "r")]) == 0
     r = rows(tmp_path / "r")
@@ -57,6 +67,15 @@ def test_iter_diffusion_logs_generation_and_keeps_synthetic_episodes_apart(tmp_p
     s = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert s["synthetic_episodes"] == 6 and s["real_episodes"] == 8
     assert s["time_breakdown_s"]["diffusion_train_s"] > 0 and s["time_breakdown_s"]["sampling_s"] > 0
+
+
+def test_a_generation_event_that_rejects_every_episode_does_not_stop_the_run(tmp_path) -> None:
+    # tol 1e-9 m rejects all: no synthetic success rate exists (it was logged as NaN and tripped the divergence check)
+    ddpm = [a if a != "1e9" else "1e-9" for a in DDPM]
+    assert main(["iter", *TINY, "--n-ker", "0", "--n-ger", "0", *ddpm, "--run-dir", str(tmp_path / "r")]) == 0
+    last = rows(tmp_path / "r")[1]
+    assert float(last["ddpm/rejection_rate"]) == 1.0 and last.get("ddpm/synthetic_success_rate", "") == ""
+    assert float(last["buffer/synthetic_episodes"]) == 0
 
 
 def test_minibatches_take_the_synthetic_ratio_and_ger_multiplies_them() -> None:

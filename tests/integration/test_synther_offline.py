@@ -94,7 +94,34 @@ def test_real_mode_small_data_and_reuse_of_a_trained_model(workdir, dataset, syn
                  "--diffusion", str(synthetic_run / "diffusion"), "--run-dir", str(workdir / "mixed")]) == 0
     s = json.loads((workdir / "mixed" / "summary.json").read_text())
     assert s["batch_real_ratio"] == 0.5 and s["diffusion_run"] == str(synthetic_run / "diffusion")
-    assert not (workdir / "mixed" / "diffusion").exists()
+    assert not (workdir / "mixed" / "diffusion").exists() and s["diffusion_same_data"] is True
+    # a model of the whole dataset reused in a small-data run is allowed, but said and recorded (it saw more data)
+    with pytest.warns(UserWarning, match="trained on other data"):
+        assert main(["synther", "offline", "--algo", "td3bc", "--dataset", str(dataset), *TINY, "--data-fraction",
+                     "0.3", "--diffusion", str(synthetic_run / "diffusion"), "--run-dir", str(workdir / "other")]) == 0
+    assert json.loads((workdir / "other" / "summary.json").read_text())["diffusion_same_data"] is False
+
+
+def test_resume_of_a_run_stopped_before_its_first_diffusion_checkpoint(workdir, dataset, monkeypatch) -> None:
+    from diffrl.diffusion.trainer import DiffusionTrainer
+
+    step = DiffusionTrainer.train_step
+    calls = {"n": 0}
+
+    def dies_at_step_5(self):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return step(self)
+
+    run_dir = workdir / "killed"
+    monkeypatch.setattr(DiffusionTrainer, "train_step", dies_at_step_5)
+    assert main(["synther", "offline", "--algo", "td3bc", "--dataset", str(dataset), *TINY, "--run-dir",
+                 str(run_dir)]) == 130  # Ctrl-C
+    assert (run_dir / "diffusion" / "config.yaml").exists() and not (run_dir / "diffusion" / "checkpoints").exists()
+    monkeypatch.setattr(DiffusionTrainer, "train_step", step)
+    assert main(["synther", "offline", "--algo", "td3bc", "--resume", str(run_dir)]) == 0
+    assert (run_dir / "samples.npz").exists() and (run_dir / "diffusion" / "summary.json").exists()
 
 
 def test_resume_continues_the_agent_without_retraining(workdir, dataset, synthetic_run) -> None:

@@ -16,7 +16,7 @@ from diffrl.cli import main
 from diffrl.data import ReplayBuffer
 from diffrl.pipelines import synther_online
 
-TINY = ["--env", "Hopper-v5", "--steps", "400", "--learning-starts", "100", "--batch-size", "32", "--utd", "2",
+TINY = ["--env", "Hopper-v5", "--steps", "500", "--learning-starts", "100", "--batch-size", "32", "--utd", "2",
         "--retrain-every", "200", "--diffusion-steps", "40", "--diffusion-width", "32", "--diffusion-depth", "2",
         "--diffusion-dim-t", "16", "--diffusion-batch-size", "32", "--num-samples", "300", "--sampler",
         "dpmpp_2m_sde", "--sample-steps", "4", "--eval-every", "200", "--eval-episodes", "1", "--log-every", "100",
@@ -26,21 +26,22 @@ TINY = ["--env", "Hopper-v5", "--steps", "400", "--learning-starts", "100", "--b
 def test_cli_run_directory_and_wall_clock_breakdown(tmp_path) -> None:
     assert main(["synther", "online", *TINY, "--run-dir", str(tmp_path / "r")]) == 0
     s = json.loads((tmp_path / "r" / "summary.json").read_text())
-    assert s["pipeline"] == "synther_online_sac" and s["env_steps"] == 400
+    assert s["pipeline"] == "synther_online_sac" and s["env_steps"] == 500
     assert set(s["time_breakdown_s"]) >= {"env_s", "update_s", "diffusion_train_s", "sampling_s"}
     assert s["time_breakdown_s"]["diffusion_train_s"] > 0 and s["time_breakdown_s"]["sampling_s"] > 0
     rows = list(csv.DictReader((tmp_path / "r" / "metrics.csv").read_text().splitlines()))
     assert {"perf/env_s", "perf/update_s", "perf/diffusion_train_s", "perf/sampling_s"} <= set(rows[-1])
     retrains = [float(r["diffusion/retrains"]) for r in rows if r.get("diffusion/retrains")]
-    assert retrains == [1.0, 2.0]  # at 200 and 400 env steps
+    assert retrains == [1.0, 2.0]  # at 201 and 401 env steps (none at the last step: its samples would go unused)
     assert main(["eval", str(tmp_path / "r"), "--episodes", "1"]) == 0
 
 
 def test_resume_of_a_killed_run_reproduces_the_uninterrupted_run(tmp_path) -> None:
     assert main(["synther", "online", *TINY, "--run-dir", str(tmp_path / "full")]) == 0
-    args = [a if a != "400" else "200" for a in TINY]  # stop at 200 env steps, just after the first retrain
+    args = [a if a != "500" else "200" for a in TINY]  # stop at the first retrain boundary, before it retrains
     assert main(["synther", "online", *args, "--run-dir", str(tmp_path / "part")]) == 0
-    assert main(["synther", "online", "--resume", str(tmp_path / "part"), "--steps", "400"]) == 0
+    assert json.loads((tmp_path / "part" / "summary.json").read_text())["time_breakdown_s"]["diffusion_train_s"] == 0
+    assert main(["synther", "online", "--resume", str(tmp_path / "part"), "--steps", "500"]) == 0
     curves = [[{k: v for k, v in r.items() if k != "wall_s" and not k.startswith("perf/") and not k.endswith("_s")}
                for r in csv.DictReader((tmp_path / d / "metrics.csv").read_text().splitlines())]
               for d in ("full", "part")]
@@ -107,3 +108,16 @@ def test_warm_start_continues_the_previous_model_and_survives_a_checkpoint() -> 
     for a, b in zip(first.model.parameters(), other.trainer.model.parameters(), strict=True):
         assert torch.equal(a, b)
     assert torch.equal(other.synthetic.storage["obs"], gen.synthetic.storage["obs"])
+
+
+def test_dmc_defaults_and_the_800k_batch_rule_follow_synthers_configs() -> None:
+    cfg = synther_online.ALGOS["sac"](env="Hopper-v5")
+    assert cfg.resolved("Hopper-v5") == (True, True)  # OpenAI-gym config: terminals modelled, rewards z-scored
+    assert cfg.resolved("dm_control/cheetah-run-v0") == (False, False)  # DMC config: neither
+    forced = synther_online.ALGOS["sac"](env="Hopper-v5", model_terminals=False, normalize_reward=True)
+    assert forced.resolved("dm_control/cheetah-run-v0") == (False, True)
+    assert cfg.diffusion_batch_for(799_999) == 256 and cfg.diffusion_batch_for(800_000) == 1024
+    assert synther_online.ALGOS["sac"](env="Hopper-v5", diffusion_batch_size=64).diffusion_batch_for(10**6) == 64
+    layout = TransitionLayout(17, 6, terminals=False)
+    skip = cfg.generator_settings(layout, normalize_reward=False).spec["normalizer"]["skip_dims"]
+    assert skip == [layout.reward_index]

@@ -84,6 +84,29 @@ def test_episode_ring_overwrites_oldest_and_state_dict_round_trips():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_random_overwrite_fills_free_slots_then_replaces_distinct_random_episodes():
+    # baselines' HER buffer (ITER): once full, new episodes take random slots, so old data decays gradually
+    buf = EpisodeBuffer(7, T, 2, 2, 3, seed=3, overwrite="random")
+    buf.add_episodes(coded_episodes())  # 5 of 7 slots, in order
+    assert buf.episodes()["obs"][:, 0, 0].tolist() == [0, 1, 2, 3, 4]
+    buf.add_episodes(coded_episodes(4, offset=N))  # 2 free slots, then 2 random old episodes are replaced
+    ids = buf.episodes()["obs"][:, 0, 0].tolist()
+    assert len(buf) == 7 and buf.added == 9 and ids[5:] == [5, 6] and {7, 8} <= set(ids)
+    assert len(set(ids)) == 7 and len(set(ids) & {0, 1, 2, 3, 4}) == 3  # distinct slots: nothing new is lost
+    survivors = []
+    for seed in range(20):  # which old episodes survive depends on the buffer's seed, not on their age
+        b = EpisodeBuffer(7, T, 2, 2, 3, seed=seed, overwrite="random")
+        b.add_episodes(coded_episodes())
+        b.add_episodes(coded_episodes(4, offset=N))
+        survivors.append(tuple(sorted(set(b.episodes()["obs"][:, 0, 0].tolist()) & {0, 1, 2, 3, 4})))
+    assert len(set(survivors)) > 1 and any(0 in s for s in survivors)
+    big = EpisodeBuffer(3, T, 2, 2, 3, overwrite="random")
+    big.add_episodes(coded_episodes())  # more than the capacity at once: the last 3 are kept
+    assert sorted(big.episodes()["obs"][:, 0, 0].tolist()) == [2, 3, 4]
+    with pytest.raises(ValueError, match="overwrite"):
+        EpisodeBuffer(3, T, 2, 2, 3, overwrite="newest")
+
+
 def test_episode_buffer_rejects_bad_shapes():
     buf = EpisodeBuffer(4, T, 2, 2, 3)
     bad = coded_episodes()

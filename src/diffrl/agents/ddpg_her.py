@@ -58,7 +58,8 @@ class DDPGHERParams(Params):
         check_hidden(self.hidden)
         check_positive("actor_lr", self.actor_lr)
         check_positive("critic_lr", self.critic_lr)
-        check_unit_interval("gamma", self.gamma)
+        if self.gamma is not None:  # None: a pipeline derives it from the horizon (`diffrl iter`: 1 - 1/T)
+            check_unit_interval("gamma", self.gamma)
         check(0.0 <= self.polyak < 1.0, "polyak", self.polyak, "in [0, 1)")
         for name in ("action_l2", "random_eps", "noise_eps"):
             check_non_negative(name, getattr(self, name))
@@ -108,6 +109,8 @@ class DDPGHER(Agent):
 
     def __init__(self, obs_dim: int, goal_dim: int, act_dim: int, params: DDPGHERParams,
                  device: torch.device | str = "cpu") -> None:
+        if params.gamma is None:
+            raise ValueError("DDPGHER needs a numeric gamma (None is resolved by the pipeline from the horizon).")
         self.p = params
         self.device = torch.device(device)
         self.act_dim = act_dim

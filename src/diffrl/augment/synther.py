@@ -74,6 +74,7 @@ class SynthERGenerator:
             trainer.data = data
             trainer.step = 0  # a new cosine schedule over this retrain's steps
         else:
+            self.trainer = None  # free the previous model, EMA and optimiser before building the next one
             with torch.random.fork_rng(devices=[]):  # seeded init without touching the agent's global RNG
                 torch.manual_seed(seed)
                 model: DiffusionModel = build_model(self.settings.spec).to(self.device)

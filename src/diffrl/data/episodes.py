@@ -25,6 +25,7 @@ from diffrl.errors import CheckpointError
 
 EPISODE_KEYS = ("obs", "ag", "g", "act")
 HER_STRATEGIES = ("future", "final", "episode", "none")
+OVERWRITE = ("oldest", "random")
 
 RewardFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """``reward_fn(achieved_goal (B, Dg), goal (B, Dg)) -> rewards (B,)``, e.g. a Fetch env's ``compute_reward``."""
@@ -59,12 +60,19 @@ class EpisodeBuffer:
         obs_dim, act_dim, goal_dim: sizes of one observation, action and goal.
         device: where the storage lives.
         seed: seed of the buffer's own sampling generator (saved in ``state_dict``).
+        overwrite: once full, new episodes replace the ``oldest`` ones (a ring) or ``random`` ones (OpenAI
+            baselines' HER buffer, which ITER uses: older data decays instead of vanishing after one buffer's
+            worth of episodes). ``random`` draws distinct slots from the buffer's generator (baselines drew them
+            with replacement, so part of a large insertion could overwrite itself and be lost).
     """
 
     def __init__(self, capacity: int, T: int, obs_dim: int, act_dim: int, goal_dim: int,
-                 device: str | torch.device = "cpu", seed: int = 0) -> None:
+                 device: str | torch.device = "cpu", seed: int = 0, overwrite: str = "oldest") -> None:
         if capacity <= 0 or T <= 0:
             raise ValueError(f"capacity and T must be > 0, got {capacity} and {T}")
+        if overwrite not in OVERWRITE:
+            raise ValueError(f"overwrite must be one of {', '.join(OVERWRITE)}, got {overwrite!r}")
+        self.overwrite = overwrite
         self.capacity, self.T = int(capacity), int(T)
         self.device = torch.device(device)
         self.shapes = episode_shapes(T, obs_dim, act_dim, goal_dim)
@@ -85,15 +93,25 @@ class EpisodeBuffer:
     def add_episodes(self, episodes: Mapping[str, np.ndarray | torch.Tensor]) -> None:
         """Append ``N`` episodes (the layout in the module docstring)."""
         n = check_episodes(episodes, self.shapes)
-        idx = (self.ptr + torch.arange(n)) % self.capacity
-        if n > self.capacity:  # only the last `capacity` survive
-            idx, keep = idx[-self.capacity:], slice(n - self.capacity, n)
+        if self.overwrite == "random" and self.size + n > self.capacity:
+            # fill the free slots in order, then overwrite distinct random occupied ones (baselines'
+            # _get_storage_idx); more episodes than the capacity: only the last `capacity` are stored
+            keep = slice(max(n - self.capacity, 0), n)
+            m = keep.stop - keep.start
+            free = torch.arange(self.size, self.capacity)
+            chosen = torch.randperm(self.size, generator=self.generator, device=self.device)[: m - len(free)]
+            idx = torch.cat([free, chosen.cpu()])
+            self.ptr = 0  # unused once full
         else:
-            keep = slice(0, n)
+            idx = (self.ptr + torch.arange(n)) % self.capacity
+            if n > self.capacity:  # only the last `capacity` survive
+                idx, keep = idx[-self.capacity:], slice(n - self.capacity, n)
+            else:
+                keep = slice(0, n)
+            self.ptr = (self.ptr + n) % self.capacity
         for k in EPISODE_KEYS:
             self.storage[k][idx.to(self.device)] = torch.as_tensor(np.asarray(episodes[k])[keep], dtype=torch.float32,
                                                                    device=self.device)
-        self.ptr = (self.ptr + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
         self.added += n
 

@@ -66,8 +66,8 @@ class DiffusionSettings(Params):
     """residual blocks"""
     diffusion_dim_t: int = 128
     """time embedding width (SynthER: 128 offline, 256 online)"""
-    diffusion_batch_size: int = 256
-    """diffusion batch size (SynthER: 256 below 800k transitions, else 1024)"""
+    diffusion_batch_size: int | None = None
+    """diffusion batch size; None: SynthER's rule, 256 for data below 800k transitions, else 1024"""
     diffusion_lr: float = 3e-4
     """diffusion learning rate"""
     bf16: bool = False
@@ -82,9 +82,17 @@ class DiffusionSettings(Params):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("diffusion_steps", "diffusion_width", "diffusion_depth", "diffusion_dim_t",
-                     "diffusion_batch_size", "diffusion_lr", "sample_steps", "sample_batch_size"):
+                     "diffusion_lr", "sample_steps", "sample_batch_size"):
             check_positive(name, getattr(self, name))
+        if self.diffusion_batch_size is not None:
+            check_positive("diffusion_batch_size", self.diffusion_batch_size)
         check_choice("sampler", self.sampler, ("heun", "euler", "dpmpp_2m", "dpmpp_2m_sde"))
+
+    def diffusion_batch_for(self, transitions: int) -> int:
+        """The diffusion batch size for a model of ``transitions`` real transitions (SynthER's 800k rule)."""
+        if self.diffusion_batch_size is not None:
+            return self.diffusion_batch_size
+        return 1024 if transitions >= 800_000 else 256
 
 
 def extend_configs(settings: type, bases: dict[str, type], module: str, doc: str) -> dict[str, type]:

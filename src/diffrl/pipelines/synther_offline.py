@@ -18,7 +18,9 @@ SynthER's own code trains on synthetic data only offline; ``mixed`` is diffrl's 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from diffrl.errors import CheckpointError, ConfigError
 from diffrl.eval.fidelity import LAYOUTS, fidelity_report
 from diffrl.pipelines import diffusion, offline
 from diffrl.pipelines.common import DiffusionSettings, extend_configs, load_prefixed_config
+from diffrl.pipelines.offline import fingerprint
 from diffrl.runs import checkpoint as ckpt
 from diffrl.runs.device import resolve_device
 from diffrl.runs.rundir import check_resumable, new_run_dir, read_config, read_summary, write_config
@@ -95,11 +98,11 @@ def load_config(run_dir: Path) -> Any:
     return load_prefixed_config(run_dir, PREFIX, ALGOS, "SynthER offline")
 
 
-def _diffusion_config(cfg: Any, run_dir: Path, resume: bool) -> diffusion.DiffusionConfig:
+def _diffusion_config(cfg: Any, run_dir: Path, resume: bool, transitions: int) -> diffusion.DiffusionConfig:
     return diffusion.DiffusionConfig(
         dataset=cfg.dataset, env=cfg.env, seed=cfg.seed, width=cfg.diffusion_width, depth=cfg.diffusion_depth,
         dim_t=cfg.diffusion_dim_t,
-        steps=cfg.diffusion_steps, batch_size=cfg.diffusion_batch_size, lr=cfg.diffusion_lr, bf16=cfg.bf16,
+        steps=cfg.diffusion_steps, batch_size=cfg.diffusion_batch_for(transitions), lr=cfg.diffusion_lr, bf16=cfg.bf16,
         sampler=cfg.sampler, sample_steps=cfg.sample_steps, fidelity_samples=0,
         checkpoint_every=min(10_000, cfg.diffusion_steps), device=cfg.device, progress=cfg.progress,
         run_dir=None if resume else run_dir, resume=run_dir if resume else None, runs_root=cfg.runs_root)
@@ -113,7 +116,23 @@ def _train_diffusion(cfg: Any, real: Any, run_dir: Path) -> Path:
     if (model_dir / "summary.json").is_file():
         return model_dir
     resume = bool(ckpt.list_checkpoints(model_dir / "checkpoints"))
-    return diffusion.run(_diffusion_config(cfg, model_dir, resume), dataset=real)
+    if not resume and model_dir.exists():
+        # an attempt stopped before its first diffusion checkpoint: nothing to resume from, and new_run_dir
+        # refuses a directory that already holds a run, so clear our own stage directory and start it again
+        shutil.rmtree(model_dir)
+    return diffusion.run(_diffusion_config(cfg, model_dir, resume, len(real)), dataset=real)
+
+
+def _check_model_data(model_dir: Path, real: Any) -> bool:
+    """Whether the diffusion model in ``model_dir`` was trained on exactly ``real`` (after --data-fraction); a
+    model from other data (e.g. the full dataset in a small-data experiment) is allowed but announced."""
+    trained_on = ckpt.read_manifest(ckpt.resolve_checkpoint(model_dir)).get("meta", {}).get("dataset_fingerprint")
+    same = trained_on == fingerprint(real)
+    if not same:
+        warnings.warn(f"the diffusion model in {model_dir} was trained on other data than this run's real data "
+                      "(another dataset or --data-fraction); summary.json records diffusion_same_data: false.",
+                      stacklevel=2)
+    return same
 
 
 def _samples(cfg: Any, model_dir: Path, run_dir: Path, obs_dim: int, act_dim: int) -> tuple[dict, dict]:
@@ -171,6 +190,7 @@ def run(cfg: Any) -> Path:
         t0 = time.perf_counter()
         model_dir = _train_diffusion(cfg, real, run_dir)
         extra["diffusion_run"] = str(model_dir)
+        extra["diffusion_same_data"] = _check_model_data(model_dir, real)
         with_summary = read_summary(model_dir) if (model_dir / "summary.json").is_file() else {}
         extra["diffusion_train_s"] = with_summary.get("wall_s", time.perf_counter() - t0)
         extra["diffusion_final_loss"] = with_summary.get("final_loss")

@@ -50,10 +50,17 @@ class SynthEROnlineSettings(DiffusionSettings):
     """time embedding width (SynthER online: 256)"""
     warm_start: bool = False
     """continue the previous diffusion model at each retrain instead of training from scratch (not in the paper)"""
-    model_terminals: bool = True
-    """model the terminal flag (SynthER's OpenAI-gym config; its DMC config does not: DMC never terminates)"""
-    normalize_reward: bool = True
-    """z-score rewards inside the diffusion model (SynthER's DMC config skips it)"""
+    model_terminals: bool | None = None
+    """model the terminal flag; None: as SynthER's configs, yes for Gymnasium tasks, no for DMC (never terminates)"""
+    normalize_reward: bool | None = None
+    """z-score rewards inside the diffusion model; None: as SynthER's configs, yes for Gymnasium tasks, no for DMC
+    (its ``skip_reward_norm``)"""
+
+    def resolved(self, env_id: str) -> tuple[bool, bool]:
+        """``(model_terminals, normalize_reward)`` for ``env_id``: the set values, else SynthER's per-family ones."""
+        gym_task = not env_id.startswith("dm_control/")
+        return (gym_task if self.model_terminals is None else self.model_terminals,
+                gym_task if self.normalize_reward is None else self.normalize_reward)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,16 +68,17 @@ class SynthEROnlineSettings(DiffusionSettings):
         for name in ("retrain_every", "num_samples"):
             check_positive(name, getattr(self, name))
 
-    def generator_settings(self, layout: TransitionLayout) -> GeneratorSettings:
+    def generator_settings(self, layout: TransitionLayout, normalize_reward: bool = True) -> GeneratorSettings:
         skip = [d for d in (layout.terminal_index,) if d is not None]
-        if not self.normalize_reward:
+        if not normalize_reward:
             skip.append(layout.reward_index)
         sampler: dict[str, Any] = {"sampler": self.sampler, "steps": self.sample_steps}
         spec = {"type": "edm", "event_shape": [layout.dim],
                 "denoiser": {"type": "resmlp", "width": self.diffusion_width, "depth": self.diffusion_depth,
                              "dim_t": self.diffusion_dim_t},
                 "normalizer": {"kind": "zscore", "skip_dims": skip}, "sampler": sampler}
-        trainer = TrainerSettings(steps=self.diffusion_steps, batch_size=self.diffusion_batch_size,
+        # the real buffer stays far below SynthER's 800k-transition threshold for the larger batch
+        trainer = TrainerSettings(steps=self.diffusion_steps, batch_size=self.diffusion_batch_for(0),
                                   lr=self.diffusion_lr, bf16=self.bf16)
         return GeneratorSettings(spec=spec, trainer=trainer, num_samples=self.num_samples, sampler=sampler,
                                  sample_batch_size=self.sample_batch_size, warm_start=self.warm_start)
@@ -105,8 +113,12 @@ class SynthERAugment:
         return self.generator.sampler(real, self.cfg.synthetic_ratio)
 
     def after_step(self, env_steps: int, before: int, real: ReplayBuffer) -> dict[str, float]:
-        every = self.cfg.retrain_every
-        if env_steps // every > before // every and len(real) > 0:
+        # Retrain at the first env step after every `retrain_every` boundary, before that step's updates. SynthER
+        # retrains right after the boundary step's updates: the same updates see the new samples, but it also
+        # retrains at the run's last step, where nothing uses the model (a third of the quick preset's diffusion
+        # time). Counting boundaries up to `before` makes that one wasted retrain disappear without making a run
+        # depend on its step budget: resumed with more steps, it retrains at the next step instead.
+        if before // self.cfg.retrain_every > self.generator.retrains and len(real) > 0:
             return self.generator.retrain(real)
         return {}
 
@@ -131,10 +143,11 @@ def load_config(run_dir: Path) -> Any:
 def run(cfg: Any) -> Path:
     """Online SAC/REDQ with SynthER; returns the run directory."""
     env = make_env(cfg.env, max_episode_steps=cfg.max_episode_steps)
-    layout = TransitionLayout(obs_dim(env.observation_space), obs_dim(env.action_space),
-                              terminals=cfg.model_terminals)
+    model_terminals, normalize_reward = cfg.resolved(cfg.env)
+    layout = TransitionLayout(obs_dim(env.observation_space), obs_dim(env.action_space), terminals=model_terminals)
     env.close()
-    generator = SynthERGenerator(layout, cfg.generator_settings(layout), resolve_device(cfg.device), cfg.seed)
+    generator = SynthERGenerator(layout, cfg.generator_settings(layout, normalize_reward), resolve_device(cfg.device),
+                                 cfg.seed)
     return online.run(cfg, SynthERAugment(cfg, generator), pipeline=PREFIX + algo_name(cfg))
 
 
