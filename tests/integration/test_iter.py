@@ -69,6 +69,18 @@ def test_iter_diffusion_logs_generation_and_keeps_synthetic_episodes_apart(tmp_p
     assert s["time_breakdown_s"]["diffusion_train_s"] > 0 and s["time_breakdown_s"]["sampling_s"] > 0
 
 
+def test_the_generator_leaves_the_agents_random_streams_alone(tmp_path) -> None:
+    # ITER-Diffusion with no synthetic share must be ITER exactly: a paired comparison of the two arms
+    common = [*TINY, "--n-ker", "1", "--n-ger", "1"]
+    assert main(["iter", *common, "--run-dir", str(tmp_path / "iter")]) == 0
+    ddpm = [a if a != "0.25" else "0" for a in DDPM]  # --synthetic-ratio 0
+    assert main(["iter", *common, *ddpm, "--run-dir", str(tmp_path / "ddpm")]) == 0
+    runs = [rows(tmp_path / d) for d in ("iter", "ddpm")]
+    assert float(runs[1][1]["buffer/synthetic_episodes"]) > 0  # it did generate
+    agent_keys = [k for k in runs[0][0] if not k.startswith("perf/") and k != "wall_s"]
+    assert [[r[k] for k in agent_keys] for r in runs[0]] == [[r[k] for k in agent_keys] for r in runs[1]]
+
+
 def test_a_generation_event_that_rejects_every_episode_does_not_stop_the_run(tmp_path) -> None:
     # tol 1e-9 m rejects all: no synthetic success rate exists (it was logged as NaN and tripped the divergence check)
     ddpm = [a if a != "1e9" else "1e-9" for a in DDPM]

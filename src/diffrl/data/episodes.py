@@ -120,11 +120,13 @@ class EpisodeBuffer:
         idx = torch.arange(self.size) if indices is None else torch.as_tensor(indices)
         return {k: self.storage[k][idx.to(self.device)].cpu().numpy() for k in EPISODE_KEYS}
 
-    def sample_episodes(self, n: int) -> dict[str, np.ndarray]:
-        """``n`` stored episodes drawn uniformly with replacement."""
+    def sample_episodes(self, n: int, generator: torch.Generator | None = None) -> dict[str, np.ndarray]:
+        """``n`` stored episodes drawn uniformly with replacement, with ``generator`` (on the buffer's device) or
+        the buffer's own (a consumer with its own stream leaves the buffer's minibatch draws unchanged)."""
         if self.size == 0:
             raise ValueError("cannot sample from an empty episode buffer")
-        return self.episodes(torch.randint(self.size, (n,), generator=self.generator, device=self.device))
+        gen = self.generator if generator is None else generator
+        return self.episodes(torch.randint(self.size, (n,), generator=gen, device=gen.device))
 
     def sample_her(self, batch_size: int, reward_fn: RewardFn, strategy: str = "future",
                    replay_k: int = 4) -> Batch:

@@ -380,13 +380,15 @@ def diffusion_epoch(generator: EpisodeGenerator, real: EpisodeBuffer, synthetic:
                     epoch: int, success_threshold: float, timers: dict[str, float]) -> dict[str, float]:
     """ITER-Diffusion's per-epoch step: train the episode model; on augmentation epochs generate, filter, store."""
     t0 = time.perf_counter()
-    train = real.sample_episodes(cfg.ddpm_n_train_episodes)
+    # the generator draws its episodes with its own (checkpointed) streams: the agent's HER minibatches are the
+    # ITER run's until synthetic episodes enter them, so ITER vs ITER-Diffusion is a paired comparison
+    train = real.sample_episodes(cfg.ddpm_n_train_episodes, generator.trainer.gen)
     fit = generator.fit(train, cfg.ddpm_train_steps)
     t1 = time.perf_counter()
     timers["diffusion_train_s"] += t1 - t0
     row = {"ddpm/loss_mean": fit["loss_mean"], "ddpm/loss_std": fit["loss_std"]}
     if epoch >= cfg.ddpm_aug_start and epoch % cfg.ddpm_aug_freq == 0:
-        contexts, stats = successful_contexts(real.sample_episodes(max(cfg.ddpm_n_synth, 1000)),
+        contexts, stats = successful_contexts(real.sample_episodes(max(cfg.ddpm_n_synth, 1000), generator.sample_gen),
                                               threshold=success_threshold)
         episodes, gen_stats = generator.generate(contexts, cfg.ddpm_n_synth, success_threshold=success_threshold)
         if gen_stats["accepted"]:
