@@ -25,6 +25,7 @@ import numpy as np
 
 from diffrl.pipelines.iter_her import ITERConfig, run
 from diffrl.runs.logger import read_metrics
+from synther_offline import ci95
 
 OUT = Path(__file__).parent / "out"
 ARMS = {"her": dict(n_ker=0, n_ger=0), "iter": dict(n_ker=8, n_ger=4),
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--ddpm-aug-start", type=int, default=8)
     ap.add_argument("--ddpm-aug-freq", type=int, default=2)
     ap.add_argument("--results", type=Path, default=OUT / "iter_push.jsonl")
+    ap.add_argument("--table-only", action="store_true", help="print the table of the finished runs, run nothing")
     args = ap.parse_args()
     os.environ.setdefault("DIFFRL_PROGRESS", "0")
     args.results.parent.mkdir(parents=True, exist_ok=True)
@@ -50,7 +52,7 @@ def main() -> None:
     for seed in args.seeds:
         for arm in args.arms:
             key = dict(arm=arm, seed=seed, **budget)
-            if any(all(r.get(k) == v for k, v in key.items()) for r in done):
+            if args.table_only or any(all(r.get(k) == v for k, v in key.items()) for r in done):
                 continue
             run_dir = OUT / "runs" / "iter_push" / f"{args.env}-{arm}-s{seed}-{args.epochs}x{args.n_cycles}"
             common = dict(env=args.env, seed=seed, epochs=args.epochs, n_cycles=args.n_cycles, eval_episodes=10,
@@ -74,15 +76,17 @@ def main() -> None:
             print(f"{arm} seed {seed}: final success {row['final_success']:.2f} ({row['wall_s']:.0f} s)", flush=True)
     print(f"\n{args.env}: test success rate after each epoch ({args.n_cycles * 50} env steps per epoch), "
           "mean over seeds [min, max] (n); wall clock per run\n")
-    print("| arm | " + " | ".join(f"ep {e + 1}" for e in range(args.epochs)) + " | wall |")
-    print("|---|" + "---|" * (args.epochs + 1))
+    print("| arm | " + " | ".join(f"ep {e + 1}" for e in range(args.epochs)) + " | final ± 95% CI | wall |")
+    print("|---|" + "---|" * (args.epochs + 2))
     for arm in args.arms:
         rows = [r for r in done if r["arm"] == arm and all(r.get(k) == v for k, v in budget.items())]
         if not rows:
             continue
         curves = np.array([[s for _, s in r["curve"]][: args.epochs] for r in rows])
         cells = [f"{c.mean():.2f} [{c.min():.1f}, {c.max():.1f}]" for c in curves.T]
-        print(f"| {arm} (n={len(rows)}) | " + " | ".join(cells) + f" | {np.mean([r['wall_s'] for r in rows]):.0f} s |")
+        final = curves[:, -1]
+        print(f"| {arm} (n={len(rows)}) | " + " | ".join(cells) + f" | {final.mean():.2f} ± {ci95(final):.2f} | "
+              f"{np.mean([r['wall_s'] for r in rows]):.0f} s |")
 
 
 if __name__ == "__main__":

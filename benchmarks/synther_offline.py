@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=None)
     ap.add_argument("--fraction", type=float, default=0.15)
     ap.add_argument("--results", type=Path, default=OUT / "synther_offline.jsonl")
+    ap.add_argument("--table-only", action="store_true", help="print the tables of the finished runs, run nothing")
     args = ap.parse_args()
     os.environ.setdefault("DIFFRL_PROGRESS", "0")
     tune_cpu_allocator()
@@ -76,6 +77,8 @@ def main() -> None:
                     hit = [r for r in done if all(r.get(k) == v for k, v in key.items())]
                     if hit:
                         model_dir = model_dir or hit[0].get("diffusion_run")
+                        continue
+                    if args.table_only:
                         continue
                     overrides = {**synther_offline.PRESETS[algo]["quick"], "dataset": str(path), "seed": seed,
                                  "data_mode": mode, "data_fraction": fraction, "runs_root": OUT / "runs",

@@ -27,6 +27,7 @@ import numpy as np
 from diffrl.pipelines import online, synther_online
 from diffrl.runs.device import tune_cpu_allocator
 from diffrl.runs.logger import read_metrics
+from synther_offline import ci95
 
 OUT = Path(__file__).parent / "out"
 
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--arms", nargs="+", default=["sac", "synther", "synther-warm"],
                     help="synther-warm: --warm-start with a quarter of the diffusion steps per retrain")
     ap.add_argument("--results", type=Path, default=OUT / "synther_online.jsonl")
+    ap.add_argument("--table-only", action="store_true", help="print the table of the finished runs, run nothing")
     args = ap.parse_args()
     os.environ.setdefault("DIFFRL_PROGRESS", "0")
     tune_cpu_allocator()
@@ -54,7 +56,7 @@ def main() -> None:
             for arm in args.arms:
                 key = dict(env=env_id, arm=arm, seed=seed, steps=args.steps, retrain_every=args.retrain_every,
                            diffusion_steps=args.diffusion_steps, num_samples=args.num_samples)
-                if any(all(r.get(k) == v for k, v in key.items()) for r in done):
+                if args.table_only or any(all(r.get(k) == v for k, v in key.items()) for r in done):
                     continue
                 # a fixed run directory per (env, arm, seed, budget): a killed benchmark resumes its runs exactly
                 run_dir = (OUT / "runs" / "synther_online_bench" /
@@ -88,22 +90,23 @@ def main() -> None:
                 done.append(row)
                 with open(args.results, "a") as f:
                     f.write(json.dumps(row) + "\n")
-    print(f"\nfinal return after {args.steps} env steps, mean ± std over seeds (n); wall clock per run "
+    half = args.steps // 2
+    print(f"\nreturn after {half} and {args.steps} env steps: mean ± 95% CI over seeds (n); mean wall clock per run "
           "(env / updates / diffusion training / sampling, seconds)\n")
-    print("| env | arm | final return | wall | breakdown |\n|---|---|---|---|---|")
+    print(f"| env | arm | return at {half} | final return | wall | breakdown |\n|---|---|---|---|---|---|")
     for env_id in args.envs:
         for arm in args.arms:
             rs = [r for r in done if r["env"] == env_id and r["arm"] == arm and r["steps"] == args.steps]
             if not rs:
-                print(f"| {env_id} | {arm} | — | — | — |")
+                print(f"| {env_id} | {arm} | — | — | — | — |")
                 continue
             v = np.array([r["final_return"] for r in rs])
+            mid = np.array([next(ret for step, ret in r["curve"] if step >= half) for r in rs])
             tb = {k: np.mean([r["time_breakdown_s"].get(k, 0.0) for r in rs])
                   for k in ("env_s", "update_s", "diffusion_train_s", "sampling_s")}
-            print(f"| {env_id} | {arm} | {v.mean():.0f} ± {v.std():.0f} (n={len(v)}) | "
-                  f"{np.mean([r['wall_s'] for r in rs]):.0f} s | {tb['env_s']:.0f} / {tb['update_s']:.0f} / "
-                  f"{tb['diffusion_train_s']:.0f} / {tb['sampling_s']:.0f} |")
-
+            print(f"| {env_id} | {arm} | {mid.mean():.0f} ± {ci95(mid):.0f} | {v.mean():.0f} ± {ci95(v):.0f} "
+                  f"(n={len(v)}) | {np.mean([r['wall_s'] for r in rs]):.0f} s | {tb['env_s']:.0f} / "
+                  f"{tb['update_s']:.0f} / {tb['diffusion_train_s']:.0f} / {tb['sampling_s']:.0f} |")
 
 if __name__ == "__main__":
     main()
