@@ -171,7 +171,8 @@ def test_a_gaussian_pretrain_run_is_finetuned_with_plain_ppo(workdir, gaussian_p
                  "--n-critic-warmup-itr", "1", "--run-dir", str(run)]) == 0
     s = summary(run)
     assert s["pipeline"] == "dppo_finetune_gaussian" and s["policy_type"] == "gaussian"
-    assert s["gradient_steps"] == 2 * 2 * (2 * 8 // 12)  # one transition per env step, not K'
+    # one transition per env step, and batch_size / K' per minibatch: DPPO's 2 * 8 * 3 / 12 = 4 minibatches an epoch
+    assert s["gradient_steps"] == 2 * 2 * (2 * 8 // (12 // 3))
     assert s["actor_updates"] == s["gradient_steps"] // 2  # the first iteration trains the critic only
     assert [x["train/critic_only"] for x in rows(run)[1:]] == ["1.0", "0.0"]
     agent, _, _ = dppo.load_finetuned(run, device="cpu")

@@ -87,13 +87,21 @@ def sliced_w1(a: torch.Tensor, b: torch.Tensor, projections: int = 64) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ schedules
+@pytest.mark.parametrize("K", [20, 50, 100, 1000])
+def test_linear_schedule_reaches_noise_for_any_number_of_steps(K: int) -> None:
+    # Ho et al.'s 1e-4..2e-2 is for K = 1000; scaled by 1000 / K (improved-diffusion), alpha_bar_K stays ~4e-5
+    abar = torch.cumprod(1 - linear_betas(K), 0)[-1].item()
+    assert abar < 1e-3 and linear_betas(1000)[0].item() == pytest.approx(1e-4)
+
+
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 def test_ddpm_step_matches_diffusers(kind: str) -> None:
     diffusers = pytest.importorskip("diffusers")  # test-only reference (dev extra)
     K = 50
     betas = linear_betas(K) if kind == "linear" else cosine_betas(K)
     ref = diffusers.DDPMScheduler(num_train_timesteps=K, beta_schedule="linear" if kind == "linear" else
-                                  "squaredcos_cap_v2", beta_start=1e-4, beta_end=2e-2, clip_sample=False,
+                                  "squaredcos_cap_v2", beta_start=1e-4 * 1000 / K, beta_end=2e-2 * 1000 / K,
+                                  clip_sample=False,
                                   prediction_type="epsilon", variance_type="fixed_small")
     torch.testing.assert_close(betas.float(), ref.betas, rtol=1e-5, atol=1e-7)
     model = DDPM(nn.Identity(), [3], num_steps=K, schedule=kind)
@@ -466,3 +474,20 @@ def test_sampler_defaults_apply_only_to_the_default_sampler() -> None:
     assert model.resolve_sampler("dpmpp_2m") == ("dpmpp_2m", None, {})
     model.sample(3, sampler="dpmpp_2m", steps=4)  # the heun churn settings must not leak into another sampler
 
+
+
+def test_ddpm_transition_models_embed_the_integer_step_smoothly() -> None:
+    # random Fourier features of t = 0..K-1 change arbitrarily between neighbouring steps; DDPM gets sinusoidal ones
+    from diffrl.augment import TransitionLayout
+    from diffrl.diffusion.nets import RandomFourierEmbedding
+    from diffrl.diffusion.spec import build_model
+    from diffrl.pipelines.diffusion import DiffusionConfig, model_spec
+
+    layout = TransitionLayout(11, 3)
+    for kind, t in (("ddpm", (50.0, 51.0)), ("edm", (0.25 * math.log(1.0), 0.25 * math.log(1.1)))):
+        cfg = DiffusionConfig(dataset="x", model=kind, width=32, depth=1, sampler="ddpm" if kind == "ddpm" else "heun")
+        spec = model_spec(cfg, layout)
+        features = build_model(spec).net.time[0]
+        periodic = slice(1, None) if isinstance(features, RandomFourierEmbedding) else slice(None)  # drop raw t
+        a, b = (features(torch.tensor([v]))[:, periodic] for v in t)
+        assert torch.nn.functional.cosine_similarity(a, b).item() > 0.9, kind

@@ -172,6 +172,52 @@ def test_perturbing_the_fine_tuned_copy_changes_fine_tuned_transitions_and_the_e
     assert not torch.allclose(chains2[:, 0], chains1[:, 0])
 
 
+def test_ddpm_evaluation_keeps_the_posterior_noise_except_at_the_last_step_and_ddim_is_the_mean_path():
+    # DPPO's deterministic DDPM sampling: std floored at 1e-3, noise clamped, none at t = 0 (not the mean path)
+    agent = make_dppo()
+    obs = torch.randn(1, TO, DO).expand(64, TO, DO)
+    chain = agent.policy.chain(obs, deterministic=True, generator=torch.Generator().manual_seed(0))
+    noise = (chain.xs[1:] - chain.means) / chain.stds
+    assert torch.all(chain.stds >= 1e-3) and torch.equal(chain.xs[-1], chain.means[-1])
+    assert torch.all(noise[:-1].std(dim=1) > 0.5) and torch.all(noise.abs() <= 3.0 + 1e-4)  # clamped at 3
+    first = agent.act(obs.numpy(), deterministic=True)
+    assert np.std(first[:, 0, 0]) > 1e-3  # one observation, 64 samples: not collapsed to one action
+    ddim = make_dppo(denoising_steps=20, use_ddim=True, ddim_steps=5, ft_denoising_steps=2)
+    a, b = (ddim.sample(obs, deterministic=True, generator=torch.Generator().manual_seed(s))[0] for s in (0, 0))
+    c = ddim.policy.chain(obs, deterministic=True, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(c.xs[1:], c.means)  # eta 0: every step is its mean
+    torch.testing.assert_close(a, b)
+
+
+class ActionRewardEnv(gym.Env):
+    """obs = zeros(DO); reward = the sum of the action; six steps."""
+
+    def __init__(self) -> None:
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (DO,), np.float64)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (DA,), np.float32)
+        self.t = 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(DO), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.zeros(DO), float(np.sum(action)), False, self.t >= 6, {}
+
+
+def test_evaluation_is_reproducible_and_leaves_the_global_rng_alone():
+    from diffrl.eval import evaluate
+
+    agent = make_dppo(denoising_steps=4, ft_denoising_steps=2)
+    env = ActionChunkEnv(ActionRewardEnv(), act_steps=2, cond_steps=TO, horizon_steps=TA)
+    state = torch.get_rng_state()
+    first, again, other = (evaluate(agent, env, 3, seed=s).returns for s in (3, 3, 4))
+    assert first == again and first != other  # the chain's noise is seeded per evaluation episode
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_act_returns_numpy_chunks_and_training_chains_end_at_the_action():
     agent = make_dppo()
     obs = np.random.default_rng(0).normal(size=(3, TO, DO)).astype(np.float32)
@@ -329,8 +375,15 @@ def test_gaussian_log_prob_is_normal_clamped_truncated_and_averaged():
     obs, chains, old = rollout(agent)
     assert chains.shape == (6, 2, TA, DA) and old.shape == (6, 1)
     mean, std = agent.policy(obs), agent.policy.std()
-    ref = torch.distributions.Normal(mean, std.expand_as(mean)).log_prob(chains[:, 1]).clamp(-5, 2)[:, :2]
-    torch.testing.assert_close(old[:, 0], ref.mean(dim=(1, 2)))
+    ref = torch.distributions.Normal(mean, std.expand_as(mean)).log_prob(chains[:, 1])[:, :2]
+    torch.testing.assert_close(old[:, 0], ref.mean(dim=(1, 2)).clamp(-5, 2))  # the mean is clamped (DPPO)
+    with torch.no_grad():  # a std of 0.02: most elements' log-probs exceed 2, their mean does not always
+        agent.policy.log_std.fill_(math.log(0.02))
+    obs, chains, old = rollout(agent)
+    elems = torch.distributions.Normal(agent.policy(obs), torch.full_like(agent.policy(obs), 0.02)).log_prob(
+        chains[:, 1])[:, :2]
+    torch.testing.assert_close(old[:, 0], elems.mean(dim=(1, 2)).clamp(-5, 2))
+    assert not torch.allclose(old[:, 0], elems.clamp(-5, 2).mean(dim=(1, 2)))
     assert torch.all((chains[:, 1] - mean).abs() <= 3 * 0.1 + 1e-6)  # noise clamped at 3 std
 
 

@@ -36,6 +36,9 @@ from diffrl.diffusion.samplers import Chain, sample_chain
 from diffrl.diffusion.schedules import ddim_timesteps
 from diffrl.errors import ConfigError
 
+EVAL_MIN_STD = 1e-3
+"""std floor of DPPO's DDPM evaluation chain (its ``deterministic=True`` sampling)"""
+
 __all__ = ["PPOParams", "DPPOParams", "GaussianPPOParams", "DiffusionPolicy", "GaussianPolicy", "ValueCritic",
            "ChunkPPO", "DPPO", "GaussianPPO", "dppo_model_spec"]
 
@@ -197,11 +200,11 @@ class GaussianPPOParams(PPOParams):
 
 # ------------------------------------------------------------------------------------------------- networks
 def residual_mlp(d_in: int, hidden: Sequence[int], d_out: int, activation: str) -> nn.Sequential:
-    """DPPO's ``ResidualMLP``: ``Linear(d_in, h)``, ``(len(hidden) - 1) / 2`` pre-activation blocks, act,
-    ``Linear(h, d_out)`` (``hidden = (256, 256, 256)``: one block)."""
+    """DPPO's ``ResidualMLP``: ``Linear(d_in, h)``, ``(len(hidden) - 1) / 2`` pre-activation blocks,
+    ``Linear(h, d_out)`` (``hidden = (256, 256, 256)``: one block; no activation before the output layer)."""
     h = hidden[0]
     return nn.Sequential(nn.Linear(d_in, h), *[PreActBlock(h, activation) for _ in range((len(hidden) - 1) // 2)],
-                         ACTIVATIONS[activation](), nn.Linear(h, d_out))
+                         nn.Linear(h, d_out))
 
 
 def _trunk(d_in: int, hidden: Sequence[int], d_out: int, residual: bool, activation: str) -> nn.Sequential:
@@ -294,14 +297,20 @@ class DiffusionPolicy(nn.Module):
         """The full recorded chain of ``S`` transitions (means and stds included), routed as above.
 
         Training (``deterministic=False``): DDPM, or DDIM with ``ddim_eta``; stds floored at ``min_sampling_std``,
-        noise clamped to ``noise_clip``. Evaluation: the mean path (DDPM without noise, DDIM with eta 0).
+        noise clamped to ``noise_clip``. Evaluation (DPPO's): DDIM with eta 0, or DDPM with its own posterior
+        stds (floored at ``EVAL_MIN_STD``), noise clamped, and no noise at the last step. The DDPM mean path is
+        not used: it collapses every sample towards a conditional mean (on a 1-D Gaussian with an exact denoiser,
+        K = 20: final std 0.0002 instead of 0.25), so the network would be evaluated on inputs far off the noise
+        levels it was trained and fine-tuned on.
         """
         shape = (obs.shape[0], *self.event_shape)
         options: dict[str, Any] = dict(ddim=self.use_ddim, steps=self.ddim_steps, generator=generator,
                                        device=obs.device, net_for_step=self.net_for_step)
-        if deterministic:
-            # DPPO's DDPM eval keeps posterior noise floored at 1e-3 except at t = 0; we take the exact mean path
+        if deterministic and self.use_ddim:
             return sample_chain(self.base, shape, self._cond(obs), eta=0.0, deterministic=True, **options)
+        if deterministic:
+            return sample_chain(self.base, shape, self._cond(obs), min_std=EVAL_MIN_STD, noise_clip=self.noise_clip,
+                                noiseless_last=True, **options)
         # DPPO's exploration: std floored at min_sampling_denoising_std, noise clamped to randn_clip_value; DDIM
         # training uses EtaFixed(1)
         return sample_chain(self.base, shape, self._cond(obs), eta=self.ddim_eta, min_std=self.min_sampling_std,
@@ -640,6 +649,15 @@ class GaussianPPO(ChunkPPO):
                                   f"({params.horizon_steps}, {act_dim}).")
             policy = copy.deepcopy(policy)
         super().__init__(policy, obs_dim, params, device)
+
+    def log_probs(self, obs: torch.Tensor, chain_x: torch.Tensor, chain_next: torch.Tensor,
+                  denoise_idx: torch.Tensor) -> torch.Tensor:
+        """Reduced log-probabilities ``(B,)`` of executed chunks: averaged over ``(act_steps, Da)``, THEN clamped
+        to ``logprob_clamp`` (DPPO's Gaussian PPO clamps the per-sample mean; clamping elements first, as the
+        diffusion chain does, would zero the gradient of most elements once the std falls below ~0.05)."""
+        lp = self.policy.transition_log_prob(self._obs(obs), chain_x, chain_next, denoise_idx.long())
+        lo, hi = self.p.logprob_clamp
+        return lp[:, :self.p.act_steps].mean(dim=(1, 2)).clamp(lo, hi)
 
 
 def dppo_model_spec(obs_dim: int, act_dim: int, params: DPPOParams, *, hidden: int = 512, blocks: int = 1,

@@ -250,8 +250,8 @@ class EpisodeDiffusionSettings:
     num_steps: int = 50
     """DDPM steps K (the reference's ``--ddpm-time-steps``)"""
     schedule: str = "cosine"
-    """beta schedule, cosine or linear; the reference's linear 1e-4..2e-2 over 50 steps ends at alpha_bar ~ 0.6
-    yet sampling starts from N(0, I), so cosine (alpha_bar_K ~ 0) is the default"""
+    """beta schedule, cosine or linear (Ho et al.'s, scaled to K so it reaches noise; the reference's unscaled
+    1e-4..2e-2 over 50 steps ends at alpha_bar ~ 0.6 yet sampling starts from N(0, I))"""
     max_beta: float = 0.5
     """cap on the cosine betas. Nichol & Dhariwal's 0.999 makes the first sampling step multiply the noise
     prediction's error by 1 / sqrt(1 - 0.999) ~ 32 (straight-line toy episodes after 2000 steps: median

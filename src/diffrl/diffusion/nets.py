@@ -115,12 +115,17 @@ class ResidualMLPDenoiser(nn.Module):
 
 
 class PreActBlock(nn.Module):
-    """``x + L2(act(L1(act(x))))`` (DPPO's two-layer pre-activation residual block), optional LayerNorm."""
+    """``x + L2(act(N2(L1(act(N1(x))))))``: DPPO's two-layer pre-activation residual block, with LayerNorms
+    ``N1``, ``N2`` (eps 1e-6) when ``layer_norm``."""
 
     def __init__(self, width: int, activation: str, layer_norm: bool = False) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.LayerNorm(width) if layer_norm else nn.Identity(), _activation(activation),
-                                 nn.Linear(width, width), _activation(activation), nn.Linear(width, width))
+
+        def norm() -> nn.Module:
+            return nn.LayerNorm(width, eps=1e-6) if layer_norm else nn.Identity()
+
+        self.net = nn.Sequential(norm(), _activation(activation), nn.Linear(width, width),
+                                 norm(), _activation(activation), nn.Linear(width, width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.net(x)
@@ -142,9 +147,10 @@ class ChunkMLPDenoiser(nn.Module):
         self.event_shape = tuple(int(s) for s in event_shape)
         flat = self.event_shape[0] * self.event_shape[1]
         self.time = time_mlp("sinusoidal", time_dim, time_dim, "mish")
+        # DPPO's ResidualMLP: no activation between the last block and the output layer
         self.net = nn.Sequential(nn.Linear(flat + time_dim + cond_dim, hidden),
                                  *[PreActBlock(hidden, activation, layer_norm) for _ in range(blocks)],
-                                 _activation(activation), nn.Linear(hidden, flat))
+                                 nn.Linear(hidden, flat))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         parts = [x.flatten(1), self.time(t)] + ([] if cond is None else [cond])

@@ -157,14 +157,17 @@ def sample_chain(model: DDPM, shape: Sequence[int], cond: torch.Tensor | None = 
                  steps: int | None = None, eta: float = 1.0, min_std: float = 0.0, noise_clip: float | None = None,
                  deterministic: bool = False, inpaint: Inpaint | None = None, guidance: float = 1.0,
                  generator: torch.Generator | None = None, device: torch.device | None = None,
-                 record: bool = True,
+                 record: bool = True, noiseless_last: bool = False,
                  net_for_step: Callable[[int], nn.Module | None] | None = None) -> Chain | torch.Tensor:
     """Run a DDPM (all K steps) or DDIM (``steps`` steps, ``eta``) chain from pure noise.
 
     - ``min_std`` floors each transition's std when sampling (DPPO: 0.1 in training rollouts); transitions with
       std 0 (DDPM's last step, DDIM with eta 0) then also get noise.
     - ``noise_clip`` clamps the standard-normal noise (DPPO: 3).
-    - ``deterministic``: no noise at all (the mean path).
+    - ``deterministic``: no noise at all (the mean path; exact for DDIM with eta 0, but for ancestral DDPM it
+      collapses every sample towards a conditional mean and feeds the network inputs off its training noise
+      levels).
+    - ``noiseless_last``: the last transition takes its mean (DPPO's DDPM evaluation: noise except at t = 0).
     - ``net_for_step(i)`` may return another network for transition ``i`` (DPPO's fine-tuned copy).
     Returns the recorded ``Chain`` (``record=True``) or just the final sample.
     """
@@ -184,7 +187,7 @@ def sample_chain(model: DDPM, shape: Sequence[int], cond: torch.Tensor | None = 
         net = net_for_step(i) if net_for_step is not None else None
         mean, std = _step(model, x, t, t_prev, ddim, eta if ddim else 1.0, cond, guidance, net)
         std = std.expand(x.shape[0], *std.shape[1:]).clamp(min=min_std) if min_std > 0 else std
-        if deterministic:
+        if deterministic or (noiseless_last and i == len(ts) - 1):
             x = mean
         else:
             z = _randn(shape, generator, device)

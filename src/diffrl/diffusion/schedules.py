@@ -14,8 +14,12 @@ BETA_SCHEDULES = ("linear", "cosine")
 
 
 def linear_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 2e-2) -> torch.Tensor:
-    """Ho et al. (2020): betas evenly spaced from ``beta_start`` to ``beta_end`` (float64, ``(K,)``)."""
-    return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+    """Ho et al. (2020): betas evenly spaced from ``beta_start`` to ``beta_end`` (float64, ``(K,)``), given for
+    K = 1000 and scaled by ``1000 / K`` (Nichol & Dhariwal's improved-diffusion), so alpha_bar_K ~ 4e-5 for any
+    K. Unscaled, 1e-4..2e-2 over 50 steps ends at alpha_bar ~ 0.6 while sampling starts from N(0, I) (ITER's
+    DDPM)."""
+    scale = 1000.0 / num_steps
+    return torch.linspace(beta_start * scale, min(beta_end * scale, 0.999), num_steps, dtype=torch.float64)
 
 
 def cosine_betas(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:

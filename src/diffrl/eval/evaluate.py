@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import gymnasium as gym
 import numpy as np
+import torch
 
 from diffrl.runs.seeding import derive_seed
 
@@ -79,16 +80,23 @@ def evaluate(policy: Policy | Callable[[Any], np.ndarray], env: gym.Env, episode
         raise ValueError(f"episodes must be > 0, got {episodes}")
     act = policy.act if hasattr(policy, "act") else None
     returns, lengths, successes = [], [], []
+    # A policy whose evaluation still samples (DPPO's DDPM chain keeps its posterior noise) draws from torch's
+    # global RNG: seed it per episode inside a fork, so an evaluation is reproducible and leaves the caller's
+    # training stream exactly where it was.
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     for k in range(episodes):
-        obs, _ = env.reset(seed=derive_seed(seed, EVAL_SEED_STREAM, k))
+        episode_seed = derive_seed(seed, EVAL_SEED_STREAM, k)
+        obs, _ = env.reset(seed=episode_seed)
         ret, length = 0.0, 0
-        while True:
-            a = act(_batch(obs), deterministic=True) if act is not None else policy(_batch(obs))  # type: ignore[operator]
-            obs, r, terminated, truncated, info = env.step(np.asarray(a)[0])
-            ret += float(r)
-            length += int(info.get("env_steps", 1))  # an action-chunk env step runs several env steps
-            if terminated or truncated:
-                break
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(episode_seed)
+            while True:
+                a = act(_batch(obs), deterministic=True) if act is not None else policy(_batch(obs))  # type: ignore[operator]
+                obs, r, terminated, truncated, info = env.step(np.asarray(a)[0])
+                ret += float(r)
+                length += int(info.get("env_steps", 1))  # an action-chunk env step runs several env steps
+                if terminated or truncated:
+                    break
         returns.append(ret)
         lengths.append(length)
         if "is_success" in info:

@@ -212,8 +212,10 @@ class FinetuneConfig(DPPOParams, RunConfig):
     update_epochs: int = 5
     """PPO epochs over each iteration's (env step x denoising step) pairs"""
     batch_size: int = 50_000
-    """(env step, denoising step) pairs per minibatch (DPPO Hopper: 500 * 40 * 10 pairs / 50k = 4 minibatches; a
-    Gaussian policy has one pair per env step, so give it about n_envs * n_steps / 4 for as many minibatches)"""
+    """(env step, denoising step) pairs per minibatch (DPPO Hopper: 500 * 40 * 10 pairs / 50k = 4 minibatches)"""
+    gaussian_batch_size: int | None = None
+    """Gaussian policy only: env steps per minibatch (it scores one transition per env step); None: batch_size /
+    ft_denoising_steps, so both policies take as many minibatches, and gradient steps, per epoch"""
     n_critic_warmup_itr: int = 0
     """first iterations that train only the critic (the actor is not stepped)"""
     reward_scale_running: bool = True
@@ -256,6 +258,8 @@ class FinetuneConfig(DPPOParams, RunConfig):
         for name in ("n_envs", "n_steps", "n_train_itr", "update_epochs", "batch_size", "logprob_batch_size",
                      "std_min", "std_max"):
             check_positive(name, getattr(self, name))
+        check(self.gaussian_batch_size is None or self.gaussian_batch_size > 0, "gaussian_batch_size",
+              self.gaussian_batch_size, "> 0, or unset for batch_size / ft_denoising_steps")
         check_non_negative("n_critic_warmup_itr", self.n_critic_warmup_itr)
         check_unit_interval("gamma", self.gamma)
         check(0.0 <= self.gae_lambda <= 1.0, "gae_lambda", self.gae_lambda, "in [0, 1]")
@@ -661,6 +665,17 @@ def advantages(agent: ChunkPPO, ro: Rollout, cfg: FinetuneConfig, scaler: Runnin
     return values.flatten(), adv.flatten().to(device), ret.flatten().to(device), stats
 
 
+def minibatch_size(cfg: FinetuneConfig, agent: ChunkPPO) -> int:
+    """Pairs per minibatch: ``batch_size`` for DPPO; for the Gaussian baseline ``gaussian_batch_size`` or
+    ``batch_size / ft_denoising_steps``. With one batch for both, the Gaussian policy's ``K'`` times fewer pairs
+    made one minibatch per epoch in both presets: 5 gradient steps per iteration against DPPO's 20."""
+    if isinstance(agent, DPPO):
+        return cfg.batch_size
+    if cfg.gaussian_batch_size is not None:
+        return cfg.gaussian_batch_size
+    return max(1, cfg.batch_size // cfg.ft_denoising_steps)
+
+
 def ppo_update(agent: ChunkPPO, ro: Rollout, values: torch.Tensor, adv: torch.Tensor, ret: torch.Tensor,
                cfg: FinetuneConfig, critic_only: bool, generator: torch.Generator) -> dict[str, float]:
     """``update_epochs`` epochs of minibatches over the ``M S`` (env step, denoising step) pairs; stops the whole
@@ -671,7 +686,8 @@ def ppo_update(agent: ChunkPPO, ro: Rollout, values: torch.Tensor, adv: torch.Te
     history: list[dict[str, torch.Tensor]] = []
     stopped = False
     for _ in range(cfg.update_epochs):
-        for batch in ppo_minibatches(obs, chains, old, adv, ret, values, cfg.batch_size, generator=generator):
+        for batch in ppo_minibatches(obs, chains, old, adv, ret, values, minibatch_size(cfg, agent),
+                                     generator=generator):
             history.append(agent.update(batch, critic_only=critic_only))
             if agent.should_stop(history[-1]):
                 stopped = True
