@@ -30,8 +30,6 @@ from diffrl.pipelines import dppo
 from diffrl.runs.logger import read_metrics
 from synther_offline import OUT, ci95, dataset
 
-GAUSSIAN_BATCH = 250  # n_envs * n_steps / 4: as many minibatches per epoch as DPPO's 10k pairs / 2500
-
 
 def curve_and_cost(ft_dir: Path | str) -> dict:
     """Normalised score at each evaluation, and rollout / update milliseconds per env step (metrics.csv)."""
@@ -50,8 +48,8 @@ def run_pair(env_id: str, seed: int, policy_type: str) -> dict:
     pre = dppo.PretrainConfig(**{**dppo.PRESETS["pretrain"]["quick"], "dataset": str(data), "env": env_id,
                                  "seed": seed, "policy_type": policy_type, "runs_root": root, "progress": False})
     pre_dir = dppo.pretrain(pre)
-    extra = {"batch_size": GAUSSIAN_BATCH} if policy_type == "gaussian" else {}
-    ft = from_dict(dppo.FinetuneConfig, {**dppo.PRESETS["finetune"]["quick"], **extra, "policy": str(pre_dir),
+    # the Gaussian policy's minibatch is batch_size / K' env steps by default: as many minibatches as DPPO
+    ft = from_dict(dppo.FinetuneConfig, {**dppo.PRESETS["finetune"]["quick"], "policy": str(pre_dir),
                                          "seed": seed, "runs_root": str(root), "progress": False})
     ft_dir = dppo.finetune(ft)
     s = json.loads((ft_dir / "summary.json").read_text())
