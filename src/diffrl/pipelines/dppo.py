@@ -369,9 +369,9 @@ def pretrained_policy(meta: dict[str, Any], weights: dict[str, torch.Tensor]) ->
 
 class ChunkActor:
     """A chunk policy as :func:`~diffrl.eval.evaluate` sees it: normalised histories ``(1, To, Do)`` -> normalised
-    chunks ``(1, Ta, Da)``, evaluation sampling (DPPO's DDPM chain with noise except at t = 0 / DDIM eta 0 / Gaussian mean) through the policy's own
-    routing of denoising steps. The chain's initial noise comes from the actor's own generator, so an evaluation is
-    reproducible and draws nothing from the training RNGs."""
+    chunks ``(1, Ta, Da)``, sampled for evaluation (DPPO's DDPM chain, noise except at t = 0 / DDIM eta 0 /
+    Gaussian mean) through the policy's own routing of denoising steps. The chain's noise comes from the actor's
+    own generator, so an evaluation is reproducible and draws nothing from the training RNGs."""
 
     def __init__(self, policy: DiffusionPolicy | GaussianPolicy, device: torch.device, seed: int) -> None:
         self.policy, self.device = policy.to(device).eval(), device
