@@ -82,7 +82,7 @@ def edm_euler(model: EDM, shape: Sequence[int], cond: torch.Tensor | None = None
     return edm_heun(model, shape, cond, steps=steps, S_churn=S_churn, second_order=False, **options)
 
 
-def dpmpp_2m(model: EDM, shape: Sequence[int], cond: torch.Tensor | None = None, *, steps: int = 16,
+def dpmpp_2m(model: EDM, shape: Sequence[int], cond: torch.Tensor | None = None, *, steps: int = 32,
              **options: Any) -> torch.Tensor:
     """DPM-Solver++(2M) on the Karras sigmas, data prediction, in ``lambda = -log sigma`` (Lu et al. 2022).
 
@@ -235,7 +235,7 @@ def ddim(model: DDPM, shape: Sequence[int], cond: torch.Tensor | None = None, *,
 
 SAMPLERS: dict[str, Callable[..., Any]] = {"heun": edm_heun, "euler": edm_euler, "dpmpp_2m": dpmpp_2m,
                                            "dpmpp_2m_sde": dpmpp_2m_sde, "ddpm": ddpm, "ddim": ddim}
-DEFAULT_STEPS = {"heun": 128, "euler": 64, "dpmpp_2m": 16, "dpmpp_2m_sde": 32, "ddpm": None, "ddim": 10}
+DEFAULT_STEPS = {"heun": 128, "euler": 64, "dpmpp_2m": 32, "dpmpp_2m_sde": 32, "ddpm": None, "ddim": 10}
 
 
 def generate(model: DiffusionModel, num: int, *, batch_size: int = 100_000, seed: int = 0, progress: bool = False,
