@@ -268,3 +268,13 @@ def test_a_checkpoint_of_another_env_is_refused_in_one_sentence(tmp_path):
     ckpt.check_env(manifest, {"env_id": "Hopper-v5"}, tmp_path)  # the same env passes
     with pytest.raises(CheckpointError, match=r"written for \{'env_id': 'Hopper-v5'\}, not .*Walker2d.*; nothing was"):
         ckpt.check_env(manifest, {"env_id": "Walker2d-v5"}, tmp_path, resume=True)
+
+
+def test_weights_of_another_layout_are_one_sentence_naming_the_source() -> None:
+    from diffrl.runs.checkpoint import load_weights
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    old_layout = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)).state_dict()  # keys 0, 1
+    with pytest.raises(CheckpointError, match=r"weights in runs/x do not fit .*Missing key\(s\)"):
+        load_weights(net, old_layout, "runs/x")
+    load_weights(net, net.state_dict(), "runs/x")  # a matching state loads

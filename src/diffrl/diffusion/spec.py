@@ -21,7 +21,7 @@ from diffrl.diffusion.models import DDPM, EDM, DiffusionModel
 from diffrl.diffusion.nets import build_denoiser
 from diffrl.diffusion.normalize import DataNormalizer
 from diffrl.errors import CheckpointError
-from diffrl.runs.checkpoint import load_checkpoint
+from diffrl.runs.checkpoint import load_checkpoint, load_weights
 
 MODEL_TYPES = {"edm": EDM, "ddpm": DDPM}
 
@@ -55,9 +55,5 @@ def load_model(path: Path, *, ema: bool = True, part: str = "diffusion",
         raise CheckpointError(f"{path} holds no diffusion model (its checkpoint has no model spec).")
     model = build_model(spec)
     state = parts[part]["ema"]["shadow"] if ema else parts[part]["model"]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"the weights in {path} do not match their model spec ({str(e).splitlines()[0]}).") \
-            from None
+    load_weights(model, state, path)
     return model.to(device).eval(), meta

@@ -354,16 +354,17 @@ def _gaussian(meta: dict[str, Any], std_min: float, std_max: float, cls: type = 
                std_min=std_min, std_max=std_max)
 
 
-def pretrained_policy(meta: dict[str, Any], weights: dict[str, torch.Tensor]) -> DiffusionPolicy | GaussianPolicy:
+def pretrained_policy(meta: dict[str, Any], weights: dict[str, torch.Tensor],
+                      source: Path | str = "the checkpoint") -> DiffusionPolicy | GaussianPolicy:
     """A pre-trained policy ready to act: the DDPM behind a :class:`DiffusionPolicy` whose fine-tuned copy is still
     the pre-trained network (so it acts through the routing fine-tuning will use), or the Gaussian policy."""
     if meta["type"] == "diffusion":
         model = build_model(meta["model_spec"])
-        model.load_state_dict(weights)
+        ckpt.load_weights(model, weights, source)
         return DiffusionPolicy(model, 1, clip_x0=model.clip_x0)  # type: ignore[arg-type]
     std = float(meta["gaussian"]["std"])
     policy = _gaussian(meta, std, std)
-    policy.load_state_dict(weights)
+    ckpt.load_weights(policy, weights, source)
     return policy
 
 
@@ -460,7 +461,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         if manifest["meta"].get("dataset_fingerprint") != data_id:
             raise CheckpointError(f"the dataset {cfg.dataset} differs from the one {run_dir} was trained on; "
                                   "resume with the same data (nothing was changed).")
-        trainer.load_state_dict(parts["policy"])
+        ckpt.load_weights(trainer, parts["policy"], run_dir)
         state = parts["state"]
         wall_offset, last_eval, timers = float(state["wall_s"]), state["last_eval"], dict(state["timers"])
         set_rng_state(state["rng"])
@@ -591,12 +592,12 @@ def build_agent(source: Source, params: PPOParams, device: torch.device) -> Chun
     if meta["type"] == "diffusion":
         model = build_model(meta["model_spec"])
         if source.weights is not None:
-            model.load_state_dict(source.weights)
+            ckpt.load_weights(model, source.weights, source.run_dir)
         return DPPO(model, meta["obs_dim"], params, device)  # type: ignore[arg-type]
     p: GaussianPPOParams = params  # type: ignore[assignment]
     policy = _gaussian(meta, p.std_min, p.std_max)
     if source.weights is not None:
-        policy.load_state_dict(source.weights)
+        ckpt.load_weights(policy, source.weights, source.run_dir)
     return GaussianPPO(meta["obs_dim"], meta["act_dim"], p, device, policy=policy)
 
 
@@ -877,7 +878,7 @@ def evaluate_run(run_dir: Path, episodes: int = 10, device: str = "auto", seed: 
     else:
         manifest, parts = ckpt.load_checkpoint(run_dir, parts=("policy", "normalization"))
         source = _source(run_dir, manifest, parts, weights=True)
-        policy = pretrained_policy(source.policy, source.weights)  # type: ignore[arg-type]
+        policy = pretrained_policy(source.policy, source.weights, source.run_dir)  # type: ignore[arg-type]
         act_steps = source.policy["act_steps"]
     env_id = source.env["env_id"]
     env = chunk_env(env_id, source.policy, source.normalization, act_steps, cfg.max_episode_steps)

@@ -225,6 +225,18 @@ def load_checkpoint(path: Path, parts: tuple[str, ...] | None = None) -> tuple[d
     return manifest, out
 
 
+def load_weights(target: Any, state: Mapping[str, Any], source: Path | str) -> None:
+    """``target.load_state_dict(state)`` (a module, or anything whose ``load_state_dict`` loads modules); weights
+    of another layout are a one-sentence :class:`CheckpointError` naming ``source`` and the first mismatch."""
+    try:
+        target.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else "unknown"
+        raise CheckpointError(f"the weights in {source} do not fit this diffrl's network ({detail[:160]}); they "
+                              "were written by another model or diffrl version.") from None
+
+
 def check_env(manifest: dict[str, Any], signature: dict[str, Any], run_dir: Path, resume: bool = False) -> None:
     """Refuse, in one sentence, a checkpoint written for another env (id or spaces) than ``signature``."""
     saved = manifest["meta"].get("env")
