@@ -24,7 +24,7 @@ from diffrl.agents.ddpg_her import DDPGHER, DDPGHERParams
 from diffrl.augment.episodes import EpisodeDiffusionSettings, EpisodeGenerator, successful_contexts
 from diffrl.augment.ker import ker_augment
 from diffrl.envs.make import make_env
-from diffrl.pipelines.iter_her import reward_function, rollout
+from diffrl.pipelines.iter_her import rollout
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
     moved = (np.abs(data["obs"][:, -1, 3:6] - data["obs"][:, 0, 3:6]).max(-1) > 1e-3).mean()
     print(f"{len(data['obs'])} episodes; the block moved in {moved:.0%}", flush=True)
     gen = EpisodeGenerator(25, 4, 3, 50, True, EpisodeDiffusionSettings(lr=args.lr, prediction=args.prediction))
-    ctx, _ = successful_contexts(data, reward_function(env))
+    ctx, _ = successful_contexts(data)
     t0 = time.perf_counter()
     for k in range(args.steps // 500):
         fit = gen.fit(data, 500)

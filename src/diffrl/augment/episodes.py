@@ -24,7 +24,7 @@ episodes (there it only labelled them).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -43,9 +43,6 @@ GRIP, OBJECT, REL = slice(0, 3), slice(3, 6), slice(6, 9)
 """slices of a Fetch observation: gripper position, object position, object position relative to the gripper"""
 COMPONENTS = ("obs", "act", "ag", "g")
 
-RewardFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
-"""``reward_fn(ag (K, Dg), g (K, Dg)) -> (K,)`` sparse rewards in {-1, 0}, e.g.
-``lambda ag, g: env.unwrapped.compute_reward(ag, g, None)``"""
 
 
 # ------------------------------------------------------------------------------------------------- layout
@@ -155,17 +152,14 @@ def consistency_filter(obs: np.ndarray, ag: np.ndarray, object_task: bool,
     return error <= tol, error
 
 
-def goal_reached(ag: np.ndarray, g: np.ndarray, reward_fn: RewardFn | None = None,
-                 threshold: float = FETCH_SUCCESS_THRESHOLD) -> np.ndarray:
-    """Success of each ``(ag, g)`` pair ``(K, Dg)``: ``||ag - g|| < threshold``, or ``reward_fn(ag, g) > -0.5``
-    (a sparse reward: 0 on success, -1 otherwise). Returns ``(K,)`` bool."""
-    if reward_fn is not None:
-        return np.asarray(reward_fn(ag, g)).reshape(len(ag)) > -0.5
+def goal_reached(ag: np.ndarray, g: np.ndarray, threshold: float = FETCH_SUCCESS_THRESHOLD) -> np.ndarray:
+    """Success of each ``(ag, g)`` pair ``(K, Dg)``: ``||ag - g|| < threshold`` (the env's ``distance_threshold``;
+    judged by distance, not by reward, because the Dense tasks' reward is ``-distance``). Returns ``(K,)`` bool."""
     return np.linalg.norm(ag - g, axis=-1) < threshold
 
 
-def successful_contexts(episodes: Mapping[str, np.ndarray], reward_fn: RewardFn | None = None,
-                        threshold: float = FETCH_SUCCESS_THRESHOLD) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+def successful_contexts(episodes: Mapping[str, np.ndarray], threshold: float = FETCH_SUCCESS_THRESHOLD
+                        ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Contexts ``{"obs0": (M, Do), "g": (M, Dg)}`` of the episodes with at least one successful step.
 
     Step ``t`` succeeds when ``ag_{t+1}`` reaches ``g_t`` (``goal_reached``). The reference samples contexts from
@@ -174,7 +168,7 @@ def successful_contexts(episodes: Mapping[str, np.ndarray], reward_fn: RewardFn 
     """
     ag, g = np.asarray(episodes["ag"]), np.asarray(episodes["g"])
     n, t, dg = g.shape
-    hit = goal_reached(ag[:, 1:].reshape(-1, dg), g.reshape(-1, dg), reward_fn, threshold).reshape(n, t).any(1)
+    hit = goal_reached(ag[:, 1:].reshape(-1, dg), g.reshape(-1, dg), threshold).reshape(n, t).any(1)
     idx = np.flatnonzero(hit)
     fallback = len(idx) == 0
     if fallback:
@@ -447,8 +441,8 @@ class EpisodeGenerator:
         return out
 
     def generate(self, contexts: Mapping[str, np.ndarray], n: int | None = None, *,
-                 generator: torch.Generator | None = None, reward_fn: RewardFn | None = None,
-                 success_threshold: float = FETCH_SUCCESS_THRESHOLD) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+                 generator: torch.Generator | None = None, success_threshold: float = FETCH_SUCCESS_THRESHOLD
+                 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Sample ``n`` episodes, repair them and keep those passing the consistency filter.
 
         Args:
@@ -456,7 +450,7 @@ class EpisodeGenerator:
             n: episodes to generate, each from a context drawn uniformly with replacement (as the reference);
                 ``None``: one episode per context, in order.
             generator: torch generator on the generator's device; default the generator's own (checkpointed).
-            reward_fn, success_threshold: how ``synthetic_success_rate`` decides success (see ``goal_reached``).
+            success_threshold: how ``synthetic_success_rate`` decides success (see ``goal_reached``).
 
         Returns ``(episodes, stats)``: the accepted episodes (the episode dict layout) and ``generated``,
         ``accepted``, ``rejection_rate``, ``consistency_error_median`` (metres, all generated episodes, measured
@@ -481,7 +475,7 @@ class EpisodeGenerator:
         fixed = self.repair(raw)
         episodes = {k: v[keep] for k, v in fixed.items()}
         n_acc = int(keep.sum())
-        success = goal_reached(episodes["ag"][:, -1], episodes["g"][:, -1], reward_fn, success_threshold)
+        success = goal_reached(episodes["ag"][:, -1], episodes["g"][:, -1], success_threshold)
         self.generated += total
         self.accepted += n_acc
         return episodes, {
