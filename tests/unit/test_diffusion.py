@@ -491,3 +491,11 @@ def test_ddpm_transition_models_embed_the_integer_step_smoothly() -> None:
         periodic = slice(1, None) if isinstance(features, RandomFourierEmbedding) else slice(None)  # drop raw t
         a, b = (features(torch.tensor([v]))[:, periodic] for v in t)
         assert torch.nn.functional.cosine_similarity(a, b).item() > 0.9, kind
+
+
+def test_a_spec_without_a_normalizer_kind_gets_the_identity_either_way() -> None:
+    # a missing "normalizer" and one without "kind" mean the same thing (they used to differ: none vs zscore)
+    bare = {k: v for k, v in SPEC.items() if k != "normalizer"}
+    assert build_model(bare).normalizer.kind == "none"
+    assert build_model({**bare, "normalizer": {"skip_dims": [1]}}).normalizer.kind == "none"
+    assert build_model(SPEC).normalizer.kind == "zscore"

@@ -2,7 +2,7 @@
 
     spec = {"type": "edm" | "ddpm", "event_shape": [D] or [T, D], "cond_dim": 0,
             "denoiser": {"type": "resmlp" | "unet" | "chunk_mlp", ...options},
-            "normalizer": {"kind": "zscore" | "minmax" | "none", "skip_dims": [...]},
+            "normalizer": {"kind": "zscore" | "minmax" | "none", "skip_dims": [...]},  # none if left out
             "diffusion": {EDM or DDPM options}, "cond_drop_prob": 0.0,
             "sampler": {"sampler": "heun", "steps": 128, ...defaults}}
 
@@ -36,8 +36,8 @@ def build_model(spec: dict[str, Any]) -> DiffusionModel:
     cond_dim = int(spec.get("cond_dim", 0))
     den = dict(spec["denoiser"])
     net = build_denoiser(den.pop("type"), shape, cond_dim, **den)
-    norm = spec.get("normalizer", {"kind": "none"})
-    normalizer = DataNormalizer(shape[-1], norm.get("kind", "zscore"), norm.get("skip_dims", ()))
+    norm = spec.get("normalizer") or {}
+    normalizer = DataNormalizer(shape[-1], norm.get("kind", "none"), norm.get("skip_dims", ()))
     return MODEL_TYPES[kind](net, shape, cond_dim, normalizer, cond_drop_prob=spec.get("cond_drop_prob", 0.0),
                              sampler_defaults=spec.get("sampler"), **spec.get("diffusion", {}))
 
