@@ -336,7 +336,8 @@ def cmd_data(args: list[str]) -> None:
 @dataclasses.dataclass(frozen=True)
 class DiffusionSampleArgs:
     """Generate transitions with a trained diffusion model (EMA weights) into SynthER's npz layout
-    (observations, actions, rewards, next_observations, terminals; terminals thresholded, actions clipped)."""
+    (observations, actions, rewards, next_observations, terminals; terminals thresholded, out-of-range actions
+    clipped or rejected)."""
 
     model: Path
     """run directory of `diffrl diffusion train` (or one of its checkpoints)"""
@@ -352,6 +353,8 @@ class DiffusionSampleArgs:
     """samples generated per batch"""
     seed: int = 0
     """sampling seed"""
+    out_of_range: str = "clip"
+    """a generated action outside the action space: clip it (SynthER) or reject the sample and draw another"""
     bf16: bool = False
     """run the network in bfloat16 autocast"""
     device: str = "auto"
@@ -407,9 +410,11 @@ def cmd_diffusion(args: list[str]) -> None:
         a = tyro.cli(DiffusionSampleArgs, args=args[1:], prog="diffrl diffusion sample")
         r = diffusion.sample_to_file(a.model, a.num, a.out, sampler=a.sampler, steps=a.steps,
                                      batch_size=a.batch_size, seed=a.seed, device=a.device, overwrite=a.overwrite,
-                                     bf16=a.bf16)
+                                     bf16=a.bf16, out_of_range=a.out_of_range)
         print(f"written: {r['out']} ({r['num']} transitions, sampler {r['sampler']} with {r['steps']} steps = "
-              f"{r['network_evaluations']} network evaluations, {r['samples_per_s']:.0f} samples/s)")
+              f"{r['network_evaluations']} network evaluations, {r['samples_per_s']:.0f} samples/s; "
+              f"{r['out_of_range_fraction']:.1%} of the samples drawn had out-of-range actions, "
+              f"{'rejected' if a.out_of_range == 'reject' else 'clipped'})")
     else:
         a = tyro.cli(DiffusionFidelityArgs, args=args[1:], prog="diffrl diffusion fidelity")
         report, table = diffusion.fidelity_of_file(a.samples, a.dataset, a.env, a.num, a.seed)

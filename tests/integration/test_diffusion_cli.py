@@ -69,6 +69,13 @@ def test_sample_writes_synther_npz_and_never_overwrites(trained, workdir, capsys
     assert "does not apply" in capsys.readouterr().err
     assert main(["diffusion", "sample", "--model", str(workdir), "--num", "10", "--out", str(workdir / "y.npz")]) == 2
     assert not (workdir / "y.npz").exists()
+    capsys.readouterr()
+    assert main(["diffusion", "sample", "--model", str(trained), "--num", "300", "--out", str(workdir / "r.npz"),
+                 "--out-of-range", "reject"]) == 0
+    said = capsys.readouterr().out
+    with np.load(workdir / "r.npz") as f:
+        assert f["actions"].shape == (300, 3) and np.all(np.abs(f["actions"]) < 1.0)  # none clipped onto a bound
+    assert "out-of-range actions, rejected" in said
 
 
 def test_fidelity_command_prints_a_table_and_writes_json(trained, dataset, workdir, capsys) -> None:

@@ -45,7 +45,9 @@ def test_synthetic_run_writes_everything(synthetic_run) -> None:
         assert f["observations"].shape == (1500, 11) and f["actions"].shape == (1500, 3)
         assert f["rewards"].shape == (1500,) and f["next_observations"].shape == (1500, 11)
         assert set(np.unique(f["terminals"])) <= {0.0, 1.0} and np.abs(f["actions"]).max() <= 1.0
+        on_bound = np.mean(np.any(np.abs(f["actions"]) == 1.0, axis=1))  # the rows clipping moved onto a bound
     s = json.loads((synthetic_run / "summary.json").read_text())
+    assert s["out_of_range_fraction"] == pytest.approx(on_bound, abs=1e-9)
     assert s["pipeline"] == "synther_offline_td3bc" and s["data_mode"] == "synthetic" and s["batch_real_ratio"] == 0
     assert s["normalized_score"] is not None and s["num_samples"] == 1500
     assert s["fidelity"]["real"]["validity"]["next_obs_nmse"] < 1e-6

@@ -4,6 +4,7 @@ untouched by generation, the mixing ratio, and exact resume of a killed run."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 
@@ -82,6 +83,12 @@ def test_generation_replaces_the_synthetic_buffer_and_never_touches_real_data() 
     assert gen.synthetic.storage["act"][:200].abs().max() <= 1.0
     batch = gen.sampler(real, 0.25).sample(40)
     assert len(batch["obs"]) == 40
+    # --out-of-range reject reaches the generator: no synthetic action sits on a bound
+    rejecting = SynthERGenerator(layout, dataclasses.replace(cfg, out_of_range="reject").generator_settings(layout),
+                                 torch.device("cpu"), seed=0)
+    m = rejecting.retrain(real)
+    assert 0.0 <= m["diffusion/out_of_range_fraction"] < 0.98
+    assert rejecting.synthetic.storage["act"][:200].abs().max() < 1.0 and len(rejecting.synthetic) == 200
     # 30 real rows come first in a mixed batch, then 10 synthetic ones
     real_rows = {tuple(np.round(r, 5)) for r in real.storage["obs"][:500].numpy()}
     from_real = [tuple(np.round(r, 5)) in real_rows for r in batch["obs"].numpy()]

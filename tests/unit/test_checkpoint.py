@@ -278,3 +278,27 @@ def test_weights_of_another_layout_are_one_sentence_naming_the_source() -> None:
     with pytest.raises(CheckpointError, match=r"weights in runs/x do not fit .*Missing key\(s\)"):
         load_weights(net, old_layout, "runs/x")
     load_weights(net, net.state_dict(), "runs/x")  # a matching state loads
+
+
+def test_a_run_started_before_a_config_field_existed_resumes_only_at_its_default(tmp_path) -> None:
+    import dataclasses
+
+    from diffrl.runs.rundir import check_resumable
+
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        steps: int = 10
+        lr: float = 1e-3
+        added_later: str = "clip"
+        hidden: tuple = dataclasses.field(default_factory=lambda: (64, 64))
+
+    saved = {"pipeline": "p", "config": {"steps": 10, "lr": 1e-3}}  # written before the last two fields existed
+    check_resumable(tmp_path, "p", saved, Cfg(steps=20), {"steps"})
+    with pytest.raises(CheckpointError, match="added_later='reject'"):
+        check_resumable(tmp_path, "p", saved, Cfg(added_later="reject"), set())
+    with pytest.raises(CheckpointError, match="hidden"):
+        check_resumable(tmp_path, "p", saved, Cfg(hidden=(8,)), set())
+    with pytest.raises(CheckpointError, match="lr=0.1"):
+        check_resumable(tmp_path, "p", saved, Cfg(lr=0.1), set())
+    with pytest.raises(CheckpointError, match="lr=0.1"):  # a plain dict is compared as it is
+        check_resumable(tmp_path, "p", saved, {"steps": 10, "lr": 0.1}, set())

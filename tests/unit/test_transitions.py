@@ -54,3 +54,48 @@ def test_layout_without_terminals_and_bad_shapes() -> None:
     with pytest.raises(DatasetError, match="generated samples have shape"):
         layout.split(np.zeros((3, 7)))
     assert TransitionLayout.from_dict(layout.to_dict()) == layout
+
+
+class Gaussian:
+    """A stand-in diffusion model: standard normal vectors, wide enough that actions leave [-1, 1]."""
+
+    def __init__(self, dim: int, scale: float = 1.0) -> None:
+        import torch
+
+        self.normalizer = type("N", (), {"shift": torch.zeros(dim)})()
+        self.dim, self.scale = dim, scale
+
+    def sample(self, n: int, generator=None, **_):
+        import torch
+
+        return self.scale * torch.randn(n, self.dim, generator=generator)
+
+
+def test_out_of_range_actions_are_clipped_or_rejected_with_the_same_first_draw() -> None:
+    from diffrl.augment.transitions import generate_transitions
+
+    layout = TransitionLayout(4, 2)
+    model = Gaussian(layout.dim)
+    clipped, fc = generate_transitions(model, layout, 2000, out_of_range="clip", seed=3, batch_size=500)
+    rejected, fr = generate_transitions(model, layout, 2000, out_of_range="reject", seed=3, batch_size=500)
+    # two N(0, 1) action entries both inside [-1, 1]: 0.6827^2 = 0.466 of the samples
+    assert abs(fc["out_of_range_fraction"] - (1 - 0.6827 ** 2)) < 0.03
+    assert abs(fr["out_of_range_fraction"] - (1 - 0.6827 ** 2)) < 0.03
+    assert len(clipped["actions"]) == len(rejected["actions"]) == 2000
+    assert np.mean(np.abs(clipped["actions"]) == 1.0) > 0.25  # clipping piles mass onto the bounds
+    assert np.all(np.abs(rejected["actions"]) < 1.0)  # rejection keeps none there
+    inside = np.all(np.abs(clipped["actions"]) < 1.0, axis=1)  # the first draw's in-range rows lead the kept ones
+    np.testing.assert_array_equal(rejected["observations"][:inside.sum()], clipped["observations"][inside])
+    again, _ = generate_transitions(model, layout, 2000, out_of_range="reject", seed=3, batch_size=500)
+    np.testing.assert_array_equal(again["actions"], rejected["actions"])
+
+
+def test_rejection_from_a_model_that_never_lands_in_range_stops_with_one_sentence() -> None:
+    from diffrl.augment.transitions import generate_transitions
+    from diffrl.errors import ConfigError
+
+    layout = TransitionLayout(4, 2)
+    with pytest.raises(ConfigError, match="too poor to reject from"):
+        generate_transitions(Gaussian(layout.dim, scale=100.0), layout, 500, out_of_range="reject")
+    with pytest.raises(ConfigError, match="out_of_range"):
+        generate_transitions(Gaussian(layout.dim), layout, 5, out_of_range="drop")

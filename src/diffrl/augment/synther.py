@@ -15,10 +15,9 @@ from typing import Any
 
 import torch
 
-from diffrl.augment.transitions import TransitionLayout
+from diffrl.augment.transitions import TransitionLayout, generate_transitions
 from diffrl.data import MixedSampler, ReplayBuffer
 from diffrl.diffusion.models import DiffusionModel
-from diffrl.diffusion.samplers import generate
 from diffrl.diffusion.spec import build_model
 from diffrl.diffusion.trainer import DiffusionTrainer, TrainerSettings
 from diffrl.runs.seeding import derive_seed
@@ -39,6 +38,8 @@ class GeneratorSettings:
     sample_batch_size: int = 100_000
     warm_start: bool = False
     """continue the previous model (weights, EMA, optimiser) instead of training a fresh one"""
+    out_of_range: str = "clip"
+    """generated actions outside the bounds: clip (SynthER) or reject and draw again (``generate_transitions``)"""
 
 
 class SynthERGenerator:
@@ -94,9 +95,10 @@ class SynthERGenerator:
         t1 = time.perf_counter()
         model = trainer.ema.shadow
         model.amp_dtype = torch.bfloat16 if self.settings.trainer.bf16 else None
-        x, _ = generate(model, self.settings.num_samples, batch_size=self.settings.sample_batch_size,
-                        seed=derive_seed(self.seed, 2000 + self.retrains), **self.settings.sampler)
-        samples = self.layout.split(x)
+        samples, figures = generate_transitions(
+            model, self.layout, self.settings.num_samples, out_of_range=self.settings.out_of_range,
+            seed=derive_seed(self.seed, 2000 + self.retrains), batch_size=self.settings.sample_batch_size,
+            **self.settings.sampler)
         self.synthetic.ptr = self.synthetic.size = 0  # replaced, not appended (SynthER's reset_diffusion_buffer)
         self.synthetic.add_batch(obs=samples["observations"], act=samples["actions"], rew=samples["rewards"],
                                  next_obs=samples["next_observations"], done=samples["terminals"])
@@ -107,7 +109,8 @@ class SynthERGenerator:
         tail = torch.stack(losses[-max(len(losses) // 10, 1):]).mean()
         return {"diffusion/loss": float(tail), "diffusion/retrains": float(self.retrains),
                 "diffusion/train_s": t1 - t0, "diffusion/sample_s": t2 - t1,
-                "diffusion/synthetic_terminal_rate": float(samples["terminals"].mean())}
+                "diffusion/synthetic_terminal_rate": float(samples["terminals"].mean()),
+                "diffusion/out_of_range_fraction": figures["out_of_range_fraction"]}
 
     def state_dict(self) -> dict[str, Any]:
         return {"synthetic": self.synthetic.state_dict(), "retrains": self.retrains, "timers": dict(self.timers),

@@ -7,11 +7,17 @@ order, with the terminal flag last so it can be left out of normalisation and th
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import math
+import time
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from diffrl.errors import DatasetError
+from diffrl.errors import ConfigError, DatasetError
+from diffrl.runs.seeding import derive_seed
+
+if TYPE_CHECKING:
+    from diffrl.diffusion.models import DiffusionModel
 
 SAMPLE_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals")
 
@@ -69,9 +75,57 @@ class TransitionLayout:
         return {"observations": x[:, :o].copy(), "actions": actions.copy(), "rewards": x[:, o + a].copy(),
                 "next_observations": x[:, o + a + 1:o + a + 1 + o].copy(), "terminals": terminals}
 
+    def in_range(self, x: np.ndarray) -> np.ndarray:
+        """``(N,)`` mask of generated vectors whose every action entry lies within the bounds."""
+        actions = np.asarray(x)[:, self.obs_dim:self.obs_dim + self.act_dim]
+        return np.all((actions >= self.action_low) & (actions <= self.action_high), axis=1)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TransitionLayout:
         return cls(**d)
+
+
+OUT_OF_RANGE = ("clip", "reject")
+MIN_ACCEPTANCE = 0.02
+"""``reject`` gives up when fewer than this fraction of the samples drawn so far are in range"""
+
+
+def generate_transitions(model: DiffusionModel, layout: TransitionLayout, num: int, *, out_of_range: str = "clip",
+                         seed: int = 0, batch_size: int = 100_000, progress: bool = False,
+                         **options: Any) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """``num`` generated transitions in SynthER's npz layout, and generation figures.
+
+    ``out_of_range`` decides what happens to a sample with an action outside the bounds: ``clip`` it to the bounds
+    (SynthER), or ``reject`` it and draw more until ``num`` are in range. Clipping piles the overshooting mass onto
+    the bounds (at the quick settings 17-25% of Hopper samples, where the real data has almost none); rejection
+    keeps the in-range part of the model's distribution instead. The first draw is the same in both modes (seed
+    ``seed``); ``reject`` tops it up with draws seeded from ``seed``. Figures: ``samples_per_s`` (kept samples per
+    second, sampling included) and ``out_of_range_fraction`` (of everything drawn).
+    """
+    from diffrl.diffusion.samplers import generate
+
+    if out_of_range not in OUT_OF_RANGE:
+        raise ConfigError(f"out_of_range must be one of {', '.join(OUT_OF_RANGE)}, got {out_of_range!r}.")
+    t0 = time.perf_counter()
+    x, _ = generate(model, num, batch_size=batch_size, seed=seed, progress=progress, **options)
+    ok = layout.in_range(x)
+    drawn, accepted = len(x), int(ok.sum())
+    if out_of_range == "reject":
+        kept, draw = [x[ok]], 0
+        while accepted < num:
+            if accepted < MIN_ACCEPTANCE * drawn:
+                raise ConfigError(f"only {accepted} of {drawn} generated transitions have in-range actions: the "
+                                  "model is too poor to reject from; train it longer or use out_of_range=clip.")
+            draw += 1
+            more, _ = generate(model, math.ceil((num - accepted) * drawn / accepted * 1.1), batch_size=batch_size,
+                               seed=derive_seed(seed, draw), progress=progress, **options)
+            ok = layout.in_range(more)
+            kept.append(more[ok])
+            drawn, accepted = drawn + len(more), accepted + int(ok.sum())
+        x = np.concatenate(kept)[:num]
+    figures = {"out_of_range_fraction": 1.0 - accepted / max(drawn, 1),
+               "samples_per_s": num / max(time.perf_counter() - t0, 1e-9)}
+    return layout.split(x), figures

@@ -78,6 +78,8 @@ class DiffusionSettings(Params):
     """sampler steps"""
     sample_batch_size: int = 100_000
     """samples generated per batch"""
+    out_of_range: str = "clip"
+    """a generated action outside the action space: clip it (SynthER) or reject the sample and draw another"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -87,6 +89,7 @@ class DiffusionSettings(Params):
         if self.diffusion_batch_size is not None:
             check_positive("diffusion_batch_size", self.diffusion_batch_size)
         check_choice("sampler", self.sampler, ("heun", "euler", "dpmpp_2m", "dpmpp_2m_sde"))
+        check_choice("out_of_range", self.out_of_range, ("clip", "reject"))
 
     def diffusion_batch_for(self, transitions: int) -> int:
         """The diffusion batch size for a model of ``transitions`` real transitions (SynthER's 800k rule)."""

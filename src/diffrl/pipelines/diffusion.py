@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from diffrl.augment import TransitionLayout
+from diffrl.augment.transitions import generate_transitions
 from diffrl.config import check, check_choice, check_non_negative, check_positive, from_dict, to_dict
 from diffrl.data import OfflineDataset, load_dataset
 from diffrl.data.formats import atomic_file, load_npz_arrays
@@ -189,7 +190,7 @@ def run(cfg: DiffusionConfig, dataset: OfflineDataset | None = None) -> Path:
     wall_offset = 0.0
     if resumed:
         run_dir = Path(cfg.resume)  # type: ignore[arg-type]
-        check_resumable(run_dir, PIPELINE, read_config(run_dir), to_dict(cfg), set(cfg.RESUMABLE))
+        check_resumable(run_dir, PIPELINE, read_config(run_dir), cfg, set(cfg.RESUMABLE))
         manifest, parts = ckpt.load_checkpoint(run_dir, parts=("diffusion", "state"))
         if manifest["meta"].get("dataset_fingerprint") != data_id:
             raise CheckpointError(f"the dataset {cfg.dataset} differs from the one {run_dir} was trained on; "
@@ -257,8 +258,9 @@ def run(cfg: DiffusionConfig, dataset: OfflineDataset | None = None) -> Path:
 # ------------------------------------------------------------------------------------------- sample / fidelity
 def sample_to_file(model_dir: Path, num: int, out: Path, *, sampler: str | None = None, steps: int | None = None,
                    batch_size: int = 100_000, seed: int = 0, device: str = "auto", overwrite: bool = False,
-                   bf16: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Generate ``num`` transitions with a trained model's EMA weights into SynthER's npz layout."""
+                   bf16: bool = False, progress: bool = True, out_of_range: str = "clip") -> dict[str, Any]:
+    """Generate ``num`` transitions with a trained model's EMA weights into SynthER's npz layout (out-of-range
+    actions clipped or rejected: ``augment.transitions.generate_transitions``)."""
     if num <= 0:
         raise ConfigError(f"invalid num={num}: it must be > 0.")
     out = Path(out)
@@ -273,12 +275,11 @@ def sample_to_file(model_dir: Path, num: int, out: Path, *, sampler: str | None 
                           f"one of {', '.join(model.samplers)}.")
     model.amp_dtype = torch.bfloat16 if bf16 else None
     used, used_steps, _ = model.resolve_sampler(sampler, steps)
-    x, rate = generate(model, num, batch_size=batch_size, seed=seed, progress=progress, sampler=used,
-                       steps=used_steps)
-    arrays = layout.split(x)
+    arrays, figures = generate_transitions(model, layout, num, out_of_range=out_of_range, seed=seed,
+                                           batch_size=batch_size, progress=progress, sampler=used, steps=used_steps)
     with atomic_file(out, overwrite) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)
-    return {"out": str(out), "num": num, "samples_per_s": rate, "sampler": used,
+    return {"out": str(out), "num": num, **figures, "sampler": used,
             "steps": used_steps if used_steps is not None else DEFAULT_STEPS.get(used),
             "network_evaluations": network_evaluations(used, used_steps),
             "env_id": meta.get("env_id")}

@@ -27,11 +27,10 @@ from typing import Any
 import numpy as np
 
 from diffrl.augment import TransitionLayout
-from diffrl.augment.transitions import SAMPLE_KEYS
+from diffrl.augment.transitions import SAMPLE_KEYS, generate_transitions
 from diffrl.config import check, check_choice, check_positive, check_unit_interval, to_dict
 from diffrl.data import load_dataset
 from diffrl.data.formats import atomic_file
-from diffrl.diffusion.samplers import generate
 from diffrl.diffusion.spec import load_model
 from diffrl.errors import CheckpointError, ConfigError
 from diffrl.eval.fidelity import LAYOUTS, fidelity_report
@@ -149,19 +148,19 @@ def _samples(cfg: Any, model_dir: Path, run_dir: Path, obs_dim: int, act_dim: in
         with np.load(path) as f:
             samples = {k: f[k] for k in SAMPLE_KEYS}
         if len(samples["observations"]) == cfg.num_samples:
-            return samples, {"samples_per_s": None, "generation_s": None}
+            return samples, {"samples_per_s": None, "out_of_range_fraction": None, "generation_s": None}
     import torch
 
     model, _ = load_model(model_dir, device=resolve_device(cfg.device))
     model.amp_dtype = torch.bfloat16 if cfg.bf16 else None
     sampler, steps, _ = model.resolve_sampler(cfg.sampler, cfg.sample_steps)
     t0 = time.perf_counter()
-    x, rate = generate(model, cfg.num_samples, batch_size=cfg.sample_batch_size, seed=cfg.seed,
-                                 progress=cfg.progress, sampler=sampler, steps=steps)
-    samples = layout.split(x)
+    samples, figures = generate_transitions(model, layout, cfg.num_samples, out_of_range=cfg.out_of_range,
+                                            seed=cfg.seed, batch_size=cfg.sample_batch_size, progress=cfg.progress,
+                                            sampler=sampler, steps=steps)
     with atomic_file(path, overwrite=True) as tmp, open(tmp, "wb") as f:
         np.savez(f, **samples)
-    return samples, {"samples_per_s": rate, "generation_s": time.perf_counter() - t0}
+    return samples, {**figures, "generation_s": time.perf_counter() - t0}
 
 
 def run(cfg: Any) -> Path:
@@ -176,7 +175,7 @@ def run(cfg: Any) -> Path:
 
     if cfg.resume is not None:
         run_dir = Path(cfg.resume)
-        check_resumable(run_dir, pipeline, read_config(run_dir), to_dict(cfg), set(cfg.RESUMABLE))
+        check_resumable(run_dir, pipeline, read_config(run_dir), cfg, set(cfg.RESUMABLE))
     else:
         name = Path(cfg.dataset).stem if Path(cfg.dataset).suffix else cfg.dataset
         run_dir = new_run_dir(pipeline, name, cfg.seed, cfg.runs_root, cfg.run_dir)

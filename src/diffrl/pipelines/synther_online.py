@@ -81,7 +81,8 @@ class SynthEROnlineSettings(DiffusionSettings):
         trainer = TrainerSettings(steps=self.diffusion_steps, batch_size=self.diffusion_batch_for(0),
                                   lr=self.diffusion_lr, bf16=self.bf16)
         return GeneratorSettings(spec=spec, trainer=trainer, num_samples=self.num_samples, sampler=sampler,
-                                 sample_batch_size=self.sample_batch_size, warm_start=self.warm_start)
+                                 sample_batch_size=self.sample_batch_size, warm_start=self.warm_start,
+                                 out_of_range=self.out_of_range)
 
 
 ALGOS: dict[str, type] = extend_configs(

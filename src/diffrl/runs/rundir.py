@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from diffrl.config import load_yaml, save_yaml
+from diffrl.config import load_yaml, save_yaml, to_dict
 from diffrl.errors import CheckpointError, ConfigError
 from diffrl.runs.checkpoint import versions
 
@@ -105,21 +106,28 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is missing or unreadable ({e}); the run may not have finished.") from None
 
 
-def check_resumable(run_dir: Path, pipeline: str, saved: dict[str, Any], new: dict[str, Any],
-                    may_change: set[str]) -> None:
+def check_resumable(run_dir: Path, pipeline: str, saved: dict[str, Any], new: Any, may_change: set[str]) -> None:
     """Refuse to resume ``run_dir`` with a config that differs in anything but ``may_change`` fields.
 
     Args:
         run_dir: the run being resumed.
         pipeline: the pipeline asked to resume it.
         saved: ``read_config(run_dir)`` (its ``config`` and ``pipeline``).
-        new: the new resolved config (``to_dict``).
+        new: the new resolved config: a dataclass (a field the saved config predates counts as its default, so a
+            run started before diffrl added the field still resumes) or its ``to_dict``.
         may_change: fields a resume may change (e.g. ``steps``, ``device``).
     """
     if saved["pipeline"] != pipeline:
         raise CheckpointError(f"{run_dir} is a {saved['pipeline']} run and cannot be resumed by {pipeline} "
                               "(nothing was changed).")
-    old = saved["config"]
+    old = dict(saved["config"])
+    if dataclasses.is_dataclass(new):
+        for f in dataclasses.fields(new):
+            if f.name not in old and f.default is not dataclasses.MISSING:
+                old[f.name] = to_dict(f.default)
+            elif f.name not in old and f.default_factory is not dataclasses.MISSING:
+                old[f.name] = to_dict(f.default_factory())
+        new = to_dict(new)
     changed = [k for k in sorted(set(old) | set(new)) if k not in may_change and old.get(k) != new.get(k)]
     if changed:
         k = changed[0]
