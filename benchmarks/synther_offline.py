@@ -11,6 +11,12 @@ synthetic-only and mixed (50/50) data. Experiment ``small`` (SynthER's claim: up
 (dataset, fraction, seed) is trained (quick preset: width 256, 10k steps, stochastic DPM-Solver++ with 32
 evaluations, 200k samples) and reused by every agent and mode of that seed. Finished runs are appended to
 benchmarks/out/synther_offline.jsonl and skipped when re-run.
+
+Rejecting out-of-range synthetic actions instead of clipping them, on the same diffusion models (paired: the
+first draw of samples is the same, only the out-of-range ones are replaced):
+
+    python benchmarks/synther_offline.py --out-of-range reject --modes synthetic --algos iql \
+        --models-from benchmarks/out/synther_offline.jsonl --results benchmarks/out/synther_offline_reject.jsonl
 """
 
 from __future__ import annotations
@@ -54,6 +60,12 @@ def main() -> None:
     ap.add_argument("--diffusion-steps", type=int, default=None)
     ap.add_argument("--num-samples", type=int, default=None)
     ap.add_argument("--fraction", type=float, default=0.15)
+    ap.add_argument("--out-of-range", choices=["clip", "reject"], default="clip",
+                    help="generated actions outside the action space: clip them (SynthER) or reject the sample")
+    ap.add_argument("--modes", nargs="+", choices=["real", "synthetic", "mixed"], default=None,
+                    help="run only these data modes (default: every mode of each experiment)")
+    ap.add_argument("--models-from", type=Path, default=None,
+                    help="a results file whose diffusion models to reuse (same experiment, dataset and seed)")
     ap.add_argument("--results", type=Path, default=OUT / "synther_offline.jsonl")
     ap.add_argument("--table-only", action="store_true", help="print the tables of the finished runs, run nothing")
     args = ap.parse_args()
@@ -65,11 +77,18 @@ def main() -> None:
         plan += [("modes", e, "medium-replay", 1.0, ("real", "synthetic", "mixed")) for e in args.envs]
     if args.experiment in ("small", "both"):
         plan += [("small", e, "medium", args.fraction, ("real", "synthetic")) for e in args.envs]
-    settings = {"steps": args.steps, "diffusion_steps": args.diffusion_steps, "num_samples": args.num_samples}
+    if args.modes:
+        plan = [(*p[:4], tuple(m for m in p[4] if m in args.modes)) for p in plan]
+    # None keeps the key of the runs recorded before the option existed (all clipped)
+    settings = {"steps": args.steps, "diffusion_steps": args.diffusion_steps, "num_samples": args.num_samples,
+                "out_of_range": None if args.out_of_range == "clip" else args.out_of_range}
+    models = [json.loads(x) for x in args.models_from.read_text().splitlines()] if args.models_from else []
     for seed in args.seeds:
         for experiment, env_id, kind, fraction, modes in plan:
             path = dataset(env_id, kind)
-            model_dir = None
+            model_dir = next((r["diffusion_run"] for r in models if r.get("diffusion_run") and
+                              (r["experiment"], r["env"], r["kind"], r["fraction"], r["seed"]) ==
+                              (experiment, env_id, kind, fraction, seed)), None)
             for algo in args.algos:
                 for mode in modes:
                     key = dict(experiment=experiment, env=env_id, kind=kind, fraction=fraction, algo=algo, mode=mode,
