@@ -157,6 +157,7 @@ def test_quickstart_runs_the_synther_study_and_writes_a_report(tmp_path, monkeyp
     assert report.is_file() and report.is_relative_to(tmp_path / "runs")
     text = report.read_text()
     assert "next-state NMSE" in text and "| synthetic |" in text and "| mixed |" in text
+    assert "had an action outside [-1, 1], clipped to it" in text
     for png in ("learning_curves.png", "marginals.png"):
         assert (report.parent / png).stat().st_size > 1000
     for mode in ("real", "synthetic", "mixed"):

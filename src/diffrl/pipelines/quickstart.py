@@ -80,6 +80,13 @@ def _plots(out: Path, runs: dict[str, Path], real: dict[str, np.ndarray], sample
     return files
 
 
+def _clipped(fraction: float | None) -> str:
+    if fraction is None:
+        return ""
+    return (f"; {fraction:.0%} of them had an action outside [-1, 1], clipped to it as SynthER does "
+            "(`--out-of-range reject` redraws them instead)")
+
+
 def run(s: QuickstartSettings) -> Path:
     """Run the study; returns the path of ``report.md``."""
     out = s.out / time.strftime("%Y%m%d-%H%M%S")
@@ -132,7 +139,7 @@ def run(s: QuickstartSettings) -> Path:
         f"transitions ({syn.get('diffusion_train_s', 0):.0f} s, final loss "
         f"{syn.get('diffusion_final_loss') or 0:.3f}); "
         f"{syn['num_samples']} synthetic transitions generated with stochastic DPM-Solver++ (32 network "
-        f"evaluations).",
+        f"evaluations){_clipped(syn.get('out_of_range_fraction'))}.",
         "",
         "How good are they? Each generated (s, a) is replayed in MuJoCo and the generated (r, s') compared with "
         "the simulator's; real data and real data plus noise give the scale:",
