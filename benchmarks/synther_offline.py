@@ -17,6 +17,8 @@ first draw of samples is the same, only the out-of-range ones are replaced):
 
     python benchmarks/synther_offline.py --out-of-range reject --modes synthetic --algos iql \
         --models-from benchmarks/out/synther_offline.jsonl --results benchmarks/out/synther_offline_reject.jsonl
+
+and, the same way, terminal flags from the env's termination rule instead of the model's (``--terminals rule``).
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.15)
     ap.add_argument("--out-of-range", choices=["clip", "reject"], default="clip",
                     help="generated actions outside the action space: clip them (SynthER) or reject the sample")
+    ap.add_argument("--terminals", choices=["model", "rule"], default="model",
+                    help="synthetic terminal flags: the model's (SynthER) or the env's termination rule")
     ap.add_argument("--modes", nargs="+", choices=["real", "synthetic", "mixed"], default=None,
                     help="run only these data modes (default: every mode of each experiment)")
     ap.add_argument("--models-from", type=Path, default=None,
@@ -81,7 +85,8 @@ def main() -> None:
         plan = [(*p[:4], tuple(m for m in p[4] if m in args.modes)) for p in plan]
     # None keeps the key of the runs recorded before the option existed (all clipped)
     settings = {"steps": args.steps, "diffusion_steps": args.diffusion_steps, "num_samples": args.num_samples,
-                "out_of_range": None if args.out_of_range == "clip" else args.out_of_range}
+                "out_of_range": None if args.out_of_range == "clip" else args.out_of_range,
+                "terminals": None if args.terminals == "model" else args.terminals}
     models = [json.loads(x) for x in args.models_from.read_text().splitlines()] if args.models_from else []
     for seed in args.seeds:
         for experiment, env_id, kind, fraction, modes in plan:

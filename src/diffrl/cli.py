@@ -355,6 +355,8 @@ class DiffusionSampleArgs:
     """sampling seed"""
     out_of_range: str = "clip"
     """a generated action outside the action space: clip it (SynthER) or reject the sample and draw another"""
+    terminals: str = "model"
+    """terminal flags: the model's (SynthER) or the env's known termination rule on the generated next state"""
     bf16: bool = False
     """run the network in bfloat16 autocast"""
     device: str = "auto"
@@ -410,11 +412,15 @@ def cmd_diffusion(args: list[str]) -> None:
         a = tyro.cli(DiffusionSampleArgs, args=args[1:], prog="diffrl diffusion sample")
         r = diffusion.sample_to_file(a.model, a.num, a.out, sampler=a.sampler, steps=a.steps,
                                      batch_size=a.batch_size, seed=a.seed, device=a.device, overwrite=a.overwrite,
-                                     bf16=a.bf16, out_of_range=a.out_of_range)
+                                     bf16=a.bf16, out_of_range=a.out_of_range, terminals=a.terminals)
         print(f"written: {r['out']} ({r['num']} transitions, sampler {r['sampler']} with {r['steps']} steps = "
               f"{r['network_evaluations']} network evaluations, {r['samples_per_s']:.0f} samples/s; "
               f"{r['out_of_range_fraction']:.1%} of the samples drawn had out-of-range actions, "
               f"{'rejected' if a.out_of_range == 'reject' else 'clipped'})")
+        if r.get("terminal_rule_disagreement") is not None:
+            print(f"the model's terminal flags disagree with {r['env_id']}'s termination rule on "
+                  f"{r['terminal_rule_disagreement']:.2%} of the transitions"
+                  + (" (the rule's labels were written)" if a.terminals == "rule" else ""))
     else:
         a = tyro.cli(DiffusionFidelityArgs, args=args[1:], prog="diffrl diffusion fidelity")
         report, table = diffusion.fidelity_of_file(a.samples, a.dataset, a.env, a.num, a.seed)

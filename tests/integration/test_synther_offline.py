@@ -147,3 +147,44 @@ def test_bad_inputs(dataset, workdir, capsys) -> None:
     assert main(["synther", "offline", "--algo", "td3bc", "--dataset", str(dataset), *TINY, "--diffusion",
                  str(workdir / "nothing"), "--run-dir", str(workdir / "bad")]) == 2
     assert "nothing" in capsys.readouterr().err
+
+
+def test_rule_terminals_and_rejected_actions_on_a_reused_model(workdir, dataset, synthetic_run) -> None:
+    from diffrl.envs.termination import termination_rule
+
+    run = workdir / "rule"
+    assert main(["synther", "offline", "--algo", "td3bc", "--dataset", str(dataset), *TINY, "--terminals", "rule",
+                 "--out-of-range", "reject", "--diffusion", str(synthetic_run / "diffusion"),
+                 "--run-dir", str(run)]) == 0
+    with np.load(run / "samples.npz") as f:
+        want = termination_rule("Hopper-v5")(f["next_observations"]).astype(np.float32)
+        np.testing.assert_array_equal(f["terminals"], want)
+        assert np.all(np.abs(f["actions"]) < 1.0)
+    s = json.loads((run / "summary.json").read_text())
+    assert s["terminal_rate"] == pytest.approx(float(want.mean()))
+    assert 0.0 <= s["terminal_rule_disagreement"] <= 1.0 and 0.0 <= s["out_of_range_fraction"] < 1.0
+    # the synthetic-mode run beside it kept the model's flags and measured how far they are from the rule
+    base = json.loads((synthetic_run / "summary.json").read_text())
+    with np.load(synthetic_run / "samples.npz") as f:
+        model_flags = f["terminals"] > 0.5
+        rule_flags = termination_rule("Hopper-v5")(f["next_observations"])
+    assert base["terminal_rule_disagreement"] == pytest.approx(float(np.mean(model_flags != rule_flags)))
+
+
+def test_rule_terminals_for_an_env_without_a_known_rule_write_nothing(workdir, capsys) -> None:
+    import h5py
+
+    # a dataset that claims a DMC task: its termination is not known
+    path = workdir / "dmc.hdf5"
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        for k in ("observations", "next_observations"):
+            f[k] = rng.normal(size=(40, 17)).astype(np.float32)
+        f["actions"] = rng.uniform(-1, 1, (40, 6)).astype(np.float32)
+        f["rewards"] = rng.normal(size=40).astype(np.float32)
+        f["terminals"] = np.zeros(40, bool)
+        f["timeouts"] = np.r_[np.zeros(39, bool), True]
+    assert main(["synther", "offline", "--algo", "td3bc", "--dataset", str(path), "--env",
+                 "dm_control/cheetah-run-v0", *TINY, "--terminals", "rule", "--run-dir", str(workdir / "dmc")]) == 2
+    assert "no termination rule is known for 'dm_control/cheetah-run-v0'" in capsys.readouterr().err
+    assert not (workdir / "dmc").exists()

@@ -9,12 +9,15 @@ import hashlib
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from diffrl.augment import TransitionLayout
 from diffrl.augment.synther import SynthERGenerator
 from diffrl.cli import main
 from diffrl.data import ReplayBuffer
+from diffrl.envs.termination import termination_rule
+from diffrl.errors import ConfigError
 from diffrl.pipelines import synther_online
 
 TINY = ["--env", "Hopper-v5", "--steps", "500", "--learning-starts", "100", "--batch-size", "32", "--utd", "2",
@@ -89,6 +92,16 @@ def test_generation_replaces_the_synthetic_buffer_and_never_touches_real_data() 
     m = rejecting.retrain(real)
     assert 0.0 <= m["diffusion/out_of_range_fraction"] < 0.98
     assert rejecting.synthetic.storage["act"][:200].abs().max() < 1.0 and len(rejecting.synthetic) == 200
+    # --terminals rule: the synthetic flags are Hopper's rule on the generated next observation
+    ruled = SynthERGenerator(layout, dataclasses.replace(cfg, terminals="rule").generator_settings(layout),
+                             torch.device("cpu"), seed=0)
+    m = ruled.retrain(real)
+    nxt, done = ruled.synthetic.storage["next_obs"][:200].numpy(), ruled.synthetic.storage["done"][:200].numpy()
+    np.testing.assert_array_equal(done, termination_rule("Hopper-v5")(nxt).astype(np.float32))
+    assert "diffusion/terminal_rule_disagreement" in m
+    dmc = synther_online.ALGOS["sac"](env="dm_control/cheetah-run-v0", terminals="rule")
+    with pytest.raises(ConfigError, match="no termination rule"):
+        dmc.generator_settings(TransitionLayout(17, 6, terminals=False))
     # 30 real rows come first in a mixed batch, then 10 synthetic ones
     real_rows = {tuple(np.round(r, 5)) for r in real.storage["obs"][:500].numpy()}
     from_real = [tuple(np.round(r, 5)) in real_rows for r in batch["obs"].numpy()]

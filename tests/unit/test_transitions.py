@@ -99,3 +99,25 @@ def test_rejection_from_a_model_that_never_lands_in_range_stops_with_one_sentenc
         generate_transitions(Gaussian(layout.dim, scale=100.0), layout, 500, out_of_range="reject")
     with pytest.raises(ConfigError, match="out_of_range"):
         generate_transitions(Gaussian(layout.dim), layout, 5, out_of_range="drop")
+
+
+def test_terminals_are_the_models_or_the_rules_and_their_disagreement_is_measured() -> None:
+    from diffrl.augment.transitions import generate_transitions
+    from diffrl.errors import ConfigError
+
+    layout = TransitionLayout(4, 2)
+    model = Gaussian(layout.dim)
+    rule = lambda next_obs: next_obs[:, 0] > 1.0  # noqa: E731 - ends where the first state dim exceeds 1
+    kept, fm = generate_transitions(model, layout, 1000, rule=rule, seed=1)
+    relabelled, fr = generate_transitions(model, layout, 1000, terminals="rule", rule=rule, seed=1)
+    np.testing.assert_array_equal(kept["next_observations"], relabelled["next_observations"])
+    by_rule = kept["next_observations"][:, 0] > 1.0
+    np.testing.assert_array_equal(relabelled["terminals"], by_rule.astype(np.float32))
+    np.testing.assert_array_equal(kept["terminals"], (kept["terminals"] > 0.5).astype(np.float32))  # the model's
+    want = np.mean(by_rule != (kept["terminals"] > 0.5))  # two independent ~16% / ~31% flags: ~0.37
+    assert fm["terminal_rule_disagreement"] == fr["terminal_rule_disagreement"] == pytest.approx(want)
+    assert 0.25 < want < 0.5
+    assert fr["terminal_rate"] == pytest.approx(by_rule.mean())
+    assert generate_transitions(model, layout, 10)[1]["terminal_rule_disagreement"] is None
+    with pytest.raises(ConfigError, match="needs the env's termination rule"):
+        generate_transitions(model, layout, 10, terminals="rule")

@@ -20,6 +20,7 @@ from diffrl.data import MixedSampler, ReplayBuffer
 from diffrl.diffusion.models import DiffusionModel
 from diffrl.diffusion.spec import build_model
 from diffrl.diffusion.trainer import DiffusionTrainer, TrainerSettings
+from diffrl.envs.termination import TerminationRule
 from diffrl.runs.seeding import derive_seed
 
 
@@ -40,6 +41,11 @@ class GeneratorSettings:
     """continue the previous model (weights, EMA, optimiser) instead of training a fresh one"""
     out_of_range: str = "clip"
     """generated actions outside the bounds: clip (SynthER) or reject and draw again (``generate_transitions``)"""
+    terminals: str = "model"
+    """synthetic terminal flags: the model's (SynthER) or ``rule``'s"""
+    rule: TerminationRule | None = None
+    """the env's known termination rule (``diffrl.envs.termination``): the labels with ``terminals='rule'``, else
+    a diagnostic (how often the model's flags disagree with it)"""
 
 
 class SynthERGenerator:
@@ -97,6 +103,7 @@ class SynthERGenerator:
         model.amp_dtype = torch.bfloat16 if self.settings.trainer.bf16 else None
         samples, figures = generate_transitions(
             model, self.layout, self.settings.num_samples, out_of_range=self.settings.out_of_range,
+            terminals=self.settings.terminals, rule=self.settings.rule,
             seed=derive_seed(self.seed, 2000 + self.retrains), batch_size=self.settings.sample_batch_size,
             **self.settings.sampler)
         self.synthetic.ptr = self.synthetic.size = 0  # replaced, not appended (SynthER's reset_diffusion_buffer)
@@ -110,7 +117,9 @@ class SynthERGenerator:
         return {"diffusion/loss": float(tail), "diffusion/retrains": float(self.retrains),
                 "diffusion/train_s": t1 - t0, "diffusion/sample_s": t2 - t1,
                 "diffusion/synthetic_terminal_rate": float(samples["terminals"].mean()),
-                "diffusion/out_of_range_fraction": figures["out_of_range_fraction"]}
+                "diffusion/out_of_range_fraction": figures["out_of_range_fraction"],
+                **({"diffusion/terminal_rule_disagreement": figures["terminal_rule_disagreement"]}
+                   if figures["terminal_rule_disagreement"] is not None else {})}
 
     def state_dict(self) -> dict[str, Any]:
         return {"synthetic": self.synthetic.state_dict(), "retrains": self.retrains, "timers": dict(self.timers),

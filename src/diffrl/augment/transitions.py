@@ -18,6 +18,7 @@ from diffrl.runs.seeding import derive_seed
 
 if TYPE_CHECKING:
     from diffrl.diffusion.models import DiffusionModel
+    from diffrl.envs.termination import TerminationRule
 
 SAMPLE_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals")
 
@@ -89,26 +90,40 @@ class TransitionLayout:
 
 
 OUT_OF_RANGE = ("clip", "reject")
+TERMINALS = ("model", "rule")
 MIN_ACCEPTANCE = 0.02
 """``reject`` gives up when fewer than this fraction of the samples drawn so far are in range"""
 
 
 def generate_transitions(model: DiffusionModel, layout: TransitionLayout, num: int, *, out_of_range: str = "clip",
-                         seed: int = 0, batch_size: int = 100_000, progress: bool = False,
-                         **options: Any) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+                         terminals: str = "model", rule: TerminationRule | None = None, seed: int = 0,
+                         batch_size: int = 100_000, progress: bool = False,
+                         **options: Any) -> tuple[dict[str, np.ndarray], dict[str, float | None]]:
     """``num`` generated transitions in SynthER's npz layout, and generation figures.
 
     ``out_of_range`` decides what happens to a sample with an action outside the bounds: ``clip`` it to the bounds
     (SynthER), or ``reject`` it and draw more until ``num`` are in range. Clipping piles the overshooting mass onto
     the bounds (at the quick settings 17-25% of Hopper samples, where the real data has almost none); rejection
     keeps the in-range part of the model's distribution instead. The first draw is the same in both modes (seed
-    ``seed``); ``reject`` tops it up with draws seeded from ``seed``. Figures: ``samples_per_s`` (kept samples per
-    second, sampling included) and ``out_of_range_fraction`` (of everything drawn).
+    ``seed``); ``reject`` tops it up with draws seeded from ``seed``.
+
+    ``terminals``: ``model`` keeps the model's thresholded terminal column (SynthER); ``rule`` labels each
+    transition by the env's known termination ``rule`` applied to its generated next observation
+    (``diffrl.envs.termination``). Given a ``rule``, the figures report in both modes how often the model's flag
+    disagrees with it.
+
+    Figures: ``samples_per_s`` (kept samples per second, sampling included), ``out_of_range_fraction`` (of
+    everything drawn), ``terminal_rate`` and ``terminal_rule_disagreement`` (None without a rule or a modelled
+    terminal column).
     """
     from diffrl.diffusion.samplers import generate
 
     if out_of_range not in OUT_OF_RANGE:
         raise ConfigError(f"out_of_range must be one of {', '.join(OUT_OF_RANGE)}, got {out_of_range!r}.")
+    if terminals not in TERMINALS:
+        raise ConfigError(f"terminals must be one of {', '.join(TERMINALS)}, got {terminals!r}.")
+    if terminals == "rule" and rule is None:
+        raise ConfigError("terminals='rule' needs the env's termination rule; none was given.")
     t0 = time.perf_counter()
     x, _ = generate(model, num, batch_size=batch_size, seed=seed, progress=progress, **options)
     ok = layout.in_range(x)
@@ -126,6 +141,15 @@ def generate_transitions(model: DiffusionModel, layout: TransitionLayout, num: i
             kept.append(more[ok])
             drawn, accepted = drawn + len(more), accepted + int(ok.sum())
         x = np.concatenate(kept)[:num]
-    figures = {"out_of_range_fraction": 1.0 - accepted / max(drawn, 1),
-               "samples_per_s": num / max(time.perf_counter() - t0, 1e-9)}
-    return layout.split(x), figures
+    samples = layout.split(x)
+    figures: dict[str, float | None] = {"out_of_range_fraction": 1.0 - accepted / max(drawn, 1),
+                                        "terminal_rule_disagreement": None}
+    if rule is not None:
+        by_rule = np.asarray(rule(samples["next_observations"]), dtype=bool)
+        if layout.terminals:
+            figures["terminal_rule_disagreement"] = float(np.mean(by_rule != (samples["terminals"] > 0.5)))
+        if terminals == "rule":
+            samples["terminals"] = by_rule.astype(np.float32)
+    figures["terminal_rate"] = float(samples["terminals"].mean())
+    figures["samples_per_s"] = num / max(time.perf_counter() - t0, 1e-9)
+    return samples, figures

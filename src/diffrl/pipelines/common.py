@@ -80,6 +80,9 @@ class DiffusionSettings(Params):
     """samples generated per batch"""
     out_of_range: str = "clip"
     """a generated action outside the action space: clip it (SynthER) or reject the sample and draw another"""
+    terminals: str = "model"
+    """synthetic terminal flags: the model's thresholded column (SynthER), or the env's known termination rule
+    applied to the generated next observation (rule: Hopper, Walker2d, Ant, HalfCheetah, Swimmer v5)"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -90,6 +93,7 @@ class DiffusionSettings(Params):
             check_positive("diffusion_batch_size", self.diffusion_batch_size)
         check_choice("sampler", self.sampler, ("heun", "euler", "dpmpp_2m", "dpmpp_2m_sde"))
         check_choice("out_of_range", self.out_of_range, ("clip", "reject"))
+        check_choice("terminals", self.terminals, ("model", "rule"))
 
     def diffusion_batch_for(self, transitions: int) -> int:
         """The diffusion batch size for a model of ``transitions`` real transitions (SynthER's 800k rule)."""

@@ -29,6 +29,7 @@ from diffrl.data.formats import atomic_file, load_npz_arrays
 from diffrl.diffusion.samplers import DEFAULT_STEPS, generate, network_evaluations
 from diffrl.diffusion.spec import build_model, load_model
 from diffrl.diffusion.trainer import DiffusionTrainer, TrainerSettings
+from diffrl.envs.termination import TERMINATION_RULES, termination_rule
 from diffrl.errors import CheckpointError, ConfigError, DatasetError
 from diffrl.eval.fidelity import LAYOUTS, fidelity_report, format_fidelity
 from diffrl.pipelines.common import RunConfig
@@ -258,9 +259,10 @@ def run(cfg: DiffusionConfig, dataset: OfflineDataset | None = None) -> Path:
 # ------------------------------------------------------------------------------------------- sample / fidelity
 def sample_to_file(model_dir: Path, num: int, out: Path, *, sampler: str | None = None, steps: int | None = None,
                    batch_size: int = 100_000, seed: int = 0, device: str = "auto", overwrite: bool = False,
-                   bf16: bool = False, progress: bool = True, out_of_range: str = "clip") -> dict[str, Any]:
+                   bf16: bool = False, progress: bool = True, out_of_range: str = "clip",
+                   terminals: str = "model") -> dict[str, Any]:
     """Generate ``num`` transitions with a trained model's EMA weights into SynthER's npz layout (out-of-range
-    actions clipped or rejected: ``augment.transitions.generate_transitions``)."""
+    actions clipped or rejected, terminals the model's or the env's rule: ``generate_transitions``)."""
     if num <= 0:
         raise ConfigError(f"invalid num={num}: it must be > 0.")
     out = Path(out)
@@ -275,14 +277,17 @@ def sample_to_file(model_dir: Path, num: int, out: Path, *, sampler: str | None 
                           f"one of {', '.join(model.samplers)}.")
     model.amp_dtype = torch.bfloat16 if bf16 else None
     used, used_steps, _ = model.resolve_sampler(sampler, steps)
-    arrays, figures = generate_transitions(model, layout, num, out_of_range=out_of_range, seed=seed,
-                                           batch_size=batch_size, progress=progress, sampler=used, steps=used_steps)
+    env_id = meta.get("env_id")
+    rule = termination_rule(env_id) if terminals == "rule" else TERMINATION_RULES.get(env_id)
+    arrays, figures = generate_transitions(model, layout, num, out_of_range=out_of_range, terminals=terminals,
+                                           rule=rule, seed=seed, batch_size=batch_size, progress=progress,
+                                           sampler=used, steps=used_steps)
     with atomic_file(out, overwrite) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)
     return {"out": str(out), "num": num, **figures, "sampler": used,
             "steps": used_steps if used_steps is not None else DEFAULT_STEPS.get(used),
             "network_evaluations": network_evaluations(used, used_steps),
-            "env_id": meta.get("env_id")}
+            "env_id": env_id}
 
 
 def fidelity_of_file(samples: Path, dataset: str, env_id: str | None = None, num: int = 2000,

@@ -32,6 +32,7 @@ from diffrl.config import check, check_choice, check_positive, check_unit_interv
 from diffrl.data import load_dataset
 from diffrl.data.formats import atomic_file
 from diffrl.diffusion.spec import load_model
+from diffrl.envs.termination import TERMINATION_RULES, termination_rule
 from diffrl.errors import CheckpointError, ConfigError
 from diffrl.eval.fidelity import LAYOUTS, fidelity_report
 from diffrl.pipelines import diffusion, offline
@@ -134,7 +135,8 @@ def _check_model_data(model_dir: Path, real: Any) -> bool:
     return same
 
 
-def _samples(cfg: Any, model_dir: Path, run_dir: Path, obs_dim: int, act_dim: int) -> tuple[dict, dict]:
+def _samples(cfg: Any, model_dir: Path, run_dir: Path, obs_dim: int, act_dim: int,
+             env_id: str) -> tuple[dict, dict]:
     """Stage 3: generated transitions (read back if a previous attempt saved them) and generation figures."""
     path = run_dir / "samples.npz"
     meta = ckpt.read_manifest(ckpt.resolve_checkpoint(model_dir)).get("meta", {})
@@ -148,15 +150,18 @@ def _samples(cfg: Any, model_dir: Path, run_dir: Path, obs_dim: int, act_dim: in
         with np.load(path) as f:
             samples = {k: f[k] for k in SAMPLE_KEYS}
         if len(samples["observations"]) == cfg.num_samples:
-            return samples, {"samples_per_s": None, "out_of_range_fraction": None, "generation_s": None}
+            return samples, {"samples_per_s": None, "out_of_range_fraction": None, "generation_s": None,
+                             "terminal_rate": float(samples["terminals"].mean()), "terminal_rule_disagreement": None}
     import torch
 
     model, _ = load_model(model_dir, device=resolve_device(cfg.device))
     model.amp_dtype = torch.bfloat16 if cfg.bf16 else None
     sampler, steps, _ = model.resolve_sampler(cfg.sampler, cfg.sample_steps)
     t0 = time.perf_counter()
+    rule = termination_rule(env_id) if cfg.terminals == "rule" else TERMINATION_RULES.get(env_id)
     samples, figures = generate_transitions(model, layout, cfg.num_samples, out_of_range=cfg.out_of_range,
-                                            seed=cfg.seed, batch_size=cfg.sample_batch_size, progress=cfg.progress,
+                                            terminals=cfg.terminals, rule=rule, seed=cfg.seed,
+                                            batch_size=cfg.sample_batch_size, progress=cfg.progress,
                                             sampler=sampler, steps=steps)
     with atomic_file(path, overwrite=True) as tmp, open(tmp, "wb") as f:
         np.savez(f, **samples)
@@ -172,6 +177,8 @@ def run(cfg: Any) -> Path:
     if not env_id:
         raise ConfigError(f"dataset {cfg.dataset} records no environment; pass --env ID for evaluation.")
     real = full.subset_episodes(cfg.data_fraction, cfg.seed) if cfg.data_fraction < 1.0 else full
+    if cfg.terminals == "rule" and cfg.data_mode != "real":
+        termination_rule(env_id)  # an unknown env is refused before anything is written
 
     if cfg.resume is not None:
         run_dir = Path(cfg.resume)
@@ -194,7 +201,7 @@ def run(cfg: Any) -> Path:
         with_summary = read_summary(model_dir) if (model_dir / "summary.json").is_file() else {}
         extra["diffusion_train_s"] = with_summary.get("wall_s", time.perf_counter() - t0)
         extra["diffusion_final_loss"] = with_summary.get("final_loss")
-        samples, gen = _samples(cfg, model_dir, run_dir, real.obs_dim, real.act_dim)
+        samples, gen = _samples(cfg, model_dir, run_dir, real.obs_dim, real.act_dim, env_id)
         extra.update(num_samples=len(samples["observations"]), **gen)
         if cfg.fidelity_samples and env_id in LAYOUTS:
             extra["fidelity"] = fidelity_report(real.arrays(), samples, env_id, num=cfg.fidelity_samples,
