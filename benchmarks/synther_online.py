@@ -91,22 +91,28 @@ def main() -> None:
                 with open(args.results, "a") as f:
                     f.write(json.dumps(row) + "\n")
     half = args.steps // 2
-    print(f"\nreturn after {half} and {args.steps} env steps: mean ± 95% CI over seeds (n); mean wall clock per run "
-          "(env / updates / diffusion training / sampling, seconds)\n")
-    print(f"| env | arm | return at {half} | final return | wall | breakdown |\n|---|---|---|---|---|---|")
+    print(f"\nreturn after {half} and {args.steps} env steps and the mean of the last three evaluations: mean ± 95% "
+          "CI over seeds (n; per-seed values); mean wall clock per run (env / updates / diffusion training / "
+          "sampling, seconds)\n")
+    print(f"| env | arm | return at {half} | final return | last three evaluations | wall | breakdown |\n"
+          "|---|---|---|---|---|---|---|")
     for env_id in args.envs:
         for arm in args.arms:
             rs = [r for r in done if r["env"] == env_id and r["arm"] == arm and r["steps"] == args.steps]
             if not rs:
-                print(f"| {env_id} | {arm} | — | — | — | — |")
+                print(f"| {env_id} | {arm} | — | — | — | — | — |")
                 continue
             v = np.array([r["final_return"] for r in rs])
             mid = np.array([next(ret for step, ret in r["curve"] if step >= half) for r in rs])
+            last3 = np.array([np.mean([ret for _, ret in r["curve"][-3:]]) for r in rs])
             tb = {k: np.mean([r["time_breakdown_s"].get(k, 0.0) for r in rs])
                   for k in ("env_s", "update_s", "diffusion_train_s", "sampling_s")}
+            seeds = ", ".join(f"{x:.0f}" for x in v)
             print(f"| {env_id} | {arm} | {mid.mean():.0f} ± {ci95(mid):.0f} | {v.mean():.0f} ± {ci95(v):.0f} "
-                  f"(n={len(v)}) | {np.mean([r['wall_s'] for r in rs]):.0f} s | {tb['env_s']:.0f} / "
+                  f"(n={len(v)}: {seeds}) | {last3.mean():.0f} ± {ci95(last3):.0f} | "
+                  f"{np.mean([r['wall_s'] for r in rs]):.0f} s | {tb['env_s']:.0f} / "
                   f"{tb['update_s']:.0f} / {tb['diffusion_train_s']:.0f} / {tb['sampling_s']:.0f} |")
+
 
 if __name__ == "__main__":
     main()
