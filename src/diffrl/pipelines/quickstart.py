@@ -84,7 +84,7 @@ def _clipped(fraction: float | None) -> str:
     if fraction is None:
         return ""
     return (f"; {fraction:.0%} of them had an action outside [-1, 1], clipped to it as SynthER does "
-            "(`--out-of-range reject` redraws them instead)")
+            "(`diffrl synther offline --out-of-range reject` redraws them instead)")
 
 
 def run(s: QuickstartSettings) -> Path:
