@@ -448,3 +448,19 @@ def test_to_batch_uses_terminals_as_done_not_timeouts():
 def test_detect_format_by_suffix():
     assert [detect_format(s) for s in ("a.hdf5", "b.H5", "c.npz", "diffrl/hopper/medium-v0")] == [
         "d4rl", "d4rl", "npz", "minari"]
+
+
+def test_iql_reward_scale_warns_when_the_return_spread_is_narrow() -> None:
+    import dataclasses
+    import warnings
+
+    from diffrl.pipelines.offline import reward_scale
+
+    ds = make_ds(lengths=(500, 500, 500), ends=("timeout",) * 3)
+    wide = dataclasses.replace(ds, rewards=np.repeat(np.float32([0.1, 1.0, 3.0]), 500))  # D4RL-like: returns 50-1500
+    narrow = dataclasses.replace(ds, rewards=np.repeat(np.float32([3.0, 3.01, 3.02]), 500))  # returns 1500-1510
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert reward_scale(wide) == pytest.approx(1000 / 1450)
+    with pytest.warns(UserWarning, match=r"scales rewards by 100\.0 because this dataset's episode returns span only"):
+        assert reward_scale(narrow) == pytest.approx(100.0, rel=1e-3)
