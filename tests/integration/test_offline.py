@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from pathlib import Path
@@ -81,8 +82,11 @@ def test_data_info_and_convert_round_trip_through_the_cli(workdir, medium, capsy
 @pytest.mark.parametrize("algo", ["bc", "td3bc", "iql", "cql", "edac"])
 def test_offline_agent_trains_evaluates_and_reports_normalized_scores(workdir, medium, algo, capsys):
     run_dir = workdir / f"run-{algo}"
-    assert main(["offline", algo, "--dataset", str(medium), "--run-dir", str(run_dir), *TINY_OFFLINE,
-                 *NETS[algo]]) == 0
+    # IQL scales rewards by 1000 / return spread, and this tiny dataset's returns span a few dozen: said aloud
+    expect = pytest.warns(UserWarning, match="scales rewards by") if algo == "iql" else contextlib.nullcontext()
+    with expect:
+        assert main(["offline", algo, "--dataset", str(medium), "--run-dir", str(run_dir), *TINY_OFFLINE,
+                     *NETS[algo]]) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["gradient_steps"] == 200 and summary["normalized_score"] is not None
     meta = load_dataset(medium).metadata
