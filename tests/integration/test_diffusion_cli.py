@@ -76,6 +76,10 @@ def test_sample_writes_synther_npz_and_never_overwrites(trained, workdir, capsys
     with np.load(workdir / "r.npz") as f:
         assert f["actions"].shape == (300, 3) and np.all(np.abs(f["actions"]) < 1.0)  # none clipped onto a bound
     assert "out-of-range actions, rejected" in said
+    for flag, value in (("--out-of-range", "drop"), ("--terminals", "always")):
+        assert main(["diffusion", "sample", "--model", str(trained), "--num", "10", "--out", str(workdir / "z.npz"),
+                     flag, value]) == 2
+        assert "must be one of" in capsys.readouterr().err and not (workdir / "z.npz").exists()
 
 
 def test_fidelity_command_prints_a_table_and_writes_json(trained, dataset, workdir, capsys) -> None:

@@ -143,6 +143,10 @@ def test_bad_inputs(dataset, workdir, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["synther", "offline", "--dataset", str(dataset), "--data-mode", "upsampled"])
     assert "data_mode" in capsys.readouterr().err
+    for flag, value, name in (("--out-of-range", "drop", "out_of_range"), ("--terminals", "always", "terminals")):
+        with pytest.raises(SystemExit):
+            main(["synther", "offline", "--dataset", str(dataset), flag, value])
+        assert name in capsys.readouterr().err
     assert main(["synther", "offline", "--algo", "bc", "--dataset", str(dataset)]) == 2
     assert "unknown algorithm" in capsys.readouterr().err
     assert main(["synther", "offline", "--algo", "td3bc", "--dataset", str(dataset), *TINY, "--diffusion",

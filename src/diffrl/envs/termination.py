@@ -50,9 +50,12 @@ TERMINATION_RULES: dict[str, TerminationRule] = {
     "Hopper-v5": _hopper, "Walker2d-v5": _walker2d, "Ant-v5": _ant, "HalfCheetah-v5": _never, "Swimmer-v5": _never}
 
 
-def termination_rule(env_id: str | None) -> TerminationRule:
-    """``rule(next_obs (N, Do)) -> (N,) bool`` for ``env_id``; a :class:`ConfigError` where none is known."""
+def termination_rule(env_id: str | None, required: bool = True) -> TerminationRule | None:
+    """``rule(next_obs (N, Do)) -> (N,) bool`` for ``env_id``. Where none is known: a :class:`ConfigError` if
+    ``required`` (the rule is to label data), else None (it would only have been a diagnostic)."""
     if env_id not in TERMINATION_RULES:
+        if not required:
+            return None
         raise ConfigError(f"no termination rule is known for {env_id!r} (known: {', '.join(TERMINATION_RULES)}); "
                           "use the model's terminals (--terminals model).")
     return TERMINATION_RULES[env_id]

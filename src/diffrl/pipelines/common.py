@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from diffrl.agents.base import Params
+from diffrl.augment.transitions import OUT_OF_RANGE, TERMINALS
 from diffrl.config import check, check_choice, check_positive, from_dict
 from diffrl.errors import ConfigError
 from diffrl.runs.rundir import read_config
@@ -92,8 +93,8 @@ class DiffusionSettings(Params):
         if self.diffusion_batch_size is not None:
             check_positive("diffusion_batch_size", self.diffusion_batch_size)
         check_choice("sampler", self.sampler, ("heun", "euler", "dpmpp_2m", "dpmpp_2m_sde"))
-        check_choice("out_of_range", self.out_of_range, ("clip", "reject"))
-        check_choice("terminals", self.terminals, ("model", "rule"))
+        check_choice("out_of_range", self.out_of_range, OUT_OF_RANGE)
+        check_choice("terminals", self.terminals, TERMINALS)
 
     def diffusion_batch_for(self, transitions: int) -> int:
         """The diffusion batch size for a model of ``transitions`` real transitions (SynthER's 800k rule)."""

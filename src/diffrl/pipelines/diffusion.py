@@ -29,7 +29,7 @@ from diffrl.data.formats import atomic_file, load_npz_arrays
 from diffrl.diffusion.samplers import DEFAULT_STEPS, generate, network_evaluations
 from diffrl.diffusion.spec import build_model, load_model
 from diffrl.diffusion.trainer import DiffusionTrainer, TrainerSettings
-from diffrl.envs.termination import TERMINATION_RULES, termination_rule
+from diffrl.envs.termination import termination_rule
 from diffrl.errors import CheckpointError, ConfigError, DatasetError
 from diffrl.eval.fidelity import LAYOUTS, fidelity_report, format_fidelity
 from diffrl.pipelines.common import RunConfig
@@ -278,7 +278,7 @@ def sample_to_file(model_dir: Path, num: int, out: Path, *, sampler: str | None 
     model.amp_dtype = torch.bfloat16 if bf16 else None
     used, used_steps, _ = model.resolve_sampler(sampler, steps)
     env_id = meta.get("env_id")
-    rule = termination_rule(env_id) if terminals == "rule" else TERMINATION_RULES.get(env_id)
+    rule = termination_rule(env_id, required=terminals == "rule")
     arrays, figures = generate_transitions(model, layout, num, out_of_range=out_of_range, terminals=terminals,
                                            rule=rule, seed=seed, batch_size=batch_size, progress=progress,
                                            sampler=used, steps=used_steps)

@@ -32,7 +32,7 @@ from diffrl.config import check, check_choice, check_positive, check_unit_interv
 from diffrl.data import load_dataset
 from diffrl.data.formats import atomic_file
 from diffrl.diffusion.spec import load_model
-from diffrl.envs.termination import TERMINATION_RULES, termination_rule
+from diffrl.envs.termination import termination_rule
 from diffrl.errors import CheckpointError, ConfigError
 from diffrl.eval.fidelity import LAYOUTS, fidelity_report
 from diffrl.pipelines import diffusion, offline
@@ -158,7 +158,7 @@ def _samples(cfg: Any, model_dir: Path, run_dir: Path, obs_dim: int, act_dim: in
     model.amp_dtype = torch.bfloat16 if cfg.bf16 else None
     sampler, steps, _ = model.resolve_sampler(cfg.sampler, cfg.sample_steps)
     t0 = time.perf_counter()
-    rule = termination_rule(env_id) if cfg.terminals == "rule" else TERMINATION_RULES.get(env_id)
+    rule = termination_rule(env_id, required=cfg.terminals == "rule")
     samples, figures = generate_transitions(model, layout, cfg.num_samples, out_of_range=cfg.out_of_range,
                                             terminals=cfg.terminals, rule=rule, seed=cfg.seed,
                                             batch_size=cfg.sample_batch_size, progress=cfg.progress,

@@ -24,7 +24,7 @@ from diffrl.config import check, check_positive
 from diffrl.data import ReplayBuffer
 from diffrl.diffusion.trainer import TrainerSettings
 from diffrl.envs import make_env
-from diffrl.envs.termination import TERMINATION_RULES, termination_rule
+from diffrl.envs.termination import termination_rule
 from diffrl.envs.vector import obs_dim
 from diffrl.pipelines import online
 from diffrl.pipelines.common import DiffusionSettings, extend_configs, load_prefixed_config
@@ -84,8 +84,7 @@ class SynthEROnlineSettings(DiffusionSettings):
         return GeneratorSettings(spec=spec, trainer=trainer, num_samples=self.num_samples, sampler=sampler,
                                  sample_batch_size=self.sample_batch_size, warm_start=self.warm_start,
                                  out_of_range=self.out_of_range, terminals=self.terminals,
-                                 rule=(termination_rule(self.env) if self.terminals == "rule"
-                                       else TERMINATION_RULES.get(self.env)))
+                                 rule=termination_rule(self.env, required=self.terminals == "rule"))
 
 
 ALGOS: dict[str, type] = extend_configs(
