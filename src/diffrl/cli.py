@@ -10,7 +10,8 @@
     diffrl report RUN_DIR... [--out DIR]
     diffrl quickstart
 
-Errors a user can cause are printed as one sentence (``diffrl: error: ...``) with exit status 2.
+Errors a user can cause are printed as one sentence (``diffrl: error: ...``) with exit status 2; diffrl's own
+warnings (:class:`~diffrl.errors.DiffrlWarning`) as one line (``diffrl: warning: ...``).
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tyro
 
-from diffrl.errors import ConfigError, DiffrlError
+from diffrl.errors import ConfigError, DiffrlError, DiffrlWarning
 
 USAGE = """usage: diffrl <command> [options]
 
@@ -503,8 +505,29 @@ COMMANDS = {"train": cmd_train, "offline": cmd_offline, "data": cmd_data, "diffu
             "report": cmd_report, "quickstart": cmd_quickstart}
 
 
+def _one_line_warnings(fallback):
+    """A ``warnings.formatwarning`` that prints diffrl's own warnings as one line (``diffrl: warning: ...``) and
+    leaves other packages' warnings to ``fallback``."""
+
+    def format_warning(message, category, filename, lineno, line=None) -> str:
+        if issubclass(category, DiffrlWarning):
+            return f"diffrl: warning: {message}\n"
+        return fallback(message, category, filename, lineno, line)
+
+    return format_warning
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``diffrl`` console script; returns the exit status."""
+    previous = warnings.formatwarning
+    warnings.formatwarning = _one_line_warnings(previous)
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = previous
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)

@@ -28,3 +28,7 @@ class CheckpointError(DiffrlError):
 
 class TrainingDiverged(DiffrlError):
     """A loss or evaluation became NaN/inf; the run stops before overwriting good checkpoints."""
+
+
+class DiffrlWarning(UserWarning):
+    """Something the user should know that does not stop the run (the CLI prints it as one line)."""

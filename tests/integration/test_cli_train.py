@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,6 +141,37 @@ def test_bad_user_input_gets_one_clear_sentence_and_no_traceback(tmp_path, monke
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") <= 2
+
+
+def test_diffrl_warnings_print_as_one_line_and_other_warnings_keep_their_format():
+    # in a fresh interpreter: pytest records warnings instead of printing them
+    script = """
+import sys, warnings
+import numpy as np
+import diffrl.cli
+from diffrl.data.datasets import OfflineDataset
+from diffrl.pipelines.offline import reward_scale
+
+n = 30  # three episodes whose returns span 0.2: normalize_reward's scale is large enough to warn
+narrow = OfflineDataset(observations=np.zeros((n, 2), np.float32), actions=np.zeros((n, 1), np.float32),
+                        rewards=np.repeat(np.float32([1.0, 1.01, 1.02]), 10),
+                        next_observations=np.zeros((n, 2), np.float32), terminals=np.zeros(n, bool),
+                        timeouts=np.tile(np.arange(10) == 9, 3))
+
+def command(argv):
+    reward_scale(narrow)
+    warnings.warn("a third-party warning", UserWarning)
+
+diffrl.cli.COMMANDS["fake"] = command
+before = warnings.formatwarning
+assert diffrl.cli.main(["fake"]) == 0
+assert warnings.formatwarning is before, "main() must restore the formatter it found"
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    ours = [line for line in done.stderr.splitlines() if "normalize_reward" in line]
+    assert len(ours) == 1 and ours[0].startswith("diffrl: warning: normalize_reward scales rewards by"), done.stderr
+    assert "<string>:" in done.stderr and "UserWarning: a third-party warning" in done.stderr  # Python's format
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -25,7 +25,7 @@ from diffrl.config import check, check_positive, from_dict, to_dict
 from diffrl.data import MixedSampler, Normalizer, OfflineDataset, ReplayBuffer, load_dataset, validate
 from diffrl.envs import env_signature, make_env
 from diffrl.envs.vector import obs_dim
-from diffrl.errors import CheckpointError, ConfigError, DiffrlError
+from diffrl.errors import CheckpointError, ConfigError, DiffrlError, DiffrlWarning
 from diffrl.eval import evaluate
 from diffrl.pipelines.common import RunConfig
 from diffrl.runs import checkpoint as ckpt
@@ -154,7 +154,7 @@ def reward_scale(ds: OfflineDataset) -> float:
         # rising after 20k IQL steps, evaluations swinging by 30+ points)
         warnings.warn(f"normalize_reward scales rewards by {scale:.1f} because this dataset's episode returns span "
                       f"only {spread:.1f}; scaled rewards average {per_step:.0f} per step, which inflates Q-values "
-                      "and can make training swing (consider --no-normalize-reward).", stacklevel=2)
+                      "and can make training swing (consider --no-normalize-reward).", DiffrlWarning, stacklevel=2)
     return scale
 
 

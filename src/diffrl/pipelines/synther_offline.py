@@ -33,7 +33,7 @@ from diffrl.data import load_dataset
 from diffrl.data.formats import atomic_file
 from diffrl.diffusion.spec import load_model
 from diffrl.envs.termination import termination_rule
-from diffrl.errors import CheckpointError, ConfigError
+from diffrl.errors import CheckpointError, ConfigError, DiffrlWarning
 from diffrl.eval.fidelity import LAYOUTS, fidelity_report
 from diffrl.pipelines import diffusion, offline
 from diffrl.pipelines.common import DiffusionSettings, extend_configs, load_prefixed_config
@@ -131,7 +131,7 @@ def _check_model_data(model_dir: Path, real: Any) -> bool:
     if not same:
         warnings.warn(f"the diffusion model in {model_dir} was trained on other data than this run's real data "
                       "(another dataset or --data-fraction); summary.json records diffusion_same_data: false.",
-                      stacklevel=2)
+                      DiffrlWarning, stacklevel=2)
     return same
 
 
