@@ -191,7 +191,7 @@ def run(cfg: DiffusionConfig, dataset: OfflineDataset | None = None) -> Path:
     wall_offset = 0.0
     if resumed:
         run_dir = Path(cfg.resume)  # type: ignore[arg-type]
-        check_resumable(run_dir, PIPELINE, read_config(run_dir), cfg, set(cfg.RESUMABLE))
+        check_resumable(run_dir, PIPELINE, cfg)
         manifest, parts = ckpt.load_checkpoint(run_dir, parts=("diffusion", "state"))
         if manifest["meta"].get("dataset_fingerprint") != data_id:
             raise CheckpointError(f"the dataset {cfg.dataset} differs from the one {run_dir} was trained on; "

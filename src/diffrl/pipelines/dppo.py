@@ -456,7 +456,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     timers = {"train_s": 0.0, "eval_s": 0.0}
     if resumed:
         run_dir = Path(cfg.resume)  # type: ignore[arg-type]
-        check_resumable(run_dir, pipeline, read_config(run_dir), cfg, set(cfg.RESUMABLE))
+        check_resumable(run_dir, pipeline, cfg)
         manifest, parts = ckpt.load_checkpoint(run_dir, parts=("policy", "state"))
         if manifest["meta"].get("dataset_fingerprint") != data_id:
             raise CheckpointError(f"the dataset {cfg.dataset} differs from the one {run_dir} was trained on; "
@@ -736,7 +736,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     itr, env_steps, best_eval, last_eval, initial_eval, wall_offset = 0, 0, -np.inf, None, None, 0.0
     timers = {"rollout_s": 0.0, "scoring_s": 0.0, "update_s": 0.0, "eval_s": 0.0}
     if resumed:
-        check_resumable(run_dir, pipeline, read_config(run_dir), cfg, set(cfg.RESUMABLE))
+        check_resumable(run_dir, pipeline, cfg)
         ckpt.check_env(manifest, signature, run_dir, resume=True)
         state = parts["state"]
         agent.load_state_dict(state["agent"])

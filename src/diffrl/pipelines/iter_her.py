@@ -261,7 +261,7 @@ def run(cfg: ITERConfig) -> Path:
     resumed = cfg.resume is not None
     if resumed:
         run_dir = Path(cfg.resume)  # type: ignore[arg-type]
-        check_resumable(run_dir, PIPELINE, read_config(run_dir), cfg, set(cfg.RESUMABLE))
+        check_resumable(run_dir, PIPELINE, cfg)
         manifest, parts = ckpt.load_checkpoint(run_dir)
         ckpt.check_env(manifest, signature, run_dir, resume=True)
         state = parts["state"]

@@ -237,7 +237,7 @@ def run(cfg: OfflineConfig, data: OfflineData | None = None) -> Path:
     resumed = cfg.resume is not None
     if resumed:
         run_dir = Path(cfg.resume)  # type: ignore[arg-type]
-        check_resumable(run_dir, pipeline, read_config(run_dir), cfg, set(cfg.RESUMABLE))
+        check_resumable(run_dir, pipeline, cfg)
         manifest, parts = ckpt.load_checkpoint(run_dir, parts=("state",))
         if manifest["meta"].get("dataset_fingerprint") != data_id:
             raise CheckpointError(f"the dataset {cfg.dataset} differs from the one {run_dir} was trained on; "

@@ -184,7 +184,7 @@ def run(cfg: OnlineConfig, augment: Augment | None = None, pipeline: str | None 
     resumed = cfg.resume is not None
     if resumed:
         run_dir = Path(cfg.resume)  # type: ignore[arg-type]
-        check_resumable(run_dir, pipeline, read_config(run_dir), cfg, set(cfg.RESUMABLE))
+        check_resumable(run_dir, pipeline, cfg)
         manifest, parts = ckpt.load_checkpoint(run_dir)
         ckpt.check_env(manifest, signature, run_dir, resume=True)
         state = parts["state"]

@@ -40,7 +40,7 @@ from diffrl.pipelines.common import DiffusionSettings, extend_configs, load_pref
 from diffrl.pipelines.offline import fingerprint
 from diffrl.runs import checkpoint as ckpt
 from diffrl.runs.device import resolve_device
-from diffrl.runs.rundir import check_resumable, new_run_dir, read_config, read_summary, write_config
+from diffrl.runs.rundir import check_resumable, new_run_dir, read_summary, write_config
 
 PREFIX = "synther_offline_"
 
@@ -182,7 +182,7 @@ def run(cfg: Any) -> Path:
 
     if cfg.resume is not None:
         run_dir = Path(cfg.resume)
-        check_resumable(run_dir, pipeline, read_config(run_dir), cfg, set(cfg.RESUMABLE))
+        check_resumable(run_dir, pipeline, cfg)
     else:
         name = Path(cfg.dataset).stem if Path(cfg.dataset).suffix else cfg.dataset
         run_dir = new_run_dir(pipeline, name, cfg.seed, cfg.runs_root, cfg.run_dir)

@@ -106,31 +106,31 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is missing or unreadable ({e}); the run may not have finished.") from None
 
 
-def check_resumable(run_dir: Path, pipeline: str, saved: dict[str, Any], new: Any, may_change: set[str]) -> None:
-    """Refuse to resume ``run_dir`` with a config that differs in anything but ``may_change`` fields.
+def check_resumable(run_dir: Path, pipeline: str, new: Any) -> None:
+    """Refuse to resume ``run_dir`` with a config that differs from its saved one in anything but the fields
+    ``new.RESUMABLE`` names (e.g. ``steps``, ``device``).
 
     Args:
-        run_dir: the run being resumed.
+        run_dir: the run being resumed (its ``config.yaml`` holds the saved config and pipeline).
         pipeline: the pipeline asked to resume it.
-        saved: ``read_config(run_dir)`` (its ``config`` and ``pipeline``).
-        new: the new resolved config: a dataclass (a field the saved config predates counts as its default, so a
-            run started before diffrl added the field still resumes) or its ``to_dict``.
-        may_change: fields a resume may change (e.g. ``steps``, ``device``).
+        new: the new resolved config dataclass. A field the saved config predates counts as its default, so a run
+            started before diffrl added the field still resumes (at that default only).
     """
+    saved = read_config(run_dir)
     if saved["pipeline"] != pipeline:
         raise CheckpointError(f"{run_dir} is a {saved['pipeline']} run and cannot be resumed by {pipeline} "
                               "(nothing was changed).")
+    may_change = set(new.RESUMABLE)
     old = dict(saved["config"])
-    if dataclasses.is_dataclass(new):
-        for f in dataclasses.fields(new):
-            if f.name not in old and f.default is not dataclasses.MISSING:
-                old[f.name] = to_dict(f.default)
-            elif f.name not in old and f.default_factory is not dataclasses.MISSING:
-                old[f.name] = to_dict(f.default_factory())
-        new = to_dict(new)
-    changed = [k for k in sorted(set(old) | set(new)) if k not in may_change and old.get(k) != new.get(k)]
+    for f in dataclasses.fields(new):
+        if f.name not in old and f.default is not dataclasses.MISSING:
+            old[f.name] = to_dict(f.default)
+        elif f.name not in old and f.default_factory is not dataclasses.MISSING:
+            old[f.name] = to_dict(f.default_factory())
+    wanted = to_dict(new)
+    changed = [k for k in sorted(set(old) | set(wanted)) if k not in may_change and old.get(k) != wanted.get(k)]
     if changed:
         k = changed[0]
         more = f" (and {len(changed) - 1} more field(s))" if len(changed) > 1 else ""
-        raise CheckpointError(f"cannot resume {run_dir} with {k}={new.get(k)!r}: that run was started with "
+        raise CheckpointError(f"cannot resume {run_dir} with {k}={wanted.get(k)!r}: that run was started with "
                               f"{k}={old.get(k)!r}{more}; start a new run instead (nothing was changed).")
