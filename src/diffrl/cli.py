@@ -248,6 +248,9 @@ class EvalArgs:
     """eval seed (default: the run's seed, i.e. the same episodes as during training)"""
     device: str = "auto"
     """auto, cpu or cuda"""
+    path: Literal["run", "sample", "mean"] = "run"
+    """dppo runs: draw a diffusion policy's chunks as the run did (its eval_mean_path), along DPPO's sampled chain,
+    or along the noise-free DDPM mean path"""
 
 
 def cmd_eval(args: list[str]) -> None:
@@ -268,8 +271,14 @@ def cmd_eval(args: list[str]) -> None:
         from diffrl.pipelines import dppo as module
     else:
         module = offline if pipeline.startswith("offline_") else online
-    result = module.evaluate_run(a.run_dir, a.episodes, a.device, a.seed)
-    out = a.run_dir / f"eval-step-{result['checkpoint_step']}.json"
+    if not pipeline.startswith("dppo_") and a.path != "run":
+        raise ConfigError(f"--path {a.path} applies to `diffrl dppo` runs only; {a.run_dir} is a {pipeline} run.")
+    options = {"mean_path": a.path == "mean"} if a.path != "run" else {}
+    result = module.evaluate_run(a.run_dir, a.episodes, a.device, a.seed, **options)
+    # one file per set of options, so evaluating again another way never overwrites an earlier result
+    name = [f"eval-step-{result['checkpoint_step']}", f"{a.episodes}ep"]
+    name += ([f"seed{a.seed}"] if a.seed is not None else []) + ([a.path] if a.path != "run" else [])
+    out = a.run_dir / ("-".join(name) + ".json")
     write_json_atomic(out, result)
     print(f"{result['env_id']} checkpoint at step {result['checkpoint_step']}: return "
           f"{result['return_mean']:.1f} ± {result['return_std']:.1f} over {a.episodes} episodes"

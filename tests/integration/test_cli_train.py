@@ -60,8 +60,12 @@ def test_train_sac_writes_the_full_run_directory_then_eval_and_report_read_it(tm
     # diffrl eval uses the same evaluate() and eval seeds as training: same number on the same checkpoint.
     capsys.readouterr()
     assert main(["eval", str(run_dir), "--episodes", "1"]) == 0
-    result = json.loads((run_dir / "eval-step-300.json").read_text())
+    result = json.loads((run_dir / "eval-step-300-1ep.json").read_text())
     assert result["return_mean"] == pytest.approx(summary["eval_return_mean"])
+    assert main(["eval", str(run_dir), "--episodes", "1", "--seed", "7"]) == 0  # another way: another file
+    other = json.loads((run_dir / "eval-step-300-1ep-seed7.json").read_text())
+    assert other["returns"] != result["returns"]
+    assert json.loads((run_dir / "eval-step-300-1ep.json").read_text()) == result
 
     assert main(["report", str(run_dir), "--out", str(tmp_path / "report")]) == 0
     assert (tmp_path / "report" / "report.md").is_file()

@@ -22,6 +22,7 @@ from diffrl.envs.wrappers import MinMaxNormalization
 from diffrl.eval import evaluate
 from diffrl.pipelines import dppo
 from diffrl.runs import checkpoint as ckpt
+from diffrl.runs.rundir import write_config
 from diffrl.runs.seeding import derive_seed
 
 PRE = ["--steps", "40", "--denoising-steps", "5", "--hidden", "32", "--gaussian-hidden", "32", "32", "32",
@@ -84,6 +85,17 @@ def test_pretrain_keeps_raw_and_ema_weights_the_dataset_normalisation_and_evalua
     # `diffrl eval` evaluates the same EMA policy the run evaluated at its end
     out = dppo.evaluate_run(pretrained, episodes=2, device="cpu")
     assert out["return_mean"] == pytest.approx(s["eval_return_mean"]) and out["policy_type"] == "diffusion"
+    assert s["eval_mean_path"] is False and out["eval_mean_path"] is False
+    # `diffrl eval --path mean`: the noise-free DDPM mean path, another evaluation of the same weights
+    assert main(["eval", str(pretrained), "--episodes", "2", "--path", "mean"]) == 0
+    mean = json.loads((pretrained / f"eval-step-{out['checkpoint_step']}-2ep-mean.json").read_text())
+    assert mean["eval_mean_path"] is True and mean["returns"] != out["returns"]
+
+
+def test_eval_path_is_refused_for_runs_of_other_pipelines(tmp_path, capsys):
+    write_config(tmp_path, "online_sac", {"env": "Hopper-v5"})
+    assert main(["eval", str(tmp_path), "--path", "mean"]) == 2
+    assert "--path mean applies to `diffrl dppo` runs only" in capsys.readouterr().err
 
 
 def test_chunk_envs_sum_chunk_rewards_seed_episodes_and_replay_running_ones_exactly(pretrained):

@@ -191,6 +191,23 @@ def test_ddpm_evaluation_keeps_the_posterior_noise_except_at_the_last_step_and_d
     assert not torch.allclose(a, b)
 
 
+def test_the_ddpm_mean_path_takes_every_mean_through_the_fine_tuned_routing_and_only_at_evaluation():
+    agent = make_dppo(denoising_steps=8, ft_denoising_steps=3)
+    policy = agent.policy
+    obs = torch.randn(1, TO, DO).expand(64, TO, DO)
+    base, ft = _TimestepRecorder(policy.base.net), _TimestepRecorder(policy.ft_net)
+    chain = policy.chain(obs, deterministic=True, generator=torch.Generator().manual_seed(0), mean_path=True)
+    assert base.ts == [7, 6, 5, 4, 3] and ft.ts == [2, 1, 0]  # the same routing as DPPO's evaluation
+    torch.testing.assert_close(chain.xs[1:], chain.means)  # no noise after the initial draw
+    sampled = policy.chain(obs, deterministic=True, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sampled.xs[0], chain.xs[0])  # same start, ...
+    assert not torch.allclose(sampled.xs[-1], chain.xs[-1])  # ... different path
+    gaussian = make_gaussian().policy  # the Gaussian baseline's deterministic action is its mean either way
+    torch.testing.assert_close(gaussian.act(obs, True, mean_path=True)[0], gaussian(obs))
+    with pytest.raises(ValueError, match="needs deterministic=True"):
+        policy.act(obs, deterministic=False, mean_path=True)
+
+
 class ActionRewardEnv(gym.Env):
     """obs = zeros(DO); reward = the sum of the action; six steps."""
 
