@@ -92,6 +92,20 @@ def test_pretrain_keeps_raw_and_ema_weights_the_dataset_normalisation_and_evalua
     assert mean["eval_mean_path"] is True and mean["returns"] != out["returns"]
 
 
+def test_a_finetuning_clip_x0_other_than_the_pretrained_models_is_announced(pretrained):
+    import warnings
+
+    source = dppo.load_pretrained(pretrained)
+    assert source.policy["model_spec"]["diffusion"]["clip_x0"] == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = dppo.agent_params(dppo.FinetuneConfig(policy=pretrained, ft_denoising_steps=3), source.policy)
+    with pytest.warns(UserWarning, match=r"clip_x0=0.5, the pre-trained model at 1.0; pass --clip-x0 1.0"):
+        changed = dppo.agent_params(dppo.FinetuneConfig(policy=pretrained, ft_denoising_steps=3, clip_x0=0.5),
+                                       source.policy)
+    assert (kept.clip_x0, changed.clip_x0) == (1.0, 0.5)
+
+
 def test_eval_path_is_refused_for_runs_of_other_pipelines(tmp_path, capsys):
     write_config(tmp_path, "online_sac", {"env": "Hopper-v5"})
     assert main(["eval", str(tmp_path), "--path", "mean"]) == 2

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -66,7 +67,7 @@ from diffrl.diffusion.spec import build_model
 from diffrl.diffusion.trainer import DiffusionTrainer, TrainerSettings
 from diffrl.envs import VecEnv, env_signature, make_env
 from diffrl.envs.wrappers import ActionChunkEnv, MinMaxNormalization
-from diffrl.errors import CheckpointError, ConfigError
+from diffrl.errors import CheckpointError, ConfigError, DiffrlWarning
 from diffrl.eval import evaluate
 from diffrl.pipelines.common import RunConfig
 from diffrl.pipelines.offline import fingerprint
@@ -591,6 +592,11 @@ def agent_params(cfg: FinetuneConfig, policy: dict[str, Any]) -> DPPOParams | Ga
     ta, to = policy["horizon_steps"], policy["cond_steps"]
     act = cfg.act_steps if cfg.act_steps is not None else policy["act_steps"]
     if policy["type"] == "diffusion":
+        pretrained_clip = policy["model_spec"]["diffusion"].get("clip_x0")
+        if cfg.clip_x0 != pretrained_clip:  # DPPO sets denoised_clip_value in each stage's config independently
+            warnings.warn(f"fine-tuning clamps predicted clean chunks at clip_x0={cfg.clip_x0}, the pre-trained "
+                          f"model at {pretrained_clip}; pass --clip-x0 {pretrained_clip} to keep the model's.",
+                          DiffrlWarning, stacklevel=2)
         return cfg.dppo_params(ta, act, to, policy["denoising_steps"])
     common = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(PPOParams)}
     common.update(horizon_steps=ta, act_steps=act, cond_steps=to)
