@@ -11,8 +11,12 @@ updates.
 
     python benchmarks/dppo_finetune.py                                  # Hopper + Walker2d, 3 seeds
     python benchmarks/dppo_finetune.py --envs Hopper-v5 --seeds 0       # one seed
+    python benchmarks/dppo_finetune.py --eval-paths                     # + both evaluation paths
 
-Rows go to benchmarks/out/dppo_finetune.jsonl (finished runs are skipped when re-run).
+Rows go to benchmarks/out/dppo_finetune.jsonl (finished runs are skipped when re-run). ``--eval-paths`` also
+evaluates every diffusion run's pre-trained and fine-tuned checkpoints both ways, DPPO's sampled chain and the
+noise-free DDPM mean path (``diffrl eval RUN_DIR --path sample|mean``, 10 episodes each; cached in
+benchmarks/out/dppo_eval_paths.jsonl).
 """
 
 from __future__ import annotations
@@ -57,11 +61,37 @@ def run_pair(env_id: str, seed: int, policy_type: str) -> dict:
             "wall_s": s["wall_s"], "pretrain_dir": str(pre_dir), "finetune_dir": str(ft_dir)}
 
 
+def eval_paths(rows: list[dict], envs: list[str], cache: Path, episodes: int = 10) -> None:
+    """Normalised scores of each diffusion run's pre-trained and fine-tuned policy under both evaluation paths."""
+    done = {(r["run_dir"], r["mean_path"]): r for r in map(json.loads, cache.read_text().splitlines())} \
+        if cache.exists() else {}
+    print(f"### Evaluation paths (DPPO runs; {episodes} episodes each): DPPO's sampled chain / noise-free mean path\n")
+    print("| env | seed | pre-trained: sample / mean | fine-tuned: sample / mean |\n|---|---|---|---|")
+    for r in sorted((r for r in rows if r["policy_type"] == "diffusion" and r["env"] in envs),
+                    key=lambda r: (r["env"], r["seed"])):
+        cells = []
+        for run_dir in (r["pretrain_dir"], r["finetune_dir"]):
+            scores = []
+            for mean_path in (False, True):
+                if (run_dir, mean_path) not in done:
+                    out = dppo.evaluate_run(Path(run_dir), episodes, "cpu", mean_path=mean_path)
+                    done[run_dir, mean_path] = {"run_dir": run_dir, "mean_path": mean_path,
+                                                "normalized_score": out["normalized_score"], "episodes": episodes,
+                                                "date": time.strftime("%Y-%m-%d %H:%M")}
+                    with cache.open("a") as f:
+                        f.write(json.dumps(done[run_dir, mean_path]) + "\n")
+                scores.append(done[run_dir, mean_path]["normalized_score"])
+            cells.append(" / ".join(f"{v:.1f}" for v in scores))
+        print(f"| {r['env']} | {r['seed']} | {cells[0]} | {cells[1]} |")
+    print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--envs", nargs="+", default=["Hopper-v5", "Walker2d-v5"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--results", type=Path, default=OUT / "dppo_finetune.jsonl")
+    ap.add_argument("--eval-paths", action="store_true", help="also evaluate both evaluation paths (see above)")
     args = ap.parse_args()
     os.environ.setdefault("DIFFRL_PROGRESS", "0")
     done = [json.loads(x) for x in args.results.read_text().splitlines()] if args.results.exists() else []
@@ -98,6 +128,8 @@ def main() -> None:
             print(f"| {'DPPO' if p == 'diffusion' else 'Gaussian PPO'} (n={len(rs)}) | " + " | ".join(cells)
                   + f" | {cost} |")
         print()
+    if args.eval_paths:
+        eval_paths(done, args.envs, OUT / "dppo_eval_paths.jsonl")
 
 
 if __name__ == "__main__":
