@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from diffrl.config import from_dict, to_dict
 from diffrl.data import load_dataset
 from diffrl.envs import VecEnv, make_env
 from diffrl.envs.wrappers import MinMaxNormalization
+from diffrl.errors import DiffrlWarning
 from diffrl.eval import evaluate
 from diffrl.pipelines import dppo
 from diffrl.runs import checkpoint as ckpt
@@ -61,8 +63,10 @@ def gaussian_pretrained(workdir, hopper_random) -> Path:
 
 @pytest.fixture(scope="module")
 def finetuned(workdir, pretrained) -> Path:
-    assert main(["dppo", "finetune", "--policy", str(pretrained), *FT, "--n-train-itr", "3",
-                 "--run-dir", str(workdir / "ft")]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiffrlWarning)  # the pre-trained model's clip_x0 is kept: nothing to say
+        assert main(["dppo", "finetune", "--policy", str(pretrained), *FT, "--n-train-itr", "3",
+                     "--run-dir", str(workdir / "ft")]) == 0
     return workdir / "ft"
 
 
@@ -92,18 +96,16 @@ def test_pretrain_keeps_raw_and_ema_weights_the_dataset_normalisation_and_evalua
     assert mean["eval_mean_path"] is True and mean["returns"] != out["returns"]
 
 
-def test_a_finetuning_clip_x0_other_than_the_pretrained_models_is_announced(pretrained):
-    import warnings
-
-    source = dppo.load_pretrained(pretrained)
-    assert source.policy["model_spec"]["diffusion"]["clip_x0"] == 1.0
+def test_a_finetuning_clip_x0_other_than_the_pretrained_models_is_announced_once(workdir, pretrained):
+    assert dppo.load_pretrained(pretrained).policy["model_spec"]["diffusion"]["clip_x0"] == 1.0
+    run = workdir / "ft-clip"
+    with pytest.warns(DiffrlWarning, match=r"clip_x0=0.5, the pre-trained model at 1.0; pass --clip-x0 1.0"):
+        assert main(["dppo", "finetune", "--policy", str(pretrained), *FT, "--n-train-itr", "1", "--clip-x0", "0.5",
+                     "--run-dir", str(run)]) == 0
+    assert summary(run)["agent_params"]["clip_x0"] == 0.5
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        kept = dppo.agent_params(dppo.FinetuneConfig(policy=pretrained, ft_denoising_steps=3), source.policy)
-    with pytest.warns(UserWarning, match=r"clip_x0=0.5, the pre-trained model at 1.0; pass --clip-x0 1.0"):
-        changed = dppo.agent_params(dppo.FinetuneConfig(policy=pretrained, ft_denoising_steps=3, clip_x0=0.5),
-                                       source.policy)
-    assert (kept.clip_x0, changed.clip_x0) == (1.0, 0.5)
+        warnings.simplefilter("error", DiffrlWarning)  # not again when the finished run is evaluated
+        dppo.evaluate_run(run, episodes=1, device="cpu")
 
 
 def test_eval_path_is_refused_for_runs_of_other_pipelines(tmp_path, capsys):

@@ -592,11 +592,6 @@ def agent_params(cfg: FinetuneConfig, policy: dict[str, Any]) -> DPPOParams | Ga
     ta, to = policy["horizon_steps"], policy["cond_steps"]
     act = cfg.act_steps if cfg.act_steps is not None else policy["act_steps"]
     if policy["type"] == "diffusion":
-        pretrained_clip = policy["model_spec"]["diffusion"].get("clip_x0")
-        if cfg.clip_x0 != pretrained_clip:  # DPPO sets denoised_clip_value in each stage's config independently
-            warnings.warn(f"fine-tuning clamps predicted clean chunks at clip_x0={cfg.clip_x0}, the pre-trained "
-                          f"model at {pretrained_clip}; pass --clip-x0 {pretrained_clip} to keep the model's.",
-                          DiffrlWarning, stacklevel=2)
         return cfg.dppo_params(ta, act, to, policy["denoising_steps"])
     common = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(PPOParams)}
     common.update(horizon_steps=ta, act_steps=act, cond_steps=to)
@@ -738,6 +733,13 @@ def finetune(cfg: FinetuneConfig) -> Path:
         raise ConfigError(f"the policy in {cfg.policy} was pre-trained on {source.env['env_id']} data; fine-tune it "
                           f"on {source.env['env_id']}, not {env_id}.")
     params = agent_params(cfg, source.policy)
+    if not resumed and source.policy["type"] == "diffusion":
+        # DPPO sets denoised_clip_value in each stage's config independently: said once, when fine-tuning starts
+        pretrained_clip = source.policy["model_spec"]["diffusion"].get("clip_x0")
+        if cfg.clip_x0 != pretrained_clip:
+            warnings.warn(f"fine-tuning clamps predicted clean chunks at clip_x0={cfg.clip_x0}, the pre-trained "
+                          f"model at {pretrained_clip}; pass --clip-x0 {pretrained_clip} to keep the model's.",
+                          DiffrlWarning, stacklevel=2)
     pipeline = PIPELINES["finetune", source.policy["type"]]
     act_steps = params.act_steps
     seed_everything(cfg.seed)
