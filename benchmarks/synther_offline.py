@@ -24,7 +24,6 @@ and, the same way, terminal flags from the env's termination rule instead of the
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import os
@@ -35,6 +34,7 @@ import numpy as np
 
 from diffrl.pipelines import data_collect, synther_offline
 from diffrl.runs.device import tune_cpu_allocator
+from diffrl.runs.logger import read_metrics
 
 OUT = Path(__file__).parent / "out"
 
@@ -151,11 +151,10 @@ def main() -> None:
 def last3(row: dict) -> float | None:
     """Mean normalised score of a run's last three evaluations (IQL's evaluations swing by 30+ points from one to
     the next on these small datasets, real data included, so one final evaluation is a noisy summary)."""
-    path = Path(row["run_dir"]) / "metrics.csv"
-    if not path.is_file():
+    if not (Path(row["run_dir"]) / "metrics.csv").is_file():
         return None
-    with open(path) as f:
-        scores = [float(r["eval/normalized_score"]) for r in csv.DictReader(f) if r.get("eval/normalized_score")]
+    scores = [r["eval/normalized_score"] for r in read_metrics(Path(row["run_dir"]))
+              if np.isfinite(r.get("eval/normalized_score", np.nan))]
     return float(np.mean(scores[-3:])) if scores else None
 
 
