@@ -96,16 +96,18 @@ def test_pretrain_keeps_raw_and_ema_weights_the_dataset_normalisation_and_evalua
     assert mean["eval_mean_path"] is True and mean["returns"] != out["returns"]
 
 
-def test_a_finetuning_clip_x0_other_than_the_pretrained_models_is_announced_once(workdir, pretrained):
+def test_finetune_announces_another_clip_x0_once_and_its_eval_mean_path_is_the_runs_evaluation(workdir, pretrained):
     assert dppo.load_pretrained(pretrained).policy["model_spec"]["diffusion"]["clip_x0"] == 1.0
     run = workdir / "ft-clip"
     with pytest.warns(DiffrlWarning, match=r"clip_x0=0.5, the pre-trained model at 1.0; pass --clip-x0 1.0"):
         assert main(["dppo", "finetune", "--policy", str(pretrained), *FT, "--n-train-itr", "1", "--clip-x0", "0.5",
-                     "--run-dir", str(run)]) == 0
-    assert summary(run)["agent_params"]["clip_x0"] == 0.5
+                     "--eval-mean-path", "--run-dir", str(run)]) == 0
+    s = summary(run)
+    assert s["agent_params"]["clip_x0"] == 0.5 and s["eval_mean_path"] is True
     with warnings.catch_warnings():
         warnings.simplefilter("error", DiffrlWarning)  # not again when the finished run is evaluated
-        dppo.evaluate_run(run, episodes=1, device="cpu")
+        out = dppo.evaluate_run(run, episodes=2, device="cpu")  # --path run: the run's own mean-path evaluation
+    assert out["eval_mean_path"] is True and out["return_mean"] == pytest.approx(s["eval_return_mean"])
 
 
 def test_eval_path_is_refused_for_runs_of_other_pipelines(tmp_path, capsys):
