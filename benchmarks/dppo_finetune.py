@@ -31,7 +31,9 @@ import numpy as np
 
 from diffrl.config import from_dict
 from diffrl.pipelines import dppo
+from diffrl.registry import find_run
 from diffrl.runs.logger import read_metrics
+from harness import add_common_args, append_row, read_rows, run_all
 from synther_offline import OUT, ci95, dataset
 
 
@@ -63,8 +65,7 @@ def run_pair(env_id: str, seed: int, policy_type: str) -> dict:
 
 def eval_paths(rows: list[dict], envs: list[str], cache: Path, episodes: int = 10) -> None:
     """Normalised scores of each diffusion run's pre-trained and fine-tuned policy under both evaluation paths."""
-    done = {(r["run_dir"], r["mean_path"]): r for r in map(json.loads, cache.read_text().splitlines())} \
-        if cache.exists() else {}
+    done = {(r["run_dir"], r["mean_path"]): r for r in read_rows(cache)}
     print(f"### Evaluation paths (DPPO runs; {episodes} episodes each): DPPO's sampled chain / noise-free mean path\n")
     print("| env | seed | pre-trained: sample / mean | fine-tuned: sample / mean |\n|---|---|---|---|")
     for r in sorted((r for r in rows if r["policy_type"] == "diffusion" and r["env"] in envs),
@@ -74,12 +75,13 @@ def eval_paths(rows: list[dict], envs: list[str], cache: Path, episodes: int = 1
             scores = []
             for mean_path in (False, True):
                 if (run_dir, mean_path) not in done:
-                    out = dppo.evaluate_run(Path(run_dir), episodes, "cpu", mean_path=mean_path)
+                    cfg = find_run(Path(run_dir))[2]
+                    out = dppo.evaluate_run(Path(run_dir), cfg, episodes=episodes, device="cpu",
+                                            mean_path=mean_path)
                     done[run_dir, mean_path] = {"run_dir": run_dir, "mean_path": mean_path,
                                                 "normalized_score": out["normalized_score"], "episodes": episodes,
                                                 "date": time.strftime("%Y-%m-%d %H:%M")}
-                    with cache.open("a") as f:
-                        f.write(json.dumps(done[run_dir, mean_path]) + "\n")
+                    append_row(cache, done[run_dir, mean_path])
                 scores.append(done[run_dir, mean_path]["normalized_score"])
             cells.append(" / ".join(f"{v:.1f}" for v in scores))
         print(f"| {r['env']} | {r['seed']} | {cells[0]} | {cells[1]} |")
@@ -90,23 +92,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--envs", nargs="+", default=["Hopper-v5", "Walker2d-v5"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--results", type=Path, default=OUT / "dppo_finetune.jsonl")
+    add_common_args(ap, OUT / "dppo_finetune.jsonl")
     ap.add_argument("--eval-paths", action="store_true", help="also evaluate both evaluation paths (see above)")
     args = ap.parse_args()
     os.environ.setdefault("DIFFRL_PROGRESS", "0")
-    done = [json.loads(x) for x in args.results.read_text().splitlines()] if args.results.exists() else []
-    for seed in args.seeds:
-        for env_id in args.envs:
-            for policy_type in ("diffusion", "gaussian"):
-                key = dict(env=env_id, seed=seed, policy_type=policy_type)
-                if any(all(r.get(k) == v for k, v in key.items()) for r in done):
-                    continue
-                row = {**key, **run_pair(env_id, seed, policy_type), "date": time.strftime("%Y-%m-%d %H:%M")}
-                done.append(row)
-                with args.results.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(f"{env_id} {policy_type} seed {seed}: score {row['initial']:.1f} -> {row['final']:.1f} "
-                      f"({row['wall_s']:.0f} s)", flush=True)
+
+    def run_one(key: dict) -> dict:
+        return {**key, **run_pair(key["env"], key["seed"], key["policy_type"]), "date": time.strftime("%Y-%m-%d %H:%M")}
+
+    def report(row: dict) -> None:
+        print(f"{row['env']} {row['policy_type']} seed {row['seed']}: score {row['initial']:.1f} -> "
+              f"{row['final']:.1f} ({row['wall_s']:.0f} s)", flush=True)
+
+    jobs = (dict(env=env_id, seed=seed, policy_type=policy_type)
+            for seed in args.seeds for env_id in args.envs for policy_type in ("diffusion", "gaussian"))
+    done = run_all(jobs, args.results, run_one, table_only=args.table_only, on_row=report)
     print("\nnormalised score: pre-trained (env steps 0), then after each 20k env steps of fine-tuning; "
           "mean ± 95% CI over seeds (n); cost per env step (ms): rollout / update\n")
     for r in done:  # curves and costs from the runs themselves (rows written before NaN filtering are fixed here)

@@ -32,6 +32,7 @@ from diffrl.envs import make_env
 from diffrl.eval import evaluate
 from diffrl.pipelines.iter_her import ITERConfig, run
 from diffrl.runs.logger import read_metrics
+from harness import add_common_args, matches, run_all
 
 OUT = Path(__file__).parent / "out"
 BUDGETS = {"FetchReach-v4": dict(epochs=10, n_cycles=10), "FetchPush-v4": dict(epochs=10, n_cycles=50)}
@@ -88,24 +89,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--envs", nargs="+", default=list(BUDGETS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--results", type=Path, default=OUT / "her_vs_sb3.jsonl")
+    add_common_args(ap, OUT / "her_vs_sb3.jsonl")
     args = ap.parse_args()
     os.environ.setdefault("DIFFRL_PROGRESS", "0")
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    done = [json.loads(x) for x in args.results.read_text().splitlines()] if args.results.exists() else []
-    for seed in args.seeds:
-        for env_id in args.envs:
-            budget = BUDGETS[env_id]
-            for lib, fn in (("diffrl", run_diffrl), ("sb3", run_sb3)):  # alternate so load drift hits both
-                key = dict(env=env_id, lib=lib, seed=seed, **budget)
-                if any(all(r.get(k) == v for k, v in key.items()) for r in done):
-                    continue
-                row = {**key, **fn(env_id, seed, **budget), "date": time.strftime("%Y-%m-%d %H:%M")}
-                done.append(row)
-                with args.results.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(f"{env_id} {lib} seed {seed}: final success {row['curve'][-1][1]:.2f}, "
-                      f"{row['sps']:.0f} env steps/s", flush=True)
+    fns = {"diffrl": run_diffrl, "sb3": run_sb3}
+
+    def run_one(key: dict) -> dict:
+        budget = BUDGETS[key["env"]]
+        return {**key, **fns[key["lib"]](key["env"], key["seed"], **budget), "date": time.strftime("%Y-%m-%d %H:%M")}
+
+    def report(row: dict) -> None:
+        print(f"{row['env']} {row['lib']} seed {row['seed']}: final success {row['curve'][-1][1]:.2f}, "
+              f"{row['sps']:.0f} env steps/s", flush=True)
+
+    jobs = [dict(env=env_id, lib=lib, seed=seed, **BUDGETS[env_id]) for seed in args.seeds for env_id in args.envs
+            for lib in fns]  # alternate libraries so load drift hits both
+    done = run_all(jobs, args.results, run_one, table_only=args.table_only, on_row=report)
     print("\ntest success rate (10 episodes per eval) after each epoch: mean over seeds [min, max] (n); "
           "training env steps/s\n")
     for env_id in args.envs:
@@ -114,8 +114,7 @@ def main() -> None:
         print("| library | " + " | ".join(f"ep {e + 1}" for e in range(budget["epochs"])) + " | env steps/s |")
         print("|---|" + "---|" * (budget["epochs"] + 1))
         for lib in ("diffrl", "sb3"):
-            rows = [r for r in done if r["env"] == env_id and r["lib"] == lib
-                    and all(r.get(k) == v for k, v in budget.items())]
+            rows = [r for r in done if r["env"] == env_id and r["lib"] == lib and matches(r, budget)]
             if not rows:
                 continue
             curves = np.array([[s for _, s in r["curve"]][: budget["epochs"]] for r in rows])

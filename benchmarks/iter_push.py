@@ -25,6 +25,7 @@ import numpy as np
 
 from diffrl.pipelines.iter_her import ITERConfig, run
 from diffrl.runs.logger import read_metrics
+from harness import add_common_args, matches, run_all
 from synther_offline import ci95
 
 OUT = Path(__file__).parent / "out"
@@ -42,44 +43,43 @@ def main() -> None:
     ap.add_argument("--ddpm-train-start", type=int, default=5)
     ap.add_argument("--ddpm-aug-start", type=int, default=8)
     ap.add_argument("--ddpm-aug-freq", type=int, default=2)
-    ap.add_argument("--results", type=Path, default=OUT / "iter_push.jsonl")
-    ap.add_argument("--table-only", action="store_true", help="print the table of the finished runs, run nothing")
+    add_common_args(ap, OUT / "iter_push.jsonl", tables="table")
     args = ap.parse_args()
     os.environ.setdefault("DIFFRL_PROGRESS", "0")
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    done = [json.loads(x) for x in args.results.read_text().splitlines()] if args.results.exists() else []
     budget = dict(env=args.env, epochs=args.epochs, n_cycles=args.n_cycles)
-    for seed in args.seeds:
-        for arm in args.arms:
-            key = dict(arm=arm, seed=seed, **budget)
-            if args.table_only or any(all(r.get(k) == v for k, v in key.items()) for r in done):
-                continue
-            run_dir = OUT / "runs" / "iter_push" / f"{args.env}-{arm}-s{seed}-{args.epochs}x{args.n_cycles}"
-            common = dict(env=args.env, seed=seed, epochs=args.epochs, n_cycles=args.n_cycles, eval_episodes=10,
-                          device="cpu", progress=False, ddpm_train_start=args.ddpm_train_start,
-                          ddpm_aug_start=args.ddpm_aug_start, ddpm_aug_freq=args.ddpm_aug_freq,
-                          # what every run here used before these became options (the defaults now are 1 - 1/T =
-                          # 0.98 and random overwrite, the same here: 15 epochs never fill the 20k-episode buffer)
-                          gamma=0.98, buffer_overwrite="oldest", **ARMS[arm])
-            resume = (run_dir / "checkpoints" / "latest").exists()
-            cfg = ITERConfig(**common, **({"resume": run_dir} if resume else {"run_dir": run_dir}))
-            run(cfg)
-            s = json.loads((run_dir / "summary.json").read_text())
-            rows = read_metrics(run_dir)
-            row = {**key, "curve": [(r["env_steps"], r["eval/success_rate"]) for r in rows if "eval/success_rate" in r],
-                   "final_success": s["success_rate"], "wall_s": s["wall_s"], "time_breakdown_s": s["time_breakdown_s"],
-                   "ddpm": {k: v for k, v in rows[-1].items() if k.startswith("ddpm/")},
-                   "date": time.strftime("%Y-%m-%d %H:%M")}
-            done.append(row)
-            with args.results.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(f"{arm} seed {seed}: final success {row['final_success']:.2f} ({row['wall_s']:.0f} s)", flush=True)
+
+    def run_one(key: dict) -> dict:
+        arm, seed = key["arm"], key["seed"]
+        run_dir = OUT / "runs" / "iter_push" / f"{args.env}-{arm}-s{seed}-{args.epochs}x{args.n_cycles}"
+        common = dict(env=args.env, seed=seed, epochs=args.epochs, n_cycles=args.n_cycles, eval_episodes=10,
+                      device="cpu", progress=False, ddpm_train_start=args.ddpm_train_start,
+                      ddpm_aug_start=args.ddpm_aug_start, ddpm_aug_freq=args.ddpm_aug_freq,
+                      # what every run here used before these became options (the defaults now are 1 - 1/T =
+                      # 0.98 and random overwrite, the same here: 15 epochs never fill the 20k-episode buffer)
+                      gamma=0.98, buffer_overwrite="oldest", **ARMS[arm])
+        resume = (run_dir / "checkpoints" / "latest").exists()
+        cfg = ITERConfig(**common, **({"resume": run_dir} if resume else {"run_dir": run_dir}))
+        run(cfg)
+        s = json.loads((run_dir / "summary.json").read_text())
+        rows = read_metrics(run_dir)
+        return {**key, "curve": [(r["env_steps"], r["eval/success_rate"]) for r in rows if "eval/success_rate" in r],
+                "final_success": s["success_rate"], "wall_s": s["wall_s"], "time_breakdown_s": s["time_breakdown_s"],
+                "ddpm": {k: v for k, v in rows[-1].items() if k.startswith("ddpm/")},
+                "date": time.strftime("%Y-%m-%d %H:%M")}
+
+    def report(row: dict) -> None:
+        print(f"{row['arm']} seed {row['seed']}: final success {row['final_success']:.2f} ({row['wall_s']:.0f} s)",
+              flush=True)
+
+    jobs = (dict(arm=arm, seed=seed, **budget) for seed in args.seeds for arm in args.arms)
+    done = run_all(jobs, args.results, run_one, table_only=args.table_only, on_row=report)
     print(f"\n{args.env}: test success rate after each epoch ({args.n_cycles * 50} env steps per epoch), "
           "mean over seeds [min, max] (n); wall clock per run\n")
     print("| arm | " + " | ".join(f"ep {e + 1}" for e in range(args.epochs)) + " | final ± 95% CI | wall |")
     print("|---|" + "---|" * (args.epochs + 2))
     for arm in args.arms:
-        rows = [r for r in done if r["arm"] == arm and all(r.get(k) == v for k, v in budget.items())]
+        rows = [r for r in done if r["arm"] == arm and matches(r, budget)]
         if not rows:
             continue
         curves = np.array([[s for _, s in r["curve"]][: args.epochs] for r in rows])

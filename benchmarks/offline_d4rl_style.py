@@ -21,12 +21,14 @@ import numpy as np
 
 from diffrl.pipelines import data_collect, offline
 from diffrl.runs.device import tune_cpu_allocator
+from diffrl.runs.rundir import task_name
+from harness import add_common_args, print_row, run_all
 
 OUT = Path(__file__).parent / "out"
 
 
 def dataset(env_id: str, kind: str) -> Path:
-    path = OUT / "data" / f"{data_collect.task_name(env_id)}-{kind}-quick.hdf5"
+    path = OUT / "data" / f"{task_name(env_id)}-{kind}-quick.hdf5"
     if not path.exists():
         t0 = time.perf_counter()
         data_collect.run(data_collect.CollectConfig(env=env_id, kind=kind, preset="quick", out=str(path),
@@ -42,33 +44,28 @@ def main() -> None:
     ap.add_argument("--algos", nargs="+", default=["bc", "td3bc", "iql"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--results", type=Path, default=OUT / "offline.jsonl")
+    add_common_args(ap, OUT / "offline.jsonl")
     args = ap.parse_args()
     os.environ.setdefault("DIFFRL_PROGRESS", "0")
     tune_cpu_allocator()
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    done = [json.loads(x) for x in args.results.read_text().splitlines()] if args.results.exists() else []
     data = {(e, k): dataset(e, k) for e in args.envs for k in args.kinds}
-    for seed in args.seeds:
-        for (env_id, kind), path in data.items():
-            for algo in args.algos:
-                key = dict(env=env_id, kind=kind, algo=algo, seed=seed, steps=args.steps)
-                if any(all(r.get(k) == v for k, v in key.items()) for r in done):
-                    continue
-                cls = offline.ALGOS[algo][0]
-                overrides = dict(offline.PRESETS[algo]["quick"], dataset=str(path), seed=seed,
-                                 runs_root=OUT / "runs", progress=False)
-                if args.steps:
-                    overrides.update(steps=args.steps, eval_every=max(args.steps // 4, 1))
-                run_dir = offline.run(dataclasses.replace(cls(dataset=str(path)), **overrides))
-                s = json.loads((run_dir / "summary.json").read_text())
-                row = {**key, "score": s["normalized_score"], "best": s["best_score"],
-                       "return": s["eval_return_mean"], "updates_per_s": s["updates_per_s"],
-                       "run_dir": str(run_dir), "date": time.strftime("%Y-%m-%d %H:%M")}
-                print(json.dumps(row), flush=True)
-                done.append(row)
-                with open(args.results, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+
+    def run_one(key: dict) -> dict:
+        algo, path = key["algo"], data[key["env"], key["kind"]]
+        overrides = dict(offline.PRESETS[algo]["quick"], dataset=str(path), seed=key["seed"],
+                         runs_root=OUT / "runs", progress=False)
+        if args.steps:
+            overrides.update(steps=args.steps, eval_every=max(args.steps // 4, 1))
+        cls = offline.ALGOS[algo][0]
+        run_dir = offline.run(dataclasses.replace(cls(dataset=str(path)), **overrides))
+        s = json.loads((run_dir / "summary.json").read_text())
+        return {**key, "score": s["normalized_score"], "best": s["best_score"], "return": s["eval_return_mean"],
+                "updates_per_s": s["updates_per_s"], "run_dir": str(run_dir), "date": time.strftime("%Y-%m-%d %H:%M")}
+
+    jobs = [dict(env=env_id, kind=kind, algo=algo, seed=seed, steps=args.steps) for seed in args.seeds
+            for (env_id, kind) in data for algo in args.algos]
+    done = run_all(jobs, args.results, run_one, table_only=args.table_only, on_row=print_row)
     rows = [r for r in done if r["steps"] == args.steps]
     print("\nfinal D4RL-style normalised score (x100), mean ± std over seeds (n = seeds)\n")
     print("| dataset | " + " | ".join(args.algos) + " |\n|---|" + "---|" * len(args.algos))
@@ -77,7 +74,7 @@ def main() -> None:
         for algo in args.algos:
             s = np.array([r["score"] for r in rows if (r["env"], r["kind"], r["algo"]) == (env_id, kind, algo)])
             cells.append(f"{s.mean():.1f} ± {s.std():.1f} (n={len(s)})" if len(s) else "—")
-        print(f"| {data_collect.task_name(env_id)}-{kind} | " + " | ".join(cells) + " |")
+        print(f"| {task_name(env_id)}-{kind} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from diffrl.envs import make_env
 from diffrl.eval import evaluate
 from diffrl.pipelines.online import SACConfig, run
 from diffrl.runs.device import tune_cpu_allocator
+from harness import add_common_args, print_row, run_all
 
 OUT = Path(__file__).parent / "out"
 
@@ -102,30 +103,24 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=30_000)
     ap.add_argument("--eval-episodes", type=int, default=10)
-    ap.add_argument("--results", type=Path, default=OUT / "sac_vs_sb3.jsonl")
+    add_common_args(ap, OUT / "sac_vs_sb3.jsonl")
     args = ap.parse_args()
     os.environ.setdefault("DIFFRL_PROGRESS", "0")
     # The allocator setting `diffrl` applies; process-wide, so SB3 runs with it too (same conditions).
     tuned = tune_cpu_allocator()
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    done = [json.loads(x) for x in args.results.read_text().splitlines()] if args.results.exists() else []
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {os.cpu_count()} cpus, "
           f"glibc allocator tuned: {tuned}", flush=True)
-    for seed in args.seeds:
-        for env_id in args.envs:
-            # alternate which library goes first so slow drift in machine load hits both
-            libs = ("diffrl", "sb3") if seed % 2 == 0 else ("sb3", "diffrl")
-            for lib in libs:
-                key = dict(env=env_id, seed=seed, lib=lib, steps=args.steps)
-                if any(all(r.get(k) == v for k, v in key.items()) for r in done):
-                    continue
-                fn = run_diffrl if lib == "diffrl" else run_sb3
-                res = {**key, **fn(env_id, seed, args.steps, args.eval_episodes),
-                       "date": time.strftime("%Y-%m-%d %H:%M")}
-                print(json.dumps(res), flush=True)
-                done.append(res)
-                with open(args.results, "a") as f:
-                    f.write(json.dumps(res) + "\n")
+
+    def run_one(key: dict) -> dict:
+        fn = run_diffrl if key["lib"] == "diffrl" else run_sb3
+        return {**key, **fn(key["env"], key["seed"], args.steps, args.eval_episodes),
+                "date": time.strftime("%Y-%m-%d %H:%M")}
+
+    # alternate which library goes first so slow drift in machine load hits both
+    jobs = [dict(env=env_id, seed=seed, lib=lib, steps=args.steps) for seed in args.seeds for env_id in args.envs
+            for lib in (("diffrl", "sb3") if seed % 2 == 0 else ("sb3", "diffrl"))]
+    done = run_all(jobs, args.results, run_one, table_only=args.table_only, on_row=print_row)
     rows = [r for r in done if r["steps"] == args.steps and r["env"] in args.envs and r["seed"] in args.seeds]
     print()
     print(f"SAC, {args.steps} env steps, UTD 1, batch 256, 2x256, learning starts 5000")

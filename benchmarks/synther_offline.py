@@ -35,6 +35,7 @@ import numpy as np
 from diffrl.pipelines import data_collect, synther_offline
 from diffrl.runs.device import tune_cpu_allocator
 from diffrl.runs.logger import read_metrics
+from harness import add_common_args, append_row, matches, print_row, read_rows
 
 OUT = Path(__file__).parent / "out"
 
@@ -71,12 +72,11 @@ def main() -> None:
                     help="run only these data modes (default: every mode of each experiment)")
     ap.add_argument("--models-from", type=Path, default=None,
                     help="a results file whose diffusion models to reuse (same experiment, dataset and seed)")
-    ap.add_argument("--results", type=Path, default=OUT / "synther_offline.jsonl")
-    ap.add_argument("--table-only", action="store_true", help="print the tables of the finished runs, run nothing")
+    add_common_args(ap, OUT / "synther_offline.jsonl")
     args = ap.parse_args()
     os.environ.setdefault("DIFFRL_PROGRESS", "0")
     tune_cpu_allocator()
-    done = [json.loads(x) for x in args.results.read_text().splitlines()] if args.results.exists() else []
+    done = read_rows(args.results)
     plan = []  # (experiment, env, kind, fraction, modes)
     if args.experiment in ("modes", "both"):
         plan += [("modes", e, "medium-replay", 1.0, ("real", "synthetic", "mixed")) for e in args.envs]
@@ -88,7 +88,7 @@ def main() -> None:
     settings = {"steps": args.steps, "diffusion_steps": args.diffusion_steps, "num_samples": args.num_samples,
                 "out_of_range": None if args.out_of_range == "clip" else args.out_of_range,
                 "terminals": None if args.terminals == "model" else args.terminals}
-    models = [json.loads(x) for x in args.models_from.read_text().splitlines()] if args.models_from else []
+    models = read_rows(args.models_from) if args.models_from else []
     for seed in args.seeds:
         for experiment, env_id, kind, fraction, modes in plan:
             path = dataset(env_id, kind)
@@ -99,7 +99,7 @@ def main() -> None:
                 for mode in modes:
                     key = dict(experiment=experiment, env=env_id, kind=kind, fraction=fraction, algo=algo, mode=mode,
                                seed=seed, **settings)
-                    hit = [r for r in done if all(r.get(k) == v for k, v in key.items())]
+                    hit = [r for r in done if matches(r, key)]
                     if hit:
                         model_dir = model_dir or hit[0].get("diffusion_run")
                         continue
@@ -125,11 +125,10 @@ def main() -> None:
                            "state_nmse": fid.get("validity", {}).get("next_obs_nmse"),
                            "wall_s": time.perf_counter() - t0, "run_dir": str(run_dir),
                            "date": time.strftime("%Y-%m-%d %H:%M")}
-                    print(json.dumps(row), flush=True)
+                    print_row(row)
                     done.append(row)
-                    with open(args.results, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-    rows = [r for r in done if all(r.get(k) == v for k, v in settings.items())]
+                    append_row(args.results, row)
+    rows = [r for r in done if matches(r, settings)]
     for title, stat in (("final", lambda r: r["score"]),
                         ("mean of the last 3 evaluations (10k, 15k, 20k steps at the quick preset)", last3)):
         print(f"\n{title} D4RL-style normalised score (x100): mean ± 95% CI over seeds (n)\n")

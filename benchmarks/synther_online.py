@@ -27,6 +27,7 @@ import numpy as np
 from diffrl.pipelines import online, synther_online
 from diffrl.runs.device import tune_cpu_allocator
 from diffrl.runs.logger import read_metrics
+from harness import add_common_args, print_row, run_all
 from synther_offline import ci95
 
 OUT = Path(__file__).parent / "out"
@@ -42,54 +43,49 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=200_000)
     ap.add_argument("--arms", nargs="+", default=["sac", "synther", "synther-warm"],
                     help="synther-warm: --warm-start with a quarter of the diffusion steps per retrain")
-    ap.add_argument("--results", type=Path, default=OUT / "synther_online.jsonl")
-    ap.add_argument("--table-only", action="store_true", help="print the table of the finished runs, run nothing")
+    add_common_args(ap, OUT / "synther_online.jsonl", tables="table")
     args = ap.parse_args()
     os.environ.setdefault("DIFFRL_PROGRESS", "0")
     tune_cpu_allocator()
-    done = [json.loads(x) for x in args.results.read_text().splitlines()] if args.results.exists() else []
     common = dict(steps=args.steps, learning_starts=5_000, eval_every=max(args.steps // 10, 1), eval_episodes=5,
                   checkpoint_every=max(args.steps // 10, 1), keep_checkpoints=1, progress=False)
-    for seed in args.seeds:
-        for env_id in args.envs:
-            dmc = env_id.startswith("dm_control/")
-            for arm in args.arms:
-                key = dict(env=env_id, arm=arm, seed=seed, steps=args.steps, retrain_every=args.retrain_every,
-                           diffusion_steps=args.diffusion_steps, num_samples=args.num_samples)
-                if args.table_only or any(all(r.get(k) == v for k, v in key.items()) for r in done):
-                    continue
-                # a fixed run directory per (env, arm, seed, budget): a killed benchmark resumes its runs exactly
-                run_dir = (OUT / "runs" / "synther_online_bench" /
-                           f"{env_id.replace('/', '_')}-{arm}-s{seed}-{args.steps}-{args.retrain_every}-"
-                           f"{args.diffusion_steps}-{args.num_samples}")
-                started = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step-*"))
-                where = {"resume": run_dir} if started else {"run_dir": run_dir}
-                if arm == "sac":
-                    cfg = online.SACConfig(env=env_id, seed=seed, **common, **where)
-                    run = online.run
-                else:
-                    warm = arm == "synther-warm"
-                    cfg = synther_online.ALGOS["sac"](
-                        env=env_id, seed=seed, **common, **where, utd=20, retrain_every=args.retrain_every,
-                        diffusion_steps=args.diffusion_steps // 4 if warm else args.diffusion_steps, warm_start=warm,
-                        num_samples=args.num_samples, diffusion_width=256, diffusion_dim_t=128,
-                        sampler="dpmpp_2m_sde", sample_steps=32,
-                        # SynthER's DMC config: no terminals (DMC never terminates), raw rewards
-                        model_terminals=not dmc, normalize_reward=not dmc)
-                    run = synther_online.run
-                if started:
-                    print(f"resuming {run_dir}", flush=True)
-                run_dir = run(cfg)
-                s = json.loads((run_dir / "summary.json").read_text())
-                curve = [(r["env_steps"], r["eval/return_mean"]) for r in read_metrics(run_dir)
-                         if not np.isnan(r.get("eval/return_mean", np.nan))]
-                row = {**key, "final_return": s["eval_return_mean"], "curve": curve,
-                       "time_breakdown_s": s["time_breakdown_s"], "wall_s": s["wall_s"],
-                       "run_dir": str(run_dir), "date": time.strftime("%Y-%m-%d %H:%M")}
-                print(json.dumps(row), flush=True)
-                done.append(row)
-                with open(args.results, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+
+    def run_one(key: dict) -> dict:
+        env_id, arm, seed = key["env"], key["arm"], key["seed"]
+        dmc = env_id.startswith("dm_control/")
+        # a fixed run directory per (env, arm, seed, budget): a killed benchmark resumes its runs exactly
+        run_dir = (OUT / "runs" / "synther_online_bench" /
+                   f"{env_id.replace('/', '_')}-{arm}-s{seed}-{args.steps}-{args.retrain_every}-"
+                   f"{args.diffusion_steps}-{args.num_samples}")
+        started = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step-*"))
+        where = {"resume": run_dir} if started else {"run_dir": run_dir}
+        if arm == "sac":
+            cfg = online.SACConfig(env=env_id, seed=seed, **common, **where)
+            run = online.run
+        else:
+            warm = arm == "synther-warm"
+            cfg = synther_online.ALGOS["sac"](
+                env=env_id, seed=seed, **common, **where, utd=20, retrain_every=args.retrain_every,
+                diffusion_steps=args.diffusion_steps // 4 if warm else args.diffusion_steps, warm_start=warm,
+                num_samples=args.num_samples, diffusion_width=256, diffusion_dim_t=128,
+                sampler="dpmpp_2m_sde", sample_steps=32,
+                # SynthER's DMC config: no terminals (DMC never terminates), raw rewards
+                model_terminals=not dmc, normalize_reward=not dmc)
+            run = synther_online.run
+        if started:
+            print(f"resuming {run_dir}", flush=True)
+        run_dir = run(cfg)
+        s = json.loads((run_dir / "summary.json").read_text())
+        curve = [(r["env_steps"], r["eval/return_mean"]) for r in read_metrics(run_dir)
+                 if not np.isnan(r.get("eval/return_mean", np.nan))]
+        return {**key, "final_return": s["eval_return_mean"], "curve": curve,
+                "time_breakdown_s": s["time_breakdown_s"], "wall_s": s["wall_s"],
+                "run_dir": str(run_dir), "date": time.strftime("%Y-%m-%d %H:%M")}
+
+    jobs = (dict(env=env_id, arm=arm, seed=seed, steps=args.steps, retrain_every=args.retrain_every,
+                 diffusion_steps=args.diffusion_steps, num_samples=args.num_samples)
+            for seed in args.seeds for env_id in args.envs for arm in args.arms)
+    done = run_all(jobs, args.results, run_one, table_only=args.table_only, on_row=print_row)
     half = args.steps // 2
     print(f"\nreturn after {half} and {args.steps} env steps and the mean of the last three evaluations: mean ± 95% "
           "CI over seeds (n; per-seed values); mean wall clock per run (env / updates / diffusion training / "

@@ -14,15 +14,19 @@ import numpy as np
 import pytest
 import torch
 
-from diffrl.agents.dppo import DiffusionPolicy, GaussianPolicy, GaussianPPO
+from diffrl.agents.dppo import DiffusionPolicy
+from diffrl.agents.ppo import GaussianPolicy, GaussianPPO
 from diffrl.cli import main
 from diffrl.config import from_dict, to_dict
 from diffrl.data import load_dataset
 from diffrl.envs import VecEnv, make_env
+from diffrl.envs.chunking import chunk_env, chunk_envs
 from diffrl.envs.wrappers import MinMaxNormalization
 from diffrl.errors import DiffrlWarning
 from diffrl.eval import evaluate
 from diffrl.pipelines import dppo
+from diffrl.pipelines.chunk_policy import ChunkActor
+from diffrl.registry import find_run
 from diffrl.runs import checkpoint as ckpt
 from diffrl.runs.rundir import write_config
 from diffrl.runs.seeding import derive_seed
@@ -41,6 +45,11 @@ def rows(run_dir: Path) -> list[dict[str, str]]:
 
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def config(run_dir: Path) -> dppo.PretrainConfig | dppo.FinetuneConfig:
+    """The run's saved config, as `diffrl eval` passes it."""
+    return find_run(run_dir)[2]
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +96,7 @@ def test_pretrain_keeps_raw_and_ema_weights_the_dataset_normalisation_and_evalua
     fitted = MinMaxNormalization.fit(ds.observations, ds.actions).state_dict()
     assert all(np.array_equal(parts["normalization"][k], v) for k, v in fitted.items())
     # `diffrl eval` evaluates the same EMA policy the run evaluated at its end
-    out = dppo.evaluate_run(pretrained, episodes=2, device="cpu")
+    out = dppo.evaluate_run(pretrained, config(pretrained), episodes=2, device="cpu")
     assert out["return_mean"] == pytest.approx(s["eval_return_mean"]) and out["policy_type"] == "diffusion"
     assert s["eval_mean_path"] is False and out["eval_mean_path"] is False
     # `diffrl eval --path mean`: the noise-free DDPM mean path, another evaluation of the same weights
@@ -97,7 +106,7 @@ def test_pretrain_keeps_raw_and_ema_weights_the_dataset_normalisation_and_evalua
 
 
 def test_finetune_announces_another_clip_x0_once_and_its_eval_mean_path_is_the_runs_evaluation(workdir, pretrained):
-    assert dppo.load_pretrained(pretrained).policy["model_spec"]["diffusion"]["clip_x0"] == 1.0
+    assert dppo.load_pretrained(pretrained).spec.model_spec["diffusion"]["clip_x0"] == 1.0
     run = workdir / "ft-clip"
     with pytest.warns(DiffrlWarning, match=r"clip_x0=0.5, the pre-trained model at 1.0; pass --clip-x0 1.0"):
         assert main(["dppo", "finetune", "--policy", str(pretrained), *FT, "--n-train-itr", "1", "--clip-x0", "0.5",
@@ -106,12 +115,13 @@ def test_finetune_announces_another_clip_x0_once_and_its_eval_mean_path_is_the_r
     assert s["agent_params"]["clip_x0"] == 0.5 and s["eval_mean_path"] is True
     with warnings.catch_warnings():
         warnings.simplefilter("error", DiffrlWarning)  # not again when the finished run is evaluated
-        out = dppo.evaluate_run(run, episodes=2, device="cpu")  # --path run: the run's own mean-path evaluation
+        # --path run: the run's own mean-path evaluation
+        out = dppo.evaluate_run(run, config(run), episodes=2, device="cpu")
     assert out["eval_mean_path"] is True and out["return_mean"] == pytest.approx(s["eval_return_mean"])
 
 
 def test_eval_path_is_refused_for_runs_of_other_pipelines(tmp_path, capsys):
-    write_config(tmp_path, "online_sac", {"env": "Hopper-v5"})
+    write_config(tmp_path, "train_sac", {"env": "Hopper-v5"})  # a registered non-DPPO pipeline
     assert main(["eval", str(tmp_path), "--path", "mean"]) == 2
     assert "--path mean applies to `diffrl dppo` runs only" in capsys.readouterr().err
 
@@ -121,7 +131,7 @@ def test_chunk_envs_sum_chunk_rewards_seed_episodes_and_replay_running_ones_exac
     norm = source.normalization
 
     def envs() -> VecEnv:
-        return dppo.chunk_envs("Hopper-v5", 2, 3, source.policy, norm)
+        return chunk_envs("Hopper-v5", 2, 3, source.spec, norm)
 
     vec, rng = envs(), np.random.default_rng(0)
     obs = vec.reset()
@@ -170,7 +180,7 @@ def test_finetune_logs_every_iteration_and_writes_the_run_directory(finetuned):
 
 
 def test_eval_of_a_finetuned_run_routes_the_last_k_prime_steps_to_the_finetuned_network(finetuned, pretrained):
-    agent, source, _ = dppo.load_finetuned(finetuned, device="cpu")
+    agent, source, _ = dppo.load_finetuned(finetuned, config(finetuned), device="cpu")
     policy = agent.policy
     assert isinstance(policy, DiffusionPolicy) and policy.chain_steps == 5 and policy.ft_steps == 3
     assert [policy.net_for_step(i) is policy.ft_net for i in range(5)] == [False, False, True, True, True]
@@ -180,16 +190,16 @@ def test_eval_of_a_finetuned_run_routes_the_last_k_prime_steps_to_the_finetuned_
     ft = policy.ft_net.state_dict()
     assert any(not torch.equal(ft[k], base[f"net.{k}"]) for k in ft)  # the fine-tuned copy moved
     # `diffrl eval` = the evaluation the run itself did (same routing, same episodes) ...
-    finetuned_eval = dppo.evaluate_run(finetuned, episodes=2, device="cpu")
+    finetuned_eval = dppo.evaluate_run(finetuned, config(finetuned), episodes=2, device="cpu")
     assert finetuned_eval["return_mean"] == pytest.approx(summary(finetuned)["eval_return_mean"])
     assert main(["eval", str(finetuned), "--episodes", "2"]) == 0
     # ... and it differs from the pre-trained policy only through the fine-tuned copy: reset that copy to the base
     # network and the same evaluation reproduces the pre-training run's exactly
-    pretrained_eval = dppo.evaluate_run(pretrained, episodes=2, device="cpu")
+    pretrained_eval = dppo.evaluate_run(pretrained, config(pretrained), episodes=2, device="cpu")
     assert finetuned_eval["returns"] != pretrained_eval["returns"]
     policy.ft_net.load_state_dict(policy.base.net.state_dict())
-    env = dppo.chunk_env("Hopper-v5", source.policy, source.normalization, max_episode_steps=40)
-    reset = evaluate(dppo.ChunkActor(policy, torch.device("cpu"), 0), env, 2, seed=0)
+    env = chunk_env("Hopper-v5", source.spec, source.normalization, max_episode_steps=40)
+    reset = evaluate(ChunkActor(policy, torch.device("cpu"), 0), env, 2, seed=0)
     assert reset.returns == pretrained_eval["returns"]
 
 
@@ -205,7 +215,7 @@ def test_a_gaussian_pretrain_run_is_finetuned_with_plain_ppo(workdir, gaussian_p
     assert s["gradient_steps"] == 2 * 2 * (2 * 8 // (12 // 3))
     assert s["actor_updates"] == s["gradient_steps"] // 2  # the first iteration trains the critic only
     assert [x["train/critic_only"] for x in rows(run)[1:]] == ["1.0", "0.0"]
-    agent, _, _ = dppo.load_finetuned(run, device="cpu")
+    agent, _, _ = dppo.load_finetuned(run, config(run), device="cpu")
     assert isinstance(agent, GaussianPPO) and isinstance(agent.policy, GaussianPolicy)
     assert agent.num_transitions == 1
     r = rows(run)[1:]
@@ -223,12 +233,12 @@ def test_unet_policy_is_finetuned_with_ddim_routing_the_last_k_prime_ddim_steps(
     assert ckpt.load_checkpoint(pre)[0]["meta"]["policy"]["model_spec"]["denoiser"]["type"] == "unet"
     assert main(["dppo", "finetune", "--policy", str(pre), *FT, "--use-ddim", "--ddim-steps", "3",
                  "--ft-denoising-steps", "2", "--n-train-itr", "1", "--run-dir", str(ft)]) == 0
-    agent, _, _ = dppo.load_finetuned(ft, device="cpu")
+    agent, _, _ = dppo.load_finetuned(ft, config(ft), device="cpu")
     policy = agent.policy
     assert isinstance(policy, DiffusionPolicy) and policy.use_ddim and policy.chain_steps == 3
     assert [policy.net_for_step(i) is policy.ft_net for i in range(3)] == [False, True, True]
     assert summary(ft)["gradient_steps"] == 2 * (2 * 8 * 2 // 12)
-    assert dppo.evaluate_run(ft, episodes=1, device="cpu")["return_mean"] > 0
+    assert dppo.evaluate_run(ft, config(ft), episodes=1, device="cpu")["return_mean"] > 0
 
 
 def test_resume_of_a_killed_finetuning_run_reproduces_the_uninterrupted_run(workdir, pretrained, finetuned):
@@ -246,6 +256,33 @@ def test_resume_of_a_killed_finetuning_run_reproduces_the_uninterrupted_run(work
 
     assert curve(part) == curve(finetuned)
     assert summary(part)["eval_return_mean"] == summary(finetuned)["eval_return_mean"]
+
+
+
+def test_a_pretraining_checkpoint_in_the_layout_before_the_run_session_resumes_exactly_and_keeps_its_clocks(
+        workdir, pretrained, hopper_random):
+    run = workdir / "pre-old-layout"
+    assert main(["dppo", "pretrain", "--dataset", str(hopper_random), *PRE, "--checkpoint-every", "20",
+                 "--run-dir", str(run)]) == 0
+    first, last = ckpt.list_checkpoints(run / "checkpoints")
+    shutil.rmtree(last)  # killed before its final checkpoint landed
+    # step 20 rewritten as pre-training wrote it before the run session: its loop fields at the top of `state`
+    # (clocks set far ahead, so the resumed run shows whether it read them)
+    manifest, parts = ckpt.load_checkpoint(first)
+    assert set(parts["state"]) == {"rng", "loop"}
+    parts["state"] = {"rng": parts["state"]["rng"], "wall_s": 2000.0, "last_eval": None,
+                      "timers": {"train_s": 1000.0, "eval_s": 500.0}}
+    ckpt.save_checkpoint(run / "checkpoints", 20, parts, manifest["meta"], keep_last=0)
+    assert main(["dppo", "pretrain", "--resume", str(run), "--no-progress"]) == 0
+
+    def curve(d: Path) -> list[dict[str, str]]:
+        return [{k: v for k, v in x.items() if k != "wall_s" and not k.startswith("perf/")} for x in rows(d)]
+
+    assert curve(run) == curve(pretrained)
+    s = summary(run)
+    assert s["eval_return_mean"] == summary(pretrained)["eval_return_mean"]
+    assert s["wall_s"] > 2000.0 and s["time_breakdown_s"]["train_s"] > 1000.0
+    assert s["time_breakdown_s"]["eval_s"] > 500.0
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from diffrl.cli import main
 from diffrl.data import load_dataset
@@ -125,3 +127,82 @@ def test_bad_offline_inputs_get_one_sentence(workdir, medium, capsys, extra, mes
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (workdir / "bad").exists()
+
+
+class MarkedAugment:
+    """A toy :class:`~diffrl.pipelines.offline.OfflineAugment`: each call refills the model buffer with the real
+    buffer's first rows, their reward replaced by a marker (1000 + the step it fired at), and takes a further quarter
+    of each batch from the model buffer (a quarter after the first call, half from the second on)."""
+
+    every, capacity = 4, 30
+
+    def __init__(self) -> None:
+        self.fired: list[int] = []
+
+    def __call__(self, step, real, model) -> dict[str, float]:
+        self.fired.append(step)
+        rows = {k: v[: self.capacity] for k, v in real.all().items()}
+        model.add_batch(**{**rows, "rew": torch.full((self.capacity,), 1000.0 + step)})
+        return {"augment/fills": float(len(self.fired))}
+
+    def real_ratio(self, step: int) -> float:
+        return 1.0 - 0.25 * min(len(self.fired), 2)
+
+    def state_dict(self) -> dict:
+        return {"fired": list(self.fired)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.fired = list(state["fired"])
+
+
+def test_offline_augment_hook_fills_the_model_buffer_on_due_steps_and_splits_batches(workdir, medium, monkeypatch):
+    from diffrl.pipelines import offline
+
+    batches: list[tuple[int, set[float]]] = []  # per update: model rows in the batch, their markers
+    build = offline.build
+
+    def spy(*args, **kwargs):
+        agent = build(*args, **kwargs)
+        update = agent.update
+
+        def recording(batch):
+            marked = batch["rew"] >= 999
+            batches.append((int(marked.sum()), set(batch["rew"][marked].tolist())))
+            return update(batch)
+
+        agent.update = recording
+        return agent
+
+    monkeypatch.setattr(offline, "build", spy)
+    cfg = offline.TD3BCConfig(dataset=str(medium), steps=14, batch_size=40, hidden=(16, 16), eval_every=0,
+                              eval_episodes=1, log_every=1, progress=False, run_dir=workdir / "augment")
+    augment = MarkedAugment()
+    offline.run(cfg, augment=augment)
+    assert augment.fired == [0, 4, 8, 12]  # before the first update, then every 4 gradient steps
+    # after the first fill a quarter of each batch (10 of 40 rows) is model data, from the second on half; the
+    # model rows are those of the latest fill (the buffer holds one fill)
+    assert batches == [(10, {1000.0})] * 4 + [(20, {1004.0})] * 4 + [(20, {1008.0})] * 4 + [(20, {1012.0})] * 2
+    rows = list(csv.DictReader((workdir / "augment" / "metrics.csv").read_text().splitlines()))
+    assert [r["augment/fills"] for r in rows[:5]] == ["1.0", "", "", "", "2.0"]  # logged with the next row
+
+
+def test_offline_resume_with_an_augment_hook_reproduces_the_uninterrupted_run(workdir, medium):
+    from diffrl.pipelines import offline
+
+    cfg = offline.TD3BCConfig(dataset=str(medium), steps=20, batch_size=40, hidden=(16, 16), eval_every=10,
+                              eval_episodes=1, log_every=5, progress=False)
+    full, split = MarkedAugment(), MarkedAugment()
+    offline.run(dataclasses.replace(cfg, run_dir=workdir / "aug-full"), augment=full)
+    # stopped at step 10, between the fills at 8 and 12: steps 11 and 12 draw from the restored model buffer
+    offline.run(dataclasses.replace(cfg, steps=10, run_dir=workdir / "aug-split"), augment=split)
+    assert split.fired == [0, 4, 8]
+    resumed = MarkedAugment()
+    offline.run(dataclasses.replace(cfg, resume=workdir / "aug-split"), augment=resumed)
+    assert full.fired == resumed.fired == [0, 4, 8, 12, 16]
+
+    def curve(d: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if k not in ("wall_s", "perf/updates_per_s")}
+                for r in csv.DictReader((d / "metrics.csv").read_text().splitlines())]
+
+    assert curve(workdir / "aug-full") == curve(workdir / "aug-split")
+    assert [int(r["step"]) for r in curve(workdir / "aug-full")] == [5, 10, 15, 20]

@@ -23,6 +23,7 @@ from diffrl.data.datasets import (
     save_dataset,
     validate,
 )
+from diffrl.eval import dataset_normalized_score, describe_dataset
 
 META = {"env_id": "Hopper-v5", "kind": "medium", "preset": "quick", "seed": 3, "ref_min_score": -20.0,
         "ref_max_score": 3234.3, "budget": [1, 2]}
@@ -402,9 +403,9 @@ def test_save_rejects_wrong_suffix_bad_metadata_and_bad_minari_name(tmp_path):
 
 def test_normalized_score_is_d4rl_formula_times_100():
     ds = make_ds(metadata={"ref_min_score": -20.0, "ref_max_score": 180.0})
-    np.testing.assert_allclose(ds.normalized_score(np.array([-20.0, 80.0, 180.0, 380.0])), [0, 50, 100, 200])
+    np.testing.assert_allclose(dataset_normalized_score(ds, np.array([-20.0, 80.0, 180.0, 380.0])), [0, 50, 100, 200])
     with pytest.raises(DatasetError, match="no usable reference scores.*diffrl data collect"):
-        make_ds(metadata={}).normalized_score(1.0)
+        dataset_normalized_score(make_ds(metadata={}), 1.0)
 
 
 def test_subset_episodes_keeps_whole_episodes_deterministically():
@@ -428,13 +429,13 @@ def test_describe_reports_episode_returns_and_normalized_scores():
     ds.rewards[:] = [1, 2, 3, 3, 4]
     ds.actions[:] = 0.25
     ds.actions[1, 0] = -0.5
-    info = ds.describe()
+    info = describe_dataset(ds)
     assert info["episodes"] == 2 and info["transitions"] == 5 and (info["obs_dim"], info["act_dim"]) == (3, 2)
     assert (info["return_mean"], info["return_std"], info["return_min"], info["return_max"]) == (6.5, 3.5, 3.0, 10.0)
     assert (info["normalized_min"], info["normalized_max"]) == (30.0, 100.0)
     assert (info["terminals"], info["timeouts"], info["env_id"]) == (1, 1, "Hopper-v5")
     assert (info["action_min"], info["action_max"]) == (-0.5, 0.25)
-    assert "normalized_mean" not in make_ds(metadata={}).describe()
+    assert "normalized_mean" not in describe_dataset(make_ds(metadata={}))
 
 
 def test_to_batch_uses_terminals_as_done_not_timeouts():

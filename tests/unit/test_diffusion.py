@@ -12,7 +12,9 @@ from torch import nn
 
 from diffrl.diffusion import samplers
 from diffrl.diffusion.ema import EMA
-from diffrl.diffusion.models import DDPM, EDM, Inpaint, gaussian_log_prob
+from diffrl.diffusion.gaussian import gaussian_log_prob
+from diffrl.diffusion.inpaint import Inpaint
+from diffrl.diffusion.models import DDPM, EDM
 from diffrl.diffusion.nets import ChunkMLPDenoiser, ResidualMLPDenoiser, TemporalUNet
 from diffrl.diffusion.normalize import DataNormalizer
 from diffrl.diffusion.schedules import VPSchedule, cosine_betas, ddim_timesteps, karras_sigmas, linear_betas

@@ -12,15 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffrl.agents.dppo import (
-    DPPO,
-    DiffusionPolicy,
-    DPPOParams,
-    GaussianPolicy,
-    GaussianPPO,
-    GaussianPPOParams,
-    dppo_model_spec,
-)
+from diffrl.agents.dppo import DPPO, DiffusionPolicy, DPPOParams, dppo_model_spec
+from diffrl.agents.ppo import GaussianPolicy, GaussianPPO, GaussianPPOParams
 from diffrl.agents.ppo_utils import PPOBatch, RunningRewardScaler, gae, ppo_minibatches
 from diffrl.data.datasets import OfflineDataset
 from diffrl.data.sequence import ChunkDataset
@@ -28,6 +21,7 @@ from diffrl.diffusion.spec import build_model
 from diffrl.envs import make_env
 from diffrl.envs.wrappers import ActionChunkEnv, MinMaxNormalization
 from diffrl.errors import ConfigError, DatasetError
+from diffrl.pipelines.onpolicy import episode_stats
 from diffrl.runs.checkpoint import flatten_tree, unflatten_tree
 
 DO, DA, TA, TO = 3, 2, 4, 2
@@ -75,7 +69,7 @@ def test_log_probs_equal_normal_of_recorded_means_and_floored_stds_clamped_trunc
     obs = torch.randn(5, TO, DO)
     chain = policy.chain(obs, generator=torch.Generator().manual_seed(3))
     k, first = policy.ft_steps, policy.first_ft
-    chains = chain.xs[first:].transpose(0, 1)  # (B, K' + 1, Ta, Da), as act returns them
+    chains = chain.xs[first:].transpose(0, 1)  # (B, K' + 1, Ta, Da), as sample returns them
     ref, raw = [], []
     for i in range(k):
         std = chain.stds[first + i].expand_as(chain.means[first + i]).clamp(min=floor)
@@ -203,9 +197,9 @@ def test_the_ddpm_mean_path_takes_every_mean_through_the_fine_tuned_routing_and_
     torch.testing.assert_close(sampled.xs[0], chain.xs[0])  # same start, ...
     assert not torch.allclose(sampled.xs[-1], chain.xs[-1])  # ... different path
     gaussian = make_gaussian().policy  # the Gaussian baseline's deterministic action is its mean either way
-    torch.testing.assert_close(gaussian.act(obs, True, mean_path=True)[0], gaussian(obs))
+    torch.testing.assert_close(gaussian.sample(obs, True, mean_path=True)[0], gaussian(obs))
     with pytest.raises(ValueError, match="needs deterministic=True"):
-        policy.act(obs, deterministic=False, mean_path=True)
+        policy.sample(obs, deterministic=False, mean_path=True)
 
 
 class ActionRewardEnv(gym.Env):
@@ -475,6 +469,12 @@ def test_reward_scaler_divides_by_the_std_of_the_discounted_return_and_resets_at
                                                  for k, v in scaler.state_dict().items()})))
     np.testing.assert_array_equal(copy_(rewards[:5], ends[:5]), scaler(rewards[:5], ends[:5]))
 
+
+
+def test_episode_stats_are_the_mean_return_and_length_and_the_count_and_nothing_without_finished_episodes():
+    out = episode_stats([(10.0, 4), (20.0, 8), (33.0, 9)])
+    assert out == {"train/episode_return": 21.0, "train/episode_length": 7.0, "train/episodes": 3.0}
+    assert episode_stats([]) == {}
 
 # --------------------------------------------------------------------------------------------- normalisation
 def test_min_max_normalisation_maps_the_range_to_unit_interval_and_round_trips():

@@ -1,5 +1,6 @@
-"""DPPO: PPO over the denoising MDP of a diffusion policy (Ren et al. 2024, arXiv:2409.00588), and the paper's
-Gaussian baseline on the same PPO update.
+"""DPPO: PPO over the denoising MDP of a diffusion policy (Ren et al. 2024, arXiv:2409.00588). The PPO update itself,
+the critic and the paper's Gaussian baseline are :mod:`diffrl.agents.ppo`'s; this module adds the diffusion chain
+as a :class:`~diffrl.agents.ppo.ChunkPolicy` and DPPO's clip schedule and denoising discount.
 
 Shapes: ``B`` batch, ``K`` denoising steps of the pre-trained DDPM, ``S`` transitions of a sampling chain (``K``,
 or ``ddim_steps`` with DDIM), ``K'`` fine-tuned transitions (the last ``K'`` of the chain), ``To`` / ``Do``
@@ -19,19 +20,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from diffrl.agents.base import Agent, Params, check_hidden
-from diffrl.agents.nets import mlp
-from diffrl.agents.ppo_utils import PPOBatch
-from diffrl.config import check, check_non_negative, check_positive, check_unit_interval
-from diffrl.diffusion.models import DDPM, gaussian_log_prob
-from diffrl.diffusion.nets import ACTIVATIONS, PreActBlock
+from diffrl.agents.ppo import ChunkPPO, ChunkSample, PPOParams, check_optional_positive
+from diffrl.config import check, check_positive, check_unit_interval
+from diffrl.diffusion.gaussian import gaussian_log_prob
+from diffrl.diffusion.models import DDPM
 from diffrl.diffusion.samplers import Chain, sample_chain
 from diffrl.diffusion.schedules import ddim_timesteps
 from diffrl.errors import ConfigError
@@ -39,85 +36,10 @@ from diffrl.errors import ConfigError
 EVAL_MIN_STD = 1e-3
 """std floor of DPPO's DDPM evaluation chain (its ``deterministic=True`` sampling)"""
 
-__all__ = ["PPOParams", "DPPOParams", "GaussianPPOParams", "DiffusionPolicy", "GaussianPolicy", "ValueCritic",
-           "ChunkPPO", "DPPO", "GaussianPPO", "dppo_model_spec"]
+__all__ = ["DPPOParams", "DiffusionPolicy", "DPPO", "dppo_model_spec"]
 
 
 # ----------------------------------------------------------------------------------------------- parameters
-def _check_optional_positive(name: str, value: float | None) -> None:
-    check(value is None or value > 0, name, value, "> 0 or None")
-
-
-@dataclasses.dataclass(frozen=True)
-class PPOParams(Params):
-    """What DPPO and the Gaussian baseline share: chunking, the PPO objective, the critic and optimisers."""
-
-    horizon_steps: int = 4
-    """predicted action chunk length Ta"""
-    act_steps: int = 4
-    """actions of a chunk executed in the env (and kept in the log-prob), <= horizon_steps"""
-    cond_steps: int = 1
-    """observation history length To"""
-    noise_clip: float | None = 3.0
-    """clamp of the standard-normal sampling noise (DPPO's randn_clip_value in fine-tuning)"""
-    logprob_clamp: tuple[float, float] = (-5.0, 2.0)
-    """element-wise clamp of log-probabilities before the ratio (DPPO)"""
-    clip_ploss_coef: float = 0.01
-    """PPO ratio clip (DPPO: at the final denoising step)"""
-    clip_vloss_coef: float | None = None
-    """value clip around the rollout values; None: plain 0.5 * MSE"""
-    actor_lr: float = 1e-4
-    """actor learning rate (AdamW, its own optimiser)"""
-    critic_lr: float = 1e-3
-    """critic learning rate (AdamW, its own optimiser)"""
-    actor_weight_decay: float = 0.0
-    """AdamW weight decay of the actor"""
-    critic_weight_decay: float = 0.0
-    """AdamW weight decay of the critic"""
-    vf_coef: float = 0.5
-    """weight of the value loss in the one backward pass on pg + vf_coef * v_loss"""
-    norm_adv: bool = True
-    """normalise advantages per minibatch"""
-    target_kl: float | None = None
-    """stop the epoch once a minibatch's approx_kl exceeds this (see should_stop); None: never"""
-    ent_coef: float = 0.0
-    """entropy bonus coefficient"""
-    max_grad_norm: float | None = None
-    """clip the actor's gradient norm (DPPO clips the actor only); None: no clipping"""
-    critic_hidden: tuple[int, ...] = (256, 256, 256)
-    """hidden widths of the V(s) critic"""
-    critic_residual: bool = True
-    """residual critic (DPPO's CriticObs): Linear, (len - 1) / 2 two-layer residual blocks, Linear; equal widths"""
-    critic_activation: str = "mish"
-    """activation of the critic"""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("horizon_steps", "act_steps", "cond_steps", "clip_ploss_coef", "actor_lr", "critic_lr"):
-            check_positive(name, getattr(self, name))
-        check(self.act_steps <= self.horizon_steps, "act_steps", self.act_steps,
-              f"<= horizon_steps={self.horizon_steps}")
-        _check_optional_positive("noise_clip", self.noise_clip)
-        _check_optional_positive("clip_vloss_coef", self.clip_vloss_coef)
-        _check_optional_positive("target_kl", self.target_kl)
-        _check_optional_positive("max_grad_norm", self.max_grad_norm)
-        check(len(self.logprob_clamp) == 2 and self.logprob_clamp[0] < self.logprob_clamp[1], "logprob_clamp",
-              self.logprob_clamp, "a pair (low, high) with low < high")
-        for name in ("actor_weight_decay", "critic_weight_decay", "vf_coef", "ent_coef"):
-            check_non_negative(name, getattr(self, name))
-        check_hidden(self.critic_hidden)
-        if self.critic_residual:
-            _check_residual("critic_hidden", self.critic_hidden)
-        check(self.critic_activation in ACTIVATIONS, "critic_activation", self.critic_activation,
-              "one of " + ", ".join(ACTIVATIONS))
-
-
-def _check_residual(name: str, hidden: tuple[int, ...]) -> None:
-    check(len(set(hidden)) == 1 and len(hidden) % 2 == 1, name, hidden,
-          "an odd number of equal widths for a residual MLP (e.g. (256, 256, 256): Linear, one two-layer block, "
-          "Linear), or set the residual flag to False")
-
-
 @dataclasses.dataclass(frozen=True)
 class DPPOParams(PPOParams):
     """DPPO hyper-parameters (defaults: the paper's Gym settings, `cfg/gym/finetune/hopper-v2`, and brief 8)."""
@@ -150,7 +72,7 @@ class DPPOParams(PPOParams):
         for name in ("denoising_steps", "ft_denoising_steps", "min_sampling_std", "min_logprob_std",
                      "clip_ploss_coef_base", "clip_ploss_coef_rate"):
             check_positive(name, getattr(self, name))
-        _check_optional_positive("clip_x0", self.clip_x0)
+        check_optional_positive("clip_x0", self.clip_x0)
         check_unit_interval("gamma_denoising", self.gamma_denoising)
         check(0.0 <= self.ddim_eta <= 1.0, "ddim_eta", self.ddim_eta, "in [0, 1]")
         if self.use_ddim:
@@ -171,61 +93,11 @@ class DPPOParams(PPOParams):
         return int(self.ddim_steps) if self.use_ddim else self.denoising_steps
 
 
-@dataclasses.dataclass(frozen=True)
-class GaussianPPOParams(PPOParams):
-    """The paper's Gaussian baseline: tanh mean over the chunk, learnable state-independent std (brief 3)."""
 
-    hidden: tuple[int, ...] = (512, 512, 512)
-    """hidden widths of the mean network (DPPO's Gaussian_MLP mlp_dims)"""
-    residual: bool = True
-    """residual mean network (equal widths, odd count) or a plain MLP"""
-    activation: str = "mish"
-    """activation of the mean network"""
-    std_init: float = 0.1
-    """initial std of every action dimension"""
-    std_min: float = 0.01
-    """lower bound of the std"""
-    std_max: float = 0.2
-    """upper bound of the std"""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_hidden(self.hidden)
-        if self.residual:
-            _check_residual("hidden", self.hidden)
-        check(self.activation in ACTIVATIONS, "activation", self.activation, "one of " + ", ".join(ACTIVATIONS))
-        check(0 < self.std_min <= self.std_init <= self.std_max, "std_init", self.std_init,
-              f"within [std_min={self.std_min}, std_max={self.std_max}] with 0 < std_min")
-
-
-# ------------------------------------------------------------------------------------------------- networks
-def residual_mlp(d_in: int, hidden: Sequence[int], d_out: int, activation: str) -> nn.Sequential:
-    """DPPO's ``ResidualMLP``: ``Linear(d_in, h)``, ``(len(hidden) - 1) / 2`` pre-activation blocks,
-    ``Linear(h, d_out)`` (``hidden = (256, 256, 256)``: one block; no activation before the output layer)."""
-    h = hidden[0]
-    return nn.Sequential(nn.Linear(d_in, h), *[PreActBlock(h, activation) for _ in range((len(hidden) - 1) // 2)],
-                         nn.Linear(h, d_out))
-
-
-def _trunk(d_in: int, hidden: Sequence[int], d_out: int, residual: bool, activation: str) -> nn.Sequential:
-    return residual_mlp(d_in, hidden, d_out, activation) if residual else mlp(d_in, hidden, d_out,
-                                                                              ACTIVATIONS[activation])
-
-
-class ValueCritic(nn.Module):
-    """``V(s)`` of the flattened observation history: ``(B, To, Do) -> (B,)`` (DPPO's ``CriticObs``)."""
-
-    def __init__(self, obs_dim: int, cond_steps: int, hidden: Sequence[int], residual: bool = True,
-                 activation: str = "mish") -> None:
-        super().__init__()
-        self.net = _trunk(obs_dim * cond_steps, hidden, 1, residual, activation)
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(obs.flatten(1)).squeeze(-1)
-
-
+# ------------------------------------------------------------------------------------------------ the policy
 class DiffusionPolicy(nn.Module):
-    """A pre-trained DDPM as a chunk policy whose last ``K'`` chain transitions run a fine-tuned copy.
+    """A pre-trained DDPM as a :class:`~diffrl.agents.ppo.ChunkPolicy` whose last ``K'`` chain transitions run a
+    fine-tuned copy.
 
     The base model is deep-copied and frozen; ``ft_net`` is a trainable copy of its denoiser. Chain transition
     ``i`` (of ``S``: ``K`` ancestral steps, or ``ddim_steps``) uses ``ft_net`` iff ``i >= S - K'`` (DPPO's
@@ -320,8 +192,8 @@ class DiffusionPolicy(nn.Module):
                             noise_clip=self.noise_clip, **options)
 
     @torch.no_grad()
-    def act(self, obs: torch.Tensor, deterministic: bool = False, generator: torch.Generator | None = None,
-            mean_path: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def sample(self, obs: torch.Tensor, deterministic: bool = False, generator: torch.Generator | None = None,
+               mean_path: bool = False) -> ChunkSample:
         """Action chunks ``(B, Ta, Da)`` for observation histories ``(B, To, Do)``, and (training only) the
         recorded ``(B, K' + 1, Ta, Da)`` chain whose step ``i -> i + 1`` is fine-tuned transition ``i``
         (``mean_path``: see :meth:`chain`)."""
@@ -330,8 +202,8 @@ class DiffusionPolicy(nn.Module):
         chain = self.chain(obs, deterministic, generator, mean_path)
         action = self.base.normalizer.unnormalize(chain.xs[-1])
         if deterministic:
-            return action, None
-        return action, chain.xs[self.first_ft:].transpose(0, 1).contiguous()  # (B, K' + 1, Ta, Da)
+            return ChunkSample(action, None)
+        return ChunkSample(action, chain.xs[self.first_ft:].transpose(0, 1).contiguous())  # (B, K' + 1, Ta, Da)
 
     def transition_log_prob(self, obs: torch.Tensor, x: torch.Tensor, x_next: torch.Tensor,
                             idx: torch.Tensor) -> torch.Tensor:
@@ -353,235 +225,7 @@ class DiffusionPolicy(nn.Module):
         return None  # fixed by the schedule (no gradient): DPPO's ent_coef is 0
 
 
-class GaussianPolicy(nn.Module):
-    """The paper's Gaussian chunk policy: ``N(tanh(MLP(s)), std^2)`` over ``(Ta, Da)``, learnable std per ``Da``.
-
-    The std is initialised at ``std_init`` and kept in ``[std_min, std_max]`` (DPPO's ``Gaussian_MLP`` with
-    ``learn_fixed_std``: 0.1 in [0.01, 0.2]). It is a one-transition "chain": ``act`` returns ``(B, 2, Ta, Da)``
-    with the mean at index 0 (informative only; log-probs use the current mean) and the sample at index 1.
-    """
-
-    def __init__(self, obs_dim: int, act_dim: int, horizon_steps: int, cond_steps: int = 1, *,
-                 hidden: Sequence[int] = (512, 512, 512), residual: bool = True, activation: str = "mish",
-                 std_init: float = 0.1, std_min: float = 0.01, std_max: float = 0.2,
-                 noise_clip: float | None = 3.0) -> None:
-        super().__init__()
-        self.event_shape = (horizon_steps, act_dim)
-        self.mean_net = _trunk(obs_dim * cond_steps, hidden, horizon_steps * act_dim, residual, activation)
-        self.log_std = nn.Parameter(torch.full((act_dim,), math.log(std_init)))
-        self.log_std_min, self.log_std_max = math.log(std_min), math.log(std_max)
-        self.noise_clip = noise_clip
-
-    @property
-    def num_transitions(self) -> int:
-        return 1
-
-    def std(self) -> torch.Tensor:
-        """``(Da,)``, clamped to ``[std_min, std_max]``."""
-        return self.log_std.clamp(self.log_std_min, self.log_std_max).exp()
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        """Mean chunk ``(B, Ta, Da)`` in [-1, 1]."""
-        return torch.tanh(self.mean_net(obs.flatten(1))).view(-1, *self.event_shape)
-
-    @torch.no_grad()
-    def act(self, obs: torch.Tensor, deterministic: bool = False, generator: torch.Generator | None = None,
-            mean_path: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Chunks ``(B, Ta, Da)`` (the mean when deterministic, whatever ``mean_path``) and, when sampling,
-        ``(B, 2, Ta, Da)``."""
-        mean = self(obs)
-        if deterministic:
-            return mean, None
-        z = torch.randn(mean.shape, generator=generator, device=mean.device)
-        if self.noise_clip is not None:  # DPPO's randn_clip_value (3 in its fine-tuning configs)
-            z = z.clamp(-self.noise_clip, self.noise_clip)
-        action = mean + self.std() * z
-        return action, torch.stack([mean, action], dim=1)
-
-    def transition_log_prob(self, obs: torch.Tensor, x: torch.Tensor, x_next: torch.Tensor,
-                            idx: torch.Tensor) -> torch.Tensor:
-        """Element-wise ``log N(x_next; mean(s), std^2)``, ``(B, Ta, Da)`` (``x`` and ``idx`` unused)."""
-        return gaussian_log_prob(x_next, self(obs), self.std().expand(*x_next.shape))
-
-    def entropy(self) -> torch.Tensor:
-        """Mean per-dimension entropy of the Gaussian."""
-        return (0.5 + 0.5 * math.log(2 * math.pi) + self.std().log()).mean()
-
-    def bc_loss(self, obs: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
-        """Behaviour-cloning NLL of dataset chunks ``(B, Ta, Da)`` given histories ``(B, To, Do)``, mean over
-        elements. The std is held fixed (DPPO pre-trains its Gaussian with a fixed std of 0.1), so this trains
-        the mean and leaves the std at its initial value for fine-tuning."""
-        return -gaussian_log_prob(chunk, self(obs), self.std().detach().expand(*chunk.shape)).mean()
-
-
-# ---------------------------------------------------------------------------------------------------- agents
-class ChunkPPO(Agent):
-    """PPO on a chunk policy with per-(env step, transition) ratios: the update DPPO and its Gaussian baseline
-    share (paper eq. 4.2 with DPPO's clipping, discounting and reductions, brief section 8.4).
-
-    A fine-tuning loop drives both identically: ``sample`` for rollouts (chunks + chains ``(N, S + 1, Ta, Da)``),
-    ``values`` and ``chain_log_probs`` after the rollout, then ``update`` on
-    :func:`~diffrl.agents.ppo_utils.ppo_minibatches`, stopping an epoch when ``should_stop(metrics)``.
-    """
-
-    policy: DiffusionPolicy | GaussianPolicy
-
-    def __init__(self, policy: DiffusionPolicy | GaussianPolicy, obs_dim: int, params: PPOParams,
-                 device: torch.device | str = "cpu") -> None:
-        self.p = params
-        self.device = torch.device(device)
-        self.obs_dim = int(obs_dim)
-        self.policy = policy.to(self.device)
-        self.critic = ValueCritic(obs_dim, params.cond_steps, params.critic_hidden, params.critic_residual,
-                                  params.critic_activation).to(self.device)
-        fused = dict(fused=True) if self.device.type in ("cpu", "cuda") else {}
-        self.actor_params = [p for p in self.policy.parameters() if p.requires_grad]
-        self.actor_opt = torch.optim.AdamW(self.actor_params, lr=params.actor_lr,
-                                           weight_decay=params.actor_weight_decay, **fused)
-        self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=params.critic_lr,
-                                            weight_decay=params.critic_weight_decay, **fused)
-        self.nets = {"policy": self.policy, "critic": self.critic}
-        self.optims = {"actor": self.actor_opt, "critic": self.critic_opt}
-        self.num_updates = 0  # update() calls
-        self.num_actor_updates = 0  # of which stepped the actor (not critic_only)
-
-    # ------------------------------------------------------------------------------------------- acting
-    @property
-    def num_transitions(self) -> int:
-        """S, the transitions scored per env step (DPPO: K'; Gaussian: 1)."""
-        return self.policy.num_transitions
-
-    def _obs(self, obs: np.ndarray | torch.Tensor) -> torch.Tensor:
-        o = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
-        if o.dim() == 2 and self.p.cond_steps == 1:
-            o = o.unsqueeze(1)  # (B, Do) -> (B, 1, Do)
-        if o.dim() != 3 or o.shape[1:] != (self.p.cond_steps, self.obs_dim):
-            raise ValueError(f"expected observation histories of shape (B, {self.p.cond_steps}, {self.obs_dim}), "
-                             f"got {tuple(o.shape)}")
-        return o
-
-    def sample(self, obs: np.ndarray | torch.Tensor, deterministic: bool = False,
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Rollout step: chunks ``(B, Ta, Da)`` and (when not deterministic) chains ``(B, S + 1, Ta, Da)``."""
-        return self.policy.act(self._obs(obs), deterministic, generator)
-
-    @torch.no_grad()
-    def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
-        """Action chunks ``(B, Ta, Da)`` (normalised units) for histories ``(B, To, Do)``; the evaluation path."""
-        return self.sample(obs, deterministic)[0].cpu().numpy()
-
-    @torch.no_grad()
-    def values(self, obs: np.ndarray | torch.Tensor, batch_size: int = 10_000) -> torch.Tensor:
-        """``V(s)`` ``(B,)`` of histories ``(B, To, Do)``, in chunks of ``batch_size``."""
-        o = self._obs(obs)
-        return torch.cat([self.critic(part) for part in o.split(batch_size)]) if len(o) else o.new_zeros(0)
-
-    # -------------------------------------------------------------------------------------------- scoring
-    def log_probs(self, obs: torch.Tensor, chain_x: torch.Tensor, chain_next: torch.Tensor,
-                  denoise_idx: torch.Tensor) -> torch.Tensor:
-        """Reduced log-probabilities ``(B,)`` of transitions ``chain_x -> chain_next`` (mixed indices ``(B,)``).
-
-        Element-wise log-probs (std floored) are clamped to ``logprob_clamp``, truncated to the first
-        ``act_steps`` actions of the chunk and averaged over ``(act_steps, Da)`` (DPPO: a per-dimension geometric
-        mean ratio, not the joint density).
-        """
-        lp = self.policy.transition_log_prob(self._obs(obs), chain_x, chain_next, denoise_idx.long())
-        lo, hi = self.p.logprob_clamp
-        return lp.clamp(lo, hi)[:, :self.p.act_steps].mean(dim=(1, 2))
-
-    @torch.no_grad()
-    def chain_log_probs(self, obs: torch.Tensor, chains: torch.Tensor, batch_size: int = 10_000) -> torch.Tensor:
-        """Reduced log-probs ``(M, S)`` of every recorded transition (the rollout's old log-probs).
-
-        Args:
-            obs: ``(M, To, Do)``; chains: ``(M, S + 1, Ta, Da)``; ``batch_size`` pairs per network call.
-        """
-        o = self._obs(obs)
-        m, s = chains.shape[0], chains.shape[1] - 1
-        if s != self.num_transitions or m != len(o):
-            raise ValueError(f"chains must be (M={len(o)}, {self.num_transitions + 1}, Ta, Da), got "
-                             f"{tuple(chains.shape)}")
-        pair = torch.arange(m * s, device=self.device)
-        out = [self.log_probs(o[p // s], chains[p // s, p % s], chains[p // s, p % s + 1], p % s)
-               for p in pair.split(batch_size)]
-        return torch.cat(out).view(m, s)
-
-    def clip_coef(self, i: torch.Tensor) -> torch.Tensor:
-        """PPO clip coefficient of transition ``i`` (constant here; DPPO schedules it)."""
-        return torch.full(i.shape, self.p.clip_ploss_coef, device=i.device)
-
-    def denoising_discount(self, i: torch.Tensor) -> torch.Tensor:
-        """Advantage scale of transition ``i`` (1 here; DPPO discounts earlier denoising steps)."""
-        return torch.ones(i.shape, device=i.device)
-
-    # -------------------------------------------------------------------------------------------- update
-    def update(self, batch: PPOBatch, critic_only: bool = False) -> dict[str, torch.Tensor]:
-        """One PPO step on a minibatch: ``pg_loss + vf_coef * v_loss`` (``- ent_coef * entropy``), one backward,
-        the actor and critic AdamW steps. ``critic_only`` (critic warm-up iterations): the actor is not stepped.
-
-        Returns detached metrics: ``pg_loss, v_loss, entropy, approx_kl, clipfrac, ratio_mean, ratio_min,
-        ratio_max, value_mean, adv_mean, clip_coef_mean, actor_grad_norm, critic_grad_norm``.
-        """
-        p = self.p
-        idx = batch.denoise_idx.long()
-        with torch.set_grad_enabled(not critic_only):
-            new_lp = self.log_probs(batch.obs, batch.chain_x, batch.chain_next, idx)
-            entropy = self.policy.entropy()
-        log_ratio = new_lp - batch.old_log_prob
-        ratio = log_ratio.exp()
-        adv = batch.advantages
-        if p.norm_adv and adv.numel() > 1:
-            adv = (adv - adv.mean()) / (adv.std() + 1e-8)  # per minibatch (DPPO, CleanRL)
-        adv = adv * self.denoising_discount(idx)  # after normalisation, as DPPO
-        clip = self.clip_coef(idx)
-        pg_loss = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip, 1 + clip)).mean()
-
-        values = self.critic(self._obs(batch.obs))
-        if p.clip_vloss_coef is not None:
-            clipped = batch.old_values + (values - batch.old_values).clamp(-p.clip_vloss_coef, p.clip_vloss_coef)
-            v_loss = 0.5 * torch.max((values - batch.returns) ** 2, (clipped - batch.returns) ** 2).mean()
-        else:
-            v_loss = 0.5 * ((values - batch.returns) ** 2).mean()
-
-        loss = p.vf_coef * v_loss
-        if not critic_only:
-            loss = loss + pg_loss
-            if entropy is not None and p.ent_coef > 0:
-                loss = loss - p.ent_coef * entropy
-        self.actor_opt.zero_grad(set_to_none=True)
-        self.critic_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        actor_norm = torch.zeros((), device=self.device)
-        if not critic_only:
-            actor_norm = nn.utils.clip_grad_norm_(self.actor_params, p.max_grad_norm or math.inf, foreach=True)
-            self.actor_opt.step()
-            self.num_actor_updates += 1
-        critic_norm = nn.utils.clip_grad_norm_(self.critic.parameters(), math.inf, foreach=True)  # norm only
-        self.critic_opt.step()
-        self.num_updates += 1
-        with torch.no_grad():
-            return {"pg_loss": pg_loss.detach(), "v_loss": v_loss.detach(),
-                    "entropy": entropy.detach() if entropy is not None else torch.zeros((), device=self.device),
-                    # k3 estimator of KL(old || new) (Schulman, "Approximating KL divergence")
-                    "approx_kl": ((ratio - 1) - log_ratio).mean().detach(),
-                    "clipfrac": ((ratio - 1).abs() > clip).float().mean(),
-                    "ratio_mean": ratio.mean().detach(), "ratio_min": ratio.min().detach(),
-                    "ratio_max": ratio.max().detach(), "value_mean": values.mean().detach(),
-                    "adv_mean": batch.advantages.mean(), "clip_coef_mean": clip.mean(),
-                    "actor_grad_norm": actor_norm.detach(), "critic_grad_norm": critic_norm.detach()}
-
-    def should_stop(self, metrics: dict[str, torch.Tensor]) -> bool:
-        """True when ``approx_kl`` exceeds ``target_kl``: end the epoch (checked after the step, as DPPO)."""
-        return self.p.target_kl is not None and float(metrics["approx_kl"]) > self.p.target_kl
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"num_updates": self.num_updates, "num_actor_updates": self.num_actor_updates}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.num_updates = int(state["num_updates"])
-        self.num_actor_updates = int(state["num_actor_updates"])
-
-
+# ----------------------------------------------------------------------------------------------------- agent
 class DPPO(ChunkPPO):
     """Diffusion Policy Policy Optimization: PPO over the last ``K'`` denoising steps of a pre-trained DDPM.
 
@@ -628,43 +272,6 @@ class DPPO(ChunkPPO):
         """``gamma_denoising^(K' - 1 - i)``: the final denoising step is undiscounted (DPPO)."""
         p: DPPOParams = self.p  # type: ignore[assignment]
         return p.gamma_denoising ** (self.num_transitions - 1 - i).float()
-
-
-class GaussianPPO(ChunkPPO):
-    """PPO with the paper's Gaussian chunk policy (the baseline DPPO is compared with).
-
-    Args:
-        obs_dim, act_dim: ``Do``, ``Da``.
-        params: :class:`GaussianPPOParams`.
-        device: torch device.
-        policy: a pre-trained :class:`GaussianPolicy` (e.g. by ``bc_loss``) to fine-tune (copied); None builds a
-            fresh one from ``params``.
-    """
-
-    policy: GaussianPolicy
-
-    def __init__(self, obs_dim: int, act_dim: int, params: GaussianPPOParams, device: torch.device | str = "cpu",
-                 policy: GaussianPolicy | None = None) -> None:
-        if policy is None:
-            policy = GaussianPolicy(obs_dim, act_dim, params.horizon_steps, params.cond_steps, hidden=params.hidden,
-                                    residual=params.residual, activation=params.activation,
-                                    std_init=params.std_init, std_min=params.std_min, std_max=params.std_max,
-                                    noise_clip=params.noise_clip)
-        else:
-            if policy.event_shape != (params.horizon_steps, act_dim):
-                raise ConfigError(f"the given policy predicts chunks {policy.event_shape} but params give "
-                                  f"({params.horizon_steps}, {act_dim}).")
-            policy = copy.deepcopy(policy)
-        super().__init__(policy, obs_dim, params, device)
-
-    def log_probs(self, obs: torch.Tensor, chain_x: torch.Tensor, chain_next: torch.Tensor,
-                  denoise_idx: torch.Tensor) -> torch.Tensor:
-        """Reduced log-probabilities ``(B,)`` of executed chunks: averaged over ``(act_steps, Da)``, THEN clamped
-        to ``logprob_clamp`` (DPPO's Gaussian PPO clamps the per-sample mean; clamping elements first, as the
-        diffusion chain does, would zero the gradient of most elements once the std falls below ~0.05)."""
-        lp = self.policy.transition_log_prob(self._obs(obs), chain_x, chain_next, denoise_idx.long())
-        lo, hi = self.p.logprob_clamp
-        return lp[:, :self.p.act_steps].mean(dim=(1, 2)).clamp(lo, hi)
 
 
 def dppo_model_spec(obs_dim: int, act_dim: int, params: DPPOParams, *, hidden: int = 512, blocks: int = 1,

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from diffrl.config import check, check_choice, check_non_negative, check_positive
-from diffrl.diffusion.models import DiffusionModel, Inpaint
+from diffrl.diffusion.inpaint import Inpaint
+from diffrl.diffusion.models import DiffusionModel
 from diffrl.diffusion.spec import build_model
 from diffrl.diffusion.trainer import DiffusionTrainer, TrainerSettings
 from diffrl.errors import DatasetError
@@ -179,63 +180,6 @@ def successful_contexts(episodes: Mapping[str, np.ndarray], threshold: float = F
                       "fallback": float(fallback)}
 
 
-# ------------------------------------------------------------------------------------------------ metrics
-def gaussian_kl(mu_p: np.ndarray, cov_p: np.ndarray, mu_q: np.ndarray, cov_q: np.ndarray) -> float:
-    """``KL(N(mu_p, cov_p) || N(mu_q, cov_q)) = 0.5 [tr(Sq^-1 Sp) + d^T Sq^-1 d - k + ln det Sq - ln det Sp]``."""
-    mu_p, mu_q = np.atleast_1d(np.asarray(mu_p, np.float64)), np.atleast_1d(np.asarray(mu_q, np.float64))
-    cov_p, cov_q = np.atleast_2d(np.asarray(cov_p, np.float64)), np.atleast_2d(np.asarray(cov_q, np.float64))
-    d = mu_q - mu_p
-    trace = np.trace(np.linalg.solve(cov_q, cov_p))
-    quad = d @ np.linalg.solve(cov_q, d)
-    logdet_p, logdet_q = np.linalg.slogdet(cov_p)[1], np.linalg.slogdet(cov_q)[1]
-    return max(0.5 * float(trace + quad - len(mu_p) + logdet_q - logdet_p), 0.0)
-
-
-def _sqrt_psd(cov: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh((cov + cov.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-
-
-def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
-    """``||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2})`` (as in FID), with ``tr (S1 S2)^{1/2}`` computed as
-    ``tr (S1^{1/2} S2 S1^{1/2})^{1/2}`` from two symmetric eigen-decompositions (no complex ``sqrtm``)."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    cov1, cov2 = np.atleast_2d(np.asarray(cov1, np.float64)), np.atleast_2d(np.asarray(cov2, np.float64))
-    r = _sqrt_psd(cov1)
-    m = r @ cov2 @ r
-    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum()
-    d = mu1 - mu2
-    return max(float(d @ d + np.trace(cov1) + np.trace(cov2) - 2 * tr_sqrt), 0.0)
-
-
-def _fit_gaussian(x: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
-    x = x.reshape(-1, x.shape[-1]).astype(np.float64)
-    cov = np.atleast_2d(np.cov(x, rowvar=False, bias=True))
-    return x.mean(0), cov + ridge * np.eye(x.shape[1])
-
-
-def component_stats(real: Mapping[str, np.ndarray], synthetic: Mapping[str, np.ndarray], *,
-                    ridge: float = 1e-6) -> dict[str, float]:
-    """Gaussian-fit KL ``KL(N_real || N_synth)`` and Frechet distance per component (obs, act, ag, g).
-
-    Each component's rows of all episodes are pooled and fitted by a Gaussian (covariances get ``ridge * I``, so
-    constant dims, such as a desired goal shared by every episode, stay invertible). ITER-Diffusion logs the same
-    figures as ``ddpm/kl_*`` and ``ddpm/fid_*``. Keys ``kl/<component>``, ``fd/<component>``; NaN when either
-    side has fewer than two rows.
-    """
-    out: dict[str, float] = {}
-    for key in COMPONENTS:
-        a, b = np.asarray(real[key]), np.asarray(synthetic[key])
-        rows_a, rows_b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-        if len(rows_a) < 2 or len(rows_b) < 2:
-            out[f"kl/{key}"] = out[f"fd/{key}"] = float("nan")
-            continue
-        (mu_r, cov_r), (mu_s, cov_s) = _fit_gaussian(rows_a, ridge), _fit_gaussian(rows_b, ridge)
-        out[f"kl/{key}"] = gaussian_kl(mu_r, cov_r, mu_s, cov_s)
-        out[f"fd/{key}"] = frechet_distance(mu_r, cov_r, mu_s, cov_s)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- generator
 @dataclasses.dataclass(frozen=True)
 class EpisodeDiffusionSettings:
@@ -248,25 +192,23 @@ class EpisodeDiffusionSettings:
     1e-4..2e-2 over 50 steps ends at alpha_bar ~ 0.6 yet sampling starts from N(0, I))"""
     max_beta: float = 0.5
     """cap on the cosine betas. Nichol & Dhariwal's 0.999 makes the first sampling step multiply the noise
-    prediction's error by 1 / sqrt(1 - 0.999) ~ 32 (straight-line toy episodes after 2000 steps: median
-    consistency error 80 m with 0.999, 0.05 m with 0.5); 0.5 caps the last three of 50 steps and still ends at
-    alpha_bar_K ~ 1e-3"""
+    prediction's error by 1 / sqrt(1 - 0.999) ~ 32, which wrecks the episodes' consistency (benchmarks/RESULTS.md);
+    0.5 caps the last three of 50 steps and still ends at alpha_bar_K ~ 1e-3"""
     prediction: str = "x0"
-    """what the UNet predicts: the clean episode (``x0``) or the noise (``epsilon``, the reference's). Measured on
-    3200 KER-augmented FetchPush-v4 episodes (random policy, lr 1e-3, 2026-11-22): after 1000 steps x0-prediction
-    gave a median achieved-goal error of 4 mm and 100% of episodes within tol = 0.05 m; epsilon-prediction gave
-    2.7 m and 0% after 500 steps (and ~1 m, 0% after 3600): its noise estimate's error is amplified by
+    """what the UNet predicts: the clean episode (``x0``) or the noise (``epsilon``, the reference's). On
+    KER-augmented FetchPush-v4 episodes x0-prediction yields consistent episodes within a CPU budget and
+    epsilon-prediction does not (benchmarks/RESULTS.md): its noise estimate's error is amplified by
     1 / sqrt(alpha_bar) early in sampling, and short CPU training never makes it small enough"""
     clip_x0: float | None = None
     """clamp the predicted clean episode to [-clip_x0, clip_x0] z-scores while sampling (None: no clamp; real
-    Fetch velocity channels reach |z| ~ 18, so keep it generous)"""
+    Fetch velocity channels reach large z-scores, so keep it generous)"""
     dim: int = 32
     """UNet base width (a multiple of 8, its GroupNorm groups)"""
     dim_mults: tuple[int, ...] = (1, 2, 4)
     """UNet width multipliers per level (small for CPU; the reference's conv stack is 256/512/1024 wide)"""
     lr: float = 1e-3
-    """Adam learning rate, constant (the reference's 1e-4 learns too slowly for CPU-sized budgets: with epsilon
-    prediction, 1200 steps at 1e-4 left a 29 m median consistency error vs 3.5 m at 1e-3)"""
+    """Adam learning rate, constant (the reference's 1e-4 learns too slowly for CPU-sized budgets,
+    benchmarks/RESULTS.md)"""
     batch_size: int = 64
     """episodes per gradient step (the reference's)"""
     train_steps: int = 80
@@ -289,8 +231,8 @@ class EpisodeDiffusionSettings:
     refit_normalizer: bool = True
     """refit the z-score statistics on every ``fit`` call's episodes (the network, its EMA and Adam continue in
     the new units). Kept from the first call instead, the statistics of an early, random-policy buffer (the block
-    barely moves) made later data tens of z-scores large: on FetchPush-v4 the loss rose from 0.7 to 60 within 9
-    epochs (benchmarks/iter_push.py, 2026-11-22). Unlike the reference, only real episodes enter the statistics"""
+    barely moves) made later data tens of z-scores large and the loss diverge on FetchPush-v4
+    (benchmarks/RESULTS.md). Unlike the reference, only real episodes enter the statistics"""
     sample_batch_size: int = 500
     """episodes per sampler call"""
     bf16: bool = False
@@ -501,5 +443,4 @@ class EpisodeGenerator:
 
 
 __all__ = ["EpisodeLayout", "EpisodeDiffusionSettings", "EpisodeGenerator", "consistency_error", "consistency_filter",
-           "goal_reached", "successful_contexts", "component_stats", "gaussian_kl", "frechet_distance",
-           "FETCH_SUCCESS_THRESHOLD"]
+           "goal_reached", "successful_contexts", "FETCH_SUCCESS_THRESHOLD"]

@@ -103,9 +103,9 @@ def generate_transitions(model: DiffusionModel, layout: TransitionLayout, num: i
 
     ``out_of_range`` decides what happens to a sample with an action outside the bounds: ``clip`` it to the bounds
     (SynthER), or ``reject`` it and draw more until ``num`` are in range. Clipping piles the overshooting mass onto
-    the bounds (at the quick settings 17-25% of Hopper samples, where the real data has almost none); rejection
-    keeps the in-range part of the model's distribution instead. The first draw is the same in both modes (seed
-    ``seed``); ``reject`` tops it up with draws seeded from ``seed``.
+    the bounds (a sizeable share of Hopper samples, where the real data has almost none: benchmarks/RESULTS.md);
+    rejection keeps the in-range part of the model's distribution instead. The first draw is the same in both
+    modes (seed ``seed``); ``reject`` tops it up with draws seeded from ``seed``.
 
     ``terminals``: ``model`` keeps the model's thresholded terminal column (SynthER); ``rule`` labels each
     transition by the env's known termination ``rule`` applied to its generated next observation

@@ -32,6 +32,7 @@ Nothing is ever downloaded: datasets are built locally with ``diffrl data collec
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -42,17 +43,14 @@ import torch
 from diffrl.data import formats
 from diffrl.data.batch import Batch
 from diffrl.data.formats import FLOAT_KEYS, KEYS, DatasetError, check_arrays, episode_bounds
+from diffrl.errors import ConfigError
 
-__all__ = ["DatasetError", "OfflineDataset", "validate", "load_dataset", "save_dataset", "detect_format"]
+__all__ = ["DatasetError", "OfflineDataset", "validate", "load_dataset", "save_dataset", "detect_format",
+           "fingerprint", "dataset_env", "dataset_run_name"]
 
 Format = Literal["minari", "d4rl", "npz"]
 ACTION_SLACK = 1e-6  # float32 rounding of actions that were clipped to the bounds
 SUFFIXES = {".hdf5": "d4rl", ".h5": "d4rl", ".npz": "npz"}
-
-
-def normalized_score(returns: np.ndarray | float, ref_min: float, ref_max: float) -> np.ndarray:
-    """D4RL normalized score x100: ``100 (R - ref_min) / (ref_max - ref_min)`` (d4rl/offline_env.py)."""
-    return 100.0 * (np.asarray(returns, dtype=np.float64) - ref_min) / (ref_max - ref_min)
 
 
 @dataclass
@@ -92,15 +90,6 @@ class OfflineDataset:
         starts, _ = episode_bounds(self.terminals, self.timeouts)
         return np.add.reduceat(self.rewards.astype(np.float64), starts)
 
-    def normalized_score(self, returns: np.ndarray | float) -> np.ndarray:
-        """D4RL normalized score x100: ``100 (R - ref_min) / (ref_max - ref_min)`` (d4rl/offline_env.py)."""
-        lo, hi = self.metadata.get("ref_min_score"), self.metadata.get("ref_max_score")
-        if lo is None or hi is None or hi == lo:
-            raise DatasetError(f"dataset {self.metadata.get('env_id', '')} has no usable reference scores "
-                               f"(ref_min_score={lo}, ref_max_score={hi}) in its metadata; build it with `diffrl "
-                               "data collect` (which records them) or set both in ds.metadata.")
-        return normalized_score(returns, lo, hi)
-
     def to_batch(self, device: str | torch.device = "cpu") -> Batch:
         """All transitions as a :class:`Batch` (``done`` = terminals as float32); shares memory on the CPU."""
         b = Batch(obs=torch.from_numpy(self.observations), act=torch.from_numpy(self.actions),
@@ -120,21 +109,53 @@ class OfflineDataset:
         return OfflineDataset(**{k: v[index] for k, v in self.arrays().items()}, metadata=meta)
 
     def describe(self) -> dict[str, Any]:
-        """Summary for ``diffrl data info``: sizes, dims, return statistics (and normalized), action range."""
+        """Sizes, dims, return statistics and action range (``diffrl data info`` adds normalized scores:
+        :func:`diffrl.eval.describe_dataset`)."""
         returns = self.episode_returns()
-        out: dict[str, Any] = {
-            "env_id": self.metadata.get("env_id"), "episodes": len(returns), "transitions": len(self),
-            "obs_dim": self.obs_dim, "act_dim": self.act_dim, **_stats("return", returns),
-            "terminals": int(self.terminals.sum()), "timeouts": int(self.timeouts.sum()),
-            "action_min": float(self.actions.min()), "action_max": float(self.actions.max())}
-        if self.metadata.get("ref_min_score") is not None and self.metadata.get("ref_max_score") is not None:
-            out.update(_stats("normalized", self.normalized_score(returns)))
-        return out
+        return {"env_id": self.metadata.get("env_id"), "episodes": len(returns), "transitions": len(self),
+                "obs_dim": self.obs_dim, "act_dim": self.act_dim, **summary_stats("return", returns),
+                "terminals": int(self.terminals.sum()), "timeouts": int(self.timeouts.sum()),
+                "action_min": float(self.actions.min()), "action_max": float(self.actions.max())}
 
 
-def _stats(prefix: str, x: np.ndarray) -> dict[str, float]:
+def summary_stats(prefix: str, x: np.ndarray) -> dict[str, float]:
+    """``{prefix}_mean / _std / _min / _max`` of ``x`` as floats."""
     return {f"{prefix}_mean": float(x.mean()), f"{prefix}_std": float(x.std()),
             f"{prefix}_min": float(x.min()), f"{prefix}_max": float(x.max())}
+
+
+def fingerprint(ds: OfflineDataset, extra: dict[str, np.ndarray] | None = None) -> str:
+    """Hash of the dataset's arrays (and any extra arrays): a resumed run must train on exactly the same data."""
+    h = hashlib.sha256()
+    for arrays in (ds.arrays(), extra or {}):
+        for v in arrays.values():
+            h.update(np.ascontiguousarray(v).tobytes())
+    return h.hexdigest()[:16]
+
+
+def dataset_env(ds: OfflineDataset, env: str | None, source: str, *, required: bool = True) -> str | None:
+    """The env id a run on ``ds`` uses: ``env`` (``--env``) if given, else the env recorded in the dataset.
+
+    Args:
+        env: the user's env id; ``load_dataset(..., env_id=env)`` has already checked the data against it.
+        source: the dataset as the user named it (for the sentence).
+        required: one sentence (:class:`ConfigError`) when neither names an env, and a recorded env is checked
+            against the data (dims, action bounds); ``False``: ``None`` then, and nothing is checked (the env only
+            labels the run, e.g. a diffusion model's fidelity check).
+    """
+    env_id = env or ds.metadata.get("env_id")
+    if not required:
+        return env_id
+    if not env_id:
+        raise ConfigError(f"dataset {source} records no environment; pass --env ID for evaluation.")
+    if env is None:
+        validate(ds, env_id, source=source)  # against the recorded env too
+    return env_id
+
+
+def dataset_run_name(spec: str | Path) -> str:
+    """The run directory's dataset level for ``--dataset spec``: a file's stem or the Minari id."""
+    return Path(spec).stem if Path(spec).suffix else str(spec)
 
 
 # ---------------------------------------------------------------------------------------------- validation

@@ -8,38 +8,24 @@ Conditioning:
 - a global condition vector ``cond`` ``(B, cond_dim)`` given to the denoiser;
 - classifier-free guidance: with ``cond_drop_prob > 0`` training replaces the condition by a learned null
   vector with that probability, and ``sample(..., guidance=w)`` mixes ``D_uncond + w (D_cond - D_uncond)``;
-- inpainting: ``Inpaint(mask, values)`` fixes entries (e.g. the first state of a trajectory, or given actions);
-  they are re-imposed at every sampler step at the current noise level and are exact in the output.
+- inpainting: ``Inpaint(mask, values)`` (:mod:`diffrl.diffusion.inpaint`) fixes entries (e.g. the first state of
+  a trajectory, or given actions); they are re-imposed at every sampler step at the current noise level and are
+  exact in the output.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from diffrl.diffusion import samplers
+from diffrl.diffusion.inpaint import Inpaint
 from diffrl.diffusion.normalize import DataNormalizer
 from diffrl.diffusion.schedules import VPSchedule, make_betas
-
-
-@dataclasses.dataclass
-class Inpaint:
-    """Entries to keep fixed while sampling: where ``mask`` is true the sample equals ``values`` (data units).
-
-    Both broadcast against ``(n, *event_shape)``; entries of ``values`` outside the mask are ignored.
-    """
-
-    mask: torch.Tensor
-    values: torch.Tensor
-
-    def expand(self, shape: Sequence[int], device: torch.device) -> Inpaint:
-        mask = torch.as_tensor(self.mask, dtype=torch.bool, device=device).expand(*shape)
-        values = torch.as_tensor(self.values, dtype=torch.float32, device=device).expand(*shape)
-        return Inpaint(mask, values)
 
 
 class DiffusionModel(nn.Module):
@@ -143,8 +129,6 @@ class DiffusionModel(nn.Module):
         normaliser). Samplers: EDM ``heun`` (stochastic with churn), ``euler``, ``dpmpp_2m``, ``dpmpp_2m_sde``;
         DDPM ``ddpm``, ``ddim`` (``eta``).
         """
-        from diffrl.diffusion import samplers  # samplers import this module
-
         sampler, steps, settings = self.resolve_sampler(sampler, steps, options)
         device = self.normalizer.shift.device
         self._check_cond(cond, n)
@@ -283,8 +267,3 @@ class DDPM(DiffusionModel):
         mean = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
         return mean, sigma
 
-
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Element-wise ``log N(x; mean, std^2)`` (the caller reduces over dims; DPPO averages)."""
-    var = std ** 2
-    return -((x - mean) ** 2) / (2 * var) - std.log() - 0.5 * torch.log(torch.tensor(2 * torch.pi, device=x.device))

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from diffrl import affine
+
 NORMALIZERS = ("zscore", "minmax", "none")
 
 
@@ -24,7 +26,7 @@ class DataNormalizer(nn.Module):
     - ``none``: identity.
 
     ``skip_dims`` stay unnormalised (shift 0, scale 1), e.g. a binary terminal flag. Unlike SynthER's min-max
-    normaliser, ``skip_dims`` are honoured by every kind.
+    normaliser, ``skip_dims`` are honoured by every kind. The arithmetic is :mod:`diffrl.affine`'s.
     """
 
     def __init__(self, dim: int, kind: str = "zscore", skip_dims: Sequence[int] = (), eps: float = 1e-5) -> None:
@@ -53,8 +55,8 @@ class DataNormalizer(nn.Module):
         if self.kind == "zscore":
             shift, scale = x.mean(0), x.std(0, unbiased=False) + self.eps
         elif self.kind == "minmax":
-            lo, hi = x.min(0).values, x.max(0).values
-            shift, scale = (hi + lo) / 2, (hi - lo) / 2 + self.eps
+            shift, half = affine.minmax_shift_scale(x.min(0).values, x.max(0).values)
+            scale = half + self.eps
         else:
             shift, scale = torch.zeros(self.dim, dtype=torch.float64), torch.ones(self.dim, dtype=torch.float64)
         skip = list(self.skip_dims)
@@ -64,9 +66,9 @@ class DataNormalizer(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.shift) / self.scale
+        return affine.normalize(x, self.shift, self.scale)
 
     normalize = forward
 
     def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale + self.shift
+        return affine.unnormalize(x, self.shift, self.scale)

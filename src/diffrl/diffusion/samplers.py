@@ -23,15 +23,19 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from diffrl.diffusion.models import DDPM, EDM, DiffusionModel, Inpaint, gaussian_log_prob
+from diffrl.diffusion.gaussian import gaussian_log_prob
+from diffrl.diffusion.inpaint import Inpaint
 from diffrl.diffusion.schedules import ddim_timesteps, karras_sigmas
 from diffrl.runs.progress import Progress
+
+if TYPE_CHECKING:  # annotations only: models import this module to dispatch ``sample``
+    from diffrl.diffusion.models import DDPM, EDM, DiffusionModel
 
 
 def _impose(x: torch.Tensor, inpaint: Inpaint | None, noised: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Environments: ``make_env`` for Gymnasium MuJoCo v5, DeepMind Control (shimmy) and Fetch v4, and a
-synchronous vector env with explicit, seeded resets."""
+"""Environments: ``make_env`` for Gymnasium MuJoCo v5, DeepMind Control (shimmy), Fetch v4 and users' own
+Gymnasium envs (``module:EnvId``), and a synchronous vector env with explicit, seeded resets."""
 
 from diffrl.envs.make import env_signature, make_env
 from diffrl.envs.vector import StepResult, VecEnv

@@ -20,6 +20,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from diffrl import affine
 from diffrl.errors import EnvError
 
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
@@ -29,7 +30,7 @@ CONSTANT_RANGE = 1e-6  # a data range below this is a constant dimension (see Mi
 
 def _affine(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Centre and half-range of ``[lo, hi]``; a constant dimension gets half-range 1."""
-    centre, half = (hi + lo) / 2, (hi - lo) / 2
+    centre, half = affine.minmax_shift_scale(lo, hi)
     # DPPO divides by (max - min + 1e-6), which sends a constant dim to -1 and scales any deviation from it by 1e6;
     # with half-range 1 a constant dim maps to 0 and deviations pass through unscaled (still an exact inverse).
     return centre.astype(np.float32), np.where(hi - lo < CONSTANT_RANGE, 1.0, half).astype(np.float32)
@@ -39,9 +40,9 @@ def _apply(x: ArrayT, shift: np.ndarray, scale: np.ndarray, inverse: bool) -> Ar
     if isinstance(x, torch.Tensor):
         s = torch.as_tensor(shift, device=x.device, dtype=x.dtype)
         c = torch.as_tensor(scale, device=x.device, dtype=x.dtype)
-        return x * c + s if inverse else (x - s) / c
+        return affine.unnormalize(x, s, c) if inverse else affine.normalize(x, s, c)
     x = np.asarray(x, dtype=np.float32)
-    return (x * scale + shift if inverse else (x - shift) / scale).astype(np.float32)
+    return (affine.unnormalize(x, shift, scale) if inverse else affine.normalize(x, shift, scale)).astype(np.float32)
 
 
 class MinMaxNormalization:

@@ -19,7 +19,7 @@ are set to 0, which is exact because these tasks are translation invariant. Cave
 - Ant-v5 observations end with 78 contact-force dims (``cfrc_ext``); they are derived quantities, ignored for
   the state and the comparison (only the first ``Ds = 27`` dims are compared).
 - Ant-v5's forward reward reads the torso's ``xpos``, which after ``mj_step`` is one sub-step stale, so its
-  reward depends on the previous step too: real Ant data has a reward NMSE of ~1e-4, not 0.
+  reward depends on the previous step too: even real Ant data has a small reward error (the ``real`` floor).
 - Actions are clipped to [-1, 1] and mapped to the env's bounds as :func:`diffrl.envs.make_env` does;
   terminals count as true above 0.5 (SynthER's ``terminal_threshold``).
 """
@@ -285,7 +285,7 @@ def diversity(real: np.ndarray, synthetic: np.ndarray, *, max_points: int = 2000
 
 
 def _quantiles(x: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """np.quantile(x, u, axis=0) (linear method), ~5x faster on 1M rows: one sort per column."""
+    """np.quantile(x, u, axis=0) (linear method) from one sort per column, faster on large arrays."""
     xs = np.sort(x, axis=0)  # (M, D)
     pos = u * (len(xs) - 1)
     lo = np.floor(pos).astype(np.int64)

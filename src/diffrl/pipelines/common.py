@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
+import gymnasium as gym
+
 from diffrl.agents.base import Params
 from diffrl.augment.transitions import OUT_OF_RANGE, TERMINALS
-from diffrl.config import check, check_choice, check_positive, from_dict
-from diffrl.errors import ConfigError
-from diffrl.runs.rundir import read_config
+from diffrl.config import check, check_choice, check_positive
+from diffrl.envs import env_signature
+from diffrl.eval import evaluate
+from diffrl.runs import checkpoint as ckpt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,10 +119,17 @@ def extend_configs(settings: type, bases: dict[str, type], module: str, doc: str
     return out
 
 
-def load_prefixed_config(run_dir: Path, prefix: str, algos: dict[str, type], what: str) -> Any:
-    """The saved config of a run whose pipeline is ``prefix + algo``."""
-    saved = read_config(run_dir)
-    name = str(saved.get("pipeline", "")).removeprefix(prefix)
-    if name not in algos:
-        raise ConfigError(f"{run_dir} is a {saved.get('pipeline')} run, not a {what} run.")
-    return from_dict(algos[name], saved["config"])
+def evaluate_checkpoint(run_dir: Path, env_id: str, env: gym.Env, policy: Callable[[dict[str, Any], dict[str, Any]],
+                        Any], episodes: int, seed: int, parts: tuple[str, ...] = ("state",)) -> dict[str, Any]:
+    """``diffrl eval``'s one path: load the latest checkpoint's ``parts``, refuse one written for another env (id or
+    spaces, one sentence), build the policy with ``policy(manifest, parts)`` and run :func:`diffrl.eval.evaluate`.
+
+    Returns the run directory, env id, checkpoint step and episodes with the :class:`~diffrl.eval.EvalResult`
+    fields. ``env`` is closed afterwards.
+    """
+    manifest, loaded = ckpt.load_checkpoint(run_dir, parts=parts)
+    ckpt.check_env(manifest, env_signature(env_id, env), run_dir)
+    result = evaluate(policy(manifest, loaded), env, episodes, seed=seed)
+    env.close()
+    return {"run_dir": str(run_dir), "env_id": env_id, "checkpoint_step": manifest["step"], "episodes": episodes,
+            **result.to_dict()}

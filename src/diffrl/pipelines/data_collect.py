@@ -22,24 +22,28 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+import tyro
 from safetensors.torch import save_file
 
 import diffrl
+from diffrl import registry
 from diffrl.agents.base import Params
 from diffrl.config import check, check_positive
-from diffrl.data import OfflineDataset, detect_format, save_dataset
+from diffrl.data import OfflineDataset, detect_format, load_dataset, save_dataset
 from diffrl.data.formats import minari_root
 from diffrl.envs import VecEnv, make_env
 from diffrl.envs.vector import obs_dim
-from diffrl.eval import evaluate
+from diffrl.eval import describe_dataset, evaluate
 from diffrl.pipelines import online
+from diffrl.registry import System, Tool
 from diffrl.runs import checkpoint as ckpt
 from diffrl.runs.device import resolve_device
 from diffrl.runs.progress import Progress
+from diffrl.runs.rundir import task_name
 from diffrl.runs.seeding import derive_seed
 
 Kind = Literal["random", "medium", "medium-replay", "expert", "medium-expert"]
@@ -90,9 +94,9 @@ class CollectConfig(Params):
               steps, "large enough for several evaluations")
 
 
-def task_name(env_id: str) -> str:
-    """``Hopper-v5`` -> ``hopper``; ``dm_control/cheetah-run-v0`` -> ``cheetah-run``."""
-    return env_id.split("/")[-1].rsplit("-v", 1)[0].lower()
+def _sac_config(run_dir: Path) -> online.OnlineConfig:
+    """The config of the SAC run behind a dataset (through the registry: the run's own command reads it)."""
+    return registry.load_config(run_dir, online.SYSTEM.commands[0])
 
 
 def expert_run(cfg: CollectConfig, budget: dict[str, int]) -> Path:
@@ -120,7 +124,7 @@ def _eval_returns(run_dir: Path) -> dict[int, float]:
 
 def _snapshots(run_dir: Path, steps: list[int], env: Any, device: torch.device) -> dict[int, Any]:
     """The SAC agent of each checkpoint in ``steps`` (networks only; the replay buffers stay on disk)."""
-    sac_cfg = online.load_config(run_dir)
+    sac_cfg = _sac_config(run_dir)
     out = {}
     for step in steps:
         agent = online.build(sac_cfg, obs_dim(env.observation_space), obs_dim(env.action_space), device)
@@ -241,6 +245,62 @@ def _save_policies(written: str, cfg: CollectConfig, sac_dir: Path, policies: di
     for name, (_, agent) in policies.items():
         save_file({k: v.contiguous() for k, v in agent.actor.state_dict().items()}, str(folder / f"{name}.safetensors"))
     (folder / "policies.json").write_text(json.dumps(
-        {"architecture": "diffrl.agents.nets.TanhGaussianActor", "hidden": list(online.load_config(sac_dir).hidden),
+        {"architecture": "diffrl.agents.nets.TanhGaussianActor", "hidden": list(_sac_config(sac_dir).hidden),
          "env_id": cfg.env, **{f"{name}_env_steps": step for name, (step, _) in policies.items()},
          "sac_run": str(sac_dir)}, indent=2))
+
+
+# ------------------------------------------------------------------------------------------ `diffrl data` tools
+@dataclasses.dataclass(frozen=True)
+class DataInfoArgs:
+    """Episodes, transitions, return statistics, normalized scores and spaces of a dataset."""
+
+    dataset: Annotated[str, tyro.conf.Positional]
+    """Minari id (under MINARI_DATASETS_PATH) or a path to a D4RL .hdf5 or DPPO .npz file"""
+    env: str | None = None
+    """also check the dataset against this env's spaces and action bounds"""
+    json: bool = False
+    """print JSON instead of a table"""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConvertArgs:
+    """Convert a dataset between the Minari, D4RL HDF5 and DPPO npz layouts (arrays bit-exact)."""
+
+    dataset: Annotated[str, tyro.conf.Positional]
+    """source: Minari id or a .hdf5 / .npz path"""
+    to: Literal["minari", "d4rl", "npz"]
+    """target layout"""
+    out: str
+    """target: a Minari id (or dataset directory) for minari, a file path otherwise"""
+    overwrite: bool = False
+    """replace an existing target"""
+
+
+def info_main(a: DataInfoArgs) -> None:
+    """``diffrl data info``: print a dataset's statistics as a table (or JSON)."""
+    info = describe_dataset(load_dataset(a.dataset, env_id=a.env))
+    if a.json:
+        print(json.dumps(info, indent=2, default=float))
+        return
+    width = max(map(len, info))
+    for k, v in info.items():
+        print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+
+
+def convert_main(a: DataConvertArgs) -> None:
+    """``diffrl data convert``: write a dataset in another layout."""
+    ds = load_dataset(a.dataset)
+    print(f"written: {save_dataset(ds, a.out, a.to, overwrite=a.overwrite)} ({len(ds)} transitions)")
+
+
+def collect_main(cfg: CollectConfig) -> None:
+    """``diffrl data collect``: build a D4RL-style dataset and print where it went."""
+    print(f"dataset: {run(cfg)}")
+
+
+SYSTEM = System("data", "inspect, convert or build datasets", tools=(
+    Tool("info", DataInfoArgs, info_main, help="dataset statistics, normalized scores, spaces"),
+    Tool("convert", DataConvertArgs, convert_main, help="--to minari|d4rl|npz --out TARGET"),
+    Tool("collect", CollectConfig, collect_main, run=run,
+         help="--env ID --kind random|medium|medium-replay|expert|medium-expert")))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,8 @@ import torch
 
 from diffrl.augment import TransitionLayout
 from diffrl.augment.transitions import generate_transitions
-from diffrl.config import check, check_choice, check_non_negative, check_positive, from_dict, to_dict
-from diffrl.data import OfflineDataset, load_dataset
+from diffrl.config import check, check_choice, check_non_negative, check_positive
+from diffrl.data import OfflineDataset, dataset_env, dataset_run_name, fingerprint, load_dataset
 from diffrl.data.formats import atomic_file, load_npz_arrays
 from diffrl.diffusion.samplers import DEFAULT_STEPS, generate, network_evaluations
 from diffrl.diffusion.spec import build_model, load_model
@@ -33,13 +32,11 @@ from diffrl.envs.termination import termination_rule
 from diffrl.errors import CheckpointError, ConfigError, DatasetError
 from diffrl.eval.fidelity import LAYOUTS, fidelity_report, format_fidelity
 from diffrl.pipelines.common import RunConfig
-from diffrl.pipelines.offline import fingerprint
-from diffrl.runs import checkpoint as ckpt
+from diffrl.registry import Command, System, Tool
 from diffrl.runs.device import resolve_device
-from diffrl.runs.logger import Logger, check_finite
-from diffrl.runs.progress import Progress
-from diffrl.runs.rundir import check_resumable, new_run_dir, read_config, write_config, write_json_atomic, write_summary
-from diffrl.runs.seeding import get_rng_state, seed_everything, set_rng_state
+from diffrl.runs.rundir import write_json_atomic
+from diffrl.runs.seeding import seed_everything
+from diffrl.runs.session import RateMeter, RunSession, due
 
 PIPELINE = "diffusion"
 
@@ -123,13 +120,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def load_config(run_dir: Path) -> DiffusionConfig:
-    saved = read_config(run_dir)
-    if saved.get("pipeline") != PIPELINE:
-        raise ConfigError(f"{run_dir} is a {saved.get('pipeline')} run, not a diffusion model run.")
-    return from_dict(DiffusionConfig, saved["config"])
-
-
 def model_spec(cfg: DiffusionConfig, layout: TransitionLayout) -> dict[str, Any]:
     skip = [d for d in (layout.terminal_index,) if d is not None]
     if not cfg.normalize_reward:
@@ -172,11 +162,20 @@ def _flat(report: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+@dataclasses.dataclass
+class Counters:
+    """The diffusion loop's counters (saved in every checkpoint; the gradient step is the trainer's)."""
+
+    last_loss: float = float("nan")
+
+
 def run(cfg: DiffusionConfig, dataset: OfflineDataset | None = None) -> Path:
     """Train the diffusion model on ``cfg.dataset`` (or on ``dataset``, e.g. a subset); returns the run directory."""
     device = resolve_device(cfg.device)
+
+    # ------------------------------------------------------------------ setup (checks before any write)
     ds = dataset if dataset is not None else load_dataset(cfg.dataset, env_id=cfg.env)
-    env_id = cfg.env or ds.metadata.get("env_id")
+    env_id = dataset_env(ds, cfg.env, str(cfg.dataset), required=False)  # only for the fidelity check
     layout = TransitionLayout(ds.obs_dim, ds.act_dim, terminals=cfg.model_terminals)
     real = ds.arrays()
     seed_everything(cfg.seed)
@@ -185,75 +184,45 @@ def run(cfg: DiffusionConfig, dataset: OfflineDataset | None = None) -> Path:
     data = torch.as_tensor(layout.join(ds), device=device)
     model.normalizer.fit(data)
     trainer = DiffusionTrainer(model, data, cfg, seed=cfg.seed)
-    data_id = fingerprint(ds)
+    session = RunSession(cfg, PIPELINE, dataset_run_name(cfg.dataset), fingerprint=fingerprint(ds),
+                         meta={"model_spec": spec, "layout": layout.to_dict(), "env_id": env_id})
+    if session.resumed:
+        trainer.load_state_dict(session.parts["diffusion"])
+    c = session.start(Counters(), timers={"train_s": 0.0})
+    session.progress_bar(cfg.steps, trainer.step, desc=f"diffusion {Path(str(cfg.dataset)).name}", unit="step")
 
-    resumed = cfg.resume is not None
-    wall_offset = 0.0
-    if resumed:
-        run_dir = Path(cfg.resume)  # type: ignore[arg-type]
-        check_resumable(run_dir, PIPELINE, cfg)
-        manifest, parts = ckpt.load_checkpoint(run_dir, parts=("diffusion", "state"))
-        if manifest["meta"].get("dataset_fingerprint") != data_id:
-            raise CheckpointError(f"the dataset {cfg.dataset} differs from the one {run_dir} was trained on; "
-                                  "resume with the same data (nothing was changed).")
-        trainer.load_state_dict(parts["diffusion"])
-        set_rng_state(parts["state"]["rng"])
-        wall_offset = float(parts["state"]["wall_s"])
-    else:
-        name = Path(cfg.dataset).stem if Path(cfg.dataset).suffix else cfg.dataset
-        run_dir = new_run_dir(PIPELINE, name, cfg.seed, cfg.runs_root, cfg.run_dir)
-    write_config(run_dir, PIPELINE, to_dict(cfg))
-    logger = Logger(run_dir, resume_step=trainer.step if resumed else None, wall_offset=wall_offset,
-                    wandb_project=cfg.wandb_project if cfg.wandb else None, config=to_dict(cfg))
-    meta = {"model_spec": spec, "layout": layout.to_dict(), "env_id": env_id, "dataset": str(cfg.dataset),
-            "dataset_fingerprint": data_id, "pipeline": PIPELINE, "seed": cfg.seed}
-
-    def save() -> None:
-        ckpt.save_checkpoint(run_dir / "checkpoints", trainer.step,
-                             {"diffusion": trainer.state_dict(),
-                              "state": {"rng": get_rng_state(), "wall_s": logger.wall_s()}},
-                             {**meta, "gradient_steps": trainer.step}, keep_last=cfg.keep_checkpoints)
-
-    bar = Progress(cfg.steps, initial=trainer.step, desc=f"diffusion {Path(str(cfg.dataset)).name}", unit="step",
-                   enabled=cfg.progress)
+    # ------------------------------------------------------------------ loop
     losses: list[torch.Tensor] = []
-    start_step = trainer.step
-    t_rate, steps_rate, t_train, last_loss = time.perf_counter(), trainer.step, 0.0, float("nan")
+    rate = RateMeter(trainer.step)
     while trainer.step < cfg.steps:
-        t0 = time.perf_counter()
-        losses.append(trainer.train_step())
-        t_train += time.perf_counter() - t0
+        with session.timers.time("train_s"):
+            losses.append(trainer.train_step())
         step = trainer.step
         row: dict[str, float] = {}
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            now = time.perf_counter()
-            last_loss = float(torch.stack(losses).mean())
-            row.update({"train/loss": last_loss, "train/lr": trainer.opt.param_groups[0]["lr"],
-                        "perf/steps_per_s": (step - steps_rate) / max(now - t_rate, 1e-9)})
-            check_finite(row, step, run_dir)
-            losses, t_rate, steps_rate = [], now, step
-        if cfg.eval_every > 0 and step % cfg.eval_every == 0 and cfg.fidelity_samples and step < cfg.steps:
+        if due(cfg.log_every, step - 1, step) or step == cfg.steps:
+            c.last_loss = float(torch.stack(losses).mean())
+            row.update({"train/loss": c.last_loss, "train/lr": trainer.opt.param_groups[0]["lr"],
+                        "perf/steps_per_s": rate.rate(step)})
+            session.check_finite(row, step)
+            losses = []
+        if due(cfg.eval_every, step - 1, step) and cfg.fidelity_samples and step < cfg.steps:
             row.update(_flat(_fidelity(trainer.ema.shadow, layout, real, env_id, cfg.fidelity_samples, cfg.seed)))
-        if row:
-            logger.log(step, row)
-        bar.update(1, loss=last_loss)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save()
-    bar.close()
-    logger.close()
+        session.log(step, row)
+        session.progress(1, loss=c.last_loss)
+        if due(cfg.checkpoint_every, step - 1, step) or step == cfg.steps:
+            session.save(step, parts={"diffusion": trainer.state_dict()}, meta={"gradient_steps": step})
 
-    summary: dict[str, Any] = {"pipeline": PIPELINE, "dataset": str(cfg.dataset), "env_id": env_id,
-                               "seed": cfg.seed, "gradient_steps": trainer.step, "env_steps": 0,
-                               "wall_s": logger.wall_s(), "final_loss": last_loss,
-                               "updates_per_s": (trainer.step - start_step) / max(t_train, 1e-9),
+    # ------------------------------------------------------------------ summary
+    summary: dict[str, Any] = {"dataset": str(cfg.dataset), "env_id": env_id, "gradient_steps": trainer.step,
+                               "env_steps": 0, "wall_s": session.wall_s(), "final_loss": c.last_loss,
+                               "updates_per_s": trainer.step / max(session.timers["train_s"], 1e-9),
                                "transitions": len(ds), "model_spec": spec, "layout": layout.to_dict()}
     if cfg.fidelity_samples:
         fid = _fidelity(trainer.ema.shadow, layout, real, env_id, cfg.fidelity_samples, cfg.seed)
         summary["samples_per_s"] = fid["samples_per_s"]
         summary["fidelity"] = fid.get("report") or {"skipped": fid["skipped"]}
-        write_json_atomic(run_dir / "fidelity.json", summary["fidelity"])
-    write_summary(run_dir, summary)
-    return run_dir
+        write_json_atomic(session.run_dir / "fidelity.json", summary["fidelity"])
+    return session.finish(summary)
 
 
 # ------------------------------------------------------------------------------------------- sample / fidelity
@@ -294,9 +263,7 @@ def fidelity_of_file(samples: Path, dataset: str, env_id: str | None = None, num
                      seed: int = 0) -> tuple[dict[str, Any], str]:
     """Fidelity of an npz of generated transitions against a dataset; returns ``(report, markdown table)``."""
     ds = load_dataset(dataset, env_id=env_id)
-    env_id = env_id or ds.metadata.get("env_id")
-    if not env_id:
-        raise ConfigError(f"dataset {dataset} records no environment; pass --env ID.")
+    env_id = dataset_env(ds, env_id, dataset)
     synthetic = load_npz_arrays(samples)
     report = fidelity_report(ds.arrays(), synthetic, env_id, num=num, seed=seed)
     return report, format_fidelity(report)
@@ -304,3 +271,95 @@ def fidelity_of_file(samples: Path, dataset: str, env_id: str | None = None, num
 
 def dumps(report: dict[str, Any]) -> str:
     return json.dumps(report, indent=2)
+
+
+# ------------------------------------------------------------------------------------------------ commands
+@dataclasses.dataclass(frozen=True)
+class DiffusionSampleArgs:
+    """Generate transitions with a trained diffusion model (EMA weights) into SynthER's npz layout
+    (observations, actions, rewards, next_observations, terminals; terminals thresholded, out-of-range actions
+    clipped or rejected)."""
+
+    model: Path
+    """run directory of `diffrl diffusion train` (or one of its checkpoints)"""
+    num: int
+    """number of transitions"""
+    out: Path
+    """output .npz file (never overwritten unless --overwrite)"""
+    sampler: str | None = None
+    """heun, euler, dpmpp_2m (EDM) or ddpm, ddim (DDPM); default: the model's"""
+    steps: int | None = None
+    """sampler steps (default: the model's)"""
+    batch_size: int = 100_000
+    """samples generated per batch"""
+    seed: int = 0
+    """sampling seed"""
+    out_of_range: str = "clip"
+    """a generated action outside the action space: clip it (SynthER) or reject the sample and draw another"""
+    terminals: str = "model"
+    """terminal flags: the model's (SynthER) or the env's known termination rule on the generated next state"""
+    bf16: bool = False
+    """run the network in bfloat16 autocast"""
+    device: str = "auto"
+    """auto, cpu or cuda"""
+    overwrite: bool = False
+    """replace an existing --out"""
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionFidelityArgs:
+    """Fidelity of generated transitions against a dataset: simulator validity, diversity, marginals, next to real
+    data and a real-plus-noise baseline."""
+
+    samples: Path
+    """.npz of generated transitions (diffrl diffusion sample)"""
+    dataset: str
+    """the real dataset (Minari id or .hdf5 / .npz path)"""
+    env: str | None = None
+    """env id (default: the dataset's)"""
+    num: int = 2000
+    """transitions compared"""
+    seed: int = 0
+    """subsampling seed"""
+    json_out: Path | None = None
+    """also write the full report as JSON here"""
+
+
+def sample_main(a: DiffusionSampleArgs) -> None:
+    """``diffrl diffusion sample``: write the samples and say what was generated."""
+    r = sample_to_file(a.model, a.num, a.out, sampler=a.sampler, steps=a.steps, batch_size=a.batch_size,
+                       seed=a.seed, device=a.device, overwrite=a.overwrite, bf16=a.bf16, out_of_range=a.out_of_range,
+                       terminals=a.terminals)
+    print(f"written: {r['out']} ({r['num']} transitions, sampler {r['sampler']} with {r['steps']} steps = "
+          f"{r['network_evaluations']} network evaluations, {r['samples_per_s']:.0f} samples/s; "
+          f"{r['out_of_range_fraction']:.1%} of the samples drawn had out-of-range actions, "
+          f"{'rejected' if a.out_of_range == 'reject' else 'clipped'})")
+    if r.get("terminal_rule_disagreement") is not None:
+        print(f"the model's terminal flags disagree with {r['env_id']}'s termination rule on "
+              f"{r['terminal_rule_disagreement']:.2%} of the transitions"
+              + (" (the rule's labels were written)" if a.terminals == "rule" else ""))
+
+
+def fidelity_main(a: DiffusionFidelityArgs) -> None:
+    """``diffrl diffusion fidelity``: print the fidelity table (and write the report as JSON)."""
+    report, table = fidelity_of_file(a.samples, a.dataset, a.env, a.num, a.seed)
+    print(table)
+    if a.json_out is not None:
+        write_json_atomic(a.json_out, report)
+        print(f"written: {a.json_out}")
+
+
+def summary_lines(s: dict[str, Any]) -> list[str]:
+    """What ``diffrl diffusion train`` prints after the run directory: steps, final loss, speed, fidelity table."""
+    lines = [f"gradient steps: {s['gradient_steps']}, final loss {s['final_loss']:.4f}, wall {s['wall_s']:.0f} s "
+             f"({s['updates_per_s']:.1f} steps/s)"]
+    if "synthetic" in (s.get("fidelity") or {}):
+        lines.append(format_fidelity(s["fidelity"]))
+    return lines
+
+
+SYSTEM = System("diffusion", "transition diffusion models", commands=(
+    Command("train", {"": DiffusionConfig}, run, {"": PRESETS}, pipelines={PIPELINE: DiffusionConfig},
+            summary_lines=summary_lines, print_summary=False, help="train a transition diffusion model on a dataset"),),
+    tools=(Tool("sample", DiffusionSampleArgs, sample_main, help="--model RUN_DIR --num N --out samples.npz"),
+           Tool("fidelity", DiffusionFidelityArgs, fidelity_main, help="--samples F --dataset D [--env ID]")))

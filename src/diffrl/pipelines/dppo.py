@@ -13,75 +13,74 @@ Gaussian policy's BC loss; AdamW, cosine LR, EMA 0.995 copied until ``ema_start`
 ``ema_every`` steps), checkpoint raw and EMA weights with the model spec and the normalisation, and evaluate the
 EMA policy in the env.
 
-Fine-tuning reads top to bottom: read the pre-training run (policy type, spec, normalisation, EMA weights, chunking),
-build DPPO (or plain PPO for a Gaussian policy) and ``n_envs`` chunk envs, then each iteration: roll out ``n_steps``
-chunks per env recording the ``K' + 1`` chains, score old log-probs and values, scale rewards, GAE, run
-``update_epochs`` PPO epochs over (env step x denoising step) minibatches (critic only during warm-up), log,
-evaluate, checkpoint. Evaluation routes the denoising steps exactly as training does (the same
-:class:`~diffrl.agents.dppo.DiffusionPolicy`), so DPPO issue #29 cannot happen. Resume is exact on CPU.
+Fine-tuning reads top to bottom: read the pre-training run (policy spec, normalisation, EMA weights), build DPPO (or
+plain PPO for a Gaussian policy) and ``n_envs`` chunk envs, then each iteration of the on-policy loop: roll out
+``n_steps`` chunks per env recording the ``K' + 1`` chains, score values, scale rewards, GAE, run ``update_epochs``
+PPO epochs over (env step x denoising step) minibatches (critic only during warm-up), log, evaluate, checkpoint.
+Evaluation routes the denoising steps exactly as training does (the same :class:`~diffrl.agents.dppo.DiffusionPolicy`),
+so DPPO issue #29 cannot happen. Resume is exact on CPU.
 
-Shapes: ``T`` rollout steps (chunks) per env, ``N`` envs, ``M = T N``, ``S`` scored transitions per env step
-(``K'`` for DPPO, 1 for the Gaussian policy), ``To`` / ``Do`` observation history / dim, ``Ta`` / ``Da`` chunk
-length / action dim.
+The pieces other systems reuse live below this module: the agents in :mod:`diffrl.agents.ppo` (PPO, critic,
+Gaussian policy) and :mod:`diffrl.agents.dppo` (diffusion policy, DPPO); the policy spec, loading and evaluation in
+:mod:`diffrl.pipelines.chunk_policy`; the rollout, GAE and PPO epochs in :mod:`diffrl.pipelines.onpolicy`; the chunk
+envs in :mod:`diffrl.envs.chunking`. This module holds DPPO's configs, presets and the two stages; their resume
+checks, checkpoints, logging and timers are the run session's (:class:`~diffrl.runs.session.RunSession`).
+
+Shapes: ``To`` / ``Do`` observation history / dim, ``Ta`` / ``Da`` chunk length / action dim, ``K'`` fine-tuned
+denoising steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-import gymnasium as gym
 import numpy as np
 import torch
 
-from diffrl.agents.dppo import (
-    DPPO,
-    ChunkPPO,
-    DiffusionPolicy,
-    DPPOParams,
-    GaussianPolicy,
-    GaussianPPO,
-    GaussianPPOParams,
-    PPOParams,
-    dppo_model_spec,
-)
-from diffrl.agents.ppo_utils import RunningRewardScaler, gae, ppo_minibatches
+from diffrl.agents.dppo import DPPO, DPPOParams, dppo_model_spec
+from diffrl.agents.ppo import ChunkPolicy, ChunkPPO, GaussianPolicy, GaussianPPOParams, PPOParams
+from diffrl.agents.ppo_utils import RunningRewardScaler
 from diffrl.config import (
     check,
     check_choice,
     check_non_negative,
     check_positive,
     check_unit_interval,
-    from_dict,
     to_dict,
 )
-from diffrl.data import load_dataset, validate
-from diffrl.data.datasets import normalized_score
+from diffrl.data import dataset_env, dataset_run_name, fingerprint, load_dataset
 from diffrl.data.sequence import ChunkDataset
 from diffrl.diffusion.nets import ACTIVATIONS
-from diffrl.diffusion.spec import build_model
 from diffrl.diffusion.trainer import DiffusionTrainer, TrainerSettings
-from diffrl.envs import VecEnv, env_signature, make_env
-from diffrl.envs.wrappers import ActionChunkEnv, MinMaxNormalization
+from diffrl.envs import env_signature
+from diffrl.envs.chunking import chunk_env, chunk_envs
+from diffrl.envs.wrappers import MinMaxNormalization
 from diffrl.errors import CheckpointError, ConfigError, DiffrlWarning
-from diffrl.eval import evaluate
+from diffrl.eval import evaluate, reference_scores
+from diffrl.pipelines import chunk_policy, online, onpolicy
+from diffrl.pipelines.chunk_policy import (
+    POLICY_TYPES,
+    ChunkActor,
+    GaussianSpec,
+    PolicySpec,
+    PretrainedPolicy,
+    build_agent,
+    evaluate_chunk_policy,
+    normalized_mean,
+)
 from diffrl.pipelines.common import RunConfig
-from diffrl.pipelines.offline import fingerprint
+from diffrl.registry import Command, System
 from diffrl.runs import checkpoint as ckpt
 from diffrl.runs.device import resolve_device
-from diffrl.runs.logger import Logger, check_finite
-from diffrl.runs.progress import Progress
-from diffrl.runs.rundir import check_resumable, new_run_dir, read_config, write_config, write_summary
-from diffrl.runs.seeding import derive_seed, get_rng_state, seed_everything, set_rng_state
+from diffrl.runs.seeding import derive_seed, seed_everything
+from diffrl.runs.session import RateMeter, RunSession, due
 
-POLICY_TYPES = ("diffusion", "gaussian")
 PIPELINES = {("pretrain", "diffusion"): "dppo_pretrain", ("pretrain", "gaussian"): "dppo_pretrain_gaussian",
              ("finetune", "diffusion"): "dppo_finetune", ("finetune", "gaussian"): "dppo_finetune_gaussian"}
-SAMPLE_STREAM, MINIBATCH_STREAM, EVAL_NOISE_STREAM = 15_485_863, 32_452_843, 49_979_687  # derive_seed streams
+SAMPLE_STREAM, MINIBATCH_STREAM = 15_485_863, 32_452_843  # derive_seed streams of rollout noise and minibatches
 
 
 # ------------------------------------------------------------------------------------------------------ configs
@@ -320,16 +319,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def load_config(run_dir: Path) -> PretrainConfig | FinetuneConfig:
-    """The config a ``diffrl dppo`` run was started with (from its ``config.yaml``)."""
-    saved = read_config(run_dir)
-    stage = next((s for (s, _), name in PIPELINES.items() if name == saved.get("pipeline")), None)
-    if stage is None:
-        raise CheckpointError(f"{run_dir} is a {saved.get('pipeline')} run, not a `diffrl dppo` run.")
-    return from_dict(PretrainConfig if stage == "pretrain" else FinetuneConfig, saved["config"])
-
-
-# ------------------------------------------------------------------------------------------- policies and envs
+# ------------------------------------------------------------------------------------------ the policy's spec
 class _GaussianBC(GaussianPolicy):
     """The Gaussian policy with the trainer's ``loss(x, cond, generator)``: chunks ``x (B, Ta, Da)`` given flattened
     histories ``cond (B, To * Do)`` (its state dict is a plain :class:`GaussianPolicy`'s)."""
@@ -339,346 +329,127 @@ class _GaussianBC(GaussianPolicy):
         return self.bc_loss(cond, x)  # type: ignore[arg-type]
 
 
-def policy_meta(cfg: PretrainConfig, obs_dim: int, act_dim: int) -> dict[str, Any]:
+def policy_spec(cfg: PretrainConfig, obs_dim: int, act_dim: int) -> PolicySpec:
     """What a checkpoint records to rebuild the policy: type, dims, chunking and the architecture."""
-    meta: dict[str, Any] = {"type": cfg.policy_type, "obs_dim": obs_dim, "act_dim": act_dim,
-                            "horizon_steps": cfg.horizon_steps, "act_steps": cfg.act_steps,
-                            "cond_steps": cfg.cond_steps}
+    chunking: dict[str, Any] = dict(policy_type=cfg.policy_type, obs_dim=obs_dim, act_dim=act_dim,
+                                    horizon_steps=cfg.horizon_steps, act_steps=cfg.act_steps,
+                                    cond_steps=cfg.cond_steps)
     if cfg.policy_type == "diffusion":
         shape = DPPOParams(horizon_steps=cfg.horizon_steps, act_steps=cfg.act_steps, cond_steps=cfg.cond_steps,
                            denoising_steps=cfg.denoising_steps, ft_denoising_steps=1, clip_x0=cfg.clip_x0)
-        spec = dppo_model_spec(obs_dim, act_dim, shape, hidden=cfg.hidden, blocks=cfg.blocks, time_dim=cfg.time_dim,
-                               activation=cfg.activation)
+        model = dppo_model_spec(obs_dim, act_dim, shape, hidden=cfg.hidden, blocks=cfg.blocks, time_dim=cfg.time_dim,
+                                activation=cfg.activation)
         if cfg.denoiser == "unet":
-            spec["denoiser"] = {"type": "unet", "dim": cfg.unet_dim, "dim_mults": list(cfg.unet_dim_mults)}
-        meta.update(denoising_steps=cfg.denoising_steps, model_spec=spec)
-    else:
-        meta["gaussian"] = {"hidden": list(cfg.gaussian_hidden), "residual": cfg.gaussian_residual,
-                            "activation": cfg.gaussian_activation, "std": cfg.gaussian_std}
-    return meta
-
-
-def _gaussian(meta: dict[str, Any], std_min: float, std_max: float, cls: type = GaussianPolicy) -> GaussianPolicy:
-    g = meta["gaussian"]
-    return cls(meta["obs_dim"], meta["act_dim"], meta["horizon_steps"], meta["cond_steps"], hidden=tuple(g["hidden"]),
-               residual=g["residual"], activation=g["activation"], std_init=min(max(g["std"], std_min), std_max),
-               std_min=std_min, std_max=std_max)
-
-
-def pretrained_policy(meta: dict[str, Any], weights: dict[str, torch.Tensor],
-                      source: Path | str = "the checkpoint") -> DiffusionPolicy | GaussianPolicy:
-    """A pre-trained policy ready to act: the DDPM behind a :class:`DiffusionPolicy` whose fine-tuned copy is still
-    the pre-trained network (so it acts through the routing fine-tuning will use), or the Gaussian policy."""
-    if meta["type"] == "diffusion":
-        model = build_model(meta["model_spec"])
-        ckpt.load_weights(model, weights, source)
-        return DiffusionPolicy(model, 1, clip_x0=model.clip_x0)  # type: ignore[arg-type]
-    std = float(meta["gaussian"]["std"])
-    policy = _gaussian(meta, std, std)
-    ckpt.load_weights(policy, weights, source)
-    return policy
-
-
-class ChunkActor:
-    """A chunk policy as :func:`~diffrl.eval.evaluate` sees it: normalised histories ``(1, To, Do)`` -> normalised
-    chunks ``(1, Ta, Da)``, sampled for evaluation (DPPO's DDPM chain, noise except at t = 0 / DDIM eta 0 /
-    Gaussian mean) through the policy's own routing of denoising steps. The chain's noise comes from the actor's
-    own generator, so an evaluation is reproducible and draws nothing from the training RNGs. ``mean_path``: the
-    noise-free DDPM mean path instead (:meth:`DiffusionPolicy.chain`)."""
-
-    def __init__(self, policy: DiffusionPolicy | GaussianPolicy, device: torch.device, seed: int,
-                 mean_path: bool = False) -> None:
-        self.policy, self.device, self.mean_path = policy.to(device).eval(), device, mean_path
-        self.generator = torch.Generator(device=device).manual_seed(derive_seed(seed, EVAL_NOISE_STREAM))
-
-    @torch.no_grad()
-    def act(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
-        o = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
-        return self.policy.act(o, deterministic, self.generator, self.mean_path and deterministic)[0].cpu().numpy()
-
-
-def chunk_wrapper(meta: dict[str, Any], normalization: MinMaxNormalization,
-                  act_steps: int | None = None) -> Callable[[gym.Env], ActionChunkEnv]:
-    """Wraps an env to execute the policy's chunks in the normalised units of its data."""
-    return lambda env: ActionChunkEnv(env, act_steps or meta["act_steps"], meta["cond_steps"], meta["horizon_steps"],
-                                      normalization)
-
-
-def chunk_env(env_id: str, meta: dict[str, Any], normalization: MinMaxNormalization, act_steps: int | None = None,
-              max_episode_steps: int | None = None) -> ActionChunkEnv:
-    """``make_env(env_id)`` executing the policy's chunks (:func:`chunk_wrapper`)."""
-    return chunk_wrapper(meta, normalization, act_steps)(make_env(env_id, max_episode_steps=max_episode_steps))
-
-
-def _normalized(returns: list[float], refs: dict[str, float] | None) -> float | None:
-    """D4RL's normalised score x100 of the mean return (OfflineDataset.normalized_score) with the dataset's refs."""
-    if not refs:
-        return None
-    return float(normalized_score(np.mean(returns), refs["min"], refs["max"]))
-
-
-def _evaluate(policy: DiffusionPolicy | GaussianPolicy, env: gym.Env, episodes: int, seed: int,
-              device: torch.device, refs: dict[str, float] | None, mean_path: bool) -> dict[str, float]:
-    """``evaluate`` (deterministic, eval seeds) of a chunk policy; metrics with the normalised score."""
-    result = evaluate(ChunkActor(policy, device, seed, mean_path), env, episodes, seed=seed)
-    out = result.metrics()
-    score = _normalized(result.returns, refs)
-    if score is not None:
-        out["eval/normalized_score"] = score
-    return out
-
-
-def chunk_envs(env_id: str, num_envs: int, seed: int, meta: dict[str, Any], normalization: MinMaxNormalization,
-               act_steps: int | None = None, max_episode_steps: int | None = None) -> VecEnv:
-    """``num_envs`` seeded :class:`ActionChunkEnv` copies (:class:`~diffrl.envs.VecEnv`'s explicit resets and exact
-    replay; episode lengths count env steps)."""
-    return VecEnv(env_id, num_envs, seed, max_episode_steps=max_episode_steps,
-                  wrap=chunk_wrapper(meta, normalization, act_steps))
+            model["denoiser"] = {"type": "unet", "dim": cfg.unet_dim, "dim_mults": list(cfg.unet_dim_mults)}
+        return PolicySpec(**chunking, denoising_steps=cfg.denoising_steps, model_spec=model)
+    return PolicySpec(**chunking, gaussian=GaussianSpec(cfg.gaussian_hidden, cfg.gaussian_residual,
+                                                        cfg.gaussian_activation, cfg.gaussian_std))
 
 
 # ----------------------------------------------------------------------------------------------- pre-training
+@dataclasses.dataclass
+class PretrainCounters:
+    """Pre-training's counters (saved in every checkpoint; the gradient step is the trainer's)."""
+
+    last_eval: dict[str, float] | None = None
+
+
 def pretrain(cfg: PretrainConfig) -> Path:
     """Behaviour-clone ``cfg``'s policy on ``cfg.dataset`` and evaluate it; returns the run directory."""
-    pipeline = PIPELINES["pretrain", cfg.policy_type]
     device = resolve_device(cfg.device)
 
     # ------------------------------------------------------------------ setup (checks before any write)
     ds = load_dataset(cfg.dataset, env_id=cfg.env)
-    env_id = cfg.env or ds.metadata.get("env_id")
-    if not env_id:
-        raise ConfigError(f"dataset {cfg.dataset} records no environment; pass --env ID for evaluation.")
-    if cfg.env is None:
-        validate(ds, env_id, source=str(cfg.dataset))
+    env_id = dataset_env(ds, cfg.env, str(cfg.dataset))
     seed_everything(cfg.seed)
     norm = MinMaxNormalization.fit(ds.observations, ds.actions)  # the env wrapper uses these same statistics
     data = ChunkDataset.from_offline(ds, horizon_steps=cfg.horizon_steps, cond_steps=cfg.cond_steps,
                                      normalization=norm, device=device)
     obs, chunks = data.tensors()  # (M, To, Do), (M, Ta, Da): chunks never cross an episode's end
-    meta = policy_meta(cfg, ds.obs_dim, ds.act_dim)
-    eval_env = chunk_env(env_id, meta, norm, max_episode_steps=cfg.max_episode_steps)
-    signature = env_signature(env_id, eval_env.env)
-    refs = ({"min": float(ds.metadata["ref_min_score"]), "max": float(ds.metadata["ref_max_score"])}
-            if ds.metadata.get("ref_min_score") is not None and ds.metadata.get("ref_max_score") is not None
-            and ds.metadata["ref_max_score"] != ds.metadata["ref_min_score"] else None)
-    model = build_model(meta["model_spec"]) if cfg.policy_type == "diffusion" else _gaussian(
-        meta, cfg.gaussian_std, cfg.gaussian_std, _GaussianBC)  # DPPO clones the Gaussian mean with a fixed std
+    spec = policy_spec(cfg, ds.obs_dim, ds.act_dim)
+    eval_env = chunk_env(env_id, spec, norm, max_episode_steps=cfg.max_episode_steps)
+    refs = reference_scores(ds.metadata)
+    model = spec.diffusion_model() if cfg.policy_type == "diffusion" else spec.gaussian_policy(
+        cfg.gaussian_std, cfg.gaussian_std, _GaussianBC)  # DPPO clones the Gaussian mean with a fixed std
     trainer = DiffusionTrainer(model.to(device), chunks, cfg, cond=obs.flatten(1), seed=cfg.seed)  # type: ignore[arg-type]
-    data_id = fingerprint(ds)
-
-    resumed, wall_offset, last_eval = cfg.resume is not None, 0.0, None
-    timers = {"train_s": 0.0, "eval_s": 0.0}
-    if resumed:
-        run_dir = Path(cfg.resume)  # type: ignore[arg-type]
-        check_resumable(run_dir, pipeline, cfg)
-        manifest, parts = ckpt.load_checkpoint(run_dir, parts=("policy", "state"))
-        if manifest["meta"].get("dataset_fingerprint") != data_id:
-            raise CheckpointError(f"the dataset {cfg.dataset} differs from the one {run_dir} was trained on; "
-                                  "resume with the same data (nothing was changed).")
-        ckpt.load_weights(trainer, parts["policy"], run_dir)
-        state = parts["state"]
-        wall_offset, last_eval, timers = float(state["wall_s"]), state["last_eval"], dict(state["timers"])
-        set_rng_state(state["rng"])
-    else:
-        name = Path(cfg.dataset).stem if Path(cfg.dataset).suffix else cfg.dataset
-        run_dir = new_run_dir(pipeline, name, cfg.seed, cfg.runs_root, cfg.run_dir)
-    write_config(run_dir, pipeline, to_dict(cfg))
-    logger = Logger(run_dir, resume_step=trainer.step if resumed else None, wall_offset=wall_offset,
-                    wandb_project=cfg.wandb_project if cfg.wandb else None, config=to_dict(cfg))
-    ckpt_meta = {"pipeline": pipeline, "policy": meta, "env": signature, "ref_scores": refs,
-                 "dataset": str(cfg.dataset), "dataset_fingerprint": data_id, "seed": cfg.seed}
-
-    def save() -> None:
-        # "policy" holds the raw weights, the EMA (what is evaluated and fine-tuned), the optimiser and the batch RNG
-        parts = {"policy": trainer.state_dict(), "normalization": norm.state_dict(),
-                 "state": {"rng": get_rng_state(), "wall_s": logger.wall_s(), "last_eval": last_eval,
-                           "timers": timers}}
-        meta_now = {**ckpt_meta, "gradient_steps": trainer.step}
-        ckpt.save_checkpoint(run_dir / "checkpoints", trainer.step, parts, meta_now, keep_last=cfg.keep_checkpoints)
+    session = RunSession(cfg, PIPELINES["pretrain", cfg.policy_type], dataset_run_name(cfg.dataset),
+                         signature=env_signature(env_id, eval_env.env), fingerprint=fingerprint(ds),
+                         meta={"policy": spec.to_dict(), "ref_scores": refs}, load_parts=("policy", "state"))
+    if session.resumed:
+        ckpt.load_weights(trainer, session.parts["policy"], session.run_dir)
+    c = session.start(PretrainCounters(), timers={"train_s": 0.0, "eval_s": 0.0})
+    session.progress_bar(cfg.steps, trainer.step, desc=f"dppo pretrain {cfg.policy_type}", unit="step")
 
     def evaluate_ema() -> dict[str, float]:
-        t0 = time.perf_counter()
-        weights = trainer.ema.shadow.state_dict()
-        out = _evaluate(pretrained_policy(meta, weights), eval_env, cfg.eval_episodes, cfg.seed, device, refs,
-                        cfg.eval_mean_path)
-        timers["eval_s"] += time.perf_counter() - t0
-        return out
+        with session.timers.time("eval_s"):
+            return evaluate_chunk_policy(spec.build_policy(trainer.ema.shadow.state_dict()), eval_env,
+                                         cfg.eval_episodes, cfg.seed, device, refs, cfg.eval_mean_path)
 
     # ------------------------------------------------------------------ loop
-    bar = Progress(cfg.steps, initial=trainer.step, desc=f"dppo pretrain {cfg.policy_type}", unit="step",
-                   enabled=cfg.progress)
     losses: list[torch.Tensor] = []
-    start_step, t_rate, steps_rate, last_loss = trainer.step, time.perf_counter(), trainer.step, float("nan")
+    start_step, rate, last_loss = trainer.step, RateMeter(trainer.step), float("nan")
     while trainer.step < cfg.steps:
-        t0 = time.perf_counter()
-        losses.append(trainer.train_step())
-        timers["train_s"] += time.perf_counter() - t0
+        with session.timers.time("train_s"):
+            losses.append(trainer.train_step())
         step = trainer.step
         row: dict[str, float] = {}
-        on_grid = cfg.eval_every > 0 and step % cfg.eval_every == 0
+        on_grid = due(cfg.eval_every, step - 1, step)
         if on_grid or step == cfg.steps:  # off-grid final evaluation: summary only (see pipelines.online)
-            last_eval = evaluate_ema()
+            c.last_eval = evaluate_ema()
             if on_grid:
-                row.update(last_eval)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            now = time.perf_counter()
+                row.update(c.last_eval)
+        if due(cfg.log_every, step - 1, step) or step == cfg.steps:
             last_loss = float(torch.stack(losses).mean())
             row.update({"train/loss": last_loss, "train/lr": trainer.opt.param_groups[0]["lr"],
-                        "perf/steps_per_s": (step - steps_rate) / max(now - t_rate, 1e-9)})
-            check_finite(row, step, run_dir)
-            losses, t_rate, steps_rate = [], now, step
-        if row:
-            logger.log(step, row)
-        bar.update(1, loss=last_loss, **({"eval": last_eval["eval/return_mean"]} if last_eval else {}))
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save()
-    bar.close()
-    logger.close()
-    if last_eval is None:  # resumed at the end: evaluate once more for the summary
-        last_eval = evaluate_ema()
+                        "perf/steps_per_s": rate.rate(step)})
+            session.check_finite(row, step)
+            losses = []
+        session.log(step, row)
+        session.progress(1, loss=last_loss, **({"eval": c.last_eval["eval/return_mean"]} if c.last_eval else {}))
+        if due(cfg.checkpoint_every, step - 1, step) or step == cfg.steps:
+            # "policy": the raw weights, the EMA (what is evaluated and fine-tuned), the optimiser and the batch RNG
+            session.save(step, parts={"policy": trainer.state_dict(), "normalization": norm.state_dict()},
+                         meta={"gradient_steps": step})
+    if c.last_eval is None:  # resumed at the end: evaluate once more for the summary
+        c.last_eval = evaluate_ema()
+    eval_env.close()
 
     # ------------------------------------------------------------------ summary
-    summary = {"pipeline": pipeline, "policy_type": cfg.policy_type, "dataset": str(cfg.dataset), "env_id": env_id,
-               "seed": cfg.seed, "gradient_steps": trainer.step, "env_steps": 0, "wall_s": logger.wall_s(),
-               "final_loss": last_loss, "updates_per_s": (trainer.step - start_step) / max(timers["train_s"], 1e-9),
-               "eval_return_mean": last_eval["eval/return_mean"], "eval_return_std": last_eval["eval/return_std"],
-               "eval_length_mean": last_eval["eval/length_mean"],
-               "normalized_score": last_eval.get("eval/normalized_score"), "eval_episodes": cfg.eval_episodes,
-               "eval_mean_path": cfg.eval_mean_path, "transitions": len(ds), "chunk_samples": len(data), "policy": meta,
-               "time_breakdown_s": timers}
-    write_summary(run_dir, summary)
-    eval_env.close()
-    return run_dir
+    last, timers = c.last_eval, session.timers
+    return session.finish({
+        "policy_type": cfg.policy_type, "dataset": str(cfg.dataset), "env_id": env_id, "gradient_steps": trainer.step,
+        "env_steps": 0, "wall_s": session.wall_s(), "final_loss": last_loss,
+        "updates_per_s": (trainer.step - start_step) / max(timers["train_s"], 1e-9),
+        "eval_return_mean": last["eval/return_mean"], "eval_return_std": last["eval/return_std"],
+        "eval_length_mean": last["eval/length_mean"], "normalized_score": last.get("eval/normalized_score"),
+        "eval_episodes": cfg.eval_episodes, "eval_mean_path": cfg.eval_mean_path, "transitions": len(ds),
+        "chunk_samples": len(data), "policy": spec.to_dict(), "time_breakdown_s": dict(timers)})
 
 
 # ------------------------------------------------------------------------------------------------- fine-tuning
-@dataclasses.dataclass
-class Source:
-    """What fine-tuning takes from a pre-training run (or, on resume / evaluation, from its own checkpoint)."""
-
-    run_dir: Path
-    policy: dict[str, Any]       # policy_meta of the pre-training run
-    env: dict[str, Any]          # env signature the data came from
-    normalization: MinMaxNormalization
-    ref_scores: dict[str, float] | None
-    dataset: str
-    weights: dict[str, torch.Tensor] | None  # EMA weights (None: the agent state of a checkpoint supplies them)
-
-
-def _source(run_dir: Path, manifest: dict[str, Any], parts: dict[str, Any], weights: bool) -> Source:
-    meta = manifest["meta"]
-    norm = MinMaxNormalization.from_state_dict(parts["normalization"])
-    return Source(Path(run_dir), meta["policy"], meta["env"], norm, meta.get("ref_scores"), str(meta.get("dataset")),
-                  parts["policy"]["ema"]["shadow"] if weights else None)
-
-
-def load_pretrained(run_dir: Path) -> Source:
+def load_pretrained(run_dir: Path) -> PretrainedPolicy:
     """The EMA policy, normalisation and settings of a ``diffrl dppo pretrain`` run (one sentence if it is not one)."""
-    if not Path(run_dir).is_dir():
-        raise ConfigError(f"--policy {run_dir} does not exist; pass the run directory of `diffrl dppo pretrain`.")
-    pipeline = read_config(run_dir).get("pipeline")
-    if pipeline not in (PIPELINES["pretrain", "diffusion"], PIPELINES["pretrain", "gaussian"]):
-        raise ConfigError(f"--policy {run_dir} is a {pipeline} run; pass the run directory of `diffrl dppo pretrain`.")
-    manifest, parts = ckpt.load_checkpoint(run_dir, parts=("policy", "normalization"))
-    return _source(run_dir, manifest, parts, weights=True)
+    pipelines = (PIPELINES["pretrain", "diffusion"], PIPELINES["pretrain", "gaussian"])
+    return chunk_policy.load_pretrained(run_dir, pipelines, "diffrl dppo pretrain")
 
 
-def agent_params(cfg: FinetuneConfig, policy: dict[str, Any]) -> DPPOParams | GaussianPPOParams:
+def agent_params(cfg: FinetuneConfig, spec: PolicySpec) -> DPPOParams | GaussianPPOParams:
     """``cfg``'s PPO settings with the pre-trained policy's chunking and K (a conflicting value is refused)."""
     for name in CHUNK_FIELDS:
-        given, saved = getattr(cfg, name), policy.get(name)
+        given, saved = getattr(cfg, name), getattr(spec, name)
         if given is not None and saved is not None and given != saved and name != "act_steps":
             raise ConfigError(f"{name}={given} differs from the pre-trained policy's {saved}; leave --"
                               f"{name.replace('_', '-')} unset (fine-tuning keeps the pre-trained model's).")
-    ta, to = policy["horizon_steps"], policy["cond_steps"]
-    act = cfg.act_steps if cfg.act_steps is not None else policy["act_steps"]
-    if policy["type"] == "diffusion":
-        return cfg.dppo_params(ta, act, to, policy["denoising_steps"])
+    ta, to = spec.horizon_steps, spec.cond_steps
+    act = cfg.act_steps if cfg.act_steps is not None else spec.act_steps
+    if spec.policy_type == "diffusion":
+        return cfg.dppo_params(ta, act, to, spec.denoising_steps)  # type: ignore[arg-type]
     common = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(PPOParams)}
     common.update(horizon_steps=ta, act_steps=act, cond_steps=to)
-    g = policy["gaussian"]
-    return GaussianPPOParams(**common, hidden=tuple(g["hidden"]), residual=g["residual"], activation=g["activation"],
-                             std_init=min(max(g["std"], cfg.std_min), cfg.std_max), std_min=cfg.std_min,
+    g: GaussianSpec = spec.gaussian  # type: ignore[assignment]
+    return GaussianPPOParams(**common, hidden=tuple(g.hidden), residual=g.residual, activation=g.activation,
+                             std_init=min(max(g.std, cfg.std_min), cfg.std_max), std_min=cfg.std_min,
                              std_max=cfg.std_max)
-
-
-def build_agent(source: Source, params: PPOParams, device: torch.device) -> ChunkPPO:
-    """DPPO on the pre-trained DDPM, or plain PPO on the pre-trained Gaussian policy (EMA weights when given)."""
-    meta = source.policy
-    if meta["type"] == "diffusion":
-        model = build_model(meta["model_spec"])
-        if source.weights is not None:
-            ckpt.load_weights(model, source.weights, source.run_dir)
-        return DPPO(model, meta["obs_dim"], params, device)  # type: ignore[arg-type]
-    p: GaussianPPOParams = params  # type: ignore[assignment]
-    policy = _gaussian(meta, p.std_min, p.std_max)
-    if source.weights is not None:
-        ckpt.load_weights(policy, source.weights, source.run_dir)
-    return GaussianPPO(meta["obs_dim"], meta["act_dim"], p, device, policy=policy)
-
-
-@dataclasses.dataclass
-class Rollout:
-    """One iteration's experience (``T`` chunks from each of ``N`` envs)."""
-
-    obs: torch.Tensor            # (T, N, To, Do) normalised histories acted from
-    chains: torch.Tensor         # (T, N, S + 1, Ta, Da) recorded chains (K' + 1 states for DPPO)
-    rewards: np.ndarray          # (T, N) summed over each chunk's executed actions
-    terminated: np.ndarray       # (T, N) bool
-    truncated: np.ndarray        # (T, N) bool
-    final_obs: dict[tuple[int, int], np.ndarray]  # (t, i) -> true final history of an episode truncated there
-    last_obs: np.ndarray         # (N, To, Do) where the next rollout starts
-    env_steps: int
-    episodes: list[tuple[float, int]]
-
-
-def collect(agent: ChunkPPO, envs: VecEnv, obs: np.ndarray, n_steps: int, generator: torch.Generator) -> Rollout:
-    """Roll out ``n_steps`` chunks per env with exploration noise, recording the chains PPO re-scores."""
-    T, N = n_steps, envs.num_envs
-    obs_buf = torch.zeros((T, N, *obs.shape[1:]), device=agent.device)
-    chains: torch.Tensor | None = None
-    rewards, term, trunc = np.zeros((T, N)), np.zeros((T, N), dtype=bool), np.zeros((T, N), dtype=bool)
-    final: dict[tuple[int, int], np.ndarray] = {}
-    env_steps, episodes = 0, []
-    for t in range(T):
-        o = torch.as_tensor(obs, dtype=torch.float32, device=agent.device)
-        action, chain = agent.sample(o, deterministic=False, generator=generator)  # (N, Ta, Da), (N, S + 1, Ta, Da)
-        if chains is None:
-            chains = torch.zeros((T, *chain.shape), device=agent.device)  # type: ignore[union-attr]
-        obs_buf[t], chains[t] = o, chain
-        step = envs.step(action.cpu().numpy())
-        rewards[t], term[t], trunc[t] = step.reward, step.terminated, step.truncated
-        final.update({(t, i): step.next_obs[i] for i in np.flatnonzero(step.truncated)})  # type: ignore[index]
-        env_steps += step.env_steps
-        episodes += [(ret, length) for _, ret, length, _ in step.finished]
-        obs = step.obs
-    return Rollout(obs_buf, chains, rewards, term, trunc, final, obs, env_steps, episodes)  # type: ignore[arg-type]
-
-
-def advantages(agent: ChunkPPO, ro: Rollout, cfg: FinetuneConfig, scaler: RunningRewardScaler | None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Values ``(M,)``, GAE advantages and returns ``(M,)`` of a rollout (rewards scaled first).
-
-    Bootstrapping is masked by termination only; after a time-limit truncation the value of the TRUE final
-    observation is used (DPPO uses the auto-reset observation's), and the GAE recursion stops at either end.
-    """
-    T, N = ro.rewards.shape
-    values = agent.values(ro.obs.flatten(0, 1), cfg.logprob_batch_size).view(T, N)
-    next_values = torch.empty_like(values)
-    next_values[:-1] = values[1:]
-    next_values[-1] = agent.values(ro.last_obs)
-    if ro.final_obs:
-        (ts, idx), finals = zip(*ro.final_obs.keys()), np.stack(list(ro.final_obs.values()))
-        next_values[list(ts), list(idx)] = agent.values(finals)
-    rewards = scaler(ro.rewards, ro.terminated | ro.truncated) if scaler is not None else ro.rewards
-    adv, ret = gae(torch.as_tensor(rewards, dtype=torch.float32), values.cpu(), next_values.cpu(),
-                   torch.as_tensor(ro.terminated), cfg.gamma, cfg.gae_lambda, truncated=torch.as_tensor(ro.truncated))
-    var = float(ret.var())
-    stats = {"train/explained_variance": 1.0 - float((ret - values.cpu()).var()) / var if var > 0 else 0.0,
-             "train/reward_scaled_mean": float(np.mean(rewards)), "train/value_mean": float(values.mean())}
-    if scaler is not None:
-        stats["train/reward_scale_std"] = scaler.std
-    device = agent.device
-    return values.flatten(), adv.flatten().to(device), ret.flatten().to(device), stats
 
 
 def minibatch_size(cfg: FinetuneConfig, agent: ChunkPPO) -> int:
@@ -692,28 +463,51 @@ def minibatch_size(cfg: FinetuneConfig, agent: ChunkPPO) -> int:
     return max(1, cfg.batch_size // cfg.ft_denoising_steps)
 
 
-def ppo_update(agent: ChunkPPO, ro: Rollout, values: torch.Tensor, adv: torch.Tensor, ret: torch.Tensor,
-               cfg: FinetuneConfig, critic_only: bool, generator: torch.Generator) -> dict[str, float]:
-    """``update_epochs`` epochs of minibatches over the ``M S`` (env step, denoising step) pairs; stops the whole
-    update once a minibatch's approx_kl exceeds target_kl (DPPO). Returns metrics averaged over minibatches."""
-    obs = ro.obs.flatten(0, 1)                                              # (M, To, Do)
-    chains = ro.chains.flatten(0, 1)                                        # (M, S + 1, Ta, Da)
-    old = agent.chain_log_probs(obs, chains, cfg.logprob_batch_size)        # (M, S)
-    history: list[dict[str, torch.Tensor]] = []
-    stopped = False
-    for _ in range(cfg.update_epochs):
-        for batch in ppo_minibatches(obs, chains, old, adv, ret, values, minibatch_size(cfg, agent),
-                                     generator=generator):
-            history.append(agent.update(batch, critic_only=critic_only))
-            if agent.should_stop(history[-1]):
-                stopped = True
-                break
-        if stopped:
-            break
-    out = {k: float(torch.stack([h[k] for h in history]).mean()) for k in history[0]}
-    out.update({"train/minibatches": float(len(history)), "train/kl_stop": float(stopped),
-                "train/critic_only": float(critic_only)})
-    return out
+def finetuning_inputs(cfg: FinetuneConfig) -> tuple[PretrainedPolicy, str, DPPOParams | GaussianPPOParams]:
+    """What ``cfg`` fine-tunes, on which env id, with which agent settings (checked before anything is written).
+
+    Fresh: the pre-training run's EMA policy. Resume: the spec and normalisation of the run's own checkpoint (the
+    restored agent state brings the weights; the pre-training run is not read again).
+    """
+    if cfg.resume is None:
+        pretrained = load_pretrained(Path(str(cfg.policy)))
+    else:
+        manifest, parts = ckpt.load_checkpoint(Path(cfg.resume), parts=("normalization",))
+        pretrained = PretrainedPolicy.from_finetuning(Path(str(cfg.policy)), manifest, parts)
+    env_id, spec = cfg.env or pretrained.env["env_id"], pretrained.spec
+    if env_id != pretrained.env["env_id"]:
+        raise ConfigError(f"the policy in {cfg.policy} was pre-trained on {pretrained.env['env_id']} data; fine-tune "
+                          f"it on {pretrained.env['env_id']}, not {env_id}.")
+    params = agent_params(cfg, spec)
+    if cfg.resume is None and spec.policy_type == "diffusion":
+        # DPPO sets denoised_clip_value in each stage's config independently: said once, when fine-tuning starts
+        pretrained_clip = spec.model_spec["diffusion"].get("clip_x0")  # type: ignore[index]
+        if cfg.clip_x0 != pretrained_clip:
+            warnings.warn(f"fine-tuning clamps predicted clean chunks at clip_x0={cfg.clip_x0}, the pre-trained "
+                          f"model at {pretrained_clip}; pass --clip-x0 {pretrained_clip} to keep the model's.",
+                          DiffrlWarning, stacklevel=3)
+    return pretrained, env_id, params
+
+
+@dataclasses.dataclass
+class FinetuneCounters:
+    """The fine-tuning loop's counters (saved in every checkpoint's ``state["loop"]``, where fine-tuning runs
+    have always kept them)."""
+
+    itr: int = 0
+    env_steps: int = 0
+    best_eval: float = -np.inf
+    last_eval: dict[str, float] | None = None
+    initial_eval: dict[str, float] | None = None  # the pre-trained policy through the fine-tuning routing
+
+
+def perf_row(ro: onpolicy.Rollout, spent: dict[str, float], timers: dict[str, float]) -> dict[str, float]:
+    """One iteration's ``perf/*`` timings, from the timers' growth since ``spent``."""
+    rollout, scoring, update = (timers[k] - spent[k] for k in ("rollout_s", "scoring_s", "update_s"))
+    return {"perf/rollout_s": rollout, "perf/scoring_s": scoring, "perf/update_s": update,
+            "perf/rollout_s_per_env_step": rollout / max(ro.env_steps, 1),
+            "perf/update_s_per_env_step": (scoring + update) / max(ro.env_steps, 1),
+            "perf/env_steps_per_s": ro.env_steps / max(rollout + scoring + update, 1e-9)}
 
 
 def finetune(cfg: FinetuneConfig) -> Path:
@@ -721,201 +515,159 @@ def finetune(cfg: FinetuneConfig) -> Path:
     device = resolve_device(cfg.device)
 
     # ------------------------------------------------------------------ setup (checks before any write)
-    resumed = cfg.resume is not None
-    if resumed:
-        run_dir = Path(cfg.resume)  # type: ignore[arg-type]
-        manifest, parts = ckpt.load_checkpoint(run_dir)
-        source = _source(Path(str(cfg.policy)), manifest, parts, weights=False)
-    else:
-        source = load_pretrained(Path(str(cfg.policy)))
-    env_id = cfg.env or source.env["env_id"]
-    if env_id != source.env["env_id"]:
-        raise ConfigError(f"the policy in {cfg.policy} was pre-trained on {source.env['env_id']} data; fine-tune it "
-                          f"on {source.env['env_id']}, not {env_id}.")
-    params = agent_params(cfg, source.policy)
-    if not resumed and source.policy["type"] == "diffusion":
-        # DPPO sets denoised_clip_value in each stage's config independently: said once, when fine-tuning starts
-        pretrained_clip = source.policy["model_spec"]["diffusion"].get("clip_x0")
-        if cfg.clip_x0 != pretrained_clip:
-            warnings.warn(f"fine-tuning clamps predicted clean chunks at clip_x0={cfg.clip_x0}, the pre-trained "
-                          f"model at {pretrained_clip}; pass --clip-x0 {pretrained_clip} to keep the model's.",
-                          DiffrlWarning, stacklevel=2)
-    pipeline = PIPELINES["finetune", source.policy["type"]]
-    act_steps = params.act_steps
+    pretrained, env_id, params = finetuning_inputs(cfg)
+    spec, norm = pretrained.spec, pretrained.normalization
     seed_everything(cfg.seed)
-    envs = chunk_envs(env_id, cfg.n_envs, cfg.seed, source.policy, source.normalization, act_steps,
-                      cfg.max_episode_steps)
-    eval_env = chunk_env(env_id, source.policy, source.normalization, act_steps, cfg.max_episode_steps)
+    envs = chunk_envs(env_id, cfg.n_envs, cfg.seed, spec, norm, params.act_steps, cfg.max_episode_steps)
+    eval_env = chunk_env(env_id, spec, norm, params.act_steps, cfg.max_episode_steps)
     signature = env_signature(env_id, eval_env.env)
-    if signature != source.env:
+    if signature != pretrained.env:
         raise ConfigError(f"{env_id} as installed here has spaces {signature} but the policy in {cfg.policy} was "
-                          f"trained for {source.env}.")
-    agent = build_agent(source, params, device)
+                          f"trained for {pretrained.env}.")
+    agent = build_agent(pretrained, params, device)
     scaler = RunningRewardScaler(cfg.n_envs) if cfg.reward_scale_running else None
     sample_gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, SAMPLE_STREAM))  # rollout noise
     minibatch_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, MINIBATCH_STREAM))
-
-    itr, env_steps, best_eval, last_eval, initial_eval, wall_offset = 0, 0, -np.inf, None, None, 0.0
-    timers = {"rollout_s": 0.0, "scoring_s": 0.0, "update_s": 0.0, "eval_s": 0.0}
-    if resumed:
-        check_resumable(run_dir, pipeline, cfg)
-        ckpt.check_env(manifest, signature, run_dir, resume=True)
-        state = parts["state"]
+    session = RunSession(cfg, PIPELINES["finetune", spec.policy_type], env_id, signature=signature, meta={
+        "policy": spec.to_dict(), "ref_scores": pretrained.ref_scores, "dataset": pretrained.dataset,
+        "pretrain_run": str(cfg.policy), "agent_params": to_dict(params)})
+    if session.resumed:
+        state = session.parts["state"]
         agent.load_state_dict(state["agent"])
         if scaler is not None:
             scaler.load_state_dict(state["reward_scaler"])
         sample_gen.set_state(state["sample_gen"])
         minibatch_gen.set_state(state["minibatch_gen"])
-        loop = state["loop"]
-        itr, env_steps, best_eval = int(loop["itr"]), int(loop["env_steps"]), float(loop["best_eval"])
-        last_eval, initial_eval = loop["last_eval"], loop["initial_eval"]
-        timers, wall_offset = dict(loop["timers"]), float(loop["wall_s"])
-        obs = envs.load_state_dict(state["envs"])
-        set_rng_state(state["rng"])  # last: the replay must not disturb any RNG we restore
+        obs = envs.load_state_dict(state["envs"])  # replays the running episodes
     else:
-        run_dir = new_run_dir(pipeline, env_id, cfg.seed, cfg.runs_root, cfg.run_dir)
         obs = envs.reset()
-    write_config(run_dir, pipeline, to_dict(cfg))
-    logger = Logger(run_dir, resume_step=env_steps if resumed else None, wall_offset=wall_offset,
-                    wandb_project=cfg.wandb_project if cfg.wandb else None, config=to_dict(cfg))
-    ckpt_meta = {"pipeline": pipeline, "policy": source.policy, "env": signature, "ref_scores": source.ref_scores,
-                 "dataset": source.dataset, "pretrain_run": str(cfg.policy), "seed": cfg.seed,
-                 "agent_params": to_dict(params)}
-
-    def save() -> None:
-        state = {"agent": agent.state_dict(), "rng": get_rng_state(), "envs": envs.state_dict(),
-                 "sample_gen": sample_gen.get_state(), "minibatch_gen": minibatch_gen.get_state(),
-                 "loop": {"itr": itr, "env_steps": env_steps, "best_eval": float(best_eval), "last_eval": last_eval,
-                          "initial_eval": initial_eval, "timers": timers, "wall_s": logger.wall_s()}}
-        if scaler is not None:
-            state["reward_scaler"] = scaler.state_dict()
-        meta = {**ckpt_meta, "iteration": itr, "env_steps": env_steps, "gradient_steps": agent.num_updates}
-        ckpt.save_checkpoint(run_dir / "checkpoints", env_steps, {"state": state,
-                                                                  "normalization": source.normalization.state_dict()},
-                             meta, keep_last=cfg.keep_checkpoints)
+    c = session.start(FinetuneCounters(), timers={"rollout_s": 0.0, "scoring_s": 0.0, "update_s": 0.0, "eval_s": 0.0})
+    timers = session.timers
 
     def evaluate_agent() -> dict[str, float]:  # the fine-tuning routing itself: agent.policy
-        t0 = time.perf_counter()
-        out = _evaluate(agent.policy, eval_env, cfg.eval_episodes, cfg.seed, device, source.ref_scores,
-                        cfg.eval_mean_path)
-        agent.policy.train()
-        timers["eval_s"] += time.perf_counter() - t0
-        return out
+        with timers.time("eval_s"):
+            return evaluate_chunk_policy(agent.policy, eval_env, cfg.eval_episodes, cfg.seed, device,
+                                         pretrained.ref_scores, cfg.eval_mean_path)
 
     # ------------------------------------------------------------------ loop
-    if not resumed and cfg.eval_every > 0:  # the pre-trained policy through the fine-tuning routing, at env step 0
-        initial_eval = evaluate_agent()
-        logger.log(0, {"itr": 0.0, **initial_eval}, env_steps=0)
-    bar = Progress(cfg.n_train_itr, initial=itr, desc=f"{pipeline} {env_id}", unit="itr", enabled=cfg.progress)
-    while itr < cfg.n_train_itr:
-        t0 = time.perf_counter()
-        ro = collect(agent, envs, obs, cfg.n_steps, sample_gen)
-        obs = ro.last_obs
-        env_steps += ro.env_steps
-        t1 = time.perf_counter()
-        values, adv, ret, stats = advantages(agent, ro, cfg, scaler)
-        t2 = time.perf_counter()
-        metrics = ppo_update(agent, ro, values, adv, ret, cfg, itr < cfg.n_critic_warmup_itr, minibatch_gen)
-        t3 = time.perf_counter()
-        timers["rollout_s"] += t1 - t0
-        timers["scoring_s"] += t2 - t1
-        timers["update_s"] += t3 - t2
-        itr += 1
-        done_all = itr >= cfg.n_train_itr
-        row: dict[str, float] = {}
-        on_grid = cfg.eval_every > 0 and itr % cfg.eval_every == 0
-        if on_grid or done_all:  # off-grid final evaluation: summary only (see pipelines.online)
-            last_eval = evaluate_agent()
-            if on_grid:
-                best_eval = max(best_eval, last_eval["eval/return_mean"])
-                row.update(last_eval)
-        if itr % cfg.log_every == 0 or done_all:
-            row.update(metrics)
-            row.update(stats)
-            if ro.episodes:
-                row["train/episode_return"] = float(np.mean([r for r, _ in ro.episodes]))
-                row["train/episode_length"] = float(np.mean([n for _, n in ro.episodes]))
-                row["train/episodes"] = float(len(ro.episodes))
-            check_finite(row, env_steps, run_dir)
-            row.update({"itr": float(itr), "gradient_steps": float(agent.num_updates),
-                        "perf/rollout_s": t1 - t0, "perf/scoring_s": t2 - t1, "perf/update_s": t3 - t2,
-                        "perf/rollout_s_per_env_step": (t1 - t0) / max(ro.env_steps, 1),
-                        "perf/update_s_per_env_step": (t3 - t1) / max(ro.env_steps, 1),
-                        "perf/env_steps_per_s": ro.env_steps / max(t3 - t0, 1e-9)})
-        if row:
-            logger.log(env_steps, row, env_steps=env_steps)
-        bar.update(1, **({"eval": last_eval["eval/return_mean"]} if last_eval else {}))
-        if itr % cfg.checkpoint_every == 0 or done_all:
-            save()
-    bar.close()
-    logger.close()
-    if last_eval is None:  # resumed at the end: evaluate once more for the summary
-        last_eval = evaluate_agent()
+    if not session.resumed and cfg.eval_every > 0:  # the pre-trained policy through the fine-tuning routing
+        c.initial_eval = evaluate_agent()
+        session.log(0, {"itr": 0.0, **c.initial_eval}, env_steps=0)
+    session.progress_bar(cfg.n_train_itr, c.itr, desc=f"{session.pipeline} {env_id}", unit="itr")
+    while c.itr < cfg.n_train_itr:
+        spent = dict(timers)
+        with timers.time("rollout_s"):
+            ro = onpolicy.collect(agent, envs, obs, cfg.n_steps, sample_gen)
+        with timers.time("scoring_s"):
+            values, adv, ret, stats = onpolicy.advantages(agent, ro, cfg.gamma, cfg.gae_lambda, scaler,
+                                                          cfg.logprob_batch_size)
+        with timers.time("update_s"):
+            metrics = onpolicy.ppo_update(agent, ro, values, adv, ret, update_epochs=cfg.update_epochs,
+                                          minibatch_size=minibatch_size(cfg, agent),
+                                          critic_only=c.itr < cfg.n_critic_warmup_itr, generator=minibatch_gen,
+                                          logprob_batch_size=cfg.logprob_batch_size)
+        obs, c.env_steps, c.itr = ro.last_obs, c.env_steps + ro.env_steps, c.itr + 1
 
-    # ------------------------------------------------------------------ summary
-    wall = logger.wall_s()
-    train_s = timers["rollout_s"] + timers["scoring_s"] + timers["update_s"]
-    summary = {"pipeline": pipeline, "policy_type": source.policy["type"], "env_id": env_id, "seed": cfg.seed,
-               "pretrain_run": str(cfg.policy), "iterations": itr, "env_steps": env_steps,
-               "gradient_steps": agent.num_updates, "actor_updates": agent.num_actor_updates, "wall_s": wall,
-               "env_steps_per_s": env_steps / max(wall, 1e-9),
-               "eval_return_mean": last_eval["eval/return_mean"], "eval_return_std": last_eval["eval/return_std"],
-               "normalized_score": last_eval.get("eval/normalized_score"),
-               "best_eval_return": max(float(best_eval), last_eval["eval/return_mean"]),
-               "initial_eval_return": initial_eval["eval/return_mean"] if initial_eval else None,
-               "initial_normalized_score": initial_eval.get("eval/normalized_score") if initial_eval else None,
-               "eval_episodes": cfg.eval_episodes, "eval_mean_path": cfg.eval_mean_path,
-               "rollout_s_per_env_step": timers["rollout_s"] / max(env_steps, 1),
-               "update_s_per_iteration": (timers["scoring_s"] + timers["update_s"]) / max(itr, 1),
-               "train_env_steps_per_s": env_steps / max(train_s, 1e-9),
-               "agent_params": to_dict(params), "time_breakdown_s": timers}
-    write_summary(run_dir, summary)
+        done_all = c.itr >= cfg.n_train_itr
+        row: dict[str, float] = {}
+        on_grid = due(cfg.eval_every, c.itr - 1, c.itr)
+        if on_grid or done_all:  # off-grid final evaluation: summary only (see pipelines.online)
+            c.last_eval = evaluate_agent()
+            if on_grid:
+                c.best_eval = max(c.best_eval, c.last_eval["eval/return_mean"])
+                row.update(c.last_eval)
+        if due(cfg.log_every, c.itr - 1, c.itr) or done_all:
+            row.update({**metrics, **stats, **onpolicy.episode_stats(ro.episodes)})
+            session.check_finite(row, c.env_steps)
+            row.update({"itr": float(c.itr), "gradient_steps": float(agent.num_updates),
+                        **perf_row(ro, spent, timers)})
+        session.log(c.env_steps, row, env_steps=c.env_steps)
+        session.progress(1, **({"eval": c.last_eval["eval/return_mean"]} if c.last_eval else {}))
+        if due(cfg.checkpoint_every, c.itr - 1, c.itr) or done_all:
+            session.save(c.env_steps, state={
+                "agent": agent.state_dict(), "envs": envs.state_dict(), "sample_gen": sample_gen.get_state(),
+                "minibatch_gen": minibatch_gen.get_state(),
+                **({"reward_scaler": scaler.state_dict()} if scaler is not None else {})},
+                parts={"normalization": norm.state_dict()},
+                meta={"iteration": c.itr, "env_steps": c.env_steps, "gradient_steps": agent.num_updates})
+    if c.last_eval is None:  # resumed at the end: evaluate once more for the summary
+        c.last_eval = evaluate_agent()
     envs.close()
     eval_env.close()
-    return run_dir
+    return session.finish(finetune_summary(cfg, c, agent, spec, env_id, params, timers, session.wall_s()))
+
+
+def finetune_summary(cfg: FinetuneConfig, c: FinetuneCounters, agent: ChunkPPO, spec: PolicySpec, env_id: str,
+                     params: PPOParams, timers: dict[str, float], wall: float) -> dict[str, Any]:
+    """``summary.json`` of a fine-tuning run: the final, best and initial evaluations, counts and costs."""
+    last, initial = c.last_eval or {}, c.initial_eval
+    train_s = timers["rollout_s"] + timers["scoring_s"] + timers["update_s"]
+    return {"policy_type": spec.policy_type, "env_id": env_id, "pretrain_run": str(cfg.policy),
+            "iterations": c.itr, "env_steps": c.env_steps, "gradient_steps": agent.num_updates,
+            "actor_updates": agent.num_actor_updates, "wall_s": wall, "env_steps_per_s": c.env_steps / max(wall, 1e-9),
+            "eval_return_mean": last["eval/return_mean"], "eval_return_std": last["eval/return_std"],
+            "normalized_score": last.get("eval/normalized_score"),
+            "best_eval_return": max(float(c.best_eval), last["eval/return_mean"]),
+            "initial_eval_return": initial["eval/return_mean"] if initial else None,
+            "initial_normalized_score": initial.get("eval/normalized_score") if initial else None,
+            "eval_episodes": cfg.eval_episodes, "eval_mean_path": cfg.eval_mean_path,
+            "rollout_s_per_env_step": timers["rollout_s"] / max(c.env_steps, 1),
+            "update_s_per_iteration": (timers["scoring_s"] + timers["update_s"]) / max(c.itr, 1),
+            "train_env_steps_per_s": c.env_steps / max(train_s, 1e-9),
+            "agent_params": to_dict(params), "time_breakdown_s": dict(timers)}
 
 
 # -------------------------------------------------------------------------------------------------- evaluation
-def load_finetuned(run_dir: Path, device: str = "auto") -> tuple[ChunkPPO, Source, dict[str, Any]]:
-    """The fine-tuned agent of a fine-tuning run's latest checkpoint (frozen base + fine-tuned copy), its source
-    settings and the checkpoint manifest; built from the checkpoint alone (the pre-training run is not read)."""
-    cfg = load_config(run_dir)
-    if not isinstance(cfg, FinetuneConfig):
-        raise CheckpointError(f"{run_dir} is a pre-training run, not a `diffrl dppo finetune` run.")
+def load_finetuned(run_dir: Path, cfg: FinetuneConfig, device: str = "auto"
+                   ) -> tuple[ChunkPPO, PretrainedPolicy, dict[str, Any]]:
+    """The fine-tuned agent of a fine-tuning run's latest checkpoint (frozen base + fine-tuned copy), what it was
+    pre-trained as, and the checkpoint manifest; built from the checkpoint alone (the pre-training run is not read).
+    ``cfg``: the run's config (``registry.load_config(run_dir, SYSTEM.command("finetune"))``)."""
     manifest, parts = ckpt.load_checkpoint(run_dir, parts=("state", "normalization"))
-    source = _source(Path(str(cfg.policy)), manifest, parts, weights=False)
-    agent = build_agent(source, agent_params(cfg, source.policy), resolve_device(device))
+    pretrained = PretrainedPolicy.from_finetuning(Path(str(cfg.policy)), manifest, parts)
+    agent = build_agent(pretrained, agent_params(cfg, pretrained.spec), resolve_device(device))
     agent.load_state_dict(parts["state"]["agent"])
-    return agent, source, manifest
+    return agent, pretrained, manifest
 
 
-def evaluate_run(run_dir: Path, episodes: int = 10, device: str = "auto", seed: int | None = None,
-                 mean_path: bool | None = None) -> dict[str, Any]:
+def evaluate_run(run_dir: Path, cfg: PretrainConfig | FinetuneConfig, episodes: int = 10, device: str = "auto",
+                 seed: int | None = None, mean_path: bool | None = None) -> dict[str, Any]:
     """Evaluate the latest checkpoint of a ``diffrl dppo`` run with :func:`diffrl.eval.evaluate`: a pre-training run
     with its EMA weights, a fine-tuning run with the fine-tuned routing of denoising steps (as during training);
-    ``mean_path`` (default: the run's ``eval_mean_path``) as in :class:`ChunkActor`."""
-    cfg = load_config(run_dir)
+    ``cfg``: the run's saved config; ``mean_path`` (default: the run's ``eval_mean_path``) as in
+    :class:`~diffrl.pipelines.chunk_policy.ChunkActor`."""
     mean_path = cfg.eval_mean_path if mean_path is None else mean_path
     dev = resolve_device(device)
     if isinstance(cfg, FinetuneConfig):
-        agent, source, manifest = load_finetuned(run_dir, device)
-        policy: DiffusionPolicy | GaussianPolicy = agent.policy
+        agent, pretrained, manifest = load_finetuned(run_dir, cfg, device)
+        policy: ChunkPolicy = agent.policy
         act_steps = agent.p.act_steps
     else:
         manifest, parts = ckpt.load_checkpoint(run_dir, parts=("policy", "normalization"))
-        source = _source(run_dir, manifest, parts, weights=True)
-        policy = pretrained_policy(source.policy, source.weights, source.run_dir)  # type: ignore[arg-type]
-        act_steps = source.policy["act_steps"]
-    env_id = source.env["env_id"]
-    env = chunk_env(env_id, source.policy, source.normalization, act_steps, cfg.max_episode_steps)
-    if env_signature(env_id, env.env) != source.env:
+        pretrained = PretrainedPolicy.from_pretraining(run_dir, manifest, parts)
+        policy = pretrained.spec.build_policy(pretrained.weights, pretrained.run_dir)  # type: ignore[arg-type]
+        act_steps = pretrained.spec.act_steps
+    env_id = pretrained.env["env_id"]
+    env = chunk_env(env_id, pretrained.spec, pretrained.normalization, act_steps, cfg.max_episode_steps)
+    if env_signature(env_id, env.env) != pretrained.env:
         raise CheckpointError(f"the checkpoint in {run_dir} does not match {env_id} as installed here.")
     seed = cfg.seed if seed is None else seed
     result = evaluate(ChunkActor(policy, dev, seed, mean_path), env, episodes, seed=seed)
     env.close()
     out = {"run_dir": str(run_dir), "env_id": env_id, "checkpoint_step": manifest["step"], "episodes": episodes,
-           "policy_type": source.policy["type"], "eval_mean_path": mean_path, **result.to_dict()}
-    score = _normalized(result.returns, source.ref_scores)
+           "policy_type": pretrained.spec.policy_type, "eval_mean_path": mean_path, **result.to_dict()}
+    score = normalized_mean(result.returns, pretrained.ref_scores)
     if score is not None:
         out["normalized_score"] = score
     return out
+
+
+SYSTEM = System("dppo", "DPPO: BC of a diffusion (or Gaussian) chunk policy, then PPO fine-tuning", commands=(
+    Command("pretrain", {"": PretrainConfig}, pretrain, {"": PRESETS["pretrain"]},
+            pipelines={PIPELINES["pretrain", t]: PretrainConfig for t in POLICY_TYPES}, evaluate=evaluate_run,
+            eval_options=("mean_path",), summary_lines=online.summary_lines,
+            help="--dataset D [--policy-type diffusion|gaussian]"),
+    Command("finetune", {"": FinetuneConfig}, finetune, {"": PRESETS["finetune"]},
+            pipelines={PIPELINES["finetune", t]: FinetuneConfig for t in POLICY_TYPES}, evaluate=evaluate_run,
+            eval_options=("mean_path",), summary_lines=online.summary_lines,
+            help="--policy PRETRAIN_RUN_DIR [--ft-denoising-steps K'] [--use-ddim --ddim-steps S]"),))

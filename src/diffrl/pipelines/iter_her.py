@@ -23,7 +23,6 @@ Resume is exact on CPU at epoch boundaries (checkpoints are written at the end o
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,32 +34,24 @@ from diffrl.augment.episodes import (
     FETCH_SUCCESS_THRESHOLD,
     EpisodeDiffusionSettings,
     EpisodeGenerator,
-    component_stats,
     successful_contexts,
 )
 from diffrl.augment.ger import ger_minibatch
 from diffrl.augment.ker import fetch_task, ker_augment
-from diffrl.config import check, check_choice, check_non_negative, check_positive, from_dict, to_dict
+from diffrl.config import check, check_choice, check_non_negative, check_positive
 from diffrl.data.batch import Batch
 from diffrl.data.episodes import HER_STRATEGIES, OVERWRITE, EpisodeBuffer, RewardFn
 from diffrl.envs import env_signature, make_env
 from diffrl.envs.make import is_goal_env
-from diffrl.errors import CheckpointError, ConfigError
+from diffrl.errors import ConfigError
 from diffrl.eval import evaluate
-from diffrl.pipelines.common import RunConfig
-from diffrl.runs import checkpoint as ckpt
+from diffrl.eval.episode_fidelity import component_stats
+from diffrl.pipelines import online
+from diffrl.pipelines.common import RunConfig, evaluate_checkpoint
+from diffrl.registry import Command, System
 from diffrl.runs.device import resolve_device
-from diffrl.runs.logger import Logger, check_finite
-from diffrl.runs.progress import Progress
-from diffrl.runs.rundir import check_resumable, new_run_dir, read_config, write_config, write_summary
-from diffrl.runs.seeding import (
-    derive_seed,
-    generator_state,
-    get_rng_state,
-    seed_everything,
-    set_generator_state,
-    set_rng_state,
-)
+from diffrl.runs.seeding import derive_seed, seed_everything
+from diffrl.runs.session import RunSession, Timers, due
 
 PIPELINE = "iter"
 TRAIN_SEED_STREAM, NORM_SEED_STREAM = 104_729, 130_363  # training episode k resets with derive_seed(seed, stream, k)
@@ -173,14 +164,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def load_config(run_dir: Path) -> ITERConfig:
-    """The config a run was started with (from its ``config.yaml``)."""
-    saved = read_config(run_dir)
-    if saved.get("pipeline") != PIPELINE:
-        raise CheckpointError(f"{run_dir} is a {saved.get('pipeline')} run, not a `diffrl iter` run.")
-    return from_dict(ITERConfig, saved["config"])
-
-
 def agent_params(cfg: ITERConfig, T: int) -> ITERConfig:  # noqa: N803
     """``cfg`` with its discount resolved: ``gamma = None`` is baselines' ``1 - 1/T``."""
     return dataclasses.replace(cfg, gamma=cfg.gamma if cfg.gamma is not None else 1.0 - 1.0 / T)
@@ -218,11 +201,37 @@ def her_batch(real: EpisodeBuffer, synthetic: EpisodeBuffer | None, cfg: ITERCon
     return parts[0] if len(parts) == 1 else Batch.cat(parts)
 
 
+@dataclasses.dataclass
+class Counters:
+    """The loop's counters (saved in every checkpoint's ``state["loop"]``)."""
+
+    epoch: int = 0
+    episodes: int = 0  # exploration episodes collected (their number seeds the next one's reset)
+    best_success: float = -1.0
+    last_eval: dict[str, float] | None = None
+
+
+def goal_dims(env: Any) -> tuple[int, int, int]:
+    """``(d_obs, d_goal, d_act)`` of a goal-conditioned env."""
+    spaces = env.observation_space
+    return spaces["observation"].shape[0], spaces["desired_goal"].shape[0], env.action_space.shape[0]
+
+
+def episode_generator(cfg: ITERConfig, d_obs: int, d_act: int, d_goal: int, T: int,  # noqa: N803
+                      device: torch.device) -> EpisodeGenerator:
+    """ITER-Diffusion's episode model as ``cfg`` sets it (FetchReach's 10-d observation has no object)."""
+    return EpisodeGenerator(d_obs, d_act, d_goal, T, object_task=d_obs != 10, seed=cfg.seed, device=device,
+                            settings=EpisodeDiffusionSettings(
+                                num_steps=cfg.ddpm_time_steps, tol=cfg.ddpm_tol, dim=cfg.ddpm_dim,
+                                batch_size=cfg.ddpm_batch_size, n_train_episodes=cfg.ddpm_n_train_episodes,
+                                train_steps=cfg.ddpm_train_steps, lr=cfg.ddpm_lr, prediction=cfg.ddpm_prediction))
+
+
 def run(cfg: ITERConfig) -> Path:
     """Train DDPG+HER (with KER / GER / generated episodes as configured); returns the run directory."""
     device = resolve_device(cfg.device)
 
-    # ------------------------------------------------------------------ setup
+    # ------------------------------------------------------------------ setup (checks before any write)
     seed_everything(cfg.seed)
     env = make_env(cfg.env, max_episode_steps=cfg.max_episode_steps)
     eval_env = make_env(cfg.env, max_episode_steps=cfg.max_episode_steps)
@@ -232,10 +241,7 @@ def run(cfg: ITERConfig) -> Path:
     if cfg.n_ker or cfg.n_ger:
         fetch_task(cfg.env)  # KER / GER support only Fetch tasks: fail with one sentence before any work
     T = int(env.spec.max_episode_steps)  # type: ignore[union-attr]
-    spaces = env.observation_space
-    d_obs, d_goal = spaces["observation"].shape[0], spaces["desired_goal"].shape[0]  # type: ignore[index]
-    d_act = env.action_space.shape[0]  # type: ignore[index]
-    signature = env_signature(cfg.env, env)
+    d_obs, d_goal, d_act = goal_dims(env)
     reward_fn = reward_function(env)
     # success of generated / context episodes by distance: the Dense variants' compute_reward is -distance
     success_threshold = float(getattr(env.unwrapped, "distance_threshold", FETCH_SUCCESS_THRESHOLD))
@@ -245,124 +251,97 @@ def run(cfg: ITERConfig) -> Path:
                          overwrite=cfg.buffer_overwrite)
     synthetic = EpisodeBuffer(cfg.synthetic_capacity, T, d_obs, d_act, d_goal, device=device,
                               seed=derive_seed(cfg.seed, 1)) if cfg.ddpm else None
-    generator = EpisodeGenerator(d_obs, d_act, d_goal, T, object_task=d_obs != 10, seed=cfg.seed, device=device,
-                                 settings=EpisodeDiffusionSettings(
-                                     num_steps=cfg.ddpm_time_steps, tol=cfg.ddpm_tol, dim=cfg.ddpm_dim,
-                                     batch_size=cfg.ddpm_batch_size, n_train_episodes=cfg.ddpm_n_train_episodes,
-                                     train_steps=cfg.ddpm_train_steps, lr=cfg.ddpm_lr,
-                                     prediction=cfg.ddpm_prediction)) if cfg.ddpm else None
+    generator = episode_generator(cfg, d_obs, d_act, d_goal, T, device) if cfg.ddpm else None
     rng = np.random.default_rng(cfg.seed)  # KER angles, GER offsets
-
-    epoch, episodes_done, best_success = 0, 0, -1.0
-    timers = {"env_s": 0.0, "ker_s": 0.0, "update_s": 0.0, "eval_s": 0.0}
-    if cfg.ddpm:
-        timers.update(diffusion_train_s=0.0, sampling_s=0.0)
-    wall_offset, last_eval = 0.0, None
-    resumed = cfg.resume is not None
-    if resumed:
-        run_dir = Path(cfg.resume)  # type: ignore[arg-type]
-        check_resumable(run_dir, PIPELINE, cfg)
-        manifest, parts = ckpt.load_checkpoint(run_dir)
-        ckpt.check_env(manifest, signature, run_dir, resume=True)
-        state = parts["state"]
-        agent.load_state_dict(state["agent"])
-        real.load_state_dict(parts["real"])
+    session = RunSession(cfg, PIPELINE, cfg.env, signature=env_signature(cfg.env, env))
+    if session.resumed:
+        agent.load_state_dict(session.parts["state"]["agent"])
+        real.load_state_dict(session.parts["real"])
         if synthetic is not None and generator is not None:
-            synthetic.load_state_dict(parts["synthetic"])
-            generator.load_state_dict(parts["generator"])
-        loop = state["loop"]
-        epoch, episodes_done, best_success = int(loop["epoch"]), int(loop["episodes"]), float(loop["best_success"])
-        timers, wall_offset, last_eval = dict(loop["timers"]), float(loop["wall_s"]), loop["last_eval"]
-        set_generator_state(rng, loop["rng"])
-        set_rng_state(state["rng"])
-    else:
-        run_dir = new_run_dir(PIPELINE, cfg.env, cfg.seed, cfg.runs_root, cfg.run_dir)
-    write_config(run_dir, PIPELINE, to_dict(cfg))
-    logger = Logger(run_dir, resume_step=episodes_done * T if resumed else None, wall_offset=wall_offset,
-                    wandb_project=cfg.wandb_project if cfg.wandb else None, config=to_dict(cfg))
+            synthetic.load_state_dict(session.parts["synthetic"])
+            generator.load_state_dict(session.parts["generator"])
+    timers = {"env_s": 0.0, "ker_s": 0.0, "update_s": 0.0, "eval_s": 0.0,
+              **({"diffusion_train_s": 0.0, "sampling_s": 0.0} if cfg.ddpm else {})}
+    c = session.start(Counters(), timers=timers, generators={"rng": rng})
+    session.progress_bar(cfg.epochs * cfg.n_cycles, c.epoch * cfg.n_cycles, desc=f"iter {cfg.env}", unit="cycle")
 
-    def save() -> None:
-        state = {"agent": agent.state_dict(), "rng": get_rng_state(),
-                 "loop": {"epoch": epoch, "episodes": episodes_done, "best_success": best_success, "timers": timers,
-                          "wall_s": logger.wall_s(), "last_eval": last_eval, "rng": generator_state(rng)}}
-        meta = {"env": signature, "pipeline": PIPELINE, "env_steps": episodes_done * T, "epoch": epoch,
-                "gradient_steps": agent.num_updates, "seed": cfg.seed}
-        parts: dict[str, Any] = {"state": state, "real": real.state_dict()}
-        if synthetic is not None and generator is not None:
-            parts.update(synthetic=synthetic.state_dict(), generator=generator.state_dict())
-        ckpt.save_checkpoint(run_dir / "checkpoints", episodes_done * T, parts, meta, keep_last=cfg.keep_checkpoints)
-
-    # ------------------------------------------------------------------ loop
-    bar = Progress(cfg.epochs * cfg.n_cycles, initial=epoch * cfg.n_cycles, desc=f"iter {cfg.env}", unit="cycle",
-                   enabled=cfg.progress)
-    while epoch < cfg.epochs:
+    # ------------------------------------------------------------------ loop (epochs of n_cycles cycles)
+    while c.epoch < cfg.epochs:
         metrics: dict[str, torch.Tensor] = {}
         train_success: list[float] = []
         for _ in range(cfg.n_cycles):
-            t0 = time.perf_counter()
-            new = []
-            for _ in range(cfg.rollouts_per_cycle):
-                episode, success = rollout(env, agent, derive_seed(cfg.seed, TRAIN_SEED_STREAM, episodes_done), T)
-                new.append(episode)
-                train_success.append(success)
-                episodes_done += 1
-            episodes = {k: np.concatenate([e[k] for e in new]) for k in new[0]}
-            t1 = time.perf_counter()
-            if cfg.n_ker:  # the reflections are stored as real episodes (ITER)
-                episodes = ker_augment(episodes, cfg.n_ker, rng, cfg.env)
-            real.add_episodes(episodes)
-            update_normalizers(agent, episodes, reward_fn, cfg, derive_seed(cfg.seed, NORM_SEED_STREAM, episodes_done),
-                               device)
-            t2 = time.perf_counter()
-            for _ in range(cfg.n_batches):
-                batch = ger_minibatch(her_batch(real, synthetic, cfg, reward_fn), cfg.n_ger, rng, cfg.env, reward_fn,
-                                      cfg.ger_radius)
-                metrics = agent.update(batch)
-            agent.update_target()
-            t3 = time.perf_counter()
-            timers["env_s"] += t1 - t0
-            timers["ker_s"] += t2 - t1
-            timers["update_s"] += t3 - t2
-            bar.update(1, **({"success": last_eval["eval/success_rate"]} if last_eval else {}))
+            metrics, successes = train_cycle(cfg, c, env, agent, real, synthetic, reward_fn, rng, T, session.timers)
+            train_success += successes
+            session.progress(1, **({"success": c.last_eval["eval/success_rate"]} if c.last_eval else {}))
         row: dict[str, float] = {k: float(v) for k, v in metrics.items()}
         row["train/success_rate"] = float(np.mean(train_success))
-        if generator is not None and synthetic is not None and epoch >= cfg.ddpm_train_start:
-            row.update(diffusion_epoch(generator, real, synthetic, cfg, epoch, success_threshold, timers))
-        epoch += 1
-        done_all = epoch >= cfg.epochs
-        if (cfg.eval_every and epoch % cfg.eval_every == 0) or done_all:
-            t4 = time.perf_counter()
-            result = evaluate(agent, eval_env, cfg.eval_episodes, seed=cfg.seed)
-            timers["eval_s"] += time.perf_counter() - t4
-            last_eval = result.metrics()
-            best_success = max(best_success, result.success_rate or 0.0)
-            row.update(last_eval)
-        if epoch % cfg.log_every == 0 or done_all:
-            row.update(epoch=float(epoch), gradient_steps=float(agent.num_updates), real_episodes=float(real.added),
-                       **{f"perf/{k}": v for k, v in timers.items()})
-            check_finite(row, episodes_done * T, run_dir)
-            logger.log(episodes_done * T, row, env_steps=episodes_done * T)
-        if epoch % cfg.checkpoint_every == 0 or done_all:
-            save()
-    bar.close()
-    logger.close()
-
-    # ------------------------------------------------------------------ summary
-    wall = logger.wall_s()
-    summary = {"pipeline": PIPELINE, "env_id": cfg.env, "seed": cfg.seed, "epochs": epoch, "gamma": params.gamma,
-               "env_steps": episodes_done * T, "gradient_steps": agent.num_updates, "wall_s": wall,
-               "env_steps_per_s": episodes_done * T / max(wall, 1e-9),
-               "success_rate": last_eval.get("eval/success_rate") if last_eval else None,
-               "best_success_rate": best_success if best_success >= 0 else None,
-               "eval_return_mean": last_eval["eval/return_mean"] if last_eval else None,
-               "eval_return_std": last_eval["eval/return_std"] if last_eval else None,
-               "eval_episodes": cfg.eval_episodes, "real_episodes": real.added,
-               "synthetic_episodes": synthetic.added if synthetic is not None else 0,
-               "time_breakdown_s": timers}
-    write_summary(run_dir, summary)
+        if generator is not None and synthetic is not None and c.epoch >= cfg.ddpm_train_start:
+            row.update(diffusion_epoch(generator, real, synthetic, cfg, c.epoch, success_threshold, session.timers))
+        before, c.epoch = c.epoch, c.epoch + 1
+        done_all, step = c.epoch >= cfg.epochs, c.episodes * T
+        if due(cfg.eval_every, before, c.epoch) or done_all:
+            with session.timers.time("eval_s"):
+                result = evaluate(agent, eval_env, cfg.eval_episodes, seed=cfg.seed)
+            c.last_eval = result.metrics()
+            c.best_success = max(c.best_success, result.success_rate or 0.0)
+            row.update(c.last_eval)
+        if due(cfg.log_every, before, c.epoch) or done_all:
+            row.update(epoch=float(c.epoch), gradient_steps=float(agent.num_updates), real_episodes=float(real.added),
+                       **{f"perf/{k}": v for k, v in session.timers.items()})
+            session.check_finite(row, step)
+            session.log(step, row, env_steps=step)
+        if due(cfg.checkpoint_every, before, c.epoch) or done_all:
+            parts = {"real": real.state_dict()}
+            if synthetic is not None and generator is not None:
+                parts.update(synthetic=synthetic.state_dict(), generator=generator.state_dict())
+            session.save(step, state={"agent": agent.state_dict()}, parts=parts,
+                         meta={"env_steps": step, "epoch": c.epoch, "gradient_steps": agent.num_updates})
     env.close()
     eval_env.close()
-    return run_dir
+
+    # ------------------------------------------------------------------ summary
+    last, wall = c.last_eval, session.wall_s()
+    return session.finish({
+        "env_id": cfg.env, "epochs": c.epoch, "gamma": params.gamma, "env_steps": c.episodes * T,
+        "gradient_steps": agent.num_updates, "wall_s": wall, "env_steps_per_s": c.episodes * T / max(wall, 1e-9),
+        "success_rate": last.get("eval/success_rate") if last else None,
+        "best_success_rate": c.best_success if c.best_success >= 0 else None,
+        "eval_return_mean": last["eval/return_mean"] if last else None,
+        "eval_return_std": last["eval/return_std"] if last else None,
+        "eval_episodes": cfg.eval_episodes, "real_episodes": real.added,
+        "synthetic_episodes": synthetic.added if synthetic is not None else 0,
+        "time_breakdown_s": dict(session.timers)})
+
+
+def train_cycle(cfg: ITERConfig, c: Counters, env: Any, agent: DDPGHER, real: EpisodeBuffer,
+                synthetic: EpisodeBuffer | None, reward_fn: RewardFn, rng: np.random.Generator, T: int,  # noqa: N803
+                timers: Timers) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """One cycle of baselines' ``her.train``: ``rollouts_per_cycle`` exploration episodes (``c.episodes`` counts
+    them), stored with their KER reflections and fed to the normalisers; ``n_batches`` updates on GER-extended HER
+    minibatches; then the target networks move. Returns the last update's metrics and the episodes' final
+    ``is_success``."""
+    with timers.time("env_s"):
+        new, train_success = [], []
+        for _ in range(cfg.rollouts_per_cycle):
+            episode, success = rollout(env, agent, derive_seed(cfg.seed, TRAIN_SEED_STREAM, c.episodes), T)
+            new.append(episode)
+            train_success.append(success)
+            c.episodes += 1
+        episodes = {k: np.concatenate([e[k] for e in new]) for k in new[0]}
+    with timers.time("ker_s"):
+        if cfg.n_ker:  # the reflections are stored as real episodes (ITER)
+            episodes = ker_augment(episodes, cfg.n_ker, rng, cfg.env)
+        real.add_episodes(episodes)
+        update_normalizers(agent, episodes, reward_fn, cfg, derive_seed(cfg.seed, NORM_SEED_STREAM, c.episodes),
+                           agent.device)
+    metrics: dict[str, torch.Tensor] = {}
+    with timers.time("update_s"):
+        for _ in range(cfg.n_batches):
+            batch = ger_minibatch(her_batch(real, synthetic, cfg, reward_fn), cfg.n_ger, rng, cfg.env, reward_fn,
+                                  cfg.ger_radius)
+            metrics = agent.update(batch)
+        agent.update_target()
+    return metrics, train_success
 
 
 def update_normalizers(agent: DDPGHER, episodes: dict[str, np.ndarray], reward_fn: RewardFn, cfg: ITERConfig,
@@ -377,43 +356,44 @@ def update_normalizers(agent: DDPGHER, episodes: dict[str, np.ndarray], reward_f
 
 
 def diffusion_epoch(generator: EpisodeGenerator, real: EpisodeBuffer, synthetic: EpisodeBuffer, cfg: ITERConfig,
-                    epoch: int, success_threshold: float, timers: dict[str, float]) -> dict[str, float]:
+                    epoch: int, success_threshold: float, timers: Timers) -> dict[str, float]:
     """ITER-Diffusion's per-epoch step: train the episode model; on augmentation epochs generate, filter, store."""
-    t0 = time.perf_counter()
-    # the generator draws its episodes with its own (checkpointed) streams: the agent's HER minibatches are the
-    # ITER run's until synthetic episodes enter them, so ITER vs ITER-Diffusion is a paired comparison
-    train = real.sample_episodes(cfg.ddpm_n_train_episodes, generator.trainer.gen)
-    fit = generator.fit(train, cfg.ddpm_train_steps)
-    t1 = time.perf_counter()
-    timers["diffusion_train_s"] += t1 - t0
+    with timers.time("diffusion_train_s"):
+        # the generator draws its episodes with its own (checkpointed) streams: the agent's HER minibatches are the
+        # ITER run's until synthetic episodes enter them, so ITER vs ITER-Diffusion is a paired comparison
+        train = real.sample_episodes(cfg.ddpm_n_train_episodes, generator.trainer.gen)
+        fit = generator.fit(train, cfg.ddpm_train_steps)
     row = {"ddpm/loss_mean": fit["loss_mean"], "ddpm/loss_std": fit["loss_std"]}
     if epoch >= cfg.ddpm_aug_start and epoch % cfg.ddpm_aug_freq == 0:
-        contexts, stats = successful_contexts(real.sample_episodes(max(cfg.ddpm_n_synth, 1000), generator.sample_gen),
-                                              threshold=success_threshold)
-        episodes, gen_stats = generator.generate(contexts, cfg.ddpm_n_synth, success_threshold=success_threshold)
-        if gen_stats["accepted"]:
-            synthetic.add_episodes(episodes)
-            row.update({f"ddpm/{k}": float(v) for k, v in component_stats(train, episodes).items()})
-        # an event that rejects every episode has no synthetic success rate (NaN): leave it out of the row rather
-        # than let the divergence check stop the run
-        row.update({f"ddpm/{k}": float(v) for k, v in {**stats, **gen_stats}.items() if np.isfinite(v)})
-        timers["sampling_s"] += time.perf_counter() - t1
+        with timers.time("sampling_s"):
+            contexts, stats = successful_contexts(
+                real.sample_episodes(max(cfg.ddpm_n_synth, 1000), generator.sample_gen), threshold=success_threshold)
+            episodes, gen_stats = generator.generate(contexts, cfg.ddpm_n_synth, success_threshold=success_threshold)
+            if gen_stats["accepted"]:
+                synthetic.add_episodes(episodes)
+                row.update({f"ddpm/{k}": float(v) for k, v in component_stats(train, episodes).items()})
+            # an event that rejects every episode has no synthetic success rate (NaN): leave it out of the row
+            # rather than let the divergence check stop the run
+            row.update({f"ddpm/{k}": float(v) for k, v in {**stats, **gen_stats}.items() if np.isfinite(v)})
     row.update({"buffer/real_episodes": float(len(real)), "buffer/synthetic_episodes": float(len(synthetic))})
     return row
 
 
-def evaluate_run(run_dir: Path, episodes: int = 10, device: str = "auto", seed: int | None = None) -> dict[str, Any]:
-    """Evaluate the latest checkpoint of an ``iter`` run with :func:`diffrl.eval.evaluate` (success rate)."""
-    cfg = load_config(run_dir)
+def evaluate_run(run_dir: Path, cfg: ITERConfig, episodes: int = 10, device: str = "auto",
+                 seed: int | None = None) -> dict[str, Any]:
+    """Evaluate the latest checkpoint of an ``iter`` run (``cfg``: its saved config) on the run's eval episodes
+    (another set with ``seed``); the result includes the success rate."""
     env = make_env(cfg.env, max_episode_steps=cfg.max_episode_steps)
-    manifest, parts = ckpt.load_checkpoint(run_dir, parts=("state",))
-    signature = env_signature(cfg.env, env)
-    ckpt.check_env(manifest, signature, run_dir)
-    s = env.observation_space
-    agent = DDPGHER(s["observation"].shape[0], s["desired_goal"].shape[0], env.action_space.shape[0],  # type: ignore[index]
-                    agent_params(cfg, int(env.spec.max_episode_steps)), resolve_device(device))  # type: ignore[union-attr]
-    agent.load_state_dict(parts["state"]["agent"])
-    result = evaluate(agent, env, episodes, seed=cfg.seed if seed is None else seed)
-    env.close()
-    return {"run_dir": str(run_dir), "env_id": cfg.env, "checkpoint_step": manifest["step"], "episodes": episodes,
-            **result.to_dict()}
+
+    def policy(manifest: dict[str, Any], parts: dict[str, Any]) -> DDPGHER:
+        params = agent_params(cfg, int(env.spec.max_episode_steps))  # type: ignore[union-attr]
+        agent = DDPGHER(*goal_dims(env), params, resolve_device(device))
+        agent.load_state_dict(parts["state"]["agent"])
+        return agent
+
+    return evaluate_checkpoint(run_dir, cfg.env, env, policy, episodes, cfg.seed if seed is None else seed)
+
+
+SYSTEM = System("iter", "DDPG+HER, ITER (KER + GER) and ITER-Diffusion on Fetch tasks", commands=(
+    Command("", {"": ITERConfig}, run, {"": PRESETS}, pipelines={PIPELINE: ITERConfig}, evaluate=evaluate_run,
+            summary_lines=online.summary_lines, report_metric="eval/success_rate"),))

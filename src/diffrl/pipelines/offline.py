@@ -3,37 +3,47 @@
 Reads top to bottom: load and validate the dataset, normalise (states with the dataset's mean/std, rewards by
 ``1000 / (max return - min return)`` where CORL's config does), then the loop — sample, update, log, evaluate
 (return and D4RL-style normalised score), checkpoint — then the summary. Resume is exact on CPU: the
-checkpoint holds the agent, every RNG and the buffer's sampling generator; the dataset itself is re-read and
+checkpoint holds the agent, every RNG and the buffers' sampling generators; the dataset itself is re-read and
 its fingerprint must match.
+
+Systems plug into the loop in two ways: :class:`OfflineData` hands it other data than ``cfg.dataset`` (SynthER's
+real and synthetic transitions, a fixed ratio), and an :class:`OfflineAugment` hook fills a second, model buffer
+while training and sets the real/model split of each batch (Dydiff's rollouts).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from diffrl.agents import BC, CQL, EDAC, IQL, TD3BC, Agent, BCParams, CQLParams, EDACParams, IQLParams, TD3BCParams
-from diffrl.config import check, check_positive, from_dict, to_dict
-from diffrl.data import MixedSampler, Normalizer, OfflineDataset, ReplayBuffer, load_dataset, validate
+from diffrl.config import check, check_positive
+from diffrl.data import (
+    MixedSampler,
+    Normalizer,
+    OfflineDataset,
+    ReplayBuffer,
+    dataset_env,
+    dataset_run_name,
+    fingerprint,
+    load_dataset,
+)
 from diffrl.envs import env_signature, make_env
 from diffrl.envs.vector import obs_dim
-from diffrl.errors import CheckpointError, ConfigError, DiffrlError, DiffrlWarning
-from diffrl.eval import evaluate
-from diffrl.pipelines.common import RunConfig
+from diffrl.errors import ConfigError, DiffrlError, DiffrlWarning
+from diffrl.eval import EvalResult, evaluate, normalized_score, reference_scores
+from diffrl.pipelines.common import RunConfig, evaluate_checkpoint
+from diffrl.registry import Command, System
 from diffrl.runs import checkpoint as ckpt
 from diffrl.runs.device import resolve_device
-from diffrl.runs.logger import Logger, check_finite
-from diffrl.runs.progress import Progress
-from diffrl.runs.rundir import check_resumable, new_run_dir, read_config, write_config, write_summary
-from diffrl.runs.seeding import get_rng_state, seed_everything, set_rng_state
+from diffrl.runs.seeding import seed_everything
+from diffrl.runs.session import RateMeter, RunSession, due
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,14 +137,6 @@ def build(cfg: OfflineConfig, d_obs: int, d_act: int, device: torch.device) -> A
     return ALGOS[algo_name(cfg)][1](d_obs, d_act, params, device)  # type: ignore[arg-type]
 
 
-def load_config(run_dir: Path) -> OfflineConfig:
-    saved = read_config(run_dir)
-    name = saved["pipeline"].removeprefix("offline_")
-    if name not in ALGOS:
-        raise CheckpointError(f"{run_dir} is a {saved['pipeline']} run, not an offline run.")
-    return from_dict(ALGOS[name][0], saved["config"])
-
-
 MAX_SCALED_REWARD = 10.0
 """mean |reward| per step after CORL's normalisation above which ``reward_scale`` warns (D4RL locomotion: ~1)"""
 
@@ -158,15 +160,6 @@ def reward_scale(ds: OfflineDataset) -> float:
     return scale
 
 
-def fingerprint(ds: OfflineDataset, extra: dict[str, np.ndarray] | None = None) -> str:
-    """Hash of the dataset's arrays (and any extra arrays): a resumed run must train on exactly the same data."""
-    h = hashlib.sha256()
-    for arrays in (ds.arrays(), extra or {}):
-        for v in arrays.values():
-            h.update(np.ascontiguousarray(v).tobytes())
-    return h.hexdigest()[:16]
-
-
 def _buffer(arrays: dict[str, np.ndarray], normalizer: Normalizer, scale: float, d_obs: int, d_act: int,
             device: torch.device, seed: int) -> ReplayBuffer:
     """A buffer holding transitions with states normalised and rewards scaled."""
@@ -177,11 +170,17 @@ def _buffer(arrays: dict[str, np.ndarray], normalizer: Normalizer, scale: float,
     return buffer
 
 
-def _eval_metrics(result: Any, ds: OfflineDataset) -> dict[str, float]:
+def _eval_metrics(result: EvalResult, refs: dict[str, float] | None) -> dict[str, float]:
     out = result.metrics()
-    if ds.metadata.get("ref_min_score") is not None and ds.metadata.get("ref_max_score") is not None:
-        out["eval/normalized_score"] = float(np.mean(ds.normalized_score(np.asarray(result.returns))))
+    if refs is not None:
+        out["eval/normalized_score"] = float(np.mean(normalized_score(np.asarray(result.returns), refs["min"],
+                                                                      refs["max"])))
     return out
+
+
+def _score(metrics: dict[str, float]) -> float:
+    """What "best" means: the normalised score where the dataset has references, else the return."""
+    return metrics.get("eval/normalized_score", metrics["eval/return_mean"])
 
 
 @dataclasses.dataclass
@@ -201,141 +200,153 @@ class OfflineData:
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def run(cfg: OfflineConfig, data: OfflineData | None = None) -> Path:
-    """Train ``cfg``'s offline agent on ``cfg.dataset`` (or on ``data``); returns the run directory."""
+class OfflineAugment(Protocol):
+    """Model-generated experience for the offline loop (Dydiff: rollouts of a dynamics model under the learning
+    policy). The loop owns a second, *model* buffer of ``capacity`` transitions, in the loop's normalised space
+    (states normalised and rewards scaled as the real buffer's).
+
+    Before the first gradient step and after every ``every`` gradient steps (the due rule on the gradient-step
+    counter) the loop calls ``hook(step, real, model)``, which may fill ``model`` and returns metrics (logged with
+    the next metrics row). Each batch then takes ``real_ratio(step)`` of its rows from the real buffer and the rest
+    from the model buffer (real only while it is empty). The model buffer and ``state_dict`` are checkpointed, so
+    resume stays exact.
+    """
+
+    every: int
+    capacity: int
+
+    def __call__(self, step: int, real: ReplayBuffer, model: ReplayBuffer) -> dict[str, float]: ...
+
+    def real_ratio(self, step: int) -> float: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclasses.dataclass
+class Counters:
+    """The offline loop's counters (saved in every checkpoint)."""
+
+    step: int = 0
+    best: float = -np.inf
+    last_eval: dict[str, float] | None = None
+    augment_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # waiting for the next row
+
+
+def run(cfg: OfflineConfig, data: OfflineData | None = None, augment: OfflineAugment | None = None) -> Path:
+    """Train ``cfg``'s offline agent on ``cfg.dataset`` (or on ``data``); returns the run directory.
+
+    Args:
+        data: the real (and synthetic) data and the run directory a caller prepared (SynthER).
+        augment: fills a model buffer while training and sets the real/model split of each batch (Dydiff).
+    """
     algo = algo_name(cfg)
-    pipeline = (data.pipeline if data is not None else None) or f"offline_{algo}"
     device = resolve_device(cfg.device)
 
     # ------------------------------------------------------------------ setup (checks before any write)
     ds = data.real if data is not None else load_dataset(cfg.dataset, env_id=cfg.env)
-    env_id = cfg.env or ds.metadata.get("env_id")
-    if not env_id:
-        raise ConfigError(f"dataset {cfg.dataset} records no environment; pass --env ID for evaluation.")
-    if cfg.env is None:
-        validate(ds, env_id, source=str(cfg.dataset))  # against the recorded env too
+    env_id = dataset_env(ds, cfg.env, str(cfg.dataset))
     seed_everything(cfg.seed)
     eval_env = make_env(env_id)
-    signature = env_signature(env_id, eval_env)
     d_obs, d_act = obs_dim(eval_env.observation_space), obs_dim(eval_env.action_space)
     normalizer = Normalizer.fit(ds.observations) if cfg.normalize_states else Normalizer.identity(d_obs)
     scale = reward_scale(ds) if cfg.normalize_reward else 1.0
-    buffer = _buffer(ds.arrays(), normalizer, scale, d_obs, d_act, device, cfg.seed)
-    sampler: Any = buffer
-    buffers = [buffer]
-    if data is not None and data.synthetic is not None and data.real_ratio < 1.0:
-        # synthetic data goes through the REAL data's normalisation (SynthER: state and reward normalisers are
-        # fitted on the real dataset and applied to generated transitions too)
-        synthetic = _buffer(data.synthetic, normalizer, scale, d_obs, d_act, device, cfg.seed + 1)
-        buffers.append(synthetic)
-        sampler = synthetic if data.real_ratio == 0.0 else MixedSampler(buffer, synthetic, 1.0 - data.real_ratio)
+    refs = reference_scores(ds.metadata)
+    real = _buffer(ds.arrays(), normalizer, scale, d_obs, d_act, device, cfg.seed)
+    synthetic = data.synthetic if data is not None and data.real_ratio < 1.0 else None
+    if synthetic is not None and augment is not None:
+        raise ConfigError("the offline loop takes synthetic data or an augment hook, not both.")
+    model = None
+    if synthetic is not None:  # through the REAL data's normalisation (SynthER fits its normalisers on real data)
+        model = _buffer(synthetic, normalizer, scale, d_obs, d_act, device, cfg.seed + 1)
+    elif augment is not None:
+        model = ReplayBuffer.for_transitions(augment.capacity, d_obs, d_act, device=device, seed=cfg.seed + 1)
+    ratio = data.real_ratio if data is not None and synthetic is not None else 1.0
+    sampler = real if model is None else MixedSampler(real, model, 1.0 - ratio)
+    fixed = [real, model] if synthetic is not None else [real]  # buffers whose contents the data recreates
     agent = build(cfg, d_obs, d_act, device)
     policy = NormalizedPolicy(agent, normalizer)
-    data_id = fingerprint(ds, data.synthetic if data is not None else None)
-
-    step, best, last_eval, wall_offset = 0, -np.inf, None, 0.0
-    resumed = cfg.resume is not None
-    if resumed:
-        run_dir = Path(cfg.resume)  # type: ignore[arg-type]
-        check_resumable(run_dir, pipeline, cfg)
-        manifest, parts = ckpt.load_checkpoint(run_dir, parts=("state",))
-        if manifest["meta"].get("dataset_fingerprint") != data_id:
-            raise CheckpointError(f"the dataset {cfg.dataset} differs from the one {run_dir} was trained on; "
-                                  "resume with the same data (nothing was changed).")
-        state = parts["state"]
+    session = RunSession(cfg, (data.pipeline if data is not None else None) or f"offline_{algo}",
+                         dataset_run_name(cfg.dataset), signature=env_signature(env_id, eval_env),
+                         fingerprint=fingerprint(ds, data.synthetic if data is not None else None),
+                         run_dir=data.run_dir if data is not None else None)
+    if session.resumed:
+        state = session.parts["state"]
         agent.load_state_dict(state["agent"])
-        gen_states = state.get("buffer_generators") or [state["buffer_generator"]]  # older runs: one buffer
-        for b, gen_state in zip(buffers, gen_states, strict=True):
-            b.generator.set_state(gen_state)
-        step, best = int(state["loop"]["step"]), float(state["loop"]["best"])
-        last_eval, wall_offset = state["loop"]["last_eval"], float(state["loop"]["wall_s"])
-        set_rng_state(state["rng"])
-    elif data is not None and data.run_dir is not None:
-        run_dir = data.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
-    else:
-        name = Path(cfg.dataset).stem if Path(cfg.dataset).suffix else cfg.dataset  # file stem or Minari id
-        run_dir = new_run_dir(pipeline, name, cfg.seed, cfg.runs_root, cfg.run_dir)
-    write_config(run_dir, pipeline, to_dict(cfg))
-    logger = Logger(run_dir, resume_step=step if resumed else None, wall_offset=wall_offset,
-                    wandb_project=cfg.wandb_project if cfg.wandb else None, config=to_dict(cfg))
-
-    def save() -> None:
-        state = {"agent": agent.state_dict(), "rng": get_rng_state(),
-                 "buffer_generators": [b.generator.get_state() for b in buffers],
-                 "normalizer": normalizer.state_dict(), "reward_scale": scale,
-                 "loop": {"step": step, "best": float(best), "last_eval": last_eval, "wall_s": logger.wall_s()}}
-        meta = {"env": signature, "pipeline": pipeline, "gradient_steps": step, "seed": cfg.seed,
-                "dataset": str(cfg.dataset), "dataset_fingerprint": data_id}
-        ckpt.save_checkpoint(run_dir / "checkpoints", step, {"state": state}, meta, keep_last=cfg.keep_checkpoints)
+        for b, gen_state in zip(fixed, state.get("buffer_generators") or [state["buffer_generator"]], strict=True):
+            b.generator.set_state(gen_state)  # older runs saved one buffer's generator
+        if augment is not None:
+            model.load_state_dict(session.parts["model_buffer"])
+            augment.load_state_dict(session.parts["augment"])
+    c = session.start(Counters())
+    session.progress_bar(cfg.steps, c.step, desc=f"{algo} {Path(str(cfg.dataset)).name}", unit="update")
 
     # ------------------------------------------------------------------ loop
-    bar = Progress(cfg.steps, initial=step, desc=f"{algo} {Path(str(cfg.dataset)).name}", unit="update",
-                   enabled=cfg.progress)
     metrics: dict[str, torch.Tensor] = {}
-    t_rate, steps_rate = time.perf_counter(), step
-    while step < cfg.steps:
+    rate = RateMeter(c.step)
+    while c.step < cfg.steps:
+        if augment is not None:
+            if due(augment.every, c.step - 1, c.step):  # fires at step 0, every, 2 every, ...
+                c.augment_metrics.update(augment(c.step, real, model))
+            sampler.ratio = 1.0 - augment.real_ratio(c.step)
         metrics = agent.update(sampler.sample(cfg.batch_size))
-        step += 1
+        c.step += 1
         row: dict[str, float] = {}
-        on_grid = cfg.eval_every > 0 and step % cfg.eval_every == 0
-        if on_grid or step == cfg.steps:  # off-grid final evaluation: summary only (see pipelines.online)
-            result = evaluate(policy, eval_env, cfg.eval_episodes, seed=cfg.seed)
-            last_eval = _eval_metrics(result, ds)
+        on_grid = due(cfg.eval_every, c.step - 1, c.step)
+        if on_grid or c.step == cfg.steps:  # off-grid final evaluation: summary only (see pipelines.online)
+            c.last_eval = _eval_metrics(evaluate(policy, eval_env, cfg.eval_episodes, seed=cfg.seed), refs)
             if on_grid:
-                best = max(best, last_eval.get("eval/normalized_score", last_eval["eval/return_mean"]))
-                row.update(last_eval)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            now = time.perf_counter()
+                c.best = max(c.best, _score(c.last_eval))
+                row.update(c.last_eval)
+        if due(cfg.log_every, c.step - 1, c.step) or c.step == cfg.steps:
             row.update({k: float(v) for k, v in metrics.items()})
-            check_finite(row, step, run_dir)
-            row["perf/updates_per_s"] = (step - steps_rate) / max(now - t_rate, 1e-9)
-            t_rate, steps_rate = now, step
-        if row:
-            logger.log(step, row)
-        bar.update(1, **({"score": last_eval.get("eval/normalized_score", last_eval["eval/return_mean"])}
-                         if last_eval else {}))
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save()
-    bar.close()
-    logger.close()
+            row.update(c.augment_metrics)
+            c.augment_metrics = {}
+            session.check_finite(row, c.step)
+            row["perf/updates_per_s"] = rate.rate(c.step)
+        session.log(c.step, row)
+        session.progress(1, **({"score": _score(c.last_eval)} if c.last_eval else {}))
+        if due(cfg.checkpoint_every, c.step - 1, c.step) or c.step == cfg.steps:
+            hook = {} if augment is None else {"model_buffer": model.state_dict(), "augment": augment.state_dict()}
+            session.save(c.step, state={"agent": agent.state_dict(), "normalizer": normalizer.state_dict(),
+                                        "buffer_generators": [b.generator.get_state() for b in fixed],
+                                        "reward_scale": scale}, parts=hook, meta={"gradient_steps": c.step})
+    eval_env.close()
 
     # ------------------------------------------------------------------ summary
-    final = last_eval or {}
-    final_score = final.get("eval/normalized_score")
-    final_key = final_score if final_score is not None else final.get("eval/return_mean", -np.inf)
-    summary = {"pipeline": pipeline, "dataset": str(cfg.dataset), "env_id": env_id, "seed": cfg.seed,
-               "gradient_steps": step, "env_steps": 0, "wall_s": logger.wall_s(),
-               "eval_return_mean": final.get("eval/return_mean"), "eval_return_std": final.get("eval/return_std"),
-               "normalized_score": final_score, "success_rate": final.get("eval/success_rate"),
-               "best_score": max(float(best), final_key) if final else None,
-               "best_eval_return": None, "eval_episodes": cfg.eval_episodes,
-               "updates_per_s": step / max(logger.wall_s(), 1e-9), "dataset_transitions": len(ds),
-               "normalize_states": cfg.normalize_states, "reward_scale": scale,
-               **(data.summary if data is not None else {})}
-    write_summary(run_dir, summary)
-    eval_env.close()
-    return run_dir
+    final, wall = c.last_eval or {}, session.wall_s()
+    return session.finish({
+        "dataset": str(cfg.dataset), "env_id": env_id, "gradient_steps": c.step, "env_steps": 0, "wall_s": wall,
+        "eval_return_mean": final.get("eval/return_mean"), "eval_return_std": final.get("eval/return_std"),
+        "normalized_score": final.get("eval/normalized_score"), "success_rate": final.get("eval/success_rate"),
+        "best_score": max(float(c.best), _score(final)) if final else None, "best_eval_return": None,
+        "eval_episodes": cfg.eval_episodes, "updates_per_s": c.step / max(wall, 1e-9),
+        "dataset_transitions": len(ds), "normalize_states": cfg.normalize_states, "reward_scale": scale,
+        **(data.summary if data is not None else {})})
 
 
-def evaluate_run(run_dir: Path, episodes: int = 10, device: str = "auto", seed: int | None = None,
-                 cfg: OfflineConfig | None = None) -> dict[str, Any]:
-    """Evaluate the latest checkpoint of an offline run (its saved normaliser included); ``cfg`` defaults to the
-    run's saved config."""
-    cfg = cfg if cfg is not None else load_config(run_dir)
-    manifest, parts = ckpt.load_checkpoint(run_dir, parts=("state",))
-    env_id = manifest["meta"]["env"]["env_id"]
+def evaluate_run(run_dir: Path, cfg: OfflineConfig, episodes: int = 10, device: str = "auto",
+                 seed: int | None = None) -> dict[str, Any]:
+    """Evaluate the latest checkpoint of an offline run (``cfg``: its saved config; its saved normaliser included)
+    on the run's eval episodes (another set with ``seed``), with the dataset's normalised score when it is found."""
+    env_id = ckpt.read_manifest(ckpt.resolve_checkpoint(run_dir))["meta"]["env"]["env_id"]
     env = make_env(env_id)
-    if env_signature(env_id, env) != manifest["meta"]["env"]:
-        raise CheckpointError(f"the checkpoint in {run_dir} does not match {env_id} as installed here.")
-    state = parts["state"]
-    agent = build(cfg, obs_dim(env.observation_space), obs_dim(env.action_space), resolve_device(device))
-    agent.load_state_dict(state["agent"])
-    policy = NormalizedPolicy(agent, Normalizer.from_state_dict(state["normalizer"]))
-    result = evaluate(policy, env, episodes, seed=cfg.seed if seed is None else seed)
-    env.close()
-    out = {"run_dir": str(run_dir), "env_id": env_id, "checkpoint_step": manifest["step"], "episodes": episodes,
-           **result.to_dict()}
-    with contextlib.suppress(DiffrlError, OSError):  # no references, or the dataset moved: return still reported
-        out["normalized_score"] = float(load_dataset(cfg.dataset).normalized_score(result.return_mean))
+
+    def policy(manifest: dict[str, Any], parts: dict[str, Any]) -> NormalizedPolicy:
+        agent = build(cfg, obs_dim(env.observation_space), obs_dim(env.action_space), resolve_device(device))
+        agent.load_state_dict(parts["state"]["agent"])
+        return NormalizedPolicy(agent, Normalizer.from_state_dict(parts["state"]["normalizer"]))
+
+    out = evaluate_checkpoint(run_dir, env_id, env, policy, episodes, cfg.seed if seed is None else seed)
+    with contextlib.suppress(DiffrlError, OSError):  # the dataset moved: the return is still reported
+        refs = reference_scores(load_dataset(cfg.dataset).metadata)
+        if refs is not None:
+            out["normalized_score"] = float(normalized_score(out["return_mean"], refs["min"], refs["max"]))
     return out
+
+
+SYSTEM = System("offline", "train an offline agent on a dataset (BC, TD3+BC, IQL, CQL, EDAC)", commands=(
+    Command("", {name: cls for name, (cls, _) in ALGOS.items()}, run, PRESETS,
+            pipelines={f"offline_{name}": cls for name, (cls, _) in ALGOS.items()}, evaluate=evaluate_run,
+            help="offline bc|td3bc|iql|cql|edac --dataset D"),))

@@ -11,7 +11,7 @@ episodes (replayed from their seeds, see :class:`diffrl.envs.VecEnv`).
 from __future__ import annotations
 
 import dataclasses
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,19 +21,17 @@ import torch
 
 from diffrl.agents import REDQ, SAC, TD3, Agent, REDQParams, SACParams, TD3Params
 from diffrl.agents.base import Params
-from diffrl.config import check, check_positive, from_dict, to_dict
+from diffrl.config import check, check_positive
 from diffrl.data import ReplayBuffer
 from diffrl.envs import VecEnv, env_signature, make_env
 from diffrl.envs.vector import obs_dim
-from diffrl.errors import CheckpointError, ConfigError
+from diffrl.errors import ConfigError
 from diffrl.eval import evaluate
-from diffrl.pipelines.common import RunConfig
-from diffrl.runs import checkpoint as ckpt
+from diffrl.pipelines.common import RunConfig, evaluate_checkpoint
+from diffrl.registry import Command, System
 from diffrl.runs.device import resolve_device
-from diffrl.runs.logger import Logger, check_finite
-from diffrl.runs.progress import Progress
-from diffrl.runs.rundir import check_resumable, new_run_dir, read_config, write_config, write_summary
-from diffrl.runs.seeding import generator_state, get_rng_state, seed_everything, set_generator_state, set_rng_state
+from diffrl.runs.seeding import seed_everything
+from diffrl.runs.session import RateMeter, RunSession, due
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,179 +143,155 @@ def build(cfg: OnlineConfig, env_sig_obs: int, act_dim: int, device: torch.devic
     return ALGOS[algo_name(cfg)][1](env_sig_obs, act_dim, _agent_params(cfg), device)  # type: ignore[arg-type]
 
 
-def load_config(run_dir: Path) -> OnlineConfig:
-    """The config a run was started with (from its ``config.yaml``)."""
-    saved = read_config(run_dir)
-    name = saved["pipeline"].removeprefix("train_")
-    if name not in ALGOS:
-        raise CheckpointError(f"{run_dir} is a {saved['pipeline']} run, not an online SAC/TD3/REDQ run.")
-    return from_dict(ALGOS[name][0], saved["config"])
+EnvFactory = Callable[[OnlineConfig], tuple[VecEnv, gym.Env]]
+"""Builds the loop's training envs (a :class:`~diffrl.envs.VecEnv`) and its evaluation env from the config."""
 
 
-def run(cfg: OnlineConfig, augment: Augment | None = None, pipeline: str | None = None) -> Path:
+def make_envs(cfg: OnlineConfig) -> tuple[VecEnv, gym.Env]:
+    """The default :data:`EnvFactory`: ``cfg.n_envs`` copies of ``cfg.env`` and one evaluation copy."""
+    return (VecEnv(cfg.env, cfg.n_envs, cfg.seed, max_episode_steps=cfg.max_episode_steps),
+            make_env(cfg.env, max_episode_steps=cfg.max_episode_steps))
+
+
+@dataclasses.dataclass
+class Counters:
+    """The off-policy loop's counters (saved in every checkpoint)."""
+
+    env_steps: int = 0
+    best_eval: float = -np.inf
+    last_eval: dict[str, float] | None = None
+    ep_stats: list[tuple[float, int]] = dataclasses.field(default_factory=list)  # finished episodes since the last row
+
+
+def run(cfg: OnlineConfig, augment: Augment | None = None, pipeline: str | None = None,
+        env_factory: EnvFactory = make_envs) -> Path:
     """Train ``cfg``'s agent online; returns the run directory (see DESIGN.md, "Run directory").
 
-    ``augment`` mixes extra experience into the batches (SynthER); ``pipeline`` names the run's pipeline.
+    Args:
+        augment: mixes extra experience into the batches (SynthER online).
+        pipeline: the run's pipeline name (default ``train_<algo>``).
+        env_factory: builds the training and evaluation envs (default: ``cfg.env`` as it is; e.g. action-chunked
+            or goal-flattened envs). The agent sees the spaces of the envs it returns.
     """
     algo = algo_name(cfg)
-    pipeline = pipeline or f"train_{algo}"
     device = resolve_device(cfg.device)
 
-    # ------------------------------------------------------------------ setup
-    # Everything that can fail on user input (env id, checkpoint, config) is checked before anything is written.
+    # ------------------------------------------------------------------ setup (checks before any write)
     seed_everything(cfg.seed)
-    envs = VecEnv(cfg.env, cfg.n_envs, cfg.seed, max_episode_steps=cfg.max_episode_steps)
-    eval_env = make_env(cfg.env, max_episode_steps=cfg.max_episode_steps)
+    envs, eval_env = env_factory(cfg)
     if isinstance(envs.single_observation_space, gym.spaces.Dict):
         raise ConfigError(f"{cfg.env} has dict (goal-conditioned) observations; SAC/TD3/REDQ here take flat "
                           "observations, and goal-conditioned Fetch tasks need a HER agent.")
-    signature = env_signature(cfg.env, envs.envs[0])
     d_obs, d_act = obs_dim(envs.single_observation_space), obs_dim(envs.single_action_space)
     agent = build(cfg, d_obs, d_act, device)
     buffer = ReplayBuffer.for_transitions(cfg.buffer_size, d_obs, d_act, device=device, seed=cfg.seed)
     rng = np.random.default_rng(cfg.seed)  # exploration before learning_starts
-
-    env_steps, best_eval, last_eval = 0, -np.inf, None
-    timers = {"env_s": 0.0, "update_s": 0.0, "eval_s": 0.0}
-    ep_stats: list[tuple[float, int]] = []
-    wall_offset = 0.0
-    resumed = cfg.resume is not None
-    if resumed:
-        run_dir = Path(cfg.resume)  # type: ignore[arg-type]
-        check_resumable(run_dir, pipeline, cfg)
-        manifest, parts = ckpt.load_checkpoint(run_dir)
-        ckpt.check_env(manifest, signature, run_dir, resume=True)
-        state = parts["state"]
-        agent.load_state_dict(state["agent"])
-        buffer.load_state_dict(parts["buffer"])
+    session = RunSession(cfg, pipeline or f"train_{algo}", cfg.env, signature=env_signature(cfg.env, envs.envs[0]))
+    obs = envs.reset() if not session.resumed else None
+    if session.resumed:
+        agent.load_state_dict(session.parts["state"]["agent"])
+        buffer.load_state_dict(session.parts["buffer"])
         if augment is not None:
-            augment.load_state_dict(parts["augment"], buffer)
-        loop = state["loop"]
-        env_steps, best_eval = int(loop["env_steps"]), float(loop["best_eval"])
-        last_eval, timers, wall_offset = loop["last_eval"], dict(loop["timers"]), float(loop["wall_s"])
-        ep_stats = [(float(r), int(n)) for r, n in loop["ep_stats"]]
-        set_generator_state(rng, loop["rng"])
-        obs = envs.load_state_dict(state["envs"])
-        set_rng_state(state["rng"])  # last: replaying the episodes must not disturb any RNG we restore
-    else:
-        run_dir = new_run_dir(pipeline, cfg.env, cfg.seed, cfg.runs_root, cfg.run_dir)
-        obs = envs.reset()
-    write_config(run_dir, pipeline, to_dict(cfg))
-    logger = Logger(run_dir, resume_step=env_steps if resumed else None, wall_offset=wall_offset,
-                    wandb_project=cfg.wandb_project if cfg.wandb else None, config=to_dict(cfg))
-
-    def save() -> None:
-        state = {"agent": agent.state_dict(), "rng": get_rng_state(), "envs": envs.state_dict(),
-                 "loop": {"env_steps": env_steps, "best_eval": float(best_eval), "last_eval": last_eval,
-                          "timers": timers, "wall_s": logger.wall_s(), "ep_stats": ep_stats,
-                          "rng": generator_state(rng)}}
-        meta = {"env": signature, "pipeline": pipeline, "env_steps": env_steps,
-                "gradient_steps": agent.num_updates, "seed": cfg.seed}  # type: ignore[attr-defined]
-        parts = {"state": state, "buffer": buffer.state_dict()}
-        if augment is not None:
-            parts["augment"] = augment.state_dict()
-        ckpt.save_checkpoint(run_dir / "checkpoints", env_steps, parts, meta, keep_last=cfg.keep_checkpoints)
-
-    def crossed(every: int, before: int) -> bool:
-        return every > 0 and env_steps // every > before // every
+            augment.load_state_dict(session.parts["augment"], buffer)
+        obs = envs.load_state_dict(session.parts["state"]["envs"])  # replays the running episodes
+    c = session.start(Counters(), timers={"env_s": 0.0, "update_s": 0.0, "eval_s": 0.0}, generators={"rng": rng})
+    session.progress_bar(cfg.steps, c.env_steps, desc=f"{algo} {cfg.env}", unit="env-step")
+    timers = session.timers
 
     # ------------------------------------------------------------------ loop
-    bar = Progress(cfg.steps, initial=env_steps, desc=f"{algo} {cfg.env}", unit="env-step", enabled=cfg.progress)
     metrics: dict[str, torch.Tensor] = {}
     sampler = augment.sampler(buffer) if augment is not None else buffer
     pending: dict[str, float] = {}  # augmentation metrics waiting for the next logged row
-    t_rate, steps_rate = time.perf_counter(), env_steps
-    while env_steps < cfg.steps:
-        before = env_steps
-        t0 = time.perf_counter()
-        if env_steps < cfg.learning_starts:
-            actions = rng.uniform(-1.0, 1.0, size=(cfg.n_envs, d_act)).astype(np.float32)
-        else:
-            actions = agent.act(obs.astype(np.float32))
-        step = envs.step(actions)
-        buffer.add_batch(obs=obs, act=actions, rew=step.reward, next_obs=step.next_obs,
-                         done=step.terminated.astype(np.float32))  # truncation is not termination
-        obs = step.obs
-        ep_stats.extend((ret, length) for _, ret, length, _ in step.finished)
-        env_steps += cfg.n_envs
-        t1 = time.perf_counter()
-        timers["env_s"] += t1 - t0
+    rate = RateMeter(c.env_steps)
+    while c.env_steps < cfg.steps:
+        before = c.env_steps
+        with timers.time("env_s"):
+            if c.env_steps < cfg.learning_starts:
+                actions = rng.uniform(-1.0, 1.0, size=(cfg.n_envs, d_act)).astype(np.float32)
+            else:
+                actions = agent.act(obs.astype(np.float32))
+            step = envs.step(actions)
+            buffer.add_batch(obs=obs, act=actions, rew=step.reward, next_obs=step.next_obs,
+                             done=step.terminated.astype(np.float32))  # truncation is not termination
+            obs = step.obs
+            c.ep_stats.extend((ret, length) for _, ret, length, _ in step.finished)
+            c.env_steps += cfg.n_envs
         if augment is not None:
-            pending.update(augment.after_step(env_steps, before, buffer))
-            t1 = time.perf_counter()
-        if env_steps >= cfg.learning_starts and len(buffer) >= cfg.batch_size:
-            for _ in range(cfg.utd * cfg.n_envs):
-                metrics = agent.update(sampler.sample(cfg.batch_size))
-            timers["update_s"] += time.perf_counter() - t1
+            pending.update(augment.after_step(c.env_steps, before, buffer))
+        if c.env_steps >= cfg.learning_starts and len(buffer) >= cfg.batch_size:
+            with timers.time("update_s"):
+                for _ in range(cfg.utd * cfg.n_envs):
+                    metrics = agent.update(sampler.sample(cfg.batch_size))
 
-        done_all = env_steps >= cfg.steps
+        done_all = c.env_steps >= cfg.steps
         row: dict[str, float] = {}
         # Evaluate on the eval_every grid (logged) and once at the end (summary only when off the grid, so
         # a run stopped early and resumed logs exactly the rows of an uninterrupted one).
-        on_grid = crossed(cfg.eval_every, before)
+        on_grid = due(cfg.eval_every, before, c.env_steps)
         if on_grid or done_all:
-            t2 = time.perf_counter()
-            result = evaluate(agent, eval_env, cfg.eval_episodes, seed=cfg.seed)
-            timers["eval_s"] += time.perf_counter() - t2
-            last_eval = result.metrics()
+            with timers.time("eval_s"):
+                result = evaluate(agent, eval_env, cfg.eval_episodes, seed=cfg.seed)
+            c.last_eval = result.metrics()
             if on_grid:
-                best_eval = max(best_eval, result.return_mean)
-                row.update(last_eval)
-        if crossed(cfg.log_every, before) or done_all:
-            now = time.perf_counter()
+                c.best_eval = max(c.best_eval, result.return_mean)
+                row.update(c.last_eval)
+        if due(cfg.log_every, before, c.env_steps) or done_all:
             row.update({k: float(v) for k, v in metrics.items()})
             row.update(pending)
             pending = {}
-            check_finite(row, env_steps, run_dir)
-            if ep_stats:
-                row["train/episode_return"] = float(np.mean([r for r, _ in ep_stats]))
-                row["train/episode_length"] = float(np.mean([n for _, n in ep_stats]))
-                ep_stats = []
-            row["perf/env_steps_per_s"] = (env_steps - steps_rate) / max(now - t_rate, 1e-9)
+            session.check_finite(row, c.env_steps)
+            if c.ep_stats:
+                row["train/episode_return"] = float(np.mean([r for r, _ in c.ep_stats]))
+                row["train/episode_length"] = float(np.mean([n for _, n in c.ep_stats]))
+                c.ep_stats = []
+            row["perf/env_steps_per_s"] = rate.rate(c.env_steps)
             if augment is not None:  # cumulative wall-clock breakdown (env, updates, eval, diffusion, sampling)
                 row.update({f"perf/{k}": v for k, v in {**timers, **augment.timers()}.items()})
             row["gradient_steps"] = agent.num_updates  # type: ignore[attr-defined]
-            t_rate, steps_rate = now, env_steps
-        if row:
-            logger.log(env_steps, row, env_steps=env_steps)
-        bar.update(env_steps - before, **({"eval": last_eval["eval/return_mean"]} if last_eval else {}))
-        if crossed(cfg.checkpoint_every, before) or env_steps >= cfg.steps:
-            save()
-    bar.close()
-    logger.close()
-
-    # ------------------------------------------------------------------ summary
-    wall = logger.wall_s()
-    summary = {"pipeline": pipeline, "env_id": cfg.env, "seed": cfg.seed, "env_steps": env_steps,
-               "gradient_steps": agent.num_updates,  # type: ignore[attr-defined]
-               "wall_s": wall, "env_steps_per_s": env_steps / max(wall, 1e-9),
-               "eval_return_mean": last_eval["eval/return_mean"] if last_eval else None,
-               "eval_return_std": last_eval["eval/return_std"] if last_eval else None,
-               "success_rate": last_eval.get("eval/success_rate") if last_eval else None,
-               "best_eval_return": max(float(best_eval), last_eval["eval/return_mean"]) if last_eval else None,
-               "eval_episodes": cfg.eval_episodes,
-               "time_breakdown_s": {**timers, **(augment.timers() if augment is not None else {})}}
-    write_summary(run_dir, summary)
+        session.log(c.env_steps, row, env_steps=c.env_steps)
+        session.progress(c.env_steps - before, **({"eval": c.last_eval["eval/return_mean"]} if c.last_eval else {}))
+        if due(cfg.checkpoint_every, before, c.env_steps) or done_all:
+            session.save(c.env_steps, state={"agent": agent.state_dict(), "envs": envs.state_dict()},
+                         parts={"buffer": buffer.state_dict(),
+                                **({"augment": augment.state_dict()} if augment is not None else {})},
+                         meta={"env_steps": c.env_steps, "gradient_steps": agent.num_updates})  # type: ignore[attr-defined]
     envs.close()
     eval_env.close()
-    return run_dir
+
+    # ------------------------------------------------------------------ summary
+    last, wall = c.last_eval, session.wall_s()
+    return session.finish({
+        "env_id": cfg.env, "env_steps": c.env_steps, "gradient_steps": agent.num_updates,  # type: ignore[attr-defined]
+        "wall_s": wall, "env_steps_per_s": c.env_steps / max(wall, 1e-9),
+        "eval_return_mean": last["eval/return_mean"] if last else None,
+        "eval_return_std": last["eval/return_std"] if last else None,
+        "success_rate": last.get("eval/success_rate") if last else None,
+        "best_eval_return": max(float(c.best_eval), last["eval/return_mean"]) if last else None,
+        "eval_episodes": cfg.eval_episodes,
+        "time_breakdown_s": {**timers, **(augment.timers() if augment is not None else {})}})
 
 
-def evaluate_run(run_dir: Path, episodes: int = 10, device: str = "auto", seed: int | None = None,
-                 cfg: OnlineConfig | None = None) -> dict[str, Any]:
-    """Evaluate the latest checkpoint of an online run with :func:`diffrl.eval.evaluate`.
-
-    Uses the run's env and seed (so the same eval episodes as during training) unless ``seed`` is given.
-    Returns a dict with the checkpoint step and the :class:`~diffrl.eval.EvalResult` fields.
-    """
-    cfg = cfg if cfg is not None else load_config(run_dir)
+def evaluate_run(run_dir: Path, cfg: OnlineConfig, episodes: int = 10, device: str = "auto",
+                 seed: int | None = None) -> dict[str, Any]:
+    """Evaluate the latest checkpoint of an online run (``cfg``: its saved config) on the run's eval episodes
+    (another set with ``seed``)."""
     env = make_env(cfg.env, max_episode_steps=cfg.max_episode_steps)
-    manifest, parts = ckpt.load_checkpoint(run_dir, parts=("state",))
-    signature = env_signature(cfg.env, env)
-    ckpt.check_env(manifest, signature, run_dir)
-    agent = build(cfg, obs_dim(env.observation_space), obs_dim(env.action_space), resolve_device(device))
-    agent.load_state_dict(parts["state"]["agent"])
-    result = evaluate(agent, env, episodes, seed=cfg.seed if seed is None else seed)
-    env.close()
-    return {"run_dir": str(run_dir), "env_id": cfg.env, "checkpoint_step": manifest["step"], "episodes": episodes,
-            **result.to_dict()}
+
+    def policy(manifest: dict[str, Any], parts: dict[str, Any]) -> Agent:
+        agent = build(cfg, obs_dim(env.observation_space), obs_dim(env.action_space), resolve_device(device))
+        agent.load_state_dict(parts["state"]["agent"])
+        return agent
+
+    return evaluate_checkpoint(run_dir, cfg.env, env, policy, episodes, cfg.seed if seed is None else seed)
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The wall-clock breakdown line printed after a run's summary."""
+    return ["wall clock: " + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s"
+                                       for k, v in summary["time_breakdown_s"].items())]
+
+
+SYSTEM = System("train", "train an off-policy agent online (SAC, TD3, REDQ)", commands=(
+    Command("", {name: cls for name, (cls, _) in ALGOS.items()}, run, PRESETS,
+            pipelines={f"train_{name}": cls for name, (cls, _) in ALGOS.items()}, evaluate=evaluate_run,
+            help="train sac|td3|redq"),))

@@ -19,23 +19,39 @@ from typing import Any
 
 import numpy as np
 
+from diffrl import registry
 from diffrl.data import load_dataset
+from diffrl.errors import ConfigError
+from diffrl.eval import describe_dataset
 from diffrl.eval.fidelity import format_fidelity
-from diffrl.pipelines import data_collect, synther_offline
+from diffrl.registry import System, Tool
 from diffrl.runs.logger import read_metrics
+from diffrl.runs.rundir import task_name
 
 
 @dataclasses.dataclass(frozen=True)
 class QuickstartSettings:
+    """SynthER in miniature on a real MuJoCo task (minutes on 2 CPU cores): build a small dataset, train a diffusion
+    model, generate, measure fidelity, train TD3+BC on real vs synthetic vs mixed data, write a report."""
+
     env: str = "Hopper-v5"
+    """environment id (Gymnasium MuJoCo v5 locomotion)"""
     seed: int = 0
-    expert_steps: int = 20_000
-    transitions: int = 20_000
-    diffusion_steps: int = 4_000
-    num_samples: int = 100_000
-    agent_steps: int = 5_000
+    """seed"""
     out: Path = Path("runs/quickstart")
+    """where the study's directory goes"""
+    expert_steps: int = 20_000
+    """SAC env steps behind the dataset"""
+    transitions: int = 20_000
+    """dataset size"""
+    diffusion_steps: int = 4_000
+    """diffusion model gradient steps"""
+    num_samples: int = 100_000
+    """synthetic transitions"""
+    agent_steps: int = 5_000
+    """TD3+BC gradient steps per data mode"""
     progress: bool = True
+    """show progress bars"""
 
 
 MODES = ("real", "synthetic", "mixed")
@@ -95,13 +111,14 @@ def run(s: QuickstartSettings) -> Path:
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    data_path = out / f"{data_collect.task_name(s.env)}-sac{s.expert_steps // 1000}k.hdf5"
-    data_collect.run(data_collect.CollectConfig(env=s.env, kind="expert", seed=s.seed, out=str(data_path),
-                                                transitions=s.transitions, expert_steps=s.expert_steps,
-                                                experts_dir=out / "expert", progress=s.progress))
+    data_path = out / f"{task_name(s.env)}-sac{s.expert_steps // 1000}k.hdf5"
+    collect = _tool("data", "collect")  # other systems are reached through the registry, never imported
+    collect.run(collect.args(env=s.env, kind="expert", seed=s.seed, out=str(data_path), transitions=s.transitions,
+                             expert_steps=s.expert_steps, experts_dir=out / "expert", progress=s.progress))
     timings["dataset"] = time.perf_counter() - t0
 
-    algo = synther_offline.ALGOS["td3bc"]
+    synther = registry.get("synther").command("offline")  # type: ignore[union-attr]
+    algo = synther.configs["td3bc"]  # type: ignore[union-attr]
     common: dict[str, Any] = dict(dataset=str(data_path), seed=s.seed, steps=s.agent_steps, eval_every=1_000,
                                   eval_episodes=5, checkpoint_every=s.agent_steps, diffusion_steps=s.diffusion_steps,
                                   diffusion_width=256, sampler="dpmpp_2m_sde", sample_steps=32,
@@ -112,7 +129,7 @@ def run(s: QuickstartSettings) -> Path:
         extra: dict[str, Any] = {"data_mode": mode, "run_dir": out / f"td3bc-{mode}"}
         if mode != "synthetic":
             extra["diffusion"] = runs["synthetic"] / "diffusion"
-        runs[mode] = synther_offline.run(algo(**common, **extra))
+        runs[mode] = synther.run(algo(**common, **extra))  # type: ignore[union-attr]
         timings[f"td3bc_{mode}"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
 
@@ -122,7 +139,7 @@ def run(s: QuickstartSettings) -> Path:
         samples = {k: f[k] for k in f.files}
     plots = _plots(out, {m: runs[m] for m in MODES}, real.arrays(), samples)
     syn = summaries["synthetic"]
-    info = real.describe()
+    info = describe_dataset(real)
     lines = [
         f"# diffrl quickstart: SynthER in miniature on {s.env}",
         "",
@@ -176,3 +193,28 @@ def run(s: QuickstartSettings) -> Path:
                                                      "scores": {m: summaries[m]["normalized_score"] for m in MODES}},
                                                     indent=2))
     return report
+
+
+def _tool(system: str, name: str) -> Tool:
+    found = registry.get(system)
+    tool = found.tool(name) if found is not None else None
+    assert tool is not None and tool.run is not None, f"no `diffrl {system} {name}` with a run() is registered"
+    return tool
+
+
+def main(a: QuickstartSettings) -> None:
+    """``diffrl quickstart``: run the study and print the scores and the report's path."""
+    for name in ("expert_steps", "transitions", "diffusion_steps", "num_samples", "agent_steps"):
+        if getattr(a, name) <= 0:
+            raise ConfigError(f"invalid {name}={getattr(a, name)}: it must be > 0.")
+    print(f"diffrl quickstart: SynthER in miniature on {a.env} (dataset, diffusion model, fidelity, TD3+BC on real / "
+          "synthetic / mixed data)", flush=True)
+    report = run(a)
+    scores = json.loads((report.parent / "quickstart.json").read_text())
+    print("normalized scores: " + ", ".join(f"{m} {v:.1f}" for m, v in scores["scores"].items()))
+    print(f"total: {scores['timings_s']['total']:.0f} s")
+    print(f"report: {report.resolve()}")
+
+
+SYSTEM = System("quickstart", "a short demo run with a report (SynthER in miniature)",
+                tools=(Tool("", QuickstartSettings, main),))

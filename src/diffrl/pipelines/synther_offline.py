@@ -29,15 +29,15 @@ import numpy as np
 from diffrl.augment import TransitionLayout
 from diffrl.augment.transitions import SAMPLE_KEYS, generate_transitions
 from diffrl.config import check, check_choice, check_positive, check_unit_interval, to_dict
-from diffrl.data import load_dataset
+from diffrl.data import dataset_env, dataset_run_name, fingerprint, load_dataset
 from diffrl.data.formats import atomic_file
 from diffrl.diffusion.spec import load_model
 from diffrl.envs.termination import termination_rule
 from diffrl.errors import CheckpointError, ConfigError, DiffrlWarning
-from diffrl.eval.fidelity import LAYOUTS, fidelity_report
-from diffrl.pipelines import diffusion, offline
-from diffrl.pipelines.common import DiffusionSettings, extend_configs, load_prefixed_config
-from diffrl.pipelines.offline import fingerprint
+from diffrl.eval.fidelity import LAYOUTS, fidelity_report, format_fidelity
+from diffrl.pipelines import diffusion, offline, online
+from diffrl.pipelines.common import DiffusionSettings, extend_configs
+from diffrl.registry import Command, System
 from diffrl.runs import checkpoint as ckpt
 from diffrl.runs.device import resolve_device
 from diffrl.runs.rundir import check_resumable, new_run_dir, read_summary, write_config
@@ -92,10 +92,6 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 def algo_name(cfg: Any) -> str:
     return offline.algo_name(cfg)
-
-
-def load_config(run_dir: Path) -> Any:
-    return load_prefixed_config(run_dir, PREFIX, ALGOS, "SynthER offline")
 
 
 def _diffusion_config(cfg: Any, run_dir: Path, resume: bool, transitions: int) -> diffusion.DiffusionConfig:
@@ -173,9 +169,7 @@ def run(cfg: Any) -> Path:
     algo = algo_name(cfg)
     pipeline = PREFIX + algo
     full = load_dataset(cfg.dataset, env_id=cfg.env)
-    env_id = cfg.env or full.metadata.get("env_id")
-    if not env_id:
-        raise ConfigError(f"dataset {cfg.dataset} records no environment; pass --env ID for evaluation.")
+    env_id = dataset_env(full, cfg.env, str(cfg.dataset))
     real = full.subset_episodes(cfg.data_fraction, cfg.seed) if cfg.data_fraction < 1.0 else full
     if cfg.terminals == "rule" and cfg.data_mode != "real":
         termination_rule(env_id)  # an unknown env is refused before anything is written
@@ -184,8 +178,7 @@ def run(cfg: Any) -> Path:
         run_dir = Path(cfg.resume)
         check_resumable(run_dir, pipeline, cfg)
     else:
-        name = Path(cfg.dataset).stem if Path(cfg.dataset).suffix else cfg.dataset
-        run_dir = new_run_dir(pipeline, name, cfg.seed, cfg.runs_root, cfg.run_dir)
+        run_dir = new_run_dir(pipeline, dataset_run_name(cfg.dataset), cfg.seed, cfg.runs_root, cfg.run_dir)
     write_config(run_dir, pipeline, to_dict(cfg))
 
     extra: dict[str, Any] = {"data_mode": cfg.data_mode, "batch_real_ratio": cfg.batch_real_ratio,
@@ -217,6 +210,14 @@ def run(cfg: Any) -> Path:
         raise CheckpointError(f"{e} (SynthER run {run_dir})") from None
 
 
-def evaluate_run(run_dir: Path, episodes: int = 10, device: str = "auto", seed: int | None = None) -> dict[str, Any]:
-    return offline.evaluate_run(run_dir, episodes, device, seed, cfg=load_config(run_dir))
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """Printed after a run's summary: the wall-clock breakdown and the fidelity table, where the summary has them."""
+    lines = online.summary_lines(summary) if "time_breakdown_s" in summary else []
+    return lines + ([format_fidelity(summary["fidelity"])] if "fidelity" in summary else [])
+
+
+SYSTEM = System("synther", "SynthER: upsampled offline data, or online SAC/REDQ with synthetic data", commands=(
+    Command("offline", ALGOS, run, PRESETS, pipelines={PREFIX + name: cls for name, cls in ALGOS.items()},
+            algo_flag="--algo", default_algo="td3bc", evaluate=offline.evaluate_run, summary_lines=summary_lines,
+            help="upsample a dataset with a diffusion model, train an offline agent on it"),))
 

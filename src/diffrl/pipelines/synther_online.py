@@ -27,7 +27,8 @@ from diffrl.envs import make_env
 from diffrl.envs.termination import termination_rule
 from diffrl.envs.vector import obs_dim
 from diffrl.pipelines import online
-from diffrl.pipelines.common import DiffusionSettings, extend_configs, load_prefixed_config
+from diffrl.pipelines.common import DiffusionSettings, extend_configs
+from diffrl.registry import Command, System
 from diffrl.runs.device import resolve_device
 
 PREFIX = "synther_online_"
@@ -51,7 +52,7 @@ class SynthEROnlineSettings(DiffusionSettings):
     """time embedding width (SynthER online: 256)"""
     warm_start: bool = False
     """continue the previous diffusion model at each retrain instead of training from scratch (not in the paper;
-    with a quarter of the diffusion steps it lost 40% of the return on HalfCheetah, benchmarks/RESULTS.md)"""
+    with a quarter of the diffusion steps it lost return on HalfCheetah: see benchmarks/RESULTS.md)"""
     model_terminals: bool | None = None
     """model the terminal flag; None: as SynthER's configs, yes for Gymnasium tasks, no for DMC (never terminates)"""
     normalize_reward: bool | None = None
@@ -140,10 +141,6 @@ def algo_name(cfg: Any) -> str:
     return online.algo_name(cfg)
 
 
-def load_config(run_dir: Path) -> Any:
-    return load_prefixed_config(run_dir, PREFIX, ALGOS, "SynthER online")
-
-
 def run(cfg: Any) -> Path:
     """Online SAC/REDQ with SynthER; returns the run directory."""
     env = make_env(cfg.env, max_episode_steps=cfg.max_episode_steps)
@@ -155,5 +152,7 @@ def run(cfg: Any) -> Path:
     return online.run(cfg, SynthERAugment(cfg, generator), pipeline=PREFIX + algo_name(cfg))
 
 
-def evaluate_run(run_dir: Path, episodes: int = 10, device: str = "auto", seed: int | None = None) -> dict[str, Any]:
-    return online.evaluate_run(run_dir, episodes, device, seed, cfg=load_config(run_dir))
+SYSTEM = System("synther", "SynthER: upsampled offline data, or online SAC/REDQ with synthetic data", commands=(
+    Command("online", ALGOS, run, PRESETS, pipelines={PREFIX + name: cls for name, cls in ALGOS.items()},
+            algo_flag="--agent", default_algo="sac", evaluate=online.evaluate_run, summary_lines=online.summary_lines,
+            help="online SAC/REDQ at a high update-to-data ratio on half-synthetic batches"),))

@@ -30,7 +30,7 @@ def tune_cpu_allocator() -> bool:
 
     Small-network RL allocates activations of 0.1-1 MB per op; glibc serves those with fresh mmaps, so every
     op page-faults new memory. Raising the mmap/trim thresholds (what ``MALLOC_MMAP_THRESHOLD_`` etc. do)
-    makes those allocations reuse the heap: about 13% faster SAC updates on a 2-core CPU. Process-wide and
+    makes those allocations reuse the heap (faster small-network updates on CPUs). Process-wide and
     numerically neutral; the CLI calls it once. Returns whether it was applied (glibc only).
     """
     import ctypes

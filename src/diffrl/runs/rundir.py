@@ -35,6 +35,12 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
 
 
+def task_name(env_id: str) -> str:
+    """``Hopper-v5`` -> ``hopper``; ``dm_control/cheetah-run-v0`` -> ``cheetah-run``; ``my_envs:Reach-v0`` ->
+    ``reach`` (dataset and file names)."""
+    return env_id.rpartition(":")[2].split("/")[-1].rsplit("-v", 1)[0].lower()
+
+
 def new_run_dir(pipeline: str, name: str, seed: int, root: Path = Path("runs"), run_dir: Path | None = None) -> Path:
     """Create and return a fresh run directory; refuse to reuse one that already holds a run.
 

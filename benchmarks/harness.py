@@ -1,0 +1,100 @@
+"""The benchmarks' shared resumable harness: one JSON row per finished run, appended to a JSONL results file.
+
+A run is identified by its key (a dict of the fields that name it: env, seed, arm, budget...); a row of the
+results file whose fields include the key marks the run finished, and it is skipped when the benchmark is started
+again. ``--table-only`` reprints a benchmark's tables from the rows already written and runs nothing.
+
+A writer killed mid-row leaves a torn last line (no trailing newline, not valid JSON): ``read_rows`` drops it with
+a warning on stderr, so that run is simply run again, and ``append_row`` cuts it off before writing. Any other
+line that is not JSON is an error naming the file and line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+Row = dict
+Key = dict
+
+
+def read_rows(path: Path | str) -> list[Row]:
+    """The rows of a JSONL results file (none if it does not exist), less a torn last line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    text = path.read_text()
+    lines = text.splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) and not text.endswith("\n"):
+                print(f"{path}:{i}: ignoring a torn last line (a killed writer); that run will run again",
+                      file=sys.stderr)
+                continue
+            raise ValueError(f"{path}:{i}: not a JSON row: {e}") from e
+    return rows
+
+
+def append_row(path: Path | str, row: Row) -> None:
+    """Append one row as one JSON line, flushed and fsynced, first cutting off a torn last line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("ab+") as f:
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # a torn last line: keep everything up to its start
+                f.seek(0)
+                f.truncate(f.read().rfind(b"\n") + 1)
+        f.write((json.dumps(row) + "\n").encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def matches(row: Row, key: Key) -> bool:
+    """Whether a row has every field of the key with the same value (a missing field reads as None)."""
+    return all(row.get(k) == v for k, v in key.items())
+
+
+def finished(rows: Iterable[Row], key: Key) -> bool:
+    """Whether some row records the run that the key names."""
+    return any(matches(r, key) for r in rows)
+
+
+def print_row(row: Row) -> None:
+    """Print a row as its JSON line (what several benchmarks show as each run finishes)."""
+    print(json.dumps(row), flush=True)
+
+
+def run_all(jobs: Iterable[Key], path: Path | str, run_one: Callable[[Key], Row], rows: list[Row] | None = None,
+            table_only: bool = False, on_row: Callable[[Row], None] | None = None) -> list[Row]:
+    """Run each job (a run's key) not yet finished and append its row (``run_one(key)``, which should include the key).
+
+    ``rows``: the rows read so far (default: ``read_rows(path)``); new rows are appended to it, and it is returned
+    for the tables. ``table_only``: run nothing. ``on_row``: called with each new row once it is written.
+    """
+    rows = read_rows(path) if rows is None else rows
+    for key in jobs:
+        if table_only or finished(rows, key):
+            continue
+        row = run_one(key)
+        rows.append(row)
+        append_row(path, row)
+        if on_row is not None:
+            on_row(row)
+    return rows
+
+
+def add_common_args(parser: argparse.ArgumentParser, results: Path, tables: str = "tables") -> None:
+    """``--results`` (the JSONL file, default ``results``) and ``--table-only`` ("print the <tables> of ...")."""
+    parser.add_argument("--results", type=Path, default=results)
+    parser.add_argument("--table-only", action="store_true",
+                        help=f"print the {tables} of the finished runs, run nothing")
