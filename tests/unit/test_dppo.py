@@ -21,8 +21,8 @@ from diffrl.diffusion.spec import build_model
 from diffrl.envs import make_env
 from diffrl.envs.wrappers import ActionChunkEnv, MinMaxNormalization
 from diffrl.errors import ConfigError, DatasetError
-from diffrl.pipelines.onpolicy import episode_stats
 from diffrl.runs.checkpoint import flatten_tree, unflatten_tree
+from diffrl.runs.logger import episode_stats
 
 DO, DA, TA, TO = 3, 2, 4, 2
 

@@ -75,6 +75,7 @@ from diffrl.pipelines.common import RunConfig
 from diffrl.registry import Command, System
 from diffrl.runs import checkpoint as ckpt
 from diffrl.runs.device import resolve_device
+from diffrl.runs.logger import episode_stats
 from diffrl.runs.seeding import derive_seed, seed_everything
 from diffrl.runs.session import RateMeter, RunSession, due
 
@@ -577,7 +578,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
                 c.best_eval = max(c.best_eval, c.last_eval["eval/return_mean"])
                 row.update(c.last_eval)
         if due(cfg.log_every, c.itr - 1, c.itr) or done_all:
-            row.update({**metrics, **stats, **onpolicy.episode_stats(ro.episodes)})
+            row.update({**metrics, **stats, **episode_stats(ro.episodes)})
             session.check_finite(row, c.env_steps)
             row.update({"itr": float(c.itr), "gradient_steps": float(agent.num_updates),
                         **perf_row(ro, spent, timers)})

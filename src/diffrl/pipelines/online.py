@@ -30,6 +30,7 @@ from diffrl.eval import evaluate
 from diffrl.pipelines.common import RunConfig, evaluate_checkpoint
 from diffrl.registry import Command, System
 from diffrl.runs.device import resolve_device
+from diffrl.runs.logger import episode_stats
 from diffrl.runs.seeding import seed_everything
 from diffrl.runs.session import RateMeter, RunSession, due
 
@@ -187,13 +188,14 @@ def run(cfg: OnlineConfig, augment: Augment | None = None, pipeline: str | None 
     buffer = ReplayBuffer.for_transitions(cfg.buffer_size, d_obs, d_act, device=device, seed=cfg.seed)
     rng = np.random.default_rng(cfg.seed)  # exploration before learning_starts
     session = RunSession(cfg, pipeline or f"train_{algo}", cfg.env, signature=env_signature(cfg.env, envs.envs[0]))
-    obs = envs.reset() if not session.resumed else None
     if session.resumed:
         agent.load_state_dict(session.parts["state"]["agent"])
         buffer.load_state_dict(session.parts["buffer"])
         if augment is not None:
             augment.load_state_dict(session.parts["augment"], buffer)
         obs = envs.load_state_dict(session.parts["state"]["envs"])  # replays the running episodes
+    else:
+        obs = envs.reset()
     c = session.start(Counters(), timers={"env_s": 0.0, "update_s": 0.0, "eval_s": 0.0}, generators={"rng": rng})
     session.progress_bar(cfg.steps, c.env_steps, desc=f"{algo} {cfg.env}", unit="env-step")
     timers = session.timers
@@ -240,10 +242,8 @@ def run(cfg: OnlineConfig, augment: Augment | None = None, pipeline: str | None 
             row.update(pending)
             pending = {}
             session.check_finite(row, c.env_steps)
-            if c.ep_stats:
-                row["train/episode_return"] = float(np.mean([r for r, _ in c.ep_stats]))
-                row["train/episode_length"] = float(np.mean([n for _, n in c.ep_stats]))
-                c.ep_stats = []
+            row.update(episode_stats(c.ep_stats, count=False))
+            c.ep_stats = []
             row["perf/env_steps_per_s"] = rate.rate(c.env_steps)
             if augment is not None:  # cumulative wall-clock breakdown (env, updates, eval, diffusion, sampling)
                 row.update({f"perf/{k}": v for k, v in {**timers, **augment.timers()}.items()})
@@ -259,16 +259,21 @@ def run(cfg: OnlineConfig, augment: Augment | None = None, pipeline: str | None 
     eval_env.close()
 
     # ------------------------------------------------------------------ summary
-    last, wall = c.last_eval, session.wall_s()
-    return session.finish({
-        "env_id": cfg.env, "env_steps": c.env_steps, "gradient_steps": agent.num_updates,  # type: ignore[attr-defined]
-        "wall_s": wall, "env_steps_per_s": c.env_steps / max(wall, 1e-9),
-        "eval_return_mean": last["eval/return_mean"] if last else None,
-        "eval_return_std": last["eval/return_std"] if last else None,
-        "success_rate": last.get("eval/success_rate") if last else None,
-        "best_eval_return": max(float(c.best_eval), last["eval/return_mean"]) if last else None,
-        "eval_episodes": cfg.eval_episodes,
-        "time_breakdown_s": {**timers, **(augment.timers() if augment is not None else {})}})
+    return session.finish(summary(cfg, c, agent.num_updates, session.wall_s(),  # type: ignore[attr-defined]
+                                  {**timers, **(augment.timers() if augment is not None else {})}))
+
+
+def summary(cfg: OnlineConfig, c: Counters, gradient_steps: int, wall: float, timers: dict[str, float]
+            ) -> dict[str, Any]:
+    """``summary.json`` of an off-policy run: the final and best evaluation, steps, rates and the time breakdown."""
+    last = c.last_eval
+    return {"env_id": cfg.env, "env_steps": c.env_steps, "gradient_steps": gradient_steps, "wall_s": wall,
+            "env_steps_per_s": c.env_steps / max(wall, 1e-9),
+            "eval_return_mean": last["eval/return_mean"] if last else None,
+            "eval_return_std": last["eval/return_std"] if last else None,
+            "success_rate": last.get("eval/success_rate") if last else None,
+            "best_eval_return": max(float(c.best_eval), last["eval/return_mean"]) if last else None,
+            "eval_episodes": cfg.eval_episodes, "time_breakdown_s": timers}
 
 
 def evaluate_run(run_dir: Path, cfg: OnlineConfig, episodes: int = 10, device: str = "auto",

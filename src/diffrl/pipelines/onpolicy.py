@@ -5,7 +5,7 @@ One iteration of a system built on it (DPPO's ``finetune``; DiffPPO next) reads:
     ro = collect(agent, envs, obs, n_steps, generator)                  # T chunks from each of N envs
     values, adv, ret, stats = advantages(agent, ro, gamma, lam, scaler)  # rewards scaled, GAE
     metrics = ppo_update(agent, ro, values, adv, ret, ...)              # epochs of (env step x transition) pairs
-    row = {**metrics, **stats, **episode_stats(ro.episodes)}            # what the iteration logs
+    row = {**metrics, **stats, **episode_stats(ro.episodes)}            # what it logs (runs.logger)
 
 The agent is a :class:`~diffrl.agents.ppo.ChunkPPO` over any :class:`~diffrl.agents.ppo.ChunkPolicy`, the envs a
 :class:`~diffrl.envs.VecEnv` of chunk envs (:func:`diffrl.envs.chunking.chunk_envs`). Bookkeeping (resume,
@@ -65,14 +65,6 @@ def collect(agent: ChunkPPO, envs: VecEnv, obs: np.ndarray, n_steps: int, genera
         obs = step.obs
     return Rollout(obs_buf, chains, rewards, term, trunc, final, obs, env_steps, episodes)  # type: ignore[arg-type]
 
-
-def episode_stats(episodes: list[tuple[float, int]]) -> dict[str, float]:
-    """The mean return and length and the count of the episodes a rollout finished (``train/episode_*``,
-    ``train/episodes``; nothing when none finished)."""
-    if not episodes:
-        return {}
-    return {"train/episode_return": float(np.mean([r for r, _ in episodes])),
-            "train/episode_length": float(np.mean([n for _, n in episodes])), "train/episodes": float(len(episodes))}
 
 def advantages(agent: ChunkPPO, ro: Rollout, gamma: float, gae_lambda: float, scaler: RunningRewardScaler | None,
                batch_size: int = 10_000) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:

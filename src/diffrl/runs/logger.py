@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from diffrl.errors import ConfigError, TrainingDiverged
 from diffrl.runs.rundir import METRICS_FILE
 
@@ -111,6 +113,16 @@ def check_finite(row: Mapping[str, float], step: int, run_dir: Path) -> None:
     if bad:
         raise TrainingDiverged(f"training diverged at step {step}: {bad[0]}={row[bad[0]]}; the checkpoints before it "
                                f"are in {Path(run_dir) / 'checkpoints'} (try a lower learning rate).")
+
+
+def episode_stats(episodes: list[tuple[float, int]], count: bool = True) -> dict[str, float]:
+    """``train/episode_return`` / ``train/episode_length``: the means over the episodes finished since the last row
+    (``(return, length)`` pairs), and with ``count`` their number (``train/episodes``); nothing when none finished."""
+    if not episodes:
+        return {}
+    out = {"train/episode_return": float(np.mean([r for r, _ in episodes])),
+           "train/episode_length": float(np.mean([n for _, n in episodes]))}
+    return {**out, "train/episodes": float(len(episodes))} if count else out
 
 
 def _wandb_id(run_dir: Path) -> str:
