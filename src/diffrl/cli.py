@@ -24,7 +24,8 @@ import tyro
 
 from diffrl.errors import ConfigError, DiffrlError, DiffrlWarning
 
-BUILTIN_USAGE = """  eval RUN_DIR                     evaluate a run's latest checkpoint    (diffrl eval --help)
+BUILTIN_USAGE = """  sweep SPEC.yaml | SYSTEM ...     seeds x arms of a system, local or on Ray (diffrl sweep --help)
+  eval RUN_DIR                     evaluate a run's latest checkpoint    (diffrl eval --help)
   report RUN_DIR...                learning curves and a results table   (diffrl report --help)"""
 
 
@@ -83,13 +84,18 @@ def _config_from_args(command: Any, algo: str, rest: list[str], prog: str) -> An
         if preset is not None:
             if preset not in presets:
                 raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(presets)}.")
-            rest = _as_args(presets[preset]) + rest  # explicit flags come later, so they win
-    return tyro.cli(cls, default=default, args=rest, prog=prog,
-                    description=(cls.__doc__ or "") + " Presets (--preset NAME; explicit flags override them): "
-                    + "; ".join(f"{name}: " + " ".join(_as_args(values)) for name, values in presets.items()))
+            rest = as_args(presets[preset]) + rest  # explicit flags come later, so they win
+    return parse_config(cls, rest, prog, default, (cls.__doc__ or "") + " Presets (--preset NAME; explicit flags "
+                        "override them): " + "; ".join(f"{name}: " + " ".join(as_args(values))
+                                                       for name, values in presets.items()))
 
 
-def _as_args(values: dict[str, Any]) -> list[str]:
+def parse_config(cls: type, args: list[str], prog: str, default: Any = None, description: str | None = None) -> Any:
+    """A config dataclass from command-line flags (tyro; a value its validation rejects is one sentence)."""
+    return tyro.cli(cls, default=default, args=args, prog=prog, description=description or cls.__doc__)
+
+
+def as_args(values: dict[str, Any]) -> list[str]:
     """Config values as command-line flags (``{"learning_starts": 5}`` -> ``["--learning-starts", "5"]``)."""
     out: list[str] = []
     for key, value in values.items():
@@ -129,7 +135,7 @@ def run_system(group: str, args: list[str]) -> None:
     assert system is not None
     entries = [*system.commands, *system.tools]
     single = entries[0] if len(entries) == 1 and not entries[0].name else None
-    if not args or (single is None and args[0] in ("-h", "--help")):
+    if single is None and (not args or args[0] in ("-h", "--help")):  # a single command runs with no arguments
         print(_system_usage(group, system))
         return
     if single is None:
@@ -252,7 +258,9 @@ def cmd_eval(args: list[str]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ReportArgs:
-    """Learning curves (mean and spread over seeds) and a markdown table of final returns."""
+    """Learning curves (mean and spread over seeds), a markdown table of final returns and, with rliable, IQM /
+    mean / median / optimality gap with stratified-bootstrap 95% CIs, probability of improvement, performance
+    profiles and paired per-seed differences between arms (runs that differ in a config field)."""
 
     run_dirs: Annotated[tuple[Path, ...], tyro.conf.Positional]
     """run directories (seeds of one experiment are grouped by pipeline and env)"""
@@ -260,22 +268,148 @@ class ReportArgs:
     """output directory for report.md, report.json and the PNG curves"""
     metric: str = "auto"
     """metrics.csv column to plot; auto: eval/success_rate for goal tasks (diffrl iter), else eval/return_mean"""
+    bootstrap_reps: int = 2000
+    """bootstrap resamples behind every confidence interval"""
+    bootstrap_seed: int = 0
+    """seed of the bootstrap resampling (the same seed gives the same intervals)"""
+    gap_threshold: float | None = None
+    """optimality-gap threshold for raw-return scores; normalized scores use 100 and success rates 1"""
 
 
 def cmd_report(args: list[str]) -> None:
     from diffrl import registry
     from diffrl.runs.report import make_report
+    from diffrl.runs.stats import Bootstrap
 
     a = tyro.cli(ReportArgs, args=args, prog="diffrl report")
     metric = a.metric
     if metric == "auto":  # the runs' commands' own metric when they agree (success rate for goal tasks)
         metrics = {registry.find_run(d)[1].report_metric for d in a.run_dirs}
         metric = metrics.pop() if len(metrics) == 1 else "eval/return_mean"
-    path = make_report(list(a.run_dirs), a.out, metric=metric)
+    path = make_report(list(a.run_dirs), a.out, metric=metric, gap_threshold=a.gap_threshold,
+                       bootstrap=Bootstrap(reps=a.bootstrap_reps, seed=a.bootstrap_seed))
     print(f"report: {path}")
 
 
-COMMANDS = {"eval": cmd_eval, "report": cmd_report}
+SWEEP_OPTIONS = {"--runner": "runner", "--address": "address", "--cpus-per-trial": "cpus_per_trial",
+                 "--gpus-per-trial": "gpus_per_trial", "--max-concurrent": "max_concurrent", "--root": "root"}
+SWEEP_USAGE = """usage: diffrl sweep SPEC.yaml [--runner local|ray] [--address ADDR] [--cpus-per-trial C]
+                         [--gpus-per-trial G] [--max-concurrent K] [--root DIR]
+       diffrl sweep SYSTEM [COMMAND] [ALGO | --algo A] --seeds 0-4 [--grid FIELD=V1,V2 ...] [--preset P]
+                         [--name NAME] [--FIELD VALUE ...] [runner options]
+       diffrl sweep status SWEEP_DIR
+
+Every (arm, grid point, seed) is a trial that runs the system as its own command would, in its own run directory
+under ROOT/NAME (ROOT: runs/sweeps). Started again, a sweep skips finished trials and resumes unfinished ones."""
+
+
+def cmd_sweep(args: list[str]) -> None:
+    from diffrl import sweep
+
+    if not args or args[0] in ("-h", "--help"):
+        print(SWEEP_USAGE)
+        return
+    if args[0] == "status":
+        if len(args) != 2:
+            raise ConfigError("usage: diffrl sweep status SWEEP_DIR")
+        print(sweep.status_table(Path(args[1])))
+        return
+    options: dict[str, Any] = {}
+    for flag, key in SWEEP_OPTIONS.items():
+        value, args = _pop_option(args, flag)
+        if value is not None:
+            options[key] = value
+    for key in ("cpus_per_trial", "max_concurrent"):
+        if key in options:
+            options[key] = _number(key, options[key], int)
+    if "gpus_per_trial" in options:
+        options["gpus_per_trial"] = _number("gpus_per_trial", options["gpus_per_trial"], float)
+    if "root" in options:
+        options["root"] = Path(options["root"])
+    if args[0].endswith((".yaml", ".yml")):
+        path = Path(args[0])
+        if len(args) > 1:
+            raise ConfigError(f"unexpected arguments after {path}: {' '.join(args[1:])} (put fields in the spec).")
+        if not path.is_file():
+            raise ConfigError(f"sweep spec {path} does not exist.")
+        spec = sweep.spec_from_dict(load_yaml_file(path), str(path))
+    else:
+        spec = sweep.spec_from_dict(_inline_spec(args), "the command line")
+    sweep.run_sweep(spec, **options)
+
+
+def _number(name: str, text: str, kind: type) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"invalid --{name.replace('_', '-')} {text!r}: it must be a number.") from None
+
+
+def load_yaml_file(path: Path) -> Any:
+    from diffrl.config import load_yaml
+
+    try:
+        return load_yaml(path)
+    except Exception as e:  # yaml errors
+        raise ConfigError(f"{path} is not valid YAML ({str(e).splitlines()[0]}).") from None
+
+
+def _inline_spec(args: list[str]) -> dict[str, Any]:
+    """``SYSTEM [COMMAND] [ALGO | --algo A] --seeds S --grid F=V1,V2 [--preset P] [--name N] [--field value ...]``
+    as a spec dict."""
+    from diffrl import registry
+
+    system_name, args = args[0], args[1:]
+    system = registry.get(system_name)
+    if system is None:
+        raise ConfigError(f"unknown system {system_name!r}: choose one of {', '.join(registry.names())}.")
+    spec: dict[str, Any] = {"system": system_name, "command": ""}
+    if args and not args[0].startswith("-") and system.command(args[0]) is not None:
+        spec["command"], args = args[0], args[1:]
+    command = system.command(spec["command"])
+    if command is not None and len(command.configs) > 1:
+        if command.algo_flag is None and args and not args[0].startswith("-"):
+            spec["algo"], args = args[0], args[1:]
+        elif command.algo_flag is not None:
+            spec["algo"], args = _pop_option(args, command.algo_flag)
+    for flag in ("--seeds", "--preset", "--name"):
+        value, args = _pop_option(args, flag)
+        if value is not None:
+            spec[flag[2:]] = value
+    spec.setdefault("name", "-".join(w for w in (system_name, spec["command"], spec.get("algo") or "") if w))
+    grid: dict[str, list[str]] = {}
+    while True:
+        value, args = _pop_option(args, "--grid")
+        if value is None:
+            break
+        field, sep, values = value.partition("=")
+        if not sep or not field:
+            raise ConfigError(f"invalid --grid {value!r}: use FIELD=V1,V2 (e.g. --grid utd=1,20).")
+        grid[field.replace("-", "_")] = [v for v in values.split(",") if v != ""]
+    spec["grid"], spec["base"] = grid, _fields(args)
+    return {k: v for k, v in spec.items() if v is not None}
+
+
+def _fields(args: list[str]) -> dict[str, Any]:
+    """``--field value [value ...]`` / ``--flag`` / ``--no-flag`` as a dict of field values (strings, as typed)."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        if not args[i].startswith("--"):
+            raise ConfigError(f"unexpected argument {args[i]!r}: fields are given as --field value.")
+        name, i = args[i][2:].replace("-", "_"), i + 1
+        values = []
+        while i < len(args) and not args[i].startswith("--"):
+            values.append(args[i])
+            i += 1
+        if not values:
+            out[name.removeprefix("no_")] = not name.startswith("no_")
+        else:
+            out[name] = values[0] if len(values) == 1 else values
+    return out
+
+
+COMMANDS = {"eval": cmd_eval, "report": cmd_report, "sweep": cmd_sweep}
 """Built-in commands; every other group is a registered system (:mod:`diffrl.registry`)."""
 
 

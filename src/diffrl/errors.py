@@ -26,6 +26,10 @@ class CheckpointError(DiffrlError):
     """A checkpoint or run directory is missing, corrupt, or incompatible."""
 
 
+class RunLocked(DiffrlError):
+    """Another live process is writing the run directory (``runs/lock.py``); nothing was changed."""
+
+
 class TrainingDiverged(DiffrlError):
     """A loss or evaluation became NaN/inf; the run stops before overwriting good checkpoints."""
 

@@ -55,6 +55,19 @@ def test_toy_preset_and_resume_with_another_command_are_refused_in_one_sentence(
     assert "is another kind of run; resume it with `diffrl toy --resume" in capsys.readouterr().err
 
 
+def test_a_single_command_system_runs_with_no_arguments_and_help_shows_its_flags(toy, tmp_path, monkeypatch,
+                                                                                  capsys):
+    # `diffrl quickstart` and `diffrl iter` take no sub-command: no arguments means the defaults, not the usage
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DIFFRL_PROGRESS", "0")
+    assert main(["toy"]) == 0
+    (run_dir,) = (tmp_path / "runs" / "toy").glob("*/*")
+    assert json.loads((run_dir / "summary.json").read_text())["gradient_steps"] == 40
+    with pytest.raises(SystemExit):
+        main(["toy", "--help"])
+    assert "--sigma" in capsys.readouterr().out
+
+
 def test_a_run_no_registered_system_knows_is_one_sentence(tmp_path, capsys):
     registry.register("toy", "toy_system")
     try:

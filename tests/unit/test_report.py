@@ -12,6 +12,7 @@ import yaml
 
 from diffrl.errors import CheckpointError, ConfigError, DiffrlError
 from diffrl.runs.report import _aggregate, make_report
+from diffrl.runs.stats import Bootstrap
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HEADER = ["step", "env_steps", "wall_s", "eval/return_mean", "eval/return_std", "train/episode_return",
@@ -171,3 +172,116 @@ def test_runs_that_differ_in_a_setting_are_separate_experiments_with_normalized_
     real = _row(md, "synther_offline_td3bc", "Hopper-v5 (data_mode=real)").split(" | ")
     assert real[2] == "2" and real[-1].rstrip(" |") == "40.5 ± 0.5"
     assert _row(md, "synther_offline_td3bc", "Hopper-v5 (data_mode=synthetic)")
+
+
+# --- statistics over arms (runs/stats.py through make_report) -------------------------------------------------
+
+FAST = Bootstrap(reps=200)
+
+
+def sweep_run(root: Path, name: str, *, env: str = "Hopper-v5", seed: int = 0, final: float = 100.0,
+              fields: dict | None = None, normalized: float | None = None) -> Path:
+    """A fake_run whose config.yaml carries extra ``fields`` and whose summary.json a normalized score."""
+    run = fake_run(root, name, env=env, seed=seed, evals=[(1000, final / 2), (2000, final)], final=final)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["config"].update(fields or {})
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    if normalized is not None:
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, "normalized_score": normalized}))
+    return run
+
+
+def _statistics(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())["statistics"]
+
+
+def test_arms_are_named_by_the_algorithmic_fields_that_differ_and_tasks_by_env(tmp_path: Path):
+    made = []
+    for utd, ratio in ((20, 0.5), (1, 0.5), (20, 0.25)):
+        for env, horizon in (("Hopper-v5", 1000), ("Walker2d-v5", 500)):
+            for seed in (0, 1):
+                made.append(sweep_run(tmp_path / "runs", f"{env}-{utd}-{ratio}-s{seed}", env=env, seed=seed,
+                                      final=10.0 * utd + 100 * ratio + seed, fields={
+                                          "utd": utd, "synthetic_ratio": ratio,
+                                          "max_episode_steps": horizon,  # set per env: not an arm field
+                                          "eval_every": 1000 + seed, "run_dir": f"runs/{seed}", "device": "cpu"}))
+    out = tmp_path / "out"
+    make_report(made, out, bootstrap=FAST)
+    st = _statistics(out)
+    arms = ["utd=1, synthetic_ratio=0.5", "utd=20, synthetic_ratio=0.25", "utd=20, synthetic_ratio=0.5"]
+    assert list(st["arms"]) == arms  # numbers in numeric order
+    assert all(a["tasks"] == ["Hopper-v5", "Walker2d-v5"] and len(a["runs"]) == 4 for a in st["arms"].values())
+    # raw returns are not comparable across envs: one task set per env, each with all three arms
+    assert [(s["name"], s["kind"], s["arms"]) for s in st["task_sets"]] == [
+        ("Hopper-v5", "return", arms), ("Walker2d-v5", "return", arms)]
+    hopper = st["task_sets"][0]
+    assert hopper["aggregates"]["utd=1, synthetic_ratio=0.5"]["scores"] == [[60.0], [61.0]]  # (runs, tasks)
+    assert hopper["gap_threshold"] is None and "optimality_gap" not in hopper["aggregates"][arms[0]]
+
+
+def test_offline_runs_are_tasks_by_dataset_and_normalized_scores_pool_tasks_with_gap_at_100(tmp_path: Path):
+    made = []
+    for dataset, base in (("diffrl/hopper/medium-quick-v0", 40.0), ("diffrl/hopper/expert-quick-v0", 90.0)):
+        for mode, bonus in (("real", 0.0), ("mixed", 20.0)):
+            for seed in range(3):
+                made.append(sweep_run(tmp_path / "runs", f"{dataset[-15:]}-{mode}-s{seed}", seed=seed,
+                                      final=1000.0 + seed, normalized=base + bonus + seed,
+                                      fields={"dataset": dataset, "data_mode": mode}))
+    out = tmp_path / "out"
+    make_report(made, out, bootstrap=FAST)
+    (ts,) = _statistics(out)["task_sets"]
+    assert ts["kind"] == "normalized_score" and ts["gap_threshold"] == 100.0
+    assert ts["tasks"] == ["diffrl/hopper/expert-quick-v0", "diffrl/hopper/medium-quick-v0"]
+    mixed = np.array(ts["aggregates"]["data_mode=mixed"]["scores"])  # (3 runs, 2 tasks)
+    assert mixed.tolist() == [[110.0, 60.0], [111.0, 61.0], [112.0, 62.0]]
+    s = np.sort(mixed.ravel())  # IQM: the pooled 6 scores with 1 cut from each end
+    assert ts["aggregates"]["data_mode=mixed"]["iqm"]["value"] == pytest.approx(s[1:-1].mean())
+    assert ts["aggregates"]["data_mode=mixed"]["optimality_gap"]["value"] == pytest.approx(
+        100 - np.minimum(mixed, 100).mean())
+    (poi,) = ts["probability_of_improvement"]
+    assert (poi["x"], poi["y"], poi["value"]) == ("data_mode=mixed", "data_mode=real", 1.0)
+    diffs = {d["task"]: d for d in ts["paired_differences"]}
+    assert diffs["diffrl/hopper/medium-quick-v0"]["differences"] == [20.0, 20.0, 20.0]
+    assert diffs["diffrl/hopper/medium-quick-v0"]["mean"] == {"value": 20.0, "lo": 20.0, "hi": 20.0}
+    per_task = ts["per_task"]["data_mode=real"]["diffrl/hopper/medium-quick-v0"]
+    assert per_task["score_mean"] == pytest.approx(41.0) and per_task["return_mean"] == pytest.approx(1001.0)
+    md = (out / "report.md").read_text()
+    assert "| data_mode=mixed | data_mode=real | 1.00 [1.00, 1.00] |" in md
+    assert "optimality gap (γ=100)" in md
+
+
+def test_one_run_per_arm_says_cis_need_more_seeds_instead_of_printing_an_interval(tmp_path: Path):
+    made = [sweep_run(tmp_path / "runs", f"utd{utd}", seed=utd, final=float(utd), fields={"utd": utd})
+            for utd in (1, 20)]
+    out = tmp_path / "out"
+    md = make_report(made, out, bootstrap=FAST).read_text()
+    assert "CIs need more seeds: `utd=1`, `utd=20` have one run per task" in md
+    assert "| utd=1 | 1 | 1.0 (no CI: 1 run) |" in md
+    assert "Paired differences" not in md  # seeds 1 and 20: none shared
+    (ts,) = _statistics(out)["task_sets"]
+    assert ts["aggregates"]["utd=1"]["iqm"] == {"value": 1.0, "lo": None, "hi": None}
+    assert ts["probability_of_improvement"][0]["lo"] is None and ts["paired_differences"] == []
+
+
+def test_cli_report_writes_the_statistics_sections_and_their_pngs(tmp_path: Path, capsys):
+    from diffrl.cli import main
+
+    made = [sweep_run(tmp_path / "runs", f"utd{utd}-s{seed}", seed=seed, final=100.0 * utd + seed,
+                      fields={"utd": utd}) for utd in (1, 2) for seed in range(3)]
+    out = tmp_path / "rep"
+    assert main(["report", *map(str, made), "--out", str(out), "--metric", "eval/return_mean",
+                 "--bootstrap-reps", "100", "--bootstrap-seed", "3", "--gap-threshold", "150"]) == 0
+    assert f"report: {out / 'report.md'}" in capsys.readouterr().out
+    md = (out / "report.md").read_text()
+    for heading in ("## Statistics", "### final eval return on Hopper-v5", "| arm | runs per task | IQM | mean |",
+                    "optimality gap (γ=150)", "Probability of improvement", "Paired differences",
+                    "100 resamples, seed 3"):
+        assert heading in md
+    (ts,) = _statistics(out)["task_sets"]
+    for png in ts["plots"].values():
+        assert f"]({png})" in md and (out / png).read_bytes()[:8] == PNG_MAGIC
+    assert set(ts["curves"]["bands"]["Hopper-v5"]) == {"utd=1", "utd=2"}
+    band = ts["curves"]["bands"]["Hopper-v5"]["utd=2"]
+    assert band["x"] == [1000.0, 2000.0] and band["mean"] == pytest.approx([100.5, 201.0])
+    assert all(lo <= m <= hi for lo, m, hi in zip(band["lo"], band["mean"], band["hi"]))

@@ -40,6 +40,7 @@ from diffrl.pipelines.common import DiffusionSettings, extend_configs
 from diffrl.registry import Command, System
 from diffrl.runs import checkpoint as ckpt
 from diffrl.runs.device import resolve_device
+from diffrl.runs.lock import lock_run_dir
 from diffrl.runs.rundir import check_resumable, new_run_dir, read_summary, write_config
 
 PREFIX = "synther_offline_"
@@ -176,9 +177,17 @@ def run(cfg: Any) -> Path:
 
     if cfg.resume is not None:
         run_dir = Path(cfg.resume)
-        check_resumable(run_dir, pipeline, cfg)
     else:
         run_dir = new_run_dir(pipeline, dataset_run_name(cfg.dataset), cfg.seed, cfg.runs_root, cfg.run_dir)
+    # one writer per run directory (runs/lock.py), held across every stage; the agent's session re-enters it
+    with lock_run_dir(run_dir, resume=cfg.resume is not None):
+        if cfg.resume is not None:
+            check_resumable(run_dir, pipeline, cfg)
+        return _stages(cfg, pipeline, run_dir, real, env_id)
+
+
+def _stages(cfg: Any, pipeline: str, run_dir: Path, real: Any, env_id: str) -> Path:
+    """Stages 2-5 in the locked ``run_dir``."""
     write_config(run_dir, pipeline, to_dict(cfg))
 
     extra: dict[str, Any] = {"data_mode": cfg.data_mode, "batch_real_ratio": cfg.batch_real_ratio,

@@ -5,6 +5,8 @@ One :class:`RunSession` per training process owns the run directory (DESIGN.md, 
 - **open or resume** — a fresh directory (or the caller's), or ``--resume RUN_DIR`` with its checks: the saved config
   may differ only in the config's ``RESUMABLE`` fields, the checkpoint must have been written for the same env
   (spaces included) and the same data (dataset fingerprint). Every check runs before anything is written.
+- **one writer** — the directory's lock (:mod:`diffrl.runs.lock`) is taken before anything is read for a resume or
+  written, and released by :meth:`finish`; a second process writing the same directory is refused with one sentence.
 - **checkpoints of named parts** — :meth:`save` writes the loop's parts atomically; the ``state`` part always holds
   the global RNG states and the loop's counters (``loop``: the :class:`Counters` dataclass, the timers, the wall
   clock, any NumPy generators the loop registered). :meth:`start` restores the counters, generators and every RNG
@@ -38,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,6 +50,7 @@ import numpy as np
 from diffrl.config import to_dict
 from diffrl.errors import CheckpointError
 from diffrl.runs import checkpoint as ckpt
+from diffrl.runs.lock import RunLock, lock_run_dir
 from diffrl.runs.logger import Logger, check_finite
 from diffrl.runs.progress import Progress
 from diffrl.runs.rundir import check_resumable, new_run_dir, write_config, write_summary
@@ -117,20 +121,33 @@ class RunSession:
         self.resumed = cfg.resume is not None
         self.parts: dict[str, Any] = {}
         self.manifest: dict[str, Any] = {}
-        if self.resumed:
-            self.run_dir = Path(cfg.resume)
-            check_resumable(self.run_dir, pipeline, cfg)
-            self.manifest, self.parts = ckpt.load_checkpoint(self.run_dir, parts=load_parts)
-            if signature is not None:
-                ckpt.check_env(self.manifest, dict(signature), self.run_dir, resume=True)
-            if fingerprint is not None and self.manifest["meta"].get("dataset_fingerprint") != fingerprint:
-                raise CheckpointError(f"the dataset {getattr(cfg, 'dataset', '')} differs from the one {self.run_dir} "
-                                      "was trained on; resume with the same data (nothing was changed).")
-        elif run_dir is not None:
-            self.run_dir = Path(run_dir)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        else:
-            self.run_dir = new_run_dir(pipeline, name, cfg.seed, cfg.runs_root, cfg.run_dir)
+        lock: RunLock | None = None  # one writer per run directory (runs/lock.py), taken before any write
+        try:
+            if self.resumed:
+                self.run_dir = Path(cfg.resume)
+                lock = lock_run_dir(self.run_dir, resume=True)  # before reading: a live writer may rewrite it
+                check_resumable(self.run_dir, pipeline, cfg)
+                self.manifest, self.parts = ckpt.load_checkpoint(self.run_dir, parts=load_parts)
+                if signature is not None:
+                    ckpt.check_env(self.manifest, dict(signature), self.run_dir, resume=True)
+                if fingerprint is not None and self.manifest["meta"].get("dataset_fingerprint") != fingerprint:
+                    raise CheckpointError(f"the dataset {getattr(cfg, 'dataset', '')} differs from the one "
+                                          f"{self.run_dir} was trained on; resume with the same data (nothing was "
+                                          "changed).")
+            elif run_dir is not None:
+                self.run_dir = Path(run_dir)
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                lock = lock_run_dir(self.run_dir)
+            else:
+                self.run_dir = new_run_dir(pipeline, name, cfg.seed, cfg.runs_root, cfg.run_dir)
+                lock = lock_run_dir(self.run_dir)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        # released by finish(); a loop that stops with an error releases it when the session is collected (and the
+        # kernel, at the latest, when the process exits)
+        self._unlock = weakref.finalize(self, lock.release)
         self.timers = Timers()
         self.counters: Any = None
         self._generators: dict[str, np.random.Generator] = {}
@@ -214,11 +231,13 @@ class RunSession:
                              keep_last=self.cfg.keep_checkpoints)
 
     def finish(self, summary: Mapping[str, Any]) -> Path:
-        """Close the bar and the logger and write ``summary.json`` (with the pipeline, seed and wall clock)."""
+        """Close the bar and the logger, write ``summary.json`` (with the pipeline, seed and wall clock) and release
+        the run directory's lock."""
         if self.bar is not None:
             self.bar.close()
         wall = self.wall_s()
         assert self.logger is not None
         self.logger.close()
         write_summary(self.run_dir, {"pipeline": self.pipeline, "seed": self.cfg.seed, "wall_s": wall, **summary})
+        self._unlock()  # the last write: another process may now resume the run
         return self.run_dir

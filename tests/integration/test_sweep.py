@@ -1,0 +1,103 @@
+"""``diffrl sweep``: a two-arm x two-seed sweep of tiny runs with the local runner and on a local Ray instance, a
+killed driver started again, a failing trial among good ones, ``sweep status`` and bad specs as one sentence."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from diffrl.cli import main
+from diffrl.runs.logger import read_metrics
+
+TINY = ["--env", "Hopper-v5", "--steps", "300", "--learning-starts", "50", "--batch-size", "32", "--hidden", "32",
+        "32", "--eval-every", "100", "--eval-episodes", "1", "--log-every", "50", "--checkpoint-every", "100"]
+SWEEP = ["sweep", "train", "sac", *TINY, "--seeds", "0-1", "--grid", "utd=1,2", "--name", "tiny"]
+TRIALS = ["utd_1-s0", "utd_1-s1", "utd_2-s0", "utd_2-s1"]
+
+
+def curves(sweep_dir: Path) -> dict[str, list[dict[str, float]]]:
+    return {t: [{k: v for k, v in r.items() if k not in ("wall_s", "perf/env_steps_per_s")}
+                for r in read_metrics(sweep_dir / "trials" / t)] for t in TRIALS}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sweeps")
+    assert main([*SWEEP, "--root", str(root)]) == 0
+    return root / "tiny"
+
+
+def test_local_sweep_runs_every_arm_and_seed_and_a_second_start_runs_nothing(uninterrupted, capsys):
+    got = curves(uninterrupted)
+    assert all(len(rows) == 6 for rows in got.values())
+    assert got["utd_1-s0"] != got["utd_2-s0"] and got["utd_1-s0"] != got["utd_1-s1"]  # arms and seeds differ
+    assert main([*SWEEP, "--root", str(uninterrupted.parent)]) == 0
+    assert "4 trials, 4 finished, 0 to run" in capsys.readouterr().out
+    assert main(["sweep", "status", str(uninterrupted)]) == 0
+    table = capsys.readouterr().out
+    assert table.count(" done ") == 4 and "utd=2" in table and "300/300" in table
+
+
+def test_killed_driver_started_again_finishes_only_the_unfinished_trials_with_identical_curves(uninterrupted,
+                                                                                              tmp_path, capsys):
+    cmd = [sys.executable, "-c", "import sys; from diffrl.cli import main; sys.exit(main(sys.argv[1:]))", *SWEEP,
+           "--root", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFRL_PROGRESS": "0"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = tmp_path / "tiny" / "trials" / TRIALS[1] / "checkpoints"
+    deadline = time.time() + 120
+    while not (second.is_dir() and any(second.glob("step-*"))) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = tmp_path / "tiny" / "trials" / TRIALS[0] / "summary.json"
+    assert first.is_file() and not (second.parent / "summary.json").exists()
+    stamp = first.stat().st_mtime_ns
+    assert main([*SWEEP, "--root", str(tmp_path)]) == 0
+    assert "1 finished, 3 to run" in capsys.readouterr().out
+    assert first.stat().st_mtime_ns == stamp  # the finished trial was not run again
+    assert curves(tmp_path / "tiny") == curves(uninterrupted)
+
+
+def test_a_failing_trial_is_reported_and_the_others_finish(tmp_path, capsys):
+    argv = ["sweep", "train", "sac", *TINY[2:], "--seeds", "0", "--grid", "env=Hopper-v5,Hopper-v3", "--name", "f",
+            "--root", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "failed" in out and "Hopper-v3 is a mujoco-py environment" in out
+    assert (tmp_path / "f" / "trials" / "env_Hopper-v5-s0" / "summary.json").is_file()
+
+
+def test_ray_runner_gives_the_local_runner_s_curves(uninterrupted, tmp_path):
+    pytest.importorskip("ray")
+    assert main([*SWEEP, "--root", str(tmp_path), "--runner", "ray", "--cpus-per-trial", "1"]) == 0
+    assert curves(tmp_path / "tiny") == curves(uninterrupted)
+
+
+@pytest.mark.parametrize(("spec", "sentence"), [
+    ("system: nope\n", "unknown system 'nope'"),
+    ("system: train\nalgo: sac\nbase: {gama: 0.9}\n", "base sets unknown field(s) gama of SACConfig"),
+    ("system: train\nalgo: sac\ngrid: {utd: []}\n", "the grid of utd is empty"),
+    ("system: train\nalgo: sac\nbase: {seed: 3}\n", "base sets seed, which the sweep sets for each trial"),
+    ("system: train\nalgo: sac\nbogus: 1\n", "unknown key(s) bogus"),
+    ("- a\n- b\n", "is not a sweep spec"),
+])
+def test_bad_specs_are_one_sentence(tmp_path, capsys, spec, sentence):
+    path = tmp_path / "spec.yaml"
+    path.write_text(spec)
+    assert main(["sweep", str(path), "--root", str(tmp_path / "root")]) == 2
+    err = capsys.readouterr().err
+    assert sentence in err and err.count("\n") == 1 and not (tmp_path / "root").exists()
+
+
+def test_a_sweep_directory_holding_another_spec_is_refused(uninterrupted, capsys):
+    argv = [*SWEEP, "--root", str(uninterrupted.parent)]
+    argv[argv.index("0-1")] = "0-2"
+    assert main(argv) == 2
+    assert "holds another sweep" in capsys.readouterr().err
