@@ -58,7 +58,7 @@ from diffrl.diffusion.trainer import DiffusionTrainer, TrainerSettings
 from diffrl.envs import env_signature
 from diffrl.envs.chunking import chunk_env, chunk_envs
 from diffrl.envs.wrappers import MinMaxNormalization
-from diffrl.errors import CheckpointError, ConfigError, DiffrlWarning
+from diffrl.errors import ConfigError, DiffrlWarning
 from diffrl.eval import evaluate, reference_scores
 from diffrl.pipelines import chunk_policy, online, onpolicy
 from diffrl.pipelines.chunk_policy import (
@@ -650,8 +650,7 @@ def evaluate_run(run_dir: Path, cfg: PretrainConfig | FinetuneConfig, episodes: 
         act_steps = pretrained.spec.act_steps
     env_id = pretrained.env["env_id"]
     env = chunk_env(env_id, pretrained.spec, pretrained.normalization, act_steps, cfg.max_episode_steps)
-    if env_signature(env_id, env.env) != pretrained.env:
-        raise CheckpointError(f"the checkpoint in {run_dir} does not match {env_id} as installed here.")
+    ckpt.check_env(manifest, env_signature(env_id, env.env), run_dir)  # the one env check of every evaluate_run
     seed = cfg.seed if seed is None else seed
     result = evaluate(ChunkActor(policy, dev, seed, mean_path), env, episodes, seed=seed)
     env.close()
