@@ -31,6 +31,8 @@ from diffrl.data import load_dataset
 from diffrl.diffusion.spec import build_model
 from diffrl.diffusion.trainer import DiffusionTrainer, TrainerSettings
 from diffrl.runs.device import tune_cpu_allocator
+from diffrl.runs.results import provenance
+from harness import RESULTS, append_row
 
 OUT = Path(__file__).parent / "out"
 SYNTHER = {1024: (12.0, 50.0), 256: (118.0, 530.0)}  # train steps/s, samples/s (SynthER's code, this machine)
@@ -122,10 +124,9 @@ def main() -> None:
                    "date": time.strftime("%Y-%m-%d %H:%M")}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    OUT.mkdir(exist_ok=True)
-    with open(OUT / "diffusion_speed.jsonl", "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    prov = provenance()
+    for r in rows:
+        append_row(RESULTS / "diffusion_speed.jsonl", {**r, **prov})
     print(f"\nresidual MLP denoiser, 6 blocks, batch 256, {args.train_steps} training steps, held-out EDM loss in fp32;"
           " sampling: Heun 128 steps with churn (255 evaluations)\n")
     print("| width | precision | train steps/s | GFLOP/s (% of matmul peak) | held-out loss (vs fp32) | samples/s |"

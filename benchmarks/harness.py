@@ -1,4 +1,6 @@
-"""The benchmarks' shared resumable harness: one JSON row per finished run, appended to a JSONL results file.
+"""The benchmarks' shared resumable harness: one JSON row per finished run, appended to a JSONL results file
+under ``benchmarks/results/`` (committed: every published number can be checked and its table regenerated), with
+the provenance of the code and machine (``diffrl.runs.results.provenance``: versions, git revision, CPU, date).
 
 A run is identified by its key (a dict of the fields that name it: env, seed, arm, budget...); a row of the
 results file whose fields include the key marks the run finished, and it is skipped when the benchmark is started
@@ -13,50 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from diffrl.runs.results import append_row, provenance, read_rows
+
+__all__ = ["RESULTS", "Row", "Key", "read_rows", "append_row", "matches", "finished", "print_row", "run_all",
+           "add_common_args"]
+
+# the committed result rows (run directories and caches stay in the git-ignored benchmarks/out/)
+RESULTS = Path(__file__).parent / "results"
+
 Row = dict
 Key = dict
-
-
-def read_rows(path: Path | str) -> list[Row]:
-    """The rows of a JSONL results file (none if it does not exist), less a torn last line."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    text = path.read_text()
-    lines = text.splitlines()
-    rows = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i == len(lines) and not text.endswith("\n"):
-                print(f"{path}:{i}: ignoring a torn last line (a killed writer); that run will run again",
-                      file=sys.stderr)
-                continue
-            raise ValueError(f"{path}:{i}: not a JSON row: {e}") from e
-    return rows
-
-
-def append_row(path: Path | str, row: Row) -> None:
-    """Append one row as one JSON line, flushed and fsynced, first cutting off a torn last line."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("ab+") as f:
-        if f.seek(0, os.SEEK_END) > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":  # a torn last line: keep everything up to its start
-                f.seek(0)
-                f.truncate(f.read().rfind(b"\n") + 1)
-        f.write((json.dumps(row) + "\n").encode())
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def matches(row: Row, key: Key) -> bool:
@@ -85,7 +56,7 @@ def run_all(jobs: Iterable[Key], path: Path | str, run_one: Callable[[Key], Row]
     for key in jobs:
         if table_only or finished(rows, key):
             continue
-        row = run_one(key)
+        row = {**run_one(key), **provenance()}
         rows.append(row)
         append_row(path, row)
         if on_row is not None:

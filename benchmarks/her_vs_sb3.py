@@ -15,7 +15,7 @@ diffrl's one ``evaluate`` (10 deterministic test episodes, same eval seeds); env
     python benchmarks/her_vs_sb3.py                                  # FetchReach + FetchPush, 3 seeds
     python benchmarks/her_vs_sb3.py --envs FetchReach-v4 --seeds 0   # a smoke run
 
-Rows go to benchmarks/out/her_vs_sb3.jsonl (finished runs are skipped when re-run).
+Rows go to benchmarks/results/her_vs_sb3.jsonl (finished runs are skipped when re-run).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from diffrl.envs import make_env
 from diffrl.eval import evaluate
 from diffrl.pipelines.iter_her import ITERConfig, run
 from diffrl.runs.logger import read_metrics
-from harness import add_common_args, matches, run_all
+from harness import RESULTS, add_common_args, matches, run_all
 
 OUT = Path(__file__).parent / "out"
 BUDGETS = {"FetchReach-v4": dict(epochs=10, n_cycles=10), "FetchPush-v4": dict(epochs=10, n_cycles=50)}
@@ -89,7 +89,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--envs", nargs="+", default=list(BUDGETS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    add_common_args(ap, OUT / "her_vs_sb3.jsonl")
+    add_common_args(ap, RESULTS / "her_vs_sb3.jsonl")
     args = ap.parse_args()
     os.environ.setdefault("DIFFRL_PROGRESS", "0")
     args.results.parent.mkdir(parents=True, exist_ok=True)

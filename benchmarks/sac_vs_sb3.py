@@ -11,7 +11,7 @@ Also prints the cost of one REDQ (N=10, M=2) update relative to one SAC update.
     python benchmarks/sac_vs_sb3.py                       # the full table (2 envs x 3 seeds x 30k steps)
     python benchmarks/sac_vs_sb3.py --steps 6000 --seeds 0 --envs Hopper-v5   # a smoke run
 
-Results are appended to benchmarks/out/sac_vs_sb3.jsonl (finished runs are skipped when re-run).
+Results are appended to benchmarks/results/sac_vs_sb3.jsonl (finished runs are skipped when re-run).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from diffrl.envs import make_env
 from diffrl.eval import evaluate
 from diffrl.pipelines.online import SACConfig, run
 from diffrl.runs.device import tune_cpu_allocator
-from harness import add_common_args, print_row, run_all
+from harness import RESULTS, add_common_args, print_row, run_all
 
 OUT = Path(__file__).parent / "out"
 
@@ -103,7 +103,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=30_000)
     ap.add_argument("--eval-episodes", type=int, default=10)
-    add_common_args(ap, OUT / "sac_vs_sb3.jsonl")
+    add_common_args(ap, RESULTS / "sac_vs_sb3.jsonl")
     args = ap.parse_args()
     os.environ.setdefault("DIFFRL_PROGRESS", "0")
     # The allocator setting `diffrl` applies; process-wide, so SB3 runs with it too (same conditions).

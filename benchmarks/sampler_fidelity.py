@@ -30,6 +30,8 @@ from diffrl.diffusion.spec import load_model
 from diffrl.eval.fidelity import diversity, marginals, simulator_validity
 from diffrl.pipelines import diffusion
 from diffrl.runs.device import tune_cpu_allocator
+from diffrl.runs.results import provenance
+from harness import RESULTS, append_row
 
 OUT = Path(__file__).parent / "out"
 CHURN = {"S_churn": 80.0, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.003}
@@ -65,7 +67,7 @@ def main() -> None:
     args = ap.parse_args()
     tune_cpu_allocator()
     if not args.dataset.exists():
-        raise SystemExit(f"{args.dataset} is missing: build it with `python benchmarks/offline_d4rl_style.py` or "
+        raise SystemExit(f"{args.dataset} is missing: build it with `python benchmarks/datasets.py` or "
                          "`diffrl data collect --env Hopper-v5 --kind medium-replay --preset quick --out ...`")
     model_dir = args.model_dir or OUT / f"sampler_fidelity_model-{args.train_steps}"
     if not (model_dir / "summary.json").exists():
@@ -102,9 +104,9 @@ def main() -> None:
                "model": str(model_dir), "date": time.strftime("%Y-%m-%d %H:%M")}
         results.append(row)
         print(json.dumps(row), flush=True)
-    with open(OUT / "sampler_fidelity.jsonl", "a") as f:
-        for r in results:
-            f.write(json.dumps(r) + "\n")
+    prov = provenance()
+    for r in results:
+        append_row(RESULTS / "sampler_fidelity.jsonl", {**r, **prov})
     ref = results[0]
     print(f"\n{env_id}, {args.num} samples x seeds {args.seeds} per sampler; validity NMSE relative to the "
           "reference in brackets\n")

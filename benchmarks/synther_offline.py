@@ -5,18 +5,18 @@
     python benchmarks/synther_offline.py --steps 2000 --diffusion-steps 1000 --num-samples 20000   # a smoke run
 
 Experiment ``modes`` (SynthER's claim: synthetic-only matches real): TD3+BC and IQL on diffrl's quick
-medium-replay datasets (built by benchmarks/offline_d4rl_style.py, or here if missing), trained on real,
+medium-replay datasets (built by benchmarks/datasets.py, or here if missing), trained on real,
 synthetic-only and mixed (50/50) data. Experiment ``small`` (SynthER's claim: upsampling small data helps):
 15% of the episodes of the quick medium dataset, real vs synthetic (upsampled) data. One diffusion model per
 (dataset, fraction, seed) is trained (quick preset: width 256, 10k steps, stochastic DPM-Solver++ with 32
 evaluations, 200k samples) and reused by every agent and mode of that seed. Finished runs are appended to
-benchmarks/out/synther_offline.jsonl and skipped when re-run.
+benchmarks/results/synther_offline.jsonl and skipped when re-run.
 
 Rejecting out-of-range synthetic actions instead of clipping them, on the same diffusion models (paired: the
 first draw of samples is the same, only the out-of-range ones are replaced):
 
     python benchmarks/synther_offline.py --out-of-range reject --modes synthetic --algos iql \
-        --models-from benchmarks/out/synther_offline.jsonl --results benchmarks/out/synther_offline_reject.jsonl
+        --models-from benchmarks/results/synther_offline.jsonl --results benchmarks/results/synther_offline_reject.jsonl
 
 and, the same way, terminal flags from the env's termination rule instead of the model's (``--terminals rule``).
 """
@@ -32,20 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
+from datasets import dataset
 from diffrl.pipelines import data_collect, synther_offline
 from diffrl.runs.device import tune_cpu_allocator
 from diffrl.runs.logger import read_metrics
-from harness import add_common_args, append_row, matches, print_row, read_rows
+from harness import RESULTS, add_common_args, append_row, matches, print_row, read_rows
 
 OUT = Path(__file__).parent / "out"
-
-
-def dataset(env_id: str, kind: str) -> Path:
-    path = OUT / "data" / f"{data_collect.task_name(env_id)}-{kind}-quick.hdf5"
-    if not path.exists():
-        data_collect.run(data_collect.CollectConfig(env=env_id, kind=kind, preset="quick", out=str(path),
-                                                    experts_dir=OUT / "experts", progress=False))
-    return path
 
 
 def ci95(x: np.ndarray) -> float:
@@ -72,7 +65,7 @@ def main() -> None:
                     help="run only these data modes (default: every mode of each experiment)")
     ap.add_argument("--models-from", type=Path, default=None,
                     help="a results file whose diffusion models to reuse (same experiment, dataset and seed)")
-    add_common_args(ap, OUT / "synther_offline.jsonl")
+    add_common_args(ap, RESULTS / "synther_offline.jsonl")
     args = ap.parse_args()
     os.environ.setdefault("DIFFRL_PROGRESS", "0")
     tune_cpu_allocator()

@@ -292,15 +292,19 @@ def cmd_report(args: list[str]) -> None:
 
 
 SWEEP_OPTIONS = {"--runner": "runner", "--address": "address", "--cpus-per-trial": "cpus_per_trial",
-                 "--gpus-per-trial": "gpus_per_trial", "--max-concurrent": "max_concurrent", "--root": "root"}
-SWEEP_USAGE = """usage: diffrl sweep SPEC.yaml [--runner local|ray] [--address ADDR] [--cpus-per-trial C]
-                         [--gpus-per-trial G] [--max-concurrent K] [--root DIR]
+                 "--gpus-per-trial": "gpus_per_trial", "--max-concurrent": "max_concurrent", "--root": "root",
+                 "--table-every": "table_every"}
+SWEEP_USAGE = """usage: diffrl sweep SPEC.yaml [SPEC2.yaml ...] [--runner local|ray] [--address ADDR]
+                         [--cpus-per-trial C] [--gpus-per-trial G] [--max-concurrent K] [--root DIR]
+                         [--table-every SECONDS]
        diffrl sweep SYSTEM [COMMAND] [ALGO | --algo A] --seeds 0-4 [--grid FIELD=V1,V2 ...] [--preset P]
-                         [--name NAME] [--FIELD VALUE ...] [runner options]
+                         [--name NAME] [--results FILE.jsonl] [--FIELD VALUE ...] [runner options]
        diffrl sweep status SWEEP_DIR
 
 Every (arm, grid point, seed) is a trial that runs the system as its own command would, in its own run directory
-under ROOT/NAME (ROOT: runs/sweeps). Started again, a sweep skips finished trials and resumes unfinished ones."""
+under ROOT/NAME (ROOT: runs/sweeps). Started again, a sweep skips finished trials and resumes unfinished ones.
+Specs given together run in order. The status table is printed every --table-every seconds (default 60) when it
+changed; a spec's `results` file gets one row per finished trial (see docs/sweeps.md)."""
 
 
 def cmd_sweep(args: list[str]) -> None:
@@ -322,20 +326,27 @@ def cmd_sweep(args: list[str]) -> None:
     for key in ("cpus_per_trial", "max_concurrent"):
         if key in options:
             options[key] = _number(key, options[key], int)
-    if "gpus_per_trial" in options:
-        options["gpus_per_trial"] = _number("gpus_per_trial", options["gpus_per_trial"], float)
+    for key in ("gpus_per_trial", "table_every"):
+        if key in options:
+            options[key] = _number(key, options[key], float)
     if "root" in options:
         options["root"] = Path(options["root"])
+    if not args:
+        raise ConfigError("diffrl sweep needs a spec file or a system (diffrl sweep --help).")
     if args[0].endswith((".yaml", ".yml")):
-        path = Path(args[0])
-        if len(args) > 1:
-            raise ConfigError(f"unexpected arguments after {path}: {' '.join(args[1:])} (put fields in the spec).")
-        if not path.is_file():
-            raise ConfigError(f"sweep spec {path} does not exist.")
-        spec = sweep.spec_from_dict(load_yaml_file(path), str(path))
+        extra = [a for a in args if not a.endswith((".yaml", ".yml"))]
+        if extra:
+            raise ConfigError(f"unexpected arguments after the spec files: {' '.join(extra)} (put fields in the "
+                              "spec).")
+        specs = []
+        for path in map(Path, args):  # every spec is checked before any runs
+            if not path.is_file():
+                raise ConfigError(f"sweep spec {path} does not exist.")
+            specs.append(sweep.spec_from_dict(load_yaml_file(path), str(path)))
     else:
-        spec = sweep.spec_from_dict(_inline_spec(args), "the command line")
-    sweep.run_sweep(spec, **options)
+        specs = [sweep.spec_from_dict(_inline_spec(args), "the command line")]
+    for spec in specs:
+        sweep.run_sweep(spec, **options)
 
 
 def _number(name: str, text: str, kind: type) -> Any:
@@ -355,7 +366,8 @@ def load_yaml_file(path: Path) -> Any:
 
 
 def _inline_spec(args: list[str]) -> dict[str, Any]:
-    """``SYSTEM [COMMAND] [ALGO | --algo A] --seeds S --grid F=V1,V2 [--preset P] [--name N] [--field value ...]``
+    """``SYSTEM [COMMAND] [ALGO | --algo A] --seeds S --grid F=V1,V2 [--preset P] [--name N] [--results F]
+    [--field value ...]``
     as a spec dict."""
     from diffrl import registry
 
@@ -372,7 +384,7 @@ def _inline_spec(args: list[str]) -> dict[str, Any]:
             spec["algo"], args = args[0], args[1:]
         elif command.algo_flag is not None:
             spec["algo"], args = _pop_option(args, command.algo_flag)
-    for flag in ("--seeds", "--preset", "--name"):
+    for flag in ("--seeds", "--preset", "--name", "--results"):
         value, args = _pop_option(args, flag)
         if value is not None:
             spec[flag[2:]] = value

@@ -1,7 +1,8 @@
 """``diffrl sweep``: many runs of a registered system — arms x grid points x seeds — each a trial that runs the
 system exactly as its own command would, in its own run directory under the sweep directory.
 
-    diffrl sweep SPEC.yaml [--runner local|ray] [--address ADDR] [--cpus-per-trial C] [--gpus-per-trial G]
+    diffrl sweep SPEC.yaml [SPEC2.yaml ...] [--runner local|ray] [--address ADDR] [--cpus-per-trial C]
+                 [--gpus-per-trial G] [--table-every S]
     diffrl sweep synther online --env HalfCheetah-v5 --seeds 0-4 --grid utd=1,20 --grid synthetic_ratio=0,0.5
     diffrl sweep status SWEEP_DIR
 
@@ -13,15 +14,22 @@ A spec (YAML)::
     algo: sac                       # the algorithm, where the command has a choice
     preset: quick                   # optional; fields below override it
     base: {env: HalfCheetah-v5, steps: 30000}
-    arms: {sac-utd20: {synthetic_ratio: 0.0}, synther: {}}    # optional named arms ...
-    grid: {utd: [1, 20]}                                       # ... crossed with the grid's points
+    arms: {sac-utd20: {synthetic_ratio: 0.0}, redq: {algo: redq}, synther: {}}   # optional named arms (an arm
+    grid: {utd: [1, 20]}                        # may name its own algo) crossed with the grid's points
     seeds: [0, 1, 2]
+    results: benchmarks/results/synther_online.jsonl   # optional: a row per finished trial (diffrl.runs.results)
+
+A string field may name ``{seed}`` (the trial's seed) and ``{root}`` (the sweeps' root directory), so that one
+sweep's trials can use another's runs, e.g. ``policy: "{root}/dppo-pretrain/trials/hopper-s{seed}"``; specs given
+together run in order (``diffrl sweep pretrain.yaml finetune.yaml``).
 
 The sweep directory holds ``sweep.yaml`` (the resolved spec), ``trials/<trial>/`` (normal run directories) and
 ``trials/<trial>.error`` for a trial that failed. Started again, a sweep skips finished trials (their
 ``summary.json``), resumes unfinished ones from their own checkpoints (so their curves equal an uninterrupted
 sweep's) and retries failed ones; a failing trial is reported with its one-sentence error and does not stop the
-others. ``--runner ray`` runs the trials as Ray Tune trials (``pip install 'diffrl[ray]'``) on a local Ray instance
+others. While trials run, the status table (trial, arm, seed, steps, latest return, ETA) is printed every
+``--table-every`` seconds when it changed, and each newly finished trial's row is appended to ``results``.
+``--runner ray`` runs the trials as Ray Tune trials (``pip install 'diffrl[ray]'``) on a local Ray instance
 sized to the machine, or on an existing cluster with ``--address``; each trial's torch / OpenMP threads are set to
 its CPU share. The local runner runs the trials one after the other in this process.
 """
@@ -33,6 +41,7 @@ import itertools
 import math
 import os
 import shutil
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -41,9 +50,9 @@ from typing import Any
 
 from diffrl import registry
 from diffrl.config import load_yaml, save_yaml
-from diffrl.errors import ConfigError, DiffrlError
+from diffrl.errors import ConfigError, DiffrlError, RunLocked
 from diffrl.runs.checkpoint import list_checkpoints
-from diffrl.runs.lock import lock_run_dir
+from diffrl.runs.lock import LOCK_FILE, is_locked, lock_run_dir
 from diffrl.runs.logger import read_metrics
 from diffrl.runs.rundir import CONFIG_FILE, SUMMARY_FILE, read_summary, slug
 
@@ -66,21 +75,25 @@ class SweepSpec:
     arms: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     grid: Mapping[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
     seeds: Sequence[int] = (0,)
+    results: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "system": self.system, "command": self.command, "algo": self.algo,
                 "preset": self.preset, "base": dict(self.base), "arms": {k: dict(v) for k, v in self.arms.items()},
-                "grid": {k: list(v) for k, v in self.grid.items()}, "seeds": list(self.seeds)}
+                "grid": {k: list(v) for k, v in self.grid.items()}, "seeds": list(self.seeds),
+                "results": self.results}
 
 
 @dataclasses.dataclass(frozen=True)
 class Trial:
-    """One (arm, grid point, seed): its id (the run directory's name), arm label, seed and field overrides."""
+    """One (arm, grid point, seed): its id (the run directory's name), arm label, seed, field overrides and the
+    algorithm (None: the spec's)."""
 
     id: str
     arm: str
     seed: int
     fields: Mapping[str, Any]
+    algo: str | None = None
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -112,28 +125,42 @@ def spec_from_dict(data: Any, source: str) -> SweepSpec:
     for key in ("base", "arms", "grid"):
         if not isinstance(data.get(key, {}), dict):
             raise ConfigError(f"{source}: {key} must be a mapping of field names to values.")
+    data["arms"] = {k: ({} if v is None else v) for k, v in data.get("arms", {}).items()}  # `arm:` alone: no fields
+    if data.get("results") is not None and not isinstance(data["results"], str):
+        raise ConfigError(f"{source}: results must be a path to a JSONL file, e.g. benchmarks/results/NAME.jsonl.")
     spec = SweepSpec(**data)
     for field, values in spec.grid.items():
         if not isinstance(values, (list, tuple)) or not values:
             raise ConfigError(f"{source}: the grid of {field} is empty; give it one or more values.")
     if not spec.seeds:
         raise ConfigError(f"{source}: no seeds; give e.g. `seeds: [0, 1, 2]`.")
-    command, algo = resolve_command(spec)
-    fields = {f.name for f in dataclasses.fields(command.configs[algo])}
-    for where, names in [("base", spec.base), ("grid", spec.grid),
-                         *((f"arm {a}", v) for a, v in spec.arms.items())]:
-        bad = sorted(set(names) - fields)
-        if bad:
-            raise ConfigError(f"{source}: {where} sets unknown field(s) {', '.join(bad)} of "
-                              f"{command.configs[algo].__name__}.")
-        owned = sorted(set(names) & OWNED)
-        if owned:
-            raise ConfigError(f"{source}: {where} sets {', '.join(owned)}, which the sweep sets for each trial.")
+    ids = [t.id for t in trials(spec)]
+    clash = sorted({i for i in ids if ids.count(i) > 1})
+    if clash:
+        raise ConfigError(f"{source}: several trials would be named {clash[0]}; give the arms, grid values or seeds "
+                          "distinct names.")
+    for arm, values in spec.arms.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: arm {arm} must be a mapping of field names to values.")
+    # base and grid apply to every arm's algorithm, an arm's fields to its own
+    arms = {a: dict(v) for a, v in spec.arms.items()} or {"": {}}
+    for arm, values in arms.items():
+        command, algo = resolve_command(spec, values.pop("algo", None))
+        cls = command.configs[algo]
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for where, names in [("base", spec.base), ("grid", spec.grid), (f"arm {arm}", values)]:
+            bad = sorted(set(names) - fields)
+            if bad:
+                raise ConfigError(f"{source}: {where} sets unknown field(s) {', '.join(bad)} of {cls.__name__}.")
+            owned = sorted(set(names) & OWNED)
+            if owned:
+                raise ConfigError(f"{source}: {where} sets {', '.join(owned)}, which the sweep sets for each "
+                                  "trial.")
     return spec
 
 
-def resolve_command(spec: SweepSpec) -> tuple[registry.Command, str]:
-    """The registered command and algorithm a spec names (one sentence if it names none)."""
+def resolve_command(spec: SweepSpec, algo: str | None = None) -> tuple[registry.Command, str]:
+    """The registered command and algorithm (``algo``, else the spec's) a spec names (one sentence if none)."""
     system = registry.get(spec.system)
     if system is None:
         raise ConfigError(f"unknown system {spec.system!r}: choose one of {', '.join(registry.names())}.")
@@ -141,7 +168,8 @@ def resolve_command(spec: SweepSpec) -> tuple[registry.Command, str]:
     if command is None:
         words = ", ".join(repr(c.name) for c in system.commands) or "none"
         raise ConfigError(f"`diffrl {spec.system}` has no training command {spec.command!r} (it has {words}).")
-    algo = spec.algo if spec.algo is not None else (command.default_algo or next(iter(command.configs)))
+    algo = algo if algo is not None else spec.algo
+    algo = algo if algo is not None else (command.default_algo or next(iter(command.configs)))
     if algo not in command.configs:
         raise ConfigError(f"unknown algorithm {algo!r} for `diffrl {spec.system} {spec.command}`: choose one of "
                           f"{', '.join(command.configs)}.")
@@ -150,8 +178,13 @@ def resolve_command(spec: SweepSpec) -> tuple[registry.Command, str]:
     return command, algo
 
 
+def _short(v: Any) -> Any:
+    """A grid value as it appears in a trial's name: a path by its file name without suffix."""
+    return Path(v).stem if isinstance(v, str) and "/" in v else v
+
+
 def _label(values: Mapping[str, Any]) -> str:
-    return ",".join(f"{k}={v}" for k, v in values.items())
+    return ",".join(f"{k}={_short(v)}" for k, v in values.items())
 
 
 def trials(spec: SweepSpec) -> list[Trial]:
@@ -160,21 +193,34 @@ def trials(spec: SweepSpec) -> list[Trial]:
     names = list(spec.grid)
     out = []
     for arm, fields in arms.items():
+        fields = dict(fields)
+        algo = fields.pop("algo", None)
         for point in itertools.product(*(spec.grid[n] for n in names)):
             values = dict(zip(names, point))
             label = ",".join(x for x in (arm, _label(values)) if x) or "run"
             for seed in spec.seeds:
-                out.append(Trial(f"{slug(label)}-s{seed}", label, seed, {**spec.base, **fields, **values}))
+                out.append(Trial(f"{slug(label)}-s{seed}", label, seed, {**spec.base, **fields, **values}, algo))
     return out
+
+
+def _fill(value: Any, seed: int, root: Path) -> Any:
+    """``{seed}`` and ``{root}`` in a string field value (nothing else: other braces stay as they are)."""
+    if isinstance(value, str):
+        return value.replace("{seed}", str(seed)).replace("{root}", str(root))
+    return value
 
 
 def trial_config(spec: SweepSpec, trial: Trial, run_dir: Path, resume: bool) -> Any:
     """The trial's config, built as its own command would build it: preset values, then the trial's fields."""
     from diffrl.cli import as_args, parse_config
 
-    command, algo = resolve_command(spec)
-    args = ([] if spec.preset is None else as_args(dict(command.presets[algo][spec.preset]))) + as_args(
-        {**trial.fields, "seed": trial.seed, "progress": False})
+    command, algo = resolve_command(spec, trial.algo)
+    root = run_dir.parent.parent.parent  # <root>/<sweep>/trials/<trial>
+    fields = {k: _fill(v, trial.seed, root) for k, v in trial.fields.items()}
+    preset = {} if spec.preset is None else command.presets.get(algo, {}).get(spec.preset)
+    if preset is None:
+        raise ConfigError(f"algorithm {algo} of `diffrl {spec.system} {spec.command}` has no preset {spec.preset!r}.")
+    args = as_args(dict(preset)) + as_args({**fields, "seed": trial.seed, "progress": False})
     cfg = parse_config(command.configs[algo], args, f"diffrl {spec.system} {spec.command}".strip())
     return dataclasses.replace(cfg, resume=run_dir, run_dir=None) if resume else dataclasses.replace(
         cfg, run_dir=run_dir)
@@ -182,32 +228,46 @@ def trial_config(spec: SweepSpec, trial: Trial, run_dir: Path, resume: bool) -> 
 
 # ------------------------------------------------------------------------------------------------ one trial
 def trial_state(run_dir: Path) -> str:
-    """``done`` (summary written), ``failed`` (an ``.error`` file), ``partial`` (a checkpoint to resume from),
-    ``pending``."""
+    """``done`` (summary written), ``running`` (a live process holds its lock), ``failed`` (an ``.error`` file),
+    ``partial`` (a checkpoint to resume from), ``pending``."""
     if (run_dir / SUMMARY_FILE).is_file():
         return "done"
+    if is_locked(run_dir):
+        return "running"
     if run_dir.with_suffix(".error").is_file():
         return "failed"
     return "partial" if list_checkpoints(run_dir / "checkpoints") else "pending"
 
 
 def run_trial(sweep_dir: Path, spec: SweepSpec, trial: Trial) -> dict[str, Any]:
-    """Run (or resume, or skip) one trial; never raises for the trial's own failure: returns its status row."""
+    """Run (or resume, or skip) one trial; never raises for the trial's own failure: returns its status row.
+
+    The trial holds its run directory's lock from the first check to the end, so several drivers may work on one
+    sweep (e.g. ``diffrl sweep SPEC`` started twice, one thread each): a trial that another live process is running
+    is skipped (status ``running elsewhere``), not failed.
+    """
     run_dir = sweep_dir / "trials" / trial.id
     error = run_dir.with_suffix(".error")
-    state = trial_state(run_dir)
-    if state == "done":
+    if trial_state(run_dir) == "done":
         return {"trial": trial.id, "status": "done"}
-    resume = bool(list_checkpoints(run_dir / "checkpoints"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = lock_run_dir(run_dir)
+    except RunLocked:
+        return {"trial": trial.id, "status": "running elsewhere"}
     t0 = time.perf_counter()
     try:
+        if trial_state(run_dir) == "done":  # finished by another driver between the first check and the lock
+            return {"trial": trial.id, "status": "done"}
+        resume = bool(list_checkpoints(run_dir / "checkpoints"))
         if not resume and (run_dir / CONFIG_FILE).exists():  # started, never checkpointed: keep it aside, restart
-            with lock_run_dir(run_dir):  # refused (one sentence) while an earlier process still writes it
-                attempts = sweep_dir / "trials" / ".attempts"
-                attempts.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(run_dir), str(attempts / f"{trial.id}-{time.strftime('%Y%m%d-%H%M%S')}"))
+            aside = sweep_dir / "trials" / ".attempts" / f"{trial.id}-{time.strftime('%Y%m%d-%H%M%S')}"
+            aside.mkdir(parents=True)
+            for child in run_dir.iterdir():
+                if child.name != LOCK_FILE:  # the lock stays: this process holds it
+                    shutil.move(str(child), str(aside / child.name))
         error.unlink(missing_ok=True)
-        command, _ = resolve_command(spec)
+        command, _ = resolve_command(spec, trial.algo)
         command.run(trial_config(spec, trial, run_dir, resume))
     except (DiffrlError, SystemExit) as e:
         message = str(e) if isinstance(e, DiffrlError) else f"its config was rejected (exit status {e.code})"
@@ -216,6 +276,8 @@ def run_trial(sweep_dir: Path, spec: SweepSpec, trial: Trial) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - a trial's bug must not stop the sweep; its traceback is kept
         error.write_text(f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
         return {"trial": trial.id, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+    finally:
+        lock.release()
     return {"trial": trial.id, "status": "done", "wall_s": time.perf_counter() - t0}
 
 
@@ -231,13 +293,78 @@ def set_threads(cpus: int | None) -> None:
 
 def run_local(sweep_dir: Path, spec: SweepSpec, todo: Sequence[Trial], cpus_per_trial: int | None,
               report: Callable[[], None]) -> list[dict[str, Any]]:
-    """The trials one after the other in this process (the table after each)."""
+    """The trials one after the other in this process (``report()`` after each)."""
     set_threads(cpus_per_trial)
     rows = []
     for trial in todo:
         rows.append(run_trial(sweep_dir, spec, trial))
         report()
     return rows
+
+
+def record_results(sweep_dir: Path, spec: SweepSpec) -> int:
+    """Append the row of every finished trial not yet in ``spec.results``; returns how many were added.
+
+    A row names its sweep, trial and the time its run finished, so a trial re-run later (e.g. in a fresh clone)
+    adds a new row and a finished one is never recorded twice.
+    """
+    if spec.results is None:
+        return 0
+    from diffrl.runs import results
+
+    rows = results.read_rows(spec.results)
+    seen = {(r.get("sweep"), r.get("trial"), r.get("finished")) for r in rows}
+    added = 0
+    prov = None
+    for trial in trials(spec):
+        run_dir = sweep_dir / "trials" / trial.id
+        if trial_state(run_dir) != "done":
+            continue
+        if (spec.name, trial.id, results.finished_at(run_dir)) in seen:
+            continue
+        prov = prov or results.provenance()
+        row = {"sweep": spec.name, "trial": trial.id, "arm": trial.arm, **results.run_row(run_dir), **prov}
+        results.append_row(spec.results, row)
+        added += 1
+    return added
+
+
+class LiveTable:
+    """While trials run: every ``every`` seconds, record finished trials' rows and print the status table if it
+    changed (a daemon thread of the driver, so it works the same for both runners)."""
+
+    def __init__(self, sweep_dir: Path, spec: SweepSpec, out: Callable[[str], None], every: float) -> None:
+        self.sweep_dir, self.spec, self.out, self.every = sweep_dir, spec, out, every
+        self._last = ""
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def tick(self) -> None:
+        with self._lock:
+            record_results(self.sweep_dir, self.spec)
+            table = status_table(self.sweep_dir)
+            if table != self._last:
+                self.out(table)
+                self._last = table
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.tick()
+            except Exception as e:  # noqa: BLE001 - a progress display must never stop the sweep
+                self.out(f"(status table skipped: {e})")
+
+    def __enter__(self) -> LiveTable:
+        if self.every > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.tick()
 
 
 def run_ray(sweep_dir: Path, spec: SweepSpec, todo: Sequence[Trial], cpus_per_trial: int, gpus_per_trial: float,
@@ -252,6 +379,12 @@ def run_ray(sweep_dir: Path, spec: SweepSpec, todo: Sequence[Trial], cpus_per_tr
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "DIFFRL_PROGRESS": "0"}
     ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
              runtime_env={"env_vars": env}, configure_logging=False)
+    have = ray.cluster_resources()
+    for name, want, flag in (("GPU", gpus_per_trial, "--gpus-per-trial"), ("CPU", cpus_per_trial, "--cpus-per-trial")):
+        if want > have.get(name, 0.0):
+            ray.shutdown()
+            raise ConfigError(f"{flag} {want:g} asks for more than the Ray cluster has ({have.get(name, 0.0):g} "
+                              f"{name}s), so no trial could start; lower it or join a cluster with --address.")
     by_id = {t.id: t for t in todo}
     spec_dict = spec.to_dict()
 
@@ -275,13 +408,17 @@ def run_ray(sweep_dir: Path, spec: SweepSpec, todo: Sequence[Trial], cpus_per_tr
 
 def run_sweep(spec: SweepSpec, root: Path = Path("runs/sweeps"), runner: str = "local", *,
               cpus_per_trial: int | None = None, gpus_per_trial: float = 0.0, address: str | None = None,
-              max_concurrent: int | None = None, out: Callable[[str], None] = print) -> Path:
+              max_concurrent: int | None = None, table_every: float = 60.0,
+              out: Callable[[str], None] = print) -> Path:
     """Run every unfinished trial of ``spec`` under ``root/<name>``; returns the sweep directory.
 
     A directory that holds another spec is refused (nothing is changed); the same spec continues where it stopped.
     """
     if runner not in RUNNERS:
         raise ConfigError(f"unknown runner {runner!r}: choose local or ray.")
+    if runner == "local" and (gpus_per_trial or address or max_concurrent):
+        flag = "--gpus-per-trial" if gpus_per_trial else "--address" if address else "--max-concurrent"
+        raise ConfigError(f"{flag} needs --runner ray (the local runner runs one trial at a time in this process).")
     sweep_dir = Path(root) / slug(spec.name)
     saved = sweep_dir / SPEC_FILE
     if saved.is_file() and load_yaml(saved) != spec.to_dict():
@@ -295,11 +432,15 @@ def run_sweep(spec: SweepSpec, root: Path = Path("runs/sweeps"), runner: str = "
     todo = [t for t in all_trials if trial_state(sweep_dir / "trials" / t.id) != "done"]
     out(f"sweep {sweep_dir}: {len(all_trials)} trials, {len(all_trials) - len(todo)} finished, {len(todo)} to run "
         f"({runner} runner)")
-    if runner == "ray":
-        run_ray(sweep_dir, spec, todo, cpus_per_trial or 1, gpus_per_trial, address, max_concurrent)
-        out(status_table(sweep_dir))
-    else:  # the table after every trial
-        run_local(sweep_dir, spec, todo, cpus_per_trial, lambda: out(status_table(sweep_dir)))
+    with LiveTable(sweep_dir, spec, out, table_every) as live:
+        if runner == "ray":
+            run_ray(sweep_dir, spec, todo, cpus_per_trial or 1, gpus_per_trial, address, max_concurrent)
+        else:  # and the table after every trial
+            run_local(sweep_dir, spec, todo, cpus_per_trial, live.tick)
+    failed = [t.id for t in all_trials if trial_state(sweep_dir / "trials" / t.id) == "failed"]
+    if failed:
+        out(f"{len(failed)} trial(s) failed: {', '.join(failed)} (errors in {sweep_dir / 'trials'}/<trial>.error); "
+            "start the sweep again to retry them.")
     return sweep_dir
 
 
@@ -314,15 +455,16 @@ def status_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         run_dir = sweep_dir / "trials" / trial.id
         state = trial_state(run_dir)
         metrics = read_metrics(run_dir) if (run_dir / "metrics.csv").is_file() else []
-        evals = [r for r in metrics if not math.isnan(r.get("eval/return_mean", math.nan))]
+        metric = resolve_command(spec, trial.algo)[0].report_metric  # e.g. the success rate for goal tasks
+        evals = [r for r in metrics if not math.isnan(r.get(metric, math.nan))]
         budget = trial_config(spec, trial, run_dir, resume=False)
         total = getattr(budget, "steps", None)
         step = int(metrics[-1]["step"]) if metrics else 0
         row = {"trial": trial.id, "arm": trial.arm, "seed": trial.seed, "state": state, "step": step,
-               "steps": total, "return": evals[-1]["eval/return_mean"] if evals else None, "eta_s": None}
+               "steps": total, "return": evals[-1][metric] if evals else None, "eta_s": None}
         if state == "done":
-            summary = read_summary(run_dir)
-            row["return"] = summary.get("eval_return_mean", row["return"])
+            if metric == "eval/return_mean":
+                row["return"] = read_summary(run_dir).get("eval_return_mean", row["return"])
             row["step"] = total or step
         elif metrics and total and step:
             row["eta_s"] = metrics[-1]["wall_s"] / step * max(total - step, 0)
@@ -334,7 +476,7 @@ def status_rows(sweep_dir: Path) -> list[dict[str, Any]]:
 
 def status_table(sweep_dir: Path) -> str:
     """The status rows as a text table (trial, arm, seed, steps, latest return, state, ETA)."""
-    lines = [f"{'trial':<32} {'arm':<24} {'seed':>4} {'steps':>15} {'return':>9} {'state':<8} {'eta':>7}"]
+    lines = [f"{'trial':<32} {'arm':<24} {'seed':>4} {'steps':>15} {'latest':>9} {'state':<8} {'eta':>7}"]
     for r in status_rows(sweep_dir):
         steps = f"{r['step']}/{r['steps']}" if r["steps"] else str(r["step"])
         ret = f"{r['return']:.1f}" if r["return"] is not None else "-"

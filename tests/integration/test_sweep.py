@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 
 from diffrl.cli import main
+from diffrl.errors import ConfigError
 from diffrl.runs.logger import read_metrics
+from diffrl.runs.results import read_rows
+from diffrl.sweep import spec_from_dict, trial_config, trials
 
 TINY = ["--env", "Hopper-v5", "--steps", "300", "--learning-starts", "50", "--batch-size", "32", "--hidden", "32",
         "32", "--eval-every", "100", "--eval-episodes", "1", "--log-every", "50", "--checkpoint-every", "100"]
@@ -29,7 +32,7 @@ def curves(sweep_dir: Path) -> dict[str, list[dict[str, float]]]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sweeps")
-    assert main([*SWEEP, "--root", str(root)]) == 0
+    assert main([*SWEEP, "--root", str(root), "--results", str(root / "rows.jsonl")]) == 0
     return root / "tiny"
 
 
@@ -37,8 +40,19 @@ def test_local_sweep_runs_every_arm_and_seed_and_a_second_start_runs_nothing(uni
     got = curves(uninterrupted)
     assert all(len(rows) == 6 for rows in got.values())
     assert got["utd_1-s0"] != got["utd_2-s0"] and got["utd_1-s0"] != got["utd_1-s1"]  # arms and seeds differ
-    assert main([*SWEEP, "--root", str(uninterrupted.parent)]) == 0
+    rows = read_rows(uninterrupted.parent / "rows.jsonl")
+    assert sorted(r["trial"] for r in rows) == TRIALS and {r["sweep"] for r in rows} == {"tiny"}
+    row = next(r for r in rows if r["trial"] == "utd_2-s1")
+    assert row["seed"] == 1 and row["config"]["utd"] == 2 and row["arm"] == "utd=2" and row["env"] == "Hopper-v5"
+    evals = [(m["env_steps"], m["eval/return_mean"]) for m in read_metrics(uninterrupted / "trials" / "utd_2-s1")
+             if m["eval/return_mean"] == m["eval/return_mean"]]
+    assert [tuple(p) for p in row["curves"]["return_mean"]] == evals and row["curve_x"] == "env_steps"
+    assert row["final"]["eval_return_mean"] == evals[-1][1] and row["wall_s"] > 0
+    assert row["versions"]["torch"] and "gymnasium" in row["versions"] and "git_rev" in row and row["machine"]
+    assert main([*SWEEP, "--root", str(uninterrupted.parent), "--results", str(uninterrupted.parent / "rows.jsonl")
+                 ]) == 0
     assert "4 trials, 4 finished, 0 to run" in capsys.readouterr().out
+    assert len(read_rows(uninterrupted.parent / "rows.jsonl")) == 4  # finished trials are recorded once
     assert main(["sweep", "status", str(uninterrupted)]) == 0
     table = capsys.readouterr().out
     assert table.count(" done ") == 4 and "utd=2" in table and "300/300" in table
@@ -62,6 +76,18 @@ def test_killed_driver_started_again_finishes_only_the_unfinished_trials_with_id
     assert main([*SWEEP, "--root", str(tmp_path)]) == 0
     assert "1 finished, 3 to run" in capsys.readouterr().out
     assert first.stat().st_mtime_ns == stamp  # the finished trial was not run again
+    assert curves(tmp_path / "tiny") == curves(uninterrupted)
+
+
+def test_two_drivers_on_one_sweep_share_its_trials(uninterrupted, tmp_path):
+    cmd = [sys.executable, "-c", "import sys; from diffrl.cli import main; sys.exit(main(sys.argv[1:]))", *SWEEP,
+           "--root", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFRL_PROGRESS": "0"}
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert not list((tmp_path / "tiny" / "trials").glob("*.error")) and "failed" not in "".join(outs)
     assert curves(tmp_path / "tiny") == curves(uninterrupted)
 
 
@@ -101,3 +127,38 @@ def test_a_sweep_directory_holding_another_spec_is_refused(uninterrupted, capsys
     argv[argv.index("0-1")] = "0-2"
     assert main(argv) == 2
     assert "holds another sweep" in capsys.readouterr().err
+
+
+def test_the_table_is_printed_while_a_trial_runs(tmp_path, capsys):
+    argv = ["sweep", "train", "sac", *TINY, "--seeds", "0", "--name", "live", "--root", str(tmp_path),
+            "--table-every", "0.05"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert " running " in out  # a table printed while the only trial ran
+    assert out.rstrip().splitlines()[-1].split()[-2] == "done"
+
+
+def test_arms_may_name_their_algorithm_and_fields_may_name_seed_and_root(tmp_path):
+    spec = spec_from_dict({"system": "dppo", "command": "finetune", "base": {"policy": "{root}/pre/trials/run-s{seed}"},
+                           "seeds": [0, 3]}, "spec.yaml")
+    got = [str(trial_config(spec, t, tmp_path / "ft" / "trials" / t.id, resume=False).policy) for t in trials(spec)]
+    assert got == [f"{tmp_path}/pre/trials/run-s0", f"{tmp_path}/pre/trials/run-s3"]
+    spec = spec_from_dict({"system": "train", "algo": "sac", "base": {"utd": 2},
+                           "arms": {"sac": None, "redq": {"algo": "redq", "num_critics": 5}}}, "spec.yaml")
+    cfgs = {t.arm: trial_config(spec, t, tmp_path / "x" / "trials" / t.id, resume=False) for t in trials(spec)}
+    assert type(cfgs["sac"]).__name__ == "SACConfig" and type(cfgs["redq"]).__name__ == "REDQConfig"
+    assert cfgs["redq"].num_critics == 5 and cfgs["sac"].utd == cfgs["redq"].utd == 2
+    with pytest.raises(ConfigError, match=r"arm t sets unknown field\(s\) init_alpha of TD3Config"):
+        spec_from_dict({"system": "train", "algo": "sac", "arms": {"t": {"algo": "td3", "init_alpha": 0.5}}}, "s")
+
+
+@pytest.mark.parametrize("runner", ["local", "ray"])
+def test_gpus_the_runner_cannot_give_are_one_sentence(tmp_path, capsys, runner):
+    if runner == "ray":
+        pytest.importorskip("ray")
+    argv = ["sweep", "train", "sac", *TINY, "--seeds", "0", "--name", "g", "--root", str(tmp_path),
+            "--runner", runner, "--gpus-per-trial", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("needs --runner ray" if runner == "local" else "asks for more than") in err
+    assert not list((tmp_path / "g" / "trials").glob("*/summary.json"))

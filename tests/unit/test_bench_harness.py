@@ -52,10 +52,12 @@ def test_torn_last_line_ignored_then_rerun(tmp_path: Path, capsys: pytest.Captur
     assert harness.read_rows(path) == [{"seed": 0}]
     assert "torn last line" in capsys.readouterr().err
     rows = harness.run_all([{"seed": 0}, {"seed": 1}], path, lambda key: {**key, "score": 1.0})
-    assert rows == [{"seed": 0}, {"seed": 1, "score": 1.0}]
+    prov = {"versions", "git_rev", "git_dirty", "machine", "date"}  # every new row records its provenance
+    assert set(rows[1]) == {"seed", "score"} | prov and rows[1]["versions"]["torch"]
+    assert rows[0] == {"seed": 0} and {k: v for k, v in rows[1].items() if k not in prov} == {"seed": 1, "score": 1.0}
     # the append cut the torn line off: the file reads clean, and a bad line that is not the last is an error
     assert harness.read_rows(path) == rows
-    assert path.read_text() == '{"seed": 0}\n{"seed": 1, "score": 1.0}\n'
+    assert path.read_text().startswith('{"seed": 0}\n{"seed": 1, "score": 1.0, "versions": ')
     path.write_text('{"seed": 0}\n{"se\n{"seed": 1}\n')
     with pytest.raises(ValueError, match=r"r\.jsonl:2"):
         harness.read_rows(path)

@@ -111,6 +111,28 @@ class RunLock:
         self.release()
 
 
+def is_locked(run_dir: Path) -> bool:
+    """Whether a live process (this one included) holds the run directory's lock; changes nothing."""
+    path = Path(run_dir) / LOCK_FILE
+    if os.path.realpath(path) in _held:
+        return True
+    if fcntl is None or not path.is_file():
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
 def lock_run_dir(run_dir: Path, *, resume: bool = False) -> RunLock:
     """Lock the existing directory ``run_dir`` for writing; returns the held :class:`RunLock`.
 

@@ -1,0 +1,248 @@
+"""The generated tables of ``benchmarks/RESULTS.md``, rebuilt from the committed rows in ``benchmarks/results/``.
+
+    python benchmarks/tables.py                        # rewrite every generated table in RESULTS.md
+    python benchmarks/tables.py --check                # exit 1 if RESULTS.md is not what the rows give (a test runs it)
+    python benchmarks/tables.py --print synther-online # print one table
+
+A generated table sits between ``<!-- table: NAME -->`` and ``<!-- /table -->`` in RESULTS.md; the prose around it
+is written by hand. A sweep table (the benchmarks that are sweep specs, ``benchmarks/*.yaml``) takes the latest row
+of every trial of its sweep from the spec's ``results`` file and gives, per task and arm, with rliable's stratified
+bootstrap (``diffrl.runs.stats``, 95% percentile CIs): the IQM and mean of the final score, each seed's value, the
+mean at half the budget and the median wall clock per run; then each arm against the control arm: the per-seed
+paired differences and their mean with a CI, and the probability of improvement. Raw returns are shown next to
+normalised scores where the env or dataset defines references. A script table is the ``--table-only`` output of a
+benchmark script that is not a sweep (peer comparisons, speed measurements).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffrl.config import load_yaml
+from diffrl.runs import stats
+from diffrl.runs.results import read_rows
+from diffrl.sweep import spec_from_dict, trials
+
+HERE = Path(__file__).parent
+RESULTS_MD = HERE / "RESULTS.md"
+BLOCK = re.compile(r"(<!-- table: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+BOOT = stats.Bootstrap()
+METRIC_LABEL = {"return_mean": "return", "normalized_score": "normalised score", "success_rate": "success rate"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepTable:
+    """A table over one sweep's rows: its spec, the score column, the control arm of the paired comparisons."""
+
+    spec: str
+    """the sweep spec, relative to benchmarks/"""
+    metric: str = "return_mean"
+    """the curve the final score is read from: return_mean, normalized_score or success_rate"""
+    control: str | None = None
+    """the arm every other arm is compared with (paired by seed)"""
+    digits: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ScriptTable:
+    """A benchmark script's own tables (``--table-only``), shown when its results file has rows."""
+
+    argv: tuple[str, ...]
+    results: str
+    """its results file, relative to benchmarks/"""
+
+
+TABLES: dict[str, SweepTable | ScriptTable] = {
+    "synther-online": SweepTable("synther_online.yaml", control="sac-utd20", digits=0),
+    "iter-push": SweepTable("iter_push.yaml", metric="success_rate", control="her", digits=2),
+    "dppo-finetune": SweepTable("dppo_finetune.yaml", metric="normalized_score"),
+    "offline": SweepTable("offline.yaml", metric="normalized_score", control="bc"),
+}
+
+
+# ------------------------------------------------------------------------------------------------ sweep tables
+def latest_rows(rows: Sequence[dict[str, Any]], sweep: str) -> dict[str, dict[str, Any]]:
+    """The last row of each trial of ``sweep`` (a trial run again, e.g. from a fresh clone, adds a newer row)."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r.get("sweep") == sweep:
+            out[r["trial"]] = r
+    return out
+
+
+def arm_name(label: str) -> str:
+    """A trial's arm without the grid values that name its task (dataset, env): the task has its own table."""
+    return ",".join(p for p in label.split(",") if not p.startswith(("dataset=", "env="))) or "run"
+
+
+def task_of(row: dict[str, Any]) -> str:
+    """The task a row scores: its dataset's name where it has one, else its env."""
+    dataset = row["config"].get("dataset")
+    return Path(dataset).stem if dataset else str(row.get("env"))
+
+
+def final(row: dict[str, Any], metric: str) -> float | None:
+    """The score at the run's last evaluation."""
+    curve = row["curves"].get(metric)
+    return float(curve[-1][1]) if curve else None
+
+
+def at_fraction(row: dict[str, Any], metric: str, fraction: float) -> float | None:
+    """The score at the first evaluation at or after ``fraction`` of the run's last evaluation point."""
+    curve = row["curves"].get(metric)
+    if not curve:
+        return None
+    target = fraction * curve[-1][0]
+    return float(next(v for x, v in curve if x >= target))
+
+
+def _f(v: float | None, d: int) -> str:
+    return "–" if v is None or not np.isfinite(v) else f"{v:.{d}f}"
+
+
+def _ci(iv: stats.Interval, d: int) -> str:
+    return _f(iv.value, d) + ("" if iv.lo is None else f" [{_f(iv.lo, d)}, {_f(iv.hi, d)}]")
+
+
+def _provenance(rows: Sequence[dict[str, Any]]) -> str:
+    revs = sorted({(r.get("git_rev") or "?")[:7] + ("+edits" if r.get("git_dirty") else "") for r in rows})
+    dates = sorted(str(r.get("date", "?"))[:10] for r in rows)
+    cpus = sorted({f"{r['machine'].get('gpu') or r['machine'].get('cpu')}, {r['machine'].get('torch_threads')} "
+                   "torch thread(s)" for r in rows if r.get("machine")})
+    torch = sorted({r.get("versions", {}).get("torch", "?") for r in rows})
+    return (f"{len(rows)} runs; git {', '.join(revs)}; {dates[0]} – {dates[-1]}; {'; '.join(cpus)}; "
+            f"torch {', '.join(torch)}")
+
+
+def sweep_table(table: SweepTable, boot: stats.Bootstrap = BOOT) -> str:
+    """The markdown of one sweep table (see the module docstring)."""
+    spec = spec_from_dict(load_yaml(HERE / table.spec), table.spec)
+    if spec.results is None:
+        raise ValueError(f"{table.spec} names no results file")
+    rows = latest_rows(read_rows(HERE.parent / spec.results), spec.name)
+    command = f"`diffrl sweep benchmarks/{table.spec}`"
+    if not rows:
+        return f"No rows yet in `{spec.results}`: run {command}.\n"
+    order = trials(spec)
+    arm_of = {t.id: arm_name(t.arm) for t in order}
+    arms = list(dict.fromkeys(arm_of.values()))
+    tasks = list(dict.fromkeys(task_of(r) for r in (rows[t.id] for t in order if t.id in rows)))
+    d = table.digits
+    label = METRIC_LABEL.get(table.metric, table.metric)
+    extra_raw = table.metric == "normalized_score"
+    out = [f"Rows: `{spec.results}` (sweep `{spec.name}`): {_provenance(list(rows.values()))}. "
+           f"Regenerate: {command}, then `python benchmarks/tables.py`.", ""]
+    for task in tasks:
+        by_arm: dict[str, dict[int, dict[str, Any]]] = {}
+        for t in order:
+            r = rows.get(t.id)
+            if r is not None and task_of(r) == task and final(r, table.metric) is not None:
+                by_arm.setdefault(arm_of[t.id], {})[t.seed] = r
+        head = f"**{task}**: {label} at the last evaluation, IQM and mean over seeds with 95% stratified-bootstrap CIs"
+        out += [head + (", raw return beside it" if extra_raw else "") + "; mean at half the budget; median wall "
+                "clock per run", ""]
+        cols = ["arm", "n", f"IQM {label}", f"mean {label}", "per seed"]
+        cols += ["mean return"] if extra_raw else []
+        cols += ["mean at half budget", "wall per run"]
+        out += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for arm in arms:
+            runs = by_arm.get(arm)
+            if not runs:
+                continue
+            seeds = sorted(runs)
+            scores = np.array([[final(runs[s], table.metric)] for s in seeds])  # (R, 1): seeds x one task
+            agg = stats.aggregate_metrics(scores, boot=boot)
+            per_seed = ", ".join(f"{_f(float(v), d)}" for v in scores[:, 0])
+            cells = [arm, f"{len(seeds)}/{len(spec.seeds)}", _ci(agg["iqm"], d),
+                     _ci(agg["mean"], d), per_seed]
+            if extra_raw:
+                raw = [final(runs[s], "return_mean") for s in seeds]
+                cells.append(_f(float(np.mean([v for v in raw if v is not None])), 0) if any(
+                    v is not None for v in raw) else "–")
+            half = [at_fraction(runs[s], table.metric, 0.5) for s in seeds]
+            cells.append(_f(float(np.mean([v for v in half if v is not None])), d) if any(
+                v is not None for v in half) else "–")
+            walls = [runs[s].get("wall_s") for s in seeds]
+            cells.append(f"{np.median([w for w in walls if w]):.0f} s" if any(walls) else "–")
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+        control = by_arm.get(table.control) if table.control else None
+        others = [a for a in arms if a != table.control and a in by_arm]
+        if control and others:
+            out += [f"Against `{table.control}`, paired by seed: per-seed differences, their mean with a 95% bootstrap "
+                    f"CI, and the probability that a run of the arm beats a run of `{table.control}` (95% CI)", "",
+                    "| arm − control | seeds | per-seed difference | mean difference | P(arm > control) |",
+                    "|---|---|---|---|---|"]
+            y = {s: final(r, table.metric) for s, r in control.items()}
+            for arm in others:
+                x = {s: final(r, table.metric) for s, r in by_arm[arm].items()}
+                diff = stats.paired_difference(x, y, boot=boot)
+                xs, ys = (np.array([[v] for _, v in sorted(m.items())]) for m in (x, y))
+                poi = stats.probability_of_improvement(xs, ys, boot=boot)
+                if diff is None:
+                    out.append(f"| {arm} − {table.control} | none shared | – | – | {_ci(poi, 2)} |")
+                    continue
+                out.append(f"| {arm} − {table.control} | {', '.join(map(str, diff.seeds))} | "
+                           f"{', '.join(_f(v, d) for v in diff.differences)} | {_ci(diff.mean, d)} | {_ci(poi, 2)} |")
+            out.append("")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------ script tables
+def script_table(table: ScriptTable) -> str:
+    if not read_rows(HERE / table.results):
+        return f"No rows yet in `benchmarks/{table.results}`: run `python {' '.join(table.argv)}`.\n"
+    out = subprocess.run([sys.executable, *table.argv, "--table-only"], capture_output=True, text=True, check=True,
+                         cwd=HERE.parent)
+    return out.stdout.strip() + "\n"
+
+
+def render(name: str) -> str:
+    table = TABLES[name]
+    return sweep_table(table) if isinstance(table, SweepTable) else script_table(table)
+
+
+def regenerate(text: str, make: Callable[[str], str] = render) -> str:
+    """``text`` with every generated block replaced by what the rows give now (unknown names: an error)."""
+    def body(m: re.Match[str]) -> str:
+        if m["name"] not in TABLES:
+            raise ValueError(f"RESULTS.md names an unknown table {m['name']!r}; known: {', '.join(TABLES)}")
+        return m.group(1) + make(m["name"]).rstrip("\n") + "\n" + m.group(4)
+
+    return BLOCK.sub(body, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="exit 1 if RESULTS.md differs from the rows' tables")
+    ap.add_argument("--print", dest="name", choices=sorted(TABLES), help="print one table and change nothing")
+    ap.add_argument("--results-md", type=Path, default=RESULTS_MD)
+    args = ap.parse_args(argv)
+    if args.name:
+        print(render(args.name))
+        return 0
+    text = args.results_md.read_text()
+    new = regenerate(text)
+    if args.check:
+        if new != text:
+            print(f"{args.results_md} is out of date with benchmarks/results/: run python benchmarks/tables.py",
+                  file=sys.stderr)
+            return 1
+        return 0
+    if new != text:
+        args.results_md.write_text(new)
+    print(f"{args.results_md}: {len(BLOCK.findall(new))} generated tables", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""benchmarks/tables.py and the benchmark specs: every spec builds its trials' configs, RESULTS.md is what the
+committed rows give, and a sweep table's statistics match an independent computation on hand-made rows."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffrl.config import load_yaml
+from diffrl.sweep import spec_from_dict, trial_config, trials
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import tables  # noqa: E402
+
+
+@pytest.mark.parametrize("spec_path", sorted(BENCH.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_benchmark_spec_builds_its_trials_configs(spec_path, tmp_path):
+    spec = spec_from_dict(load_yaml(spec_path), str(spec_path))
+    assert spec.results and spec.results.startswith("benchmarks/results/")
+    for t in trials(spec):
+        trial_config(spec, t, tmp_path / spec.name / "trials" / t.id, resume=False)
+
+
+def test_every_sweep_table_names_a_spec_and_results_md_is_what_the_rows_give():
+    for table in tables.TABLES.values():
+        if isinstance(table, tables.SweepTable):
+            assert (BENCH / table.spec).is_file()
+    assert tables.main(["--check"]) == 0, "run python benchmarks/tables.py and commit RESULTS.md"
+
+
+def _iqm(x: np.ndarray) -> float:
+    """The interquartile mean, written out: the mean of the middle half of the sorted scores (n divisible by 4)."""
+    x = np.sort(x)
+    q = len(x) // 4
+    return float(x[q:len(x) - q].mean())
+
+
+def test_sweep_table_statistics_on_hand_made_rows(tmp_path, monkeypatch):
+    spec = {"name": "toy", "system": "train", "algo": "sac", "base": {"env": "Hopper-v5", "steps": 200},
+            "arms": {"ctl": {"utd": 1}, "new": {"utd": 2}}, "seeds": [0, 1, 2, 3],
+            "results": str(tmp_path / "rows.jsonl")}
+    (tmp_path / "toy.yaml").write_text(__import__("yaml").safe_dump(spec))
+    finals = {"ctl": [10.0, 40.0, 20.0, 30.0], "new": [15.0, 70.0, 26.0, 33.0]}
+    from diffrl.runs.results import append_row
+
+    for t in trials(spec_from_dict(spec, "toy.yaml")):
+        v = finals[t.arm][t.seed]
+        append_row(tmp_path / "rows.jsonl", {
+            "sweep": "toy", "trial": t.id, "env": "Hopper-v5", "config": {"env": "Hopper-v5"}, "wall_s": 5.0,
+            "curves": {"return_mean": [[100, v / 2], [200, v]]}, "git_rev": "abc1234def", "date": "2026-12-03 10:00",
+            "machine": {"cpu": "toy cpu", "torch_threads": 1}, "versions": {"torch": "2.13.0"}})
+    text = tables.sweep_table(tables.SweepTable(str(tmp_path / "toy.yaml"), control="ctl", digits=2))
+    new = np.array(finals["new"])
+    diffs = new - np.array(finals["ctl"])
+    assert f"| new | 4/4 | {_iqm(new):.2f} [" in text  # IQM 29.50
+    assert f"| {new.mean():.2f} [" in text and "15.00, 70.00, 26.00, 33.00" in text
+    assert f"{', '.join(f'{d:.2f}' for d in diffs)} | {diffs.mean():.2f} [" in text
+    # P(new > ctl): the share of (new run, ctl run) pairs that new wins, ties counting one half
+    p = np.mean([[1.0 if a > b else 0.5 if a == b else 0.0 for b in finals["ctl"]] for a in new])
+    assert f"| {p:.2f} [" in text
+    assert "4 runs" not in text and "8 runs; git abc1234" in text
+    assert f"| {np.mean(new / 2):.2f} | 5 s |" in text  # the mean at half the budget, the median wall clock
