@@ -429,7 +429,9 @@ def run_sweep(spec: SweepSpec, root: Path = Path("runs/sweeps"), runner: str = "
         trial_config(spec, trial, sweep_dir / "trials" / trial.id, resume=False)
     (sweep_dir / "trials").mkdir(parents=True, exist_ok=True)
     save_yaml(spec.to_dict(), saved)
-    todo = [t for t in all_trials if trial_state(sweep_dir / "trials" / t.id) != "done"]
+    # seed-major: every arm's seed 0, then every arm's seed 1, ... so a sweep stopped part-way has paired seeds
+    todo = sorted((t for t in all_trials if trial_state(sweep_dir / "trials" / t.id) != "done"),
+                  key=lambda t: list(spec.seeds).index(t.seed))
     out(f"sweep {sweep_dir}: {len(all_trials)} trials, {len(all_trials) - len(todo)} finished, {len(todo)} to run "
         f"({runner} runner)")
     with LiveTable(sweep_dir, spec, out, table_every) as live:

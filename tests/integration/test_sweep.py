@@ -64,7 +64,7 @@ def test_killed_driver_started_again_finishes_only_the_unfinished_trials_with_id
            "--root", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFRL_PROGRESS": "0"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    second = tmp_path / "tiny" / "trials" / TRIALS[1] / "checkpoints"
+    second = tmp_path / "tiny" / "trials" / "utd_2-s0" / "checkpoints"  # the run order is seed-major
     deadline = time.time() + 120
     while not (second.is_dir() and any(second.glob("step-*"))) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)

@@ -259,3 +259,55 @@ def test_shared_actor_temperature_step_equals_two_separate_adam_steps():
     for p, q in zip(agent.actor.parameters(), actor_ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(agent.log_alpha.detach(), log_alpha_ref.detach(), rtol=1e-6, atol=1e-7)
+
+
+# The order of one update, and how the actor aggregates the critics, against the formulas written out: the TD target
+# y = r + gamma (1 - d) (min_j Q'_j(s', a') - alpha log pi(a'|s')), the critic loss 0.5 sum_j mean_b (Q_j - y)^2 and
+# the actor loss mean_b (alpha log pi(a|s) - agg_j Q_j(s, a)), each from the networks the order says it sees.
+def _target_by_hand(agent, actor, alpha, b):
+    a2, logp2 = actor.sample(b.next_obs)
+    v = agent.critic_target(b.next_obs, a2).min(0).values - alpha * logp2
+    return b.rew + agent.p.gamma * (1 - b.done) * v
+
+
+def _critic_loss_by_hand(critic, y, b):
+    return 0.5 * (critic(b.obs, b.act) - y).pow(2).mean(1).sum()
+
+
+def _actor_loss_by_hand(critic, actor, alpha, b, agg):
+    a, logp = actor.sample(b.obs)
+    q = critic(b.obs, a)
+    return (alpha * logp - (q.mean(0) if agg == "mean" else q.min(0).values)).mean()
+
+
+@pytest.mark.parametrize(("order", "agg"), [("critic_first", "min"), ("critic_first", "mean"),
+                                            ("actor_first", "mean"), ("redq", "mean"), ("redq", "min")])
+def test_update_order_and_actor_aggregation_match_the_formulas(order, agg):
+    flags = {"critic_first": {}, "actor_first": {"actor_first": True},
+             "redq": {"actor_first": True, "target_first": True}}[order]
+    agent = make_agent("sac", actor_q=agg, **flags)
+    b = batches(1)[0]
+    ref = copy.deepcopy(agent)  # the networks before the update
+    torch.manual_seed(7)
+    m = agent.update(b)
+    torch.manual_seed(7)  # the same draws, in the order the update makes them
+    with torch.no_grad():
+        if order == "critic_first":  # SAC: target from the old actor, critic step, actor on the new critic
+            y = _target_by_hand(ref, ref.actor, ref.alpha, b)
+            critic = _critic_loss_by_hand(ref.critic, y, b)
+            actor = _actor_loss_by_hand(agent.critic, ref.actor, ref.alpha, b, agg)
+        elif order == "actor_first":  # CQL / EDAC: actor on the old critic, then a target from the NEW actor
+            actor = _actor_loss_by_hand(ref.critic, ref.actor, ref.alpha, b, agg)
+            y = _target_by_hand(ref, agent.actor, agent.alpha, b)
+            critic = _critic_loss_by_hand(ref.critic, y, b)
+        else:  # REDQ's code (SynthER): target and actor loss both from the old networks
+            y = _target_by_hand(ref, ref.actor, ref.alpha, b)
+            actor = _actor_loss_by_hand(ref.critic, ref.actor, ref.alpha, b, agg)
+            critic = _critic_loss_by_hand(ref.critic, y, b)
+    assert torch.allclose(m["critic_loss"], critic, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(m["actor_loss"], actor, rtol=1e-5, atol=1e-6)
+
+
+def test_target_first_needs_actor_first():
+    with pytest.raises(Exception, match="target_first"):
+        SACParams(target_first=True)

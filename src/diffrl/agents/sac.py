@@ -59,6 +59,10 @@ class SACParams(Params):
     actor_first: bool = False
     """update actor and temperature before the critic, from the pre-update critic (EDAC's and CQL's reference
     order); SAC updates the critic first"""
+    target_first: bool = False
+    """with actor_first: compute the critic's TD target before the actor step, from the pre-update actor and
+    temperature, so that both losses see the same pre-update networks (the order of REDQ's code, through which
+    SynthER runs SAC); without it the target uses the just-updated actor (CQL's and EDAC's reference order)"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,13 +77,16 @@ class SACParams(Params):
         check(1 <= self.target_subset <= self.num_critics, "target_subset", self.target_subset,
               f"between 1 and num_critics={self.num_critics}")
         check_choice("actor_q", self.actor_q, ("min", "mean"))
+        check(self.actor_first or not self.target_first, "target_first", self.target_first,
+              "False unless actor_first is set (the target is computed before the actor step)")
         check(self.actor_update_every is None or self.actor_update_every >= 1, "actor_update_every",
               self.actor_update_every, ">= 1 (or None: once per env step)")
 
 
 @dataclasses.dataclass(frozen=True)
 class REDQParams(SACParams):
-    """REDQ defaults: N = 10 critics, subset M = 2, actor on the ensemble mean, one actor update per 20."""
+    """REDQ defaults: N = 10 critics, subset M = 2, actor on the ensemble mean, one actor update per 20, and the
+    order of REDQ's code: target and actor loss from the same pre-update networks."""
 
     num_critics: int = 10
     """critics in the ensemble (REDQ's N)"""
@@ -89,6 +96,10 @@ class REDQParams(SACParams):
     """how the actor aggregates the ensemble: min (SAC) or mean (REDQ)"""
     actor_update_every: int = 20
     """critic updates per actor/temperature update (REDQ's policy update delay = its UTD ratio G)"""
+    actor_first: bool = True
+    """actor and temperature step before the critics, from the pre-update critics (REDQ's code)"""
+    target_first: bool = True
+    """the critics' target is computed before the actor step, from the pre-update actor (REDQ's code)"""
 
 
 class SAC(Agent):
@@ -124,6 +135,7 @@ class SAC(Agent):
         self.optims = {"actor": self.actor_opt, "critic": self.critic_opt}
         self.num_updates = 0
         self._last_actor: dict[str, torch.Tensor] = {}
+        self._early_target: torch.Tensor | None = None  # target_first: the target computed before the actor step
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -136,6 +148,9 @@ class SAC(Agent):
         return a.cpu().numpy()
 
     def _target(self, batch: Batch, alpha: torch.Tensor) -> torch.Tensor:
+        if self._early_target is not None:  # target_first: computed from the pre-update actor and temperature
+            target, self._early_target = self._early_target, None
+            return target
         with torch.no_grad():
             next_a, next_logp = self.actor.sample(batch.next_obs)
             q_next = self.critic_target(batch.next_obs, next_a)  # (N, B)
@@ -152,6 +167,8 @@ class SAC(Agent):
         self.num_updates += 1
         actor_due = self.num_updates % (self.p.actor_update_every or 1) == 0
         if actor_due and self.p.actor_first:
+            if self.p.target_first:
+                self._early_target = self._target(batch, self.alpha)
             self._last_actor = self._update_actor(batch.obs, self.alpha)
         alpha = self.alpha
         critic_loss, metrics = self._critic_loss(batch, alpha)

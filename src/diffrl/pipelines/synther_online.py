@@ -7,7 +7,9 @@ diffusion-generated transitions.
 The online loop of ``diffrl train`` with one addition (``augment.synther.SynthERGenerator``): every
 ``retrain_every`` env steps a diffusion model is trained on the whole real buffer (fresh normaliser statistics),
 and the synthetic buffer is replaced by ``num_samples`` new samples; each batch then takes ``synthetic_ratio`` of
-its rows from it (real only before the first retrain). ``summary.json`` and ``metrics.csv`` break the wall clock
+its rows from it (real only before the first retrain). ``--synthetic-ratio 0`` trains no model at all: the same
+loop, agent and update-to-data ratio on real data only, the control that isolates the synthetic data. The agent
+follows SynthER's code, which runs SAC through REDQ's (see ``SynthEROnlineSettings.actor_q``). ``summary.json`` and ``metrics.csv`` break the wall clock
 down into env stepping, agent updates, diffusion training and sampling. Resume is exact (the synthetic buffer and,
 with ``--warm-start``, the diffusion trainer are in the checkpoint).
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from diffrl.augment import TransitionLayout
 from diffrl.augment.synther import GeneratorSettings, SynthERGenerator
@@ -58,6 +60,16 @@ class SynthEROnlineSettings(DiffusionSettings):
     normalize_reward: bool | None = None
     """z-score rewards inside the diffusion model; None: as SynthER's configs, yes for Gymnasium tasks, no for DMC
     (its ``skip_reward_norm``)"""
+    # SynthER runs SAC through REDQ's code (redq_sac with num_Q = 2): the actor maximises the mean of the critics,
+    # and each update computes the critic's target and the actor's loss from the same pre-update networks, the
+    # actor and temperature stepping before the critics. `diffrl train sac` keeps SAC's own choices (min, critic
+    # first); --actor-q min --no-actor-first --no-target-first gives them here.
+    actor_q: Literal["min", "mean"] = "mean"
+    """how the actor aggregates the critics: mean (REDQ's code, which SynthER runs) or min (SAC)"""
+    actor_first: bool = True
+    """update actor and temperature before the critics, from the pre-update critics (REDQ's code, as SynthER)"""
+    target_first: bool = True
+    """compute the critics' target before the actor step, from the pre-update actor (REDQ's code, as SynthER)"""
 
     def resolved(self, env_id: str) -> tuple[bool, bool]:
         """``(model_terminals, normalize_reward)`` for ``env_id``: the set values, else SynthER's per-family ones."""
@@ -118,6 +130,8 @@ class SynthERAugment:
         return self.generator.sampler(real, self.cfg.synthetic_ratio)
 
     def after_step(self, env_steps: int, before: int, real: ReplayBuffer) -> dict[str, float]:
+        if self.cfg.synthetic_ratio == 0.0:  # real data only (a control arm): no model is trained or sampled
+            return {}
         # Retrain at the first env step after every `retrain_every` boundary, before that step's updates. SynthER
         # retrains right after the boundary step's updates: the same updates see the new samples, but it also
         # retrains at the run's last step, where nothing uses the model (a third of the quick preset's diffusion
