@@ -9,8 +9,8 @@ The online loop of ``diffrl train`` with one addition (``augment.synther.SynthER
 and the synthetic buffer is replaced by ``num_samples`` new samples; each batch then takes ``synthetic_ratio`` of
 its rows from it (real only before the first retrain). ``--synthetic-ratio 0`` trains no model at all: the same
 loop, agent and update-to-data ratio on real data only, the control that isolates the synthetic data. The agent
-follows SynthER's code, which runs SAC through REDQ's (see ``SynthEROnlineSettings.actor_q``). ``summary.json`` and ``metrics.csv`` break the wall clock
-down into env stepping, agent updates, diffusion training and sampling. Resume is exact (the synthetic buffer and,
+follows SynthER's code, which runs SAC through REDQ's (see ``SynthEROnlineSettings.actor_q``). ``summary.json``
+and ``metrics.csv`` break the wall clock down into env stepping, agent updates, diffusion training and sampling. Resume is exact (the synthetic buffer and,
 with ``--warm-start``, the diffusion trainer are in the checkpoint).
 """
 
