@@ -10,8 +10,8 @@ and the synthetic buffer is replaced by ``num_samples`` new samples; each batch 
 its rows from it (real only before the first retrain). ``--synthetic-ratio 0`` trains no model at all: the same
 loop, agent and update-to-data ratio on real data only, the control that isolates the synthetic data. The agent
 follows SynthER's code, which runs SAC through REDQ's (see ``SynthEROnlineSettings.actor_q``). ``summary.json``
-and ``metrics.csv`` break the wall clock down into env stepping, agent updates, diffusion training and sampling. Resume is exact (the synthetic buffer and,
-with ``--warm-start``, the diffusion trainer are in the checkpoint).
+and ``metrics.csv`` break the wall clock down into env stepping, agent updates, diffusion training and sampling.
+Resume is exact (the synthetic buffer and, with ``--warm-start``, the diffusion trainer are in the checkpoint).
 """
 
 from __future__ import annotations
