@@ -114,7 +114,8 @@ def _ci(iv: stats.Interval, d: int) -> str:
 
 
 def _provenance(rows: Sequence[dict[str, Any]]) -> str:
-    revs = sorted({(r.get("git_rev") or "?")[:7] + ("+edits" if r.get("git_dirty") else "") for r in rows})
+    revs = sorted({(s.get("git_rev") or "?")[:7] + ("+edits" if s.get("git_dirty") else "")
+                   for r in rows for s in r.get("starts", [r])})  # every revision a run ran under
     dates = sorted(str(r.get("date", "?"))[:10] for r in rows)
     cpus = sorted({f"{r['machine'].get('gpu') or r['machine'].get('cpu')}, {r['machine'].get('torch_threads')} "
                    "torch thread(s)" for r in rows if r.get("machine")})

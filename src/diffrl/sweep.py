@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import os
 import shutil
@@ -239,7 +240,22 @@ def trial_state(run_dir: Path) -> str:
     return "partial" if list_checkpoints(run_dir / "checkpoints") else "pending"
 
 
-def run_trial(sweep_dir: Path, spec: SweepSpec, trial: Trial) -> dict[str, Any]:
+PROVENANCE_FILE = "provenance.json"
+
+
+def note_provenance(run_dir: Path, prov: dict[str, Any] | None) -> None:
+    """Add this start of the trial (the driver's code revision, versions, machine) to ``provenance.json``: a trial
+    resumed under other code lists every revision it ran under."""
+    if prov is None:
+        return
+    from diffrl.runs.rundir import write_json_atomic
+
+    path = run_dir / PROVENANCE_FILE
+    starts = json.loads(path.read_text()) if path.is_file() else []
+    write_json_atomic(path, [*starts, prov])
+
+
+def run_trial(sweep_dir: Path, spec: SweepSpec, trial: Trial, prov: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run (or resume, or skip) one trial; never raises for the trial's own failure: returns its status row.
 
     The trial holds its run directory's lock from the first check to the end, so several drivers may work on one
@@ -267,6 +283,7 @@ def run_trial(sweep_dir: Path, spec: SweepSpec, trial: Trial) -> dict[str, Any]:
                 if child.name != LOCK_FILE:  # the lock stays: this process holds it
                     shutil.move(str(child), str(aside / child.name))
         error.unlink(missing_ok=True)
+        note_provenance(run_dir, prov)
         command, _ = resolve_command(spec, trial.algo)
         command.run(trial_config(spec, trial, run_dir, resume))
     except (DiffrlError, SystemExit) as e:
@@ -292,12 +309,12 @@ def set_threads(cpus: int | None) -> None:
 
 
 def run_local(sweep_dir: Path, spec: SweepSpec, todo: Sequence[Trial], cpus_per_trial: int | None,
-              report: Callable[[], None]) -> list[dict[str, Any]]:
+              report: Callable[[], None], prov: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The trials one after the other in this process (``report()`` after each)."""
     set_threads(cpus_per_trial)
     rows = []
     for trial in todo:
-        rows.append(run_trial(sweep_dir, spec, trial))
+        rows.append(run_trial(sweep_dir, spec, trial, prov))
         report()
     return rows
 
@@ -315,15 +332,17 @@ def record_results(sweep_dir: Path, spec: SweepSpec) -> int:
     rows = results.read_rows(spec.results)
     seen = {(r.get("sweep"), r.get("trial"), r.get("finished")) for r in rows}
     added = 0
-    prov = None
     for trial in trials(spec):
         run_dir = sweep_dir / "trials" / trial.id
         if trial_state(run_dir) != "done":
             continue
         if (spec.name, trial.id, results.finished_at(run_dir)) in seen:
             continue
-        prov = prov or results.provenance()
-        row = {"sweep": spec.name, "trial": trial.id, "arm": trial.arm, **results.run_row(run_dir), **prov}
+        starts_file = run_dir / PROVENANCE_FILE
+        starts = json.loads(starts_file.read_text()) if starts_file.is_file() else [results.provenance()]
+        # the code of the trial's last start (and, when it was resumed under other code, every start's)
+        row = {"sweep": spec.name, "trial": trial.id, "arm": trial.arm, **results.run_row(run_dir), **starts[-1],
+               "starts": [{k: s.get(k) for k in ("git_rev", "git_dirty", "date")} for s in starts]}
         results.append_row(spec.results, row)
         added += 1
     return added
@@ -368,7 +387,8 @@ class LiveTable:
 
 
 def run_ray(sweep_dir: Path, spec: SweepSpec, todo: Sequence[Trial], cpus_per_trial: int, gpus_per_trial: float,
-            address: str | None, max_concurrent: int | None) -> list[dict[str, Any]]:
+            address: str | None, max_concurrent: int | None,
+            prov: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The trials as Ray Tune trials: a local Ray instance sized to the machine, or the cluster at ``address``."""
     try:
         import ray
@@ -391,13 +411,13 @@ def run_ray(sweep_dir: Path, spec: SweepSpec, todo: Sequence[Trial], cpus_per_tr
     def trainable(config: dict[str, Any]) -> None:
         set_threads(int(threads))
         s = SweepSpec(**config["spec"])
-        tune.report(run_trial(Path(config["sweep_dir"]), s, Trial(**config["trial"])))
+        tune.report(run_trial(Path(config["sweep_dir"]), s, Trial(**config["trial"]), config["prov"]))
 
     try:
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": cpus_per_trial, "gpu": gpus_per_trial}),
             param_space={"trial": tune.grid_search([dataclasses.asdict(by_id[i]) for i in by_id]),
-                         "spec": spec_dict, "sweep_dir": str(sweep_dir.resolve())},
+                         "spec": spec_dict, "sweep_dir": str(sweep_dir.resolve()), "prov": prov},
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
             run_config=tune.RunConfig(storage_path=str((sweep_dir / "ray").resolve()), name="tune", verbose=0))
         results = tuner.fit()
@@ -434,11 +454,14 @@ def run_sweep(spec: SweepSpec, root: Path = Path("runs/sweeps"), runner: str = "
                   key=lambda t: list(spec.seeds).index(t.seed))
     out(f"sweep {sweep_dir}: {len(all_trials)} trials, {len(all_trials) - len(todo)} finished, {len(todo)} to run "
         f"({runner} runner)")
+    from diffrl.runs.results import provenance
+
+    prov = provenance()  # of the code this driver imported: each trial it starts records it (provenance.json)
     with LiveTable(sweep_dir, spec, out, table_every) as live:
         if runner == "ray":
-            run_ray(sweep_dir, spec, todo, cpus_per_trial or 1, gpus_per_trial, address, max_concurrent)
+            run_ray(sweep_dir, spec, todo, cpus_per_trial or 1, gpus_per_trial, address, max_concurrent, prov)
         else:  # and the table after every trial
-            run_local(sweep_dir, spec, todo, cpus_per_trial, live.tick)
+            run_local(sweep_dir, spec, todo, cpus_per_trial, live.tick, prov)
     failed = [t.id for t in all_trials if trial_state(sweep_dir / "trials" / t.id) == "failed"]
     if failed:
         out(f"{len(failed)} trial(s) failed: {', '.join(failed)} (errors in {sweep_dir / 'trials'}/<trial>.error); "

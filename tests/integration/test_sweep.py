@@ -3,6 +3,7 @@ killed driver started again, a failing trial among good ones, ``sweep status`` a
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -49,6 +50,7 @@ def test_local_sweep_runs_every_arm_and_seed_and_a_second_start_runs_nothing(uni
     assert [tuple(p) for p in row["curves"]["return_mean"]] == evals and row["curve_x"] == "env_steps"
     assert row["final"]["eval_return_mean"] == evals[-1][1] and row["wall_s"] > 0
     assert row["versions"]["torch"] and "gymnasium" in row["versions"] and "git_rev" in row and row["machine"]
+    assert [s["git_rev"] for s in row["starts"]] == [row["git_rev"]]  # the driver's revision, at the trial's start
     assert main([*SWEEP, "--root", str(uninterrupted.parent), "--results", str(uninterrupted.parent / "rows.jsonl")
                  ]) == 0
     assert "4 trials, 4 finished, 0 to run" in capsys.readouterr().out
@@ -77,6 +79,8 @@ def test_killed_driver_started_again_finishes_only_the_unfinished_trials_with_id
     assert "1 finished, 3 to run" in capsys.readouterr().out
     assert first.stat().st_mtime_ns == stamp  # the finished trial was not run again
     assert curves(tmp_path / "tiny") == curves(uninterrupted)
+    starts = json.loads((second.parent / "provenance.json").read_text())  # started, killed, resumed: two starts
+    assert len(starts) == 2 and all(s["git_rev"] == starts[0]["git_rev"] and s["versions"] for s in starts)
 
 
 def test_two_drivers_on_one_sweep_share_its_trials(uninterrupted, tmp_path):
