@@ -66,6 +66,7 @@ TABLES: dict[str, SweepTable | ScriptTable] = {
     "iter-push": SweepTable("iter_push.yaml", metric="success_rate", control="her", digits=2),
     "dppo-finetune": SweepTable("dppo_finetune.yaml", metric="normalized_score"),
     "offline": SweepTable("offline.yaml", metric="normalized_score", control="bc"),
+    "update-speed": ScriptTable(("benchmarks/update_speed.py",), "results/update_speed.jsonl"),
 }
 
 

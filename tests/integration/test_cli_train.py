@@ -96,6 +96,15 @@ def test_same_seed_gives_identical_runs_and_another_seed_does_not(tmp_path):
     assert curve(tmp_path / "a") != curve(tmp_path / "c")
 
 
+def test_agent_bf16_runs_the_updates_under_autocast_and_changes_the_numbers(tmp_path):
+    args = ["--env", "Hopper-v5", "--steps", "250", "--eval-every", "250"]
+    assert train("sac", tmp_path / "a", *args) == 0
+    assert train("sac", tmp_path / "b", *args, "--agent-bf16") == 0
+    a, b = curve(tmp_path / "a"), curve(tmp_path / "b")
+    assert [r["step"] for r in a] == [r["step"] for r in b] and a != b  # same schedule, bf16 losses
+    assert all(float(r["critic_loss"]) == float(r["critic_loss"]) for r in b if r.get("critic_loss"))  # finite
+
+
 def test_resume_with_another_env_or_network_size_is_refused_and_changes_nothing(tmp_path, capsys):
     run_dir = tmp_path / "run"
     train("sac", run_dir, "--env", "Hopper-v5", "--steps", "200", "--eval-every", "200")

@@ -88,6 +88,12 @@ def test_out_of_range_actions_are_clipped_or_rejected_with_the_same_first_draw()
     np.testing.assert_array_equal(rejected["observations"][:inside.sum()], clipped["observations"][inside])
     again, _ = generate_transitions(model, layout, 2000, out_of_range="reject", seed=3, batch_size=500)
     np.testing.assert_array_equal(again["actions"], rejected["actions"])
+    # keep (SynthER's code): the same draw with its actions as generated; clipping them gives the clipped samples
+    kept, fk = generate_transitions(model, layout, 2000, out_of_range="keep", seed=3, batch_size=500)
+    assert fk["out_of_range_fraction"] == fc["out_of_range_fraction"]
+    assert np.mean(np.abs(kept["actions"]) > 1.0) > 0.25
+    np.testing.assert_array_equal(np.clip(kept["actions"], -1, 1), clipped["actions"])
+    np.testing.assert_array_equal(kept["observations"], clipped["observations"])
 
 
 def test_rejection_from_a_model_that_never_lands_in_range_stops_with_one_sentence() -> None:

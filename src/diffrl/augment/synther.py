@@ -40,7 +40,8 @@ class GeneratorSettings:
     warm_start: bool = False
     """continue the previous model (weights, EMA, optimiser) instead of training a fresh one"""
     out_of_range: str = "clip"
-    """generated actions outside the bounds: clip (SynthER) or reject and draw again (``generate_transitions``)"""
+    """generated actions outside the bounds: clip (diffrl's default), keep (SynthER's code) or reject and draw again
+    (``generate_transitions`` says why clip is the default)"""
     terminals: str = "model"
     """synthetic terminal flags: the model's (SynthER) or ``rule``'s"""
     rule: TerminationRule | None = None

@@ -89,7 +89,7 @@ class TransitionLayout:
         return cls(**d)
 
 
-OUT_OF_RANGE = ("clip", "reject")
+OUT_OF_RANGE = ("clip", "reject", "keep")
 TERMINALS = ("model", "rule")
 MIN_ACCEPTANCE = 0.02
 """``reject`` gives up when fewer than this fraction of the samples drawn so far are in range"""
@@ -102,10 +102,13 @@ def generate_transitions(model: DiffusionModel, layout: TransitionLayout, num: i
     """``num`` generated transitions in SynthER's npz layout, and generation figures.
 
     ``out_of_range`` decides what happens to a sample with an action outside the bounds: ``clip`` it to the bounds
-    (SynthER), or ``reject`` it and draw more until ``num`` are in range. Clipping piles the overshooting mass onto
-    the bounds (a sizeable share of Hopper samples, where the real data has almost none: benchmarks/RESULTS.md);
-    rejection keeps the in-range part of the model's distribution instead. The first draw is the same in both
-    modes (seed ``seed``); ``reject`` tops it up with draws seeded from ``seed``.
+    (diffrl's default, not SynthER's: the envs clip executed actions, so the bound is the action that would have
+    produced the sample's next state, and the agents' actors never propose actions beyond it), ``keep`` it as
+    generated (SynthER's code: its z-score normaliser does not clamp), or ``reject`` it and draw more until ``num``
+    are in range. Clipping piles the overshooting mass onto the bounds (a sizeable share of Hopper samples, where
+    the real data has almost none: benchmarks/RESULTS.md); rejection keeps the in-range part of the model's
+    distribution instead. The first draw is the same in every mode (seed ``seed``); ``reject`` tops it up with
+    draws seeded from ``seed``.
 
     ``terminals``: ``model`` keeps the model's thresholded terminal column (SynthER); ``rule`` labels each
     transition by the env's known termination ``rule`` applied to its generated next observation
@@ -141,7 +144,7 @@ def generate_transitions(model: DiffusionModel, layout: TransitionLayout, num: i
             kept.append(more[ok])
             drawn, accepted = drawn + len(more), accepted + int(ok.sum())
         x = np.concatenate(kept)[:num]
-    samples = layout.split(x)
+    samples = layout.split(x, clip_actions=out_of_range != "keep")
     figures: dict[str, float | None] = {"out_of_range_fraction": 1.0 - accepted / max(drawn, 1),
                                         "terminal_rule_disagreement": None}
     if rule is not None:

@@ -84,7 +84,9 @@ class DiffusionSettings(Params):
     sample_batch_size: int = 100_000
     """samples generated per batch"""
     out_of_range: str = "clip"
-    """a generated action outside the action space: clip it (SynthER) or reject the sample and draw another"""
+    """a generated action outside the action space: clip it to the bounds (diffrl's default: the env would
+    execute the bound), keep it as generated (SynthER's code, whose normaliser does not clamp), or reject the
+    sample and draw another"""
     terminals: str = "model"
     """synthetic terminal flags: the model's thresholded column (SynthER), or the env's known termination rule
     applied to the generated next observation (rule: Hopper, Walker2d, Ant, HalfCheetah, Swimmer v5)"""

@@ -231,7 +231,7 @@ def sample_to_file(model_dir: Path, num: int, out: Path, *, sampler: str | None 
                    bf16: bool = False, progress: bool = True, out_of_range: str = "clip",
                    terminals: str = "model") -> dict[str, Any]:
     """Generate ``num`` transitions with a trained model's EMA weights into SynthER's npz layout (out-of-range
-    actions clipped or rejected, terminals the model's or the env's rule: ``generate_transitions``)."""
+    actions clipped, kept or rejected, terminals the model's or the env's rule: ``generate_transitions``)."""
     if num <= 0:
         raise ConfigError(f"invalid num={num}: it must be > 0.")
     out = Path(out)
@@ -278,7 +278,7 @@ def dumps(report: dict[str, Any]) -> str:
 class DiffusionSampleArgs:
     """Generate transitions with a trained diffusion model (EMA weights) into SynthER's npz layout
     (observations, actions, rewards, next_observations, terminals; terminals thresholded, out-of-range actions
-    clipped or rejected)."""
+    clipped, kept or rejected)."""
 
     model: Path
     """run directory of `diffrl diffusion train` (or one of its checkpoints)"""
@@ -295,7 +295,9 @@ class DiffusionSampleArgs:
     seed: int = 0
     """sampling seed"""
     out_of_range: str = "clip"
-    """a generated action outside the action space: clip it (SynthER) or reject the sample and draw another"""
+    """a generated action outside the action space: clip it to the bounds (diffrl's default: the env would
+    execute the bound), keep it as generated (SynthER's code, whose normaliser does not clamp), or reject the
+    sample and draw another"""
     terminals: str = "model"
     """terminal flags: the model's (SynthER) or the env's known termination rule on the generated next state"""
     bf16: bool = False
@@ -333,7 +335,7 @@ def sample_main(a: DiffusionSampleArgs) -> None:
     print(f"written: {r['out']} ({r['num']} transitions, sampler {r['sampler']} with {r['steps']} steps = "
           f"{r['network_evaluations']} network evaluations, {r['samples_per_s']:.0f} samples/s; "
           f"{r['out_of_range_fraction']:.1%} of the samples drawn had out-of-range actions, "
-          f"{'rejected' if a.out_of_range == 'reject' else 'clipped'})")
+          f"{ {'reject': 'rejected', 'keep': 'kept'}.get(a.out_of_range, 'clipped')})")
     if r.get("terminal_rule_disagreement") is not None:
         print(f"the model's terminal flags disagree with {r['env_id']}'s termination rule on "
               f"{r['terminal_rule_disagreement']:.2%} of the transitions"

@@ -59,6 +59,9 @@ class OnlineConfig(RunConfig):
     """override the env's time limit (None keeps the registered one)"""
     checkpoint_every: int = 10_000
     """write a checkpoint every this many env steps (and always at the end)"""
+    agent_bf16: bool = False
+    """run the agent's updates under bf16 autocast (opt-in: faster only where the CPU or GPU has native bf16 matmul,
+    and it changes the numbers; see benchmarks/RESULTS.md before using it for a claim)"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -221,7 +224,7 @@ def run(cfg: OnlineConfig, augment: Augment | None = None, pipeline: str | None 
         if augment is not None:
             pending.update(augment.after_step(c.env_steps, before, buffer))
         if c.env_steps >= cfg.learning_starts and len(buffer) >= cfg.batch_size:
-            with timers.time("update_s"):
+            with timers.time("update_s"), torch.autocast(device.type, torch.bfloat16, enabled=cfg.agent_bf16):
                 for _ in range(cfg.utd * cfg.n_envs):
                     metrics = agent.update(sampler.sample(cfg.batch_size))
 

@@ -99,8 +99,8 @@ def _plots(out: Path, runs: dict[str, Path], real: dict[str, np.ndarray], sample
 def _clipped(fraction: float | None) -> str:
     if fraction is None:
         return ""
-    return (f"; {fraction:.0%} of them had an action outside [-1, 1], clipped to it as SynthER does "
-            "(`diffrl synther offline --out-of-range reject` redraws them instead)")
+    return (f"; {fraction:.0%} of them had an action outside [-1, 1], clipped to it (diffrl's default; SynthER "
+            "keeps them: `--out-of-range keep`, and `reject` redraws them)")
 
 
 def run(s: QuickstartSettings) -> Path:

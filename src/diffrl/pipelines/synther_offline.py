@@ -8,7 +8,7 @@ Reads top to bottom, in stages that a resume skips when they are done:
 2. the transition diffusion model, trained on that real data (``run_dir/diffusion``, the diffusion pipeline's own
    run directory) or loaded from ``--diffusion``;
 3. ``num_samples`` generated transitions, saved as ``run_dir/samples.npz`` (SynthER's layout: terminals
-   thresholded at 0.5, actions clipped to the action space), and their fidelity on a subsample;
+   thresholded at 0.5, out-of-range actions clipped by default: ``out_of_range``), and their fidelity on a subsample;
 4. the offline agent on synthetic-only, mixed (``real_ratio`` of each batch real) or real data, with state and
    reward normalisation fitted on the REAL data and applied to synthetic transitions too (as SynthER's CORL code);
 5. evaluation: normalised scores in ``summary.json``, with the fidelity and the diffusion run's figures.
