@@ -1,5 +1,5 @@
 """Build the datasets that the benchmark specs read (``benchmarks/*.yaml``): diffrl's own D4RL-style quick
-datasets, written to ``benchmarks/out/data/<task>-<kind>-quick.hdf5`` by ``diffrl data collect --preset quick``
+datasets, written to ``benchmarks/out/data/<env id>-<kind>-quick.hdf5`` by ``diffrl data collect --preset quick``
 (its SAC experts are kept in ``benchmarks/out/experts/`` and reused). A dataset that exists is left as it is.
 
     python benchmarks/datasets.py                                   # every dataset the specs use
@@ -21,7 +21,7 @@ KINDS = ("medium", "medium-replay")
 
 def dataset(env_id: str, kind: str) -> Path:
     """The quick ``kind`` dataset of ``env_id``, built if missing."""
-    path = OUT / "data" / f"{data_collect.task_name(env_id)}-{kind}-quick.hdf5"
+    path = OUT / "data" / f"{env_id}-{kind}-quick.hdf5"  # specs name it from their env field
     if not path.exists():
         data_collect.run(data_collect.CollectConfig(env=env_id, kind=kind, preset="quick", out=str(path),
                                                     experts_dir=OUT / "experts", progress=False))

@@ -27,12 +27,12 @@ def main() -> None:
     add_common_args(ap, RESULTS / "dppo_eval_paths.jsonl")
     args = ap.parse_args()
     os.environ.setdefault("DIFFRL_PROGRESS", "0")
-    finetuned = sorted((args.root / "dppo-finetune" / "trials").glob("*-dppo-s*/summary.json"))
+    finetuned = sorted((args.root / "dppo-finetune" / "trials").glob("dppo_env_*-s*/summary.json"))
     jobs = []
     for summary in finetuned:
         ft_dir = summary.parent
-        task, _, seed = ft_dir.name.rpartition("-dppo-s")
-        pre_dir = args.root / "dppo-pretrain" / "trials" / f"{task}-diffusion-s{seed}"
+        task, _, seed = ft_dir.name.removeprefix("dppo_env_").rpartition("-s")
+        pre_dir = args.root / "dppo-pretrain" / "trials" / f"diffusion_env_{task}-s{seed}"
         for stage, run_dir in (("pre-trained", pre_dir), ("fine-tuned", ft_dir)):
             for path in ("sample", "mean"):
                 jobs.append({"task": task, "seed": int(seed), "stage": stage, "path": path, "episodes": args.episodes,

@@ -6,11 +6,12 @@ gradient steps per cycle (SB3: ``train_freq=(1, "episode"), gradient_steps=40``)
 (diffrl: Polyak 0.95 once per cycle; SB3 updates its targets every gradient step, so tau = 1 - 0.95^(1/40)).
 Observations are normalised on both sides: diffrl with baselines' running normalisers, SB3 the way
 rl-baselines3-zoo runs HER tasks (``VecNormalize``, ``norm_obs``, clip 5; its HerReplayBuffer normalises sampled
-observations). Without it SB3's DDPG stayed at 0-10% success on FetchReach for 2500 steps
-(benchmarks/out/her_vs_sb3-sb3-unnormalized.jsonl). diffrl also keeps what baselines' HER has and SB3's DDPG
-lacks: the action L2 penalty and 30% random actions. Both are scored after every epoch (n_cycles episodes) by
-diffrl's one ``evaluate`` (10 deterministic test episodes, same eval seeds); env steps/s counts training only
-(evaluation excluded).
+observations). Without it SB3's DDPG stayed at 0-10% success on FetchReach for 2500 steps (an earlier run; its rows
+are gone). ``diffrl`` runs baselines' HER as diffrl does by default, with what SB3's DDPG lacks: 30% random actions,
+the action L2 penalty and the target clipped to [-1/(1-gamma), 0]; ``diffrl-plain`` turns those three off
+(``random_eps=0, action_l2=0, clip_return=False``), the like-for-like arm against SB3. All are scored after every
+epoch (n_cycles episodes) by diffrl's one ``evaluate`` (10 deterministic test episodes, same eval seeds); env
+steps/s counts training only (evaluation excluded).
 
     python benchmarks/her_vs_sb3.py                                  # FetchReach + FetchPush, 3 seeds
     python benchmarks/her_vs_sb3.py --envs FetchReach-v4 --seeds 0   # a smoke run
@@ -21,6 +22,7 @@ Rows go to benchmarks/results/her_vs_sb3.jsonl (finished runs are skipped when r
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -38,9 +40,9 @@ OUT = Path(__file__).parent / "out"
 BUDGETS = {"FetchReach-v4": dict(epochs=10, n_cycles=10), "FetchPush-v4": dict(epochs=10, n_cycles=50)}
 
 
-def run_diffrl(env_id: str, seed: int, epochs: int, n_cycles: int) -> dict:
+def run_diffrl(env_id: str, seed: int, epochs: int, n_cycles: int, **agent: object) -> dict:
     cfg = ITERConfig(env=env_id, seed=seed, epochs=epochs, n_cycles=n_cycles, n_ker=0, n_ger=0, eval_episodes=10,
-                     device="cpu", runs_root=OUT / "runs", progress=False, checkpoint_every=10**6)
+                     device="cpu", runs_root=OUT / "runs", progress=False, checkpoint_every=10**6, **agent)
     run_dir = run(cfg)
     s = json.loads((run_dir / "summary.json").read_text())
     curve = [(r["env_steps"], r["eval/success_rate"]) for r in read_metrics(run_dir) if "eval/success_rate" in r]
@@ -93,7 +95,8 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("DIFFRL_PROGRESS", "0")
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    fns = {"diffrl": run_diffrl, "sb3": run_sb3}
+    fns = {"diffrl": run_diffrl, "sb3": run_sb3,
+           "diffrl-plain": functools.partial(run_diffrl, random_eps=0.0, action_l2=0.0, clip_return=False)}
 
     def run_one(key: dict) -> dict:
         budget = BUDGETS[key["env"]]
@@ -113,7 +116,7 @@ def main() -> None:
         print(f"### {env_id} ({budget['epochs']} epochs x {budget['n_cycles']} cycles x 50 steps)\n")
         print("| library | " + " | ".join(f"ep {e + 1}" for e in range(budget["epochs"])) + " | env steps/s |")
         print("|---|" + "---|" * (budget["epochs"] + 1))
-        for lib in ("diffrl", "sb3"):
+        for lib in fns:
             rows = [r for r in done if r["env"] == env_id and r["lib"] == lib and matches(r, budget)]
             if not rows:
                 continue

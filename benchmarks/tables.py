@@ -64,9 +64,11 @@ class ScriptTable:
 TABLES: dict[str, SweepTable | ScriptTable] = {
     "synther-online": SweepTable("synther_online.yaml", control="sac-utd20", digits=0),
     "iter-push": SweepTable("iter_push.yaml", metric="success_rate", control="her", digits=2),
-    "dppo-finetune": SweepTable("dppo_finetune.yaml", metric="normalized_score"),
+    "dppo-finetune": SweepTable("dppo_finetune.yaml", metric="normalized_score", control="dppo"),
     "offline": SweepTable("offline.yaml", metric="normalized_score", control="bc"),
     "update-speed": ScriptTable(("benchmarks/update_speed.py",), "results/update_speed.jsonl"),
+    "sac-vs-sb3": ScriptTable(("benchmarks/sac_vs_sb3.py",), "results/sac_vs_sb3.jsonl"),
+    "her-vs-sb3": ScriptTable(("benchmarks/her_vs_sb3.py",), "results/her_vs_sb3.jsonl"),
 }
 
 

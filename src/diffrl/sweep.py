@@ -19,9 +19,10 @@ A spec (YAML)::
     seeds: [0, 1, 2]
     results: benchmarks/results/synther_online.jsonl   # optional: a row per finished trial (diffrl.runs.results)
 
-A string field may name ``{seed}`` (the trial's seed) and ``{root}`` (the sweeps' root directory), so that one
-sweep's trials can use another's runs, e.g. ``policy: "{root}/dppo-pretrain/trials/hopper-s{seed}"``; specs given
-together run in order (``diffrl sweep pretrain.yaml finetune.yaml``).
+A string field may name ``{seed}`` (the trial's seed), ``{root}`` (the sweeps' root directory) and ``{FIELD}``
+(another field of the trial, e.g. a grid value), so that one sweep's trials can use another's runs, e.g.
+``policy: "{root}/dppo-pretrain/trials/diffusion_env_{env}-s{seed}"``; specs given together run in order
+(``diffrl sweep pretrain.yaml finetune.yaml``).
 
 The sweep directory holds ``sweep.yaml`` (the resolved spec), ``trials/<trial>/`` (normal run directories) and
 ``trials/<trial>.error`` for a trial that failed. Started again, a sweep skips finished trials (their
@@ -41,6 +42,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import threading
 import time
@@ -204,11 +206,14 @@ def trials(spec: SweepSpec) -> list[Trial]:
     return out
 
 
-def _fill(value: Any, seed: int, root: Path) -> Any:
-    """``{seed}`` and ``{root}`` in a string field value (nothing else: other braces stay as they are)."""
-    if isinstance(value, str):
-        return value.replace("{seed}", str(seed)).replace("{root}", str(root))
-    return value
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+def _fill(value: Any, names: Mapping[str, Any]) -> Any:
+    """``{seed}``, ``{root}`` and ``{FIELD}`` (another field of the trial) in a string value; other braces stay."""
+    if not isinstance(value, str):
+        return value
+    return _PLACEHOLDER.sub(lambda m: str(names[m[1]]) if m[1] in names else m[0], value)
 
 
 def trial_config(spec: SweepSpec, trial: Trial, run_dir: Path, resume: bool) -> Any:
@@ -217,7 +222,9 @@ def trial_config(spec: SweepSpec, trial: Trial, run_dir: Path, resume: bool) -> 
 
     command, algo = resolve_command(spec, trial.algo)
     root = run_dir.parent.parent.parent  # <root>/<sweep>/trials/<trial>
-    fields = {k: _fill(v, trial.seed, root) for k, v in trial.fields.items()}
+    names = {**{k: v for k, v in trial.fields.items() if isinstance(v, (str, int, float))}, "seed": trial.seed,
+             "root": root}
+    fields = {k: _fill(v, names) for k, v in trial.fields.items()}
     preset = {} if spec.preset is None else command.presets.get(algo, {}).get(spec.preset)
     if preset is None:
         raise ConfigError(f"algorithm {algo} of `diffrl {spec.system} {spec.command}` has no preset {spec.preset!r}.")

@@ -142,11 +142,15 @@ def test_the_table_is_printed_while_a_trial_runs(tmp_path, capsys):
     assert out.rstrip().splitlines()[-1].split()[-2] == "done"
 
 
-def test_arms_may_name_their_algorithm_and_fields_may_name_seed_and_root(tmp_path):
+def test_arms_may_name_their_algorithm_and_fields_may_name_seed_root_and_other_fields(tmp_path):
     spec = spec_from_dict({"system": "dppo", "command": "finetune", "base": {"policy": "{root}/pre/trials/run-s{seed}"},
                            "seeds": [0, 3]}, "spec.yaml")
     got = [str(trial_config(spec, t, tmp_path / "ft" / "trials" / t.id, resume=False).policy) for t in trials(spec)]
     assert got == [f"{tmp_path}/pre/trials/run-s0", f"{tmp_path}/pre/trials/run-s3"]
+    spec = spec_from_dict({"system": "dppo", "command": "finetune", "grid": {"env": ["Hopper-v5", "Walker2d-v5"]},
+                           "base": {"policy": "{root}/pre/{env}-s{seed}-{unknown}"}, "seeds": [1]}, "spec.yaml")
+    got = [str(trial_config(spec, t, tmp_path / "ft" / "trials" / t.id, resume=False).policy) for t in trials(spec)]
+    assert got == [f"{tmp_path}/pre/Hopper-v5-s1-{{unknown}}", f"{tmp_path}/pre/Walker2d-v5-s1-{{unknown}}"]
     spec = spec_from_dict({"system": "train", "algo": "sac", "base": {"utd": 2},
                            "arms": {"sac": None, "redq": {"algo": "redq", "num_critics": 5}}}, "spec.yaml")
     cfgs = {t.arm: trial_config(spec, t, tmp_path / "x" / "trials" / t.id, resume=False) for t in trials(spec)}
