@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -443,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warnings(previous)
     try:
         return _main(argv)
+    except BrokenPipeError:  # the reader went away (`diffrl sweep status DIR | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
     finally:
         warnings.formatwarning = previous
 
