@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from diffrl.cli import main
+from diffrl.data import load_dataset, save_dataset
 from diffrl.diffusion.spec import load_model
 
 TINY_MODEL = ["--width", "64", "--depth", "2", "--dim-t", "32", "--batch-size", "64", "--log-every", "50",
@@ -38,9 +40,10 @@ def test_train_writes_the_run_directory_contract_with_fidelity(trained) -> None:
     summary = json.loads((trained / "summary.json").read_text())
     assert summary["gradient_steps"] == 200 and np.isfinite(summary["final_loss"])
     fid = summary["fidelity"]
-    # the numbers are comparable: real data replays exactly in the simulator, the tiny model does not
+    # the simulator check works: real data replays exactly (measured ~2e-13); whether the model learned the
+    # dynamics is the next test's question (this 200-step model has not: ~2.6, vs 2.8 for it trained on shuffled s')
     assert fid["real"]["validity"]["next_obs_nmse"] < 1e-6
-    assert fid["synthetic"]["validity"]["next_obs_nmse"] > fid["real"]["validity"]["next_obs_nmse"]
+    assert set(fid) >= {"real", "synthetic", "noise_baseline"}
     assert (trained / "fidelity.json").is_file() and (trained / "config.yaml").is_file()
     rows = list(csv.DictReader((trained / "metrics.csv").read_text().splitlines()))
     assert [int(r["step"]) for r in rows] == [50, 100, 150, 200]
@@ -48,6 +51,29 @@ def test_train_writes_the_run_directory_contract_with_fidelity(trained) -> None:
     model, meta = load_model(trained)
     assert meta["layout"]["obs_dim"] == 11 and meta["layout"]["act_dim"] == 3
     assert model.normalizer.skip_dims == (2 * 11 + 3 + 1,)  # the terminal column is not normalised
+
+
+LEARNING = ["--steps", "1000", "--width", "128", "--depth", "2", "--dim-t", "32", "--batch-size", "64", "--lr", "1e-3",
+            "--log-every", "500", "--checkpoint-every", "1000", "--fidelity-samples", "200", "--sampler", "dpmpp_2m",
+            "--sample-steps", "8", "--no-progress"]
+
+
+def test_a_trained_model_generates_next_states_the_simulator_agrees_with_and_a_model_of_shuffled_ones_does_not(
+        workdir, dataset) -> None:
+    # the same model and training on the real transitions, and on transitions whose next states are shuffled across
+    # rows (right marginals, no dynamics). Next-state NMSE vs MuJoCo, measured on this data (seeds 0-4): learned
+    # 0.26-0.40; shuffled 1.95-2.06 (seeds 0-1); an untrained model ~3.1; the 200-step tiny model above ~2.6; a
+    # copy s' = s of the real data 0.10. The threshold 1.0 lies between the learned and the broken models.
+    ds = load_dataset(str(dataset))
+    perm = np.random.default_rng(0).permutation(len(ds))
+    shuffled = workdir / "shuffled.hdf5"
+    save_dataset(dataclasses.replace(ds, next_observations=ds.next_observations[perm]), shuffled, "d4rl")
+    nmse = {}
+    for name, data in (("learned", dataset), ("shuffled", shuffled)):
+        assert main(["diffusion", "train", "--dataset", str(data), *LEARNING, "--run-dir", str(workdir / name)]) == 0
+        fid = json.loads((workdir / name / "summary.json").read_text())["fidelity"]
+        nmse[name] = fid["synthetic"]["validity"]["next_obs_nmse"]
+    assert nmse["learned"] < 1.0 < nmse["shuffled"], nmse
 
 
 def test_sample_writes_synther_npz_and_never_overwrites(trained, workdir, capsys) -> None:

@@ -24,6 +24,7 @@ from diffrl.envs.chunking import chunk_env, chunk_envs
 from diffrl.envs.wrappers import MinMaxNormalization
 from diffrl.errors import DiffrlWarning
 from diffrl.eval import evaluate
+from diffrl.eval.evaluate import EVAL_SEED_STREAM
 from diffrl.pipelines import dppo
 from diffrl.pipelines.chunk_policy import ChunkActor
 from diffrl.registry import find_run
@@ -233,12 +234,37 @@ def test_unet_policy_is_finetuned_with_ddim_routing_the_last_k_prime_ddim_steps(
     assert ckpt.load_checkpoint(pre)[0]["meta"]["policy"]["model_spec"]["denoiser"]["type"] == "unet"
     assert main(["dppo", "finetune", "--policy", str(pre), *FT, "--use-ddim", "--ddim-steps", "3",
                  "--ft-denoising-steps", "2", "--n-train-itr", "1", "--run-dir", str(ft)]) == 0
-    agent, _, _ = dppo.load_finetuned(ft, config(ft), device="cpu")
+    agent, source, _ = dppo.load_finetuned(ft, config(ft), device="cpu")
     policy = agent.policy
     assert isinstance(policy, DiffusionPolicy) and policy.use_ddim and policy.chain_steps == 3
     assert [policy.net_for_step(i) is policy.ft_net for i in range(3)] == [False, True, True]
     assert summary(ft)["gradient_steps"] == 2 * (2 * 8 * 2 // 12)
-    assert dppo.evaluate_run(ft, config(ft), episodes=1, device="cpu")["return_mean"] > 0
+    # `diffrl eval` on the checkpoint reproduces the run's own final evaluation ...
+    cfg = config(ft)
+    out = dppo.evaluate_run(ft, cfg, episodes=2, device="cpu")
+    assert out["return_mean"] == pytest.approx(summary(ft)["eval_return_mean"])
+    # ... and its returns are the simulator's rewards of the policy's DDIM chunks, replayed step by step on a raw
+    # Hopper from the eval seeds: executed prefix un-normalised, stopped at the episode's end
+    actor = ChunkActor(policy, torch.device("cpu"), cfg.seed)
+    norm, act_steps = source.normalization, source.spec.act_steps
+    raw, returns = make_env("Hopper-v5", max_episode_steps=40), []
+    for k in range(2):
+        o, _ = raw.reset(seed=derive_seed(cfg.seed, EVAL_SEED_STREAM, k))
+        total, done = 0.0, False
+        while not done:
+            chunk = actor.act(norm.normalize_obs(o.astype(np.float32))[None, None], deterministic=True)[0]
+            for a in norm.unnormalize_act(chunk)[:act_steps]:
+                o, r, te, tr, _ = raw.step(a.astype(raw.action_space.dtype))
+                total += float(r)
+                done = te or tr
+                if done:
+                    break
+        returns.append(total)
+    assert out["returns"] == pytest.approx(returns, rel=1e-12)  # up to the order of the float sums
+    # the fine-tuned copy takes part: routed back to the base network, the same evaluation returns other values
+    policy.ft_net.load_state_dict(policy.base.net.state_dict())
+    env = chunk_env("Hopper-v5", source.spec, norm, max_episode_steps=40)
+    assert evaluate(ChunkActor(policy, torch.device("cpu"), cfg.seed), env, 2, seed=cfg.seed).returns != returns
 
 
 def test_resume_of_a_killed_finetuning_run_reproduces_the_uninterrupted_run(workdir, pretrained, finetuned):

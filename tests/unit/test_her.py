@@ -58,18 +58,31 @@ def test_her_goals_come_from_the_same_episode_at_the_strategy_steps(strategy):
         assert set(torch.unique(j).tolist()) == set(range(T + 1))
 
 
-def test_her_rewards_equal_the_envs_compute_reward():
+def test_her_rewards_are_the_sparse_fetch_reward_of_the_stored_next_achieved_goal_and_the_relabelled_goal():
+    # The reward of a transition t -> t+1 is FetchReach's -(||ag_{t+1} - goal|| > 0.05) (Plappert et al. 2018),
+    # with goal the relabelled one; checked against the stored episodes and the formula, not the env's function.
     env = make_env("FetchReach-v4")
+    assert env.unwrapped.distance_threshold == 0.05 and env.unwrapped.reward_type == "sparse"
     rng = np.random.default_rng(0)
-    episodes = {"obs": rng.normal(size=(8, T + 1, 10)), "ag": rng.uniform(0, 0.1, size=(8, T + 1, 3)),
-                "g": rng.uniform(0, 0.1, size=(8, T, 3)), "act": rng.uniform(-1, 1, size=(8, T, 4))}
-    buf = EpisodeBuffer(8, T, 10, 4, 3)
-    buf.add_episodes(episodes)
-    compute = env.unwrapped.compute_reward
-    b = buf.sample_her(512, lambda ag, g: compute(ag, g, None))
-    expected = compute(b.next_achieved_goal.numpy(), b.goal.numpy(), None)
+    n = 8
+    obs = rng.normal(size=(n, T + 1, 10)).astype(np.float32)
+    obs[:, :, 0], obs[:, :, 1] = np.arange(n)[:, None], np.arange(T + 1)[None, :]  # (episode, step) codes
+    ag = rng.uniform(0, 0.1, size=(n, T + 1, 3)).astype(np.float32)
+    g = rng.uniform(0, 0.1, size=(n, T, 3)).astype(np.float32)
+    buf = EpisodeBuffer(n, T, 10, 4, 3)
+    buf.add_episodes({"obs": obs, "ag": ag, "g": g, "act": rng.uniform(-1, 1, size=(n, T, 4))})
+    b = buf.sample_her(512, lambda a, goal: env.unwrapped.compute_reward(a, goal, None))
+    ep, t = b.obs[:, 0].long().numpy(), b.obs[:, 1].long().numpy()
+    next_ag, goal = ag[ep, t + 1], b.goal.numpy()
+    np.testing.assert_array_equal(b.next_achieved_goal.numpy(), next_ag)
+    # each goal is the episode's desired goal at t, or one of its achieved goals after t (strategy "future")
+    original = np.all(goal == g[ep, t], axis=-1)
+    future = np.array([any(np.array_equal(goal[k], ag[ep[k], j]) for j in range(t[k] + 1, T + 1))
+                       for k in range(len(goal))])
+    assert np.all(original | future) and 0.1 < original.mean() < 0.3  # 1 / (1 + replay_k) kept
+    expected = -(np.linalg.norm(next_ag - goal, axis=-1) > 0.05).astype(np.float32)
     np.testing.assert_array_equal(b.rew.numpy(), expected)
-    assert 0 < (b.rew == 0).float().mean() < 1  # both successes and failures occur
+    assert 0.1 < (expected == 0).mean() < 0.9  # both successes and failures occur
     assert torch.equal(b.done, torch.zeros(512))
 
 
@@ -166,8 +179,24 @@ def test_ddpg_exploration_and_deterministic_actions():
     obs = {"observation": np.zeros((2000, 5), np.float32), "desired_goal": np.zeros((2000, 3), np.float32)}
     a = agent.act(obs)
     assert a.min() >= -1 and a.max() <= 1 and abs(a.mean()) < 0.05 and a.std() == pytest.approx(1 / np.sqrt(3), 0.05)
-    d = agent.act(obs, deterministic=True)
-    assert np.allclose(d, d[0])  # the same input gives the same action
+    # deterministic: the actor's tanh output on [norm(o), norm(g)], normalised by hand with the running statistics
+    # (clip_obs 200 first, then (x - mean) / max(std, 0.01) clipped to +-5), with no exploration noise
+    rng = np.random.default_rng(1)
+    seen_o, seen_g = rng.normal(2, 3, size=(500, 5)), rng.normal(-1, 0.5, size=(500, 3))
+    seen_o[:, 4] = 7.0  # a constant dimension: its std is floored at norm_eps
+    agent.update_normalizers(torch.as_tensor(seen_o), torch.as_tensor(seen_g))
+    o, goal = rng.normal(2, 6, size=(64, 5)).astype(np.float32), rng.normal(-1, 2, size=(64, 3)).astype(np.float32)
+    o[0, 0] = 1e4  # beyond clip_obs and the normalised clip
+    d = agent.act({"observation": o, "desired_goal": goal}, deterministic=True)
+
+    def norm(x, seen):
+        return np.clip((np.clip(x, -200, 200) - seen.mean(0)) / np.maximum(seen.std(0), 0.01), -5, 5)
+
+    x = torch.as_tensor(np.concatenate([norm(o, seen_o), norm(goal, seen_g)], 1), dtype=torch.float32)
+    with torch.no_grad():
+        want = agent.actor(x).numpy()
+    np.testing.assert_allclose(d, want, rtol=1e-4, atol=1e-5)
+    assert d.std(0).min() > 0.01 and not np.allclose(agent.act({"observation": o, "desired_goal": goal}), d)
 
 
 def test_ddpg_state_dict_round_trip_continues_identically():
