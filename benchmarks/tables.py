@@ -123,7 +123,8 @@ def _provenance(rows: Sequence[dict[str, Any]]) -> str:
     cpus = sorted({f"{r['machine'].get('gpu') or r['machine'].get('cpu')}, {r['machine'].get('torch_threads')} "
                    "torch thread(s)" for r in rows if r.get("machine")})
     torch = sorted({r.get("versions", {}).get("torch", "?") for r in rows})
-    return (f"{len(rows)} run{'s' if len(rows) != 1 else ''}; git {', '.join(revs)}; {dates[0]} – {dates[-1]}; {'; '.join(cpus)}; "
+    runs = f"{len(rows)} run{'s' if len(rows) != 1 else ''}"
+    return (f"{runs}; git {', '.join(revs)}; {dates[0]} – {dates[-1]}; {'; '.join(cpus)}; "
             f"torch {', '.join(torch)}")
 
 

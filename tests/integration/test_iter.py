@@ -18,7 +18,9 @@ TINY = ["--env", "FetchReach-v4", "--epochs", "2", "--n-cycles", "2", "--n-batch
         "--before-ger-minibatch-size", "16", "--hidden", "16", "16", "--eval-episodes", "2", "--no-progress"]
 DDPM = ["--ddpm", "--ddpm-train-start", "0", "--ddpm-aug-start", "1", "--ddpm-aug-freq", "1", "--ddpm-n-synth", "6",
         "--ddpm-train-steps", "3", "--ddpm-time-steps", "4", "--ddpm-dim", "8", "--ddpm-batch-size", "4",
-        "--ddpm-n-train-episodes", "8", "--ddpm-tol", "1e9", "--synthetic-ratio", "0.25"]
+        "--ddpm-n-train-episodes", "8", "--ddpm-tol", "1e9", "--ddpm-kinematics-tol", "inf", "--synthetic-ratio",
+        "0.25"]  # every filter off: a 3-step model's episodes are far from Fetch's dynamics
+REASONS = ("goal", "kinematics", "object", "consistency")
 
 
 def rows(run_dir) -> list[dict[str, str]]:
@@ -31,10 +33,14 @@ def test_plain_her_run_directory_and_success_per_epoch(tmp_path) -> None:
     assert (d / "config.yaml").exists() and (d / "checkpoints" / "latest" / "manifest.json").exists()
     s = json.loads((d / "summary.json").read_text())
     assert s["pipeline"] == "iter" and s["env_steps"] == 2 * 2 * 50 and s["epochs"] == 2
-    assert s["gradient_steps"] == 2 * 2 * 3 and s["real_episodes"] == 4 and 0.0 <= s["success_rate"] <= 1.0
+    assert s["gradient_steps"] == 2 * 2 * 3 and s["real_episodes"] == 4
     r = rows(d)
     assert [int(x["env_steps"]) for x in r] == [100, 200] and all(x["eval/success_rate"] != "" for x in r)
     assert main(["eval", str(d), "--episodes", "2"]) == 0
+    # `diffrl eval` on the final checkpoint replays the run's last test (same seeded episodes, same weights)
+    ev = json.loads((d / "eval-step-200-2ep.json").read_text())
+    assert ev["success_rate"] == s["success_rate"] == float(r[-1]["eval/success_rate"])
+    assert ev["return_mean"] == s["eval_return_mean"]
     assert main(["report", str(d), "--out", str(tmp_path / "rep")]) == 0  # goal tasks plot the success rate
     assert "eval/success_rate" in json.dumps(json.loads((tmp_path / "rep" / "report.json").read_text()))
 
@@ -60,7 +66,9 @@ def test_iter_diffusion_logs_generation_and_keeps_synthetic_episodes_apart(tmp_p
     r = rows(tmp_path / "r")
     assert r[0]["ddpm/loss_mean"] != "" and r[0].get("ddpm/generated", "") == ""  # epoch 0 trains only
     last = r[1]
-    assert float(last["ddpm/generated"]) == 6 and 0.0 <= float(last["ddpm/rejection_rate"]) <= 1.0
+    # every filter is off, so nothing is rejected, under any reason
+    assert float(last["ddpm/generated"]) == float(last["ddpm/accepted"]) == 6
+    assert [float(last[f"ddpm/{k}"]) for k in ("rejection_rate", *(f"reject_{c}" for c in REASONS))] == [0.0] * 5
     for key in ("kl/obs", "fd/obs", "kl/act", "fd/act", "kl/ag", "fd/ag", "kl/g", "fd/g"):
         assert f"ddpm/{key}" in last and last[f"ddpm/{key}"] != ""
     assert float(last["buffer/synthetic_episodes"]) == 6 and float(last["buffer/real_episodes"]) == 8
@@ -82,11 +90,14 @@ def test_the_generator_leaves_the_agents_random_streams_alone(tmp_path) -> None:
 
 
 def test_a_generation_event_that_rejects_every_episode_does_not_stop_the_run(tmp_path) -> None:
-    # tol 1e-9 m rejects all: no synthetic success rate exists (it was logged as NaN and tripped the divergence check)
-    ddpm = [a if a != "1e9" else "1e-9" for a in DDPM]
+    # 1e-9 m rejects all: no synthetic success rate exists (it was logged as NaN and tripped the divergence check).
+    # Both the kinematics and the consistency check fail every episode; each counts under the first, kinematics.
+    ddpm = [{"1e9": "1e-9", "inf": "1e-9"}.get(a, a) for a in DDPM]
     assert main(["iter", *TINY, "--n-ker", "0", "--n-ger", "0", *ddpm, "--run-dir", str(tmp_path / "r")]) == 0
     last = rows(tmp_path / "r")[1]
     assert float(last["ddpm/rejection_rate"]) == 1.0 and last.get("ddpm/synthetic_success_rate", "") == ""
+    assert {c: float(last[f"ddpm/reject_{c}"]) for c in REASONS} == {"goal": 0.0, "kinematics": 1.0, "object": 0.0,
+                                                                      "consistency": 0.0}
     assert float(last["buffer/synthetic_episodes"]) == 0
 
 

@@ -17,8 +17,10 @@ Reference: EzgiAskin/ITER-Diffusion, branch ``iter_ker_ger``, ``her/ddpm_tempora
 we do differently is said where it happens; in short: a cosine schedule (betas capped at 0.5) and the posterior
 std when sampling (its linear schedule never reaches noise and its sampler std is wrong), a down-sampling UNet
 with FiLM conditioning (its conv stack never down-samples), one optimiser and an EMA across calls, constant
-desired goals, clipped actions, achieved goals read from the observation, and ``tol`` rejects inconsistent
-episodes (there it only labelled them).
+desired goals, clipped actions, achieved goals read from the observation, and a filter the reference lacks:
+generated episodes are rejected when their goal moves, their gripper steps break Fetch's mocap kinematics, their
+object starts moving without the gripper near it, or (``tol``, which there only labelled episodes) their raw
+achieved goals contradict their observations.
 """
 
 from __future__ import annotations
@@ -40,9 +42,17 @@ from diffrl.runs.seeding import derive_seed
 
 FETCH_SUCCESS_THRESHOLD = 0.05
 """metres: Fetch's ``distance_threshold``"""
+FETCH_MOCAP_STEP = 0.05
+"""metres per unit action: Fetch's ``_set_action`` scales ``action[:3]`` by 0.05 (``pos_ctrl *= 0.05``) and
+``mocap_set_action`` moves the gripper's mocap target that far from the gripper"""
 GRIP, OBJECT, REL = slice(0, 3), slice(3, 6), slice(6, 9)
 """slices of a Fetch observation: gripper position, object position, object position relative to the gripper"""
 COMPONENTS = ("obs", "act", "ag", "g")
+REST_STEPS = 3
+"""an object is at rest after this many steps that each move it less than ``object_still``: on FetchPush-v4 a
+tumbling block or one bouncing on the floor dips below it for a single step (``object_onset_distance``)"""
+FILTER_CHECKS = ("goal", "kinematics", "object", "consistency")
+"""the filter's checks; a rejected episode is counted under the first one it fails, in this order"""
 
 
 
@@ -128,12 +138,14 @@ class EpisodeLayout:
                 "ag": rows[:, :, self.ag].copy(), "g": rows[:, :-1, self.g].copy()}
 
 
-# ------------------------------------------------------------------------------------- consistency filter
+# ------------------------------------------------------------------------------------------------- filter
 def consistency_error(obs: np.ndarray, ag: np.ndarray, object_task: bool) -> np.ndarray:
     """Per-episode disagreement (metres) of generated quantities that the observation determines.
 
     ``max_t max(||ag_t - ag(obs_t)||, ||rel_t - (obj_t - grip_t)||)`` (the second term for object tasks only),
-    for ``obs (N, T+1, Do)`` and ``ag (N, T+1, 3)``; returns ``(N,)``.
+    for ``obs (N, T+1, Do)`` and ``ag (N, T+1, 3)``; returns ``(N,)``. ITER-Diffusion's ``ddpm_tol`` only labelled
+    synthetic successes; the filter rejects raw samples beyond it. The repair overwrites these channels, so this
+    measures how coherent a raw sample is, not whether the stored episode is physical (the dynamics checks).
     """
     implied = obs[..., OBJECT] if object_task else obs[..., GRIP]
     err = np.linalg.norm(ag - implied, axis=-1)  # (N, T+1)
@@ -142,15 +154,71 @@ def consistency_error(obs: np.ndarray, ag: np.ndarray, object_task: bool) -> np.
     return err.max(axis=-1)
 
 
-def consistency_filter(obs: np.ndarray, ag: np.ndarray, object_task: bool,
-                       tol: float) -> tuple[np.ndarray, np.ndarray]:
-    """Which generated episodes to keep: ``(keep (N,) bool, error (N,) metres)``, keep where error <= ``tol``.
+def kinematics_error(obs: np.ndarray, act: np.ndarray) -> np.ndarray:
+    """Per-episode violation (metres) of Fetch's mocap kinematics by the gripper's steps.
 
-    ITER-Diffusion's ``ddpm_tol`` only labelled synthetic successes; here it rejects episodes whose achieved goal
-    (or object-relative position) contradicts their own observations (the brief's suggested quality filter).
+    Action ``a_t`` puts the mocap target ``u_t = 0.05 clip(a_t[:3], -1, 1)`` (``FETCH_MOCAP_STEP``) from the
+    gripper, and a weld constraint pulls the gripper towards it during the step: in free space the gripper covers a
+    little over half of ``u_t`` per step (benchmarks/RESULTS.md), less when the table, the arm's reach or the object
+    blocks it (the env clips only the action, it has no workspace clipping). So each axis of ``d_t = grip_{t+1} -
+    grip_t`` lies between 0 and ``u_t``, up to the arm's momentum. Returns ``max_t max_axis`` of how far ``d_t``
+    leaves that interval ``(N,)``, for ``obs (N, T+1, Do)`` and ``act (N, T, Da)``.
     """
-    error = consistency_error(obs, ag, object_task)
-    return error <= tol, error
+    d = np.diff(np.asarray(obs, dtype=np.float64)[..., GRIP], axis=1)  # (N, T, 3)
+    u = FETCH_MOCAP_STEP * np.clip(np.asarray(act, dtype=np.float64)[..., :3], -1.0, 1.0)
+    excess = np.maximum(np.maximum(d - np.maximum(u, 0.0), np.minimum(u, 0.0) - d), 0.0)
+    return excess.max(axis=(1, 2)) if excess.size else np.zeros(len(d))
+
+
+def object_onset_distance(obs: np.ndarray, still: float) -> np.ndarray:
+    """Per-episode gripper distance (metres) at the moments the object starts to move, for object tasks.
+
+    The object is at rest at ``obs_0`` (a reset). Only contact sets a resting object moving, so when it starts to
+    move -- step ``t`` moves it more than ``still`` metres after ``REST_STEPS`` steps that did not -- the gripper
+    must be near it: we take ``min(||obj_t - grip_t||, ||obj_{t+1} - grip_{t+1}||)``. Once moving it may slide,
+    tumble or fall off the table away from the gripper (a tumbling or bouncing block can dip below ``still`` for a
+    step, hence the rest of several steps). Returns the largest such distance per episode (0 if the object never
+    starts to move) ``(N,)`` for ``obs (N, T+1, Do)``.
+    """
+    obs = np.asarray(obs, dtype=np.float64)
+    moving = np.linalg.norm(np.diff(obs[..., OBJECT], axis=1), axis=-1) > still  # (N, T)
+    n, t = moving.shape
+    before = np.concatenate([np.zeros((n, REST_STEPS), dtype=bool), moving], axis=1)  # steps before 0 rest
+    rested = ~np.any([before[:, REST_STEPS - k:REST_STEPS - k + t] for k in range(1, REST_STEPS + 1)], axis=0)
+    dist = np.linalg.norm(obs[..., OBJECT] - obs[..., GRIP], axis=-1)  # (N, T+1)
+    near = np.minimum(dist[:, :-1], dist[:, 1:])
+    return np.where(moving & rested, near, 0.0).max(axis=1) if t else np.zeros(n)
+
+
+def goal_drift(g: np.ndarray) -> np.ndarray:
+    """Per-episode ``max_t ||g_t - g_0||`` (metres) of desired goals ``g (N, T, Dg)``: a Fetch goal is fixed for
+    the whole episode. Returns ``(N,)``."""
+    g = np.asarray(g, dtype=np.float64)
+    return np.linalg.norm(g - g[:, :1], axis=-1).max(axis=1) if g.size else np.zeros(len(g))
+
+
+def filter_errors(raw: Mapping[str, np.ndarray], episodes: Mapping[str, np.ndarray], object_task: bool,
+                  object_still: float) -> dict[str, np.ndarray]:
+    """The filter's per-episode measures ``{check: (N,)}`` for every check in ``FILTER_CHECKS`` (metres).
+
+    ``consistency`` is measured on the ``raw`` samples (the repair overwrites those channels); the dynamics checks
+    on the ``episodes`` as they would be stored (repaired: actions clipped). ``object`` is 0 without an object.
+    """
+    n = len(episodes["obs"])
+    return {"goal": goal_drift(episodes["g"]),
+            "kinematics": kinematics_error(episodes["obs"], episodes["act"]),
+            "object": object_onset_distance(episodes["obs"], object_still) if object_task else np.zeros(n),
+            "consistency": consistency_error(raw["obs"], raw["ag"], object_task)}
+
+
+def first_failure(errors: Mapping[str, np.ndarray], limits: Mapping[str, float]) -> np.ndarray:
+    """Index into ``FILTER_CHECKS`` of the first check each episode fails (``errors[c] > limits[c]``), -1 where it
+    passes them all. ``errors``: ``{check: (N,)}``; returns ``(N,)`` int."""
+    n = len(next(iter(errors.values())))
+    reason = np.full(n, -1, dtype=np.int64)
+    for i, check_name in reversed(list(enumerate(FILTER_CHECKS))):  # earlier checks overwrite later ones
+        reason[np.asarray(errors[check_name]) > limits[check_name]] = i
+    return reason
 
 
 def goal_reached(ag: np.ndarray, g: np.ndarray, threshold: float = FETCH_SUCCESS_THRESHOLD) -> np.ndarray:
@@ -218,29 +286,55 @@ class EpisodeDiffusionSettings:
     grad_clip: float = 1.0
     """gradient-norm clip (0: none; the reference does not clip)"""
     ema: bool = True
-    """sample from an EMA of the weights (the reference has none and samples the live weights)"""
+    """sample from an EMA of the weights (the reference has none and samples the live weights). The EMA restarts
+    from the live weights whenever the normaliser is refitted (``refit_normalizer``)"""
     ema_decay: float = 0.995
     """EMA decay, applied every step (a ~200-step window: ITER trains ~80 steps per epoch, so SynthER's every-10
-    steps would lag ~25 epochs); the weights are copied until step 100, then the decay ramps up (diffusion.ema)"""
+    steps would lag ~25 epochs); the weights are copied until step 100, then the decay ramps up (diffusion.ema); a
+    refit restarts the ramp (``refit_normalizer``)"""
     tol: float = 0.05
-    """metres: reject generated episodes whose consistency error exceeds this (``ddpm_tol``, which only labelled
-    episodes there); ``inf`` keeps all"""
+    """metres: the consistency check (``ddpm_tol``, which only labelled episodes there) rejects generated episodes
+    whose raw achieved goal or object-relative position disagrees with their own observation by more than this
+    (``consistency_error``). The repair overwrites those channels, so it measures how coherent the raw sample is;
+    the dynamics checks below judge the stored episode. ``inf`` turns it off"""
+    kinematics_tol: float = 0.015
+    """metres: reject episodes whose gripper steps leave Fetch's mocap kinematics by more than this, on any axis
+    of any step (``kinematics_error``: each step lies between 0 and 0.05 x action). Above the largest violation in
+    real FetchPush-v4 episodes (random, scripted and KER-reflected; benchmarks/RESULTS.md), below what actions of
+    another episode or noise produce. ``inf`` turns it off"""
+    contact_radius: float = 0.14
+    """metres: reject object-task episodes in which the object starts to move while the gripper is farther than
+    this from it (``object_onset_distance``; gripper-object centre distance, so the block's and gripper's sizes are
+    inside it). Above the largest onset distance in real FetchPush-v4 episodes (benchmarks/RESULTS.md). ``inf``
+    turns it off"""
+    object_still: float = 0.005
+    """metres per step: the object counts as moving when a step moves it more than this (well above a resting
+    block's jitter on FetchPush-v4, benchmarks/RESULTS.md); used by the contact check"""
+    goal_tol: float = 1e-3
+    """metres: reject episodes whose desired goal moves by more than this within the episode (a Fetch goal is
+    fixed; the sampler inpaints it, so this guards the episode dict as a whole). ``inf`` turns it off"""
     scale_floor: float = 1e-3
     """lower bound on each channel's z-score scale (data units), so a channel almost constant in the first
     training set (e.g. object velocity under a random policy) is not blown up when later data moves"""
     refit_normalizer: bool = True
-    """refit the z-score statistics on every ``fit`` call's episodes (the network, its EMA and Adam continue in
-    the new units). Kept from the first call instead, the statistics of an early, random-policy buffer (the block
-    barely moves) made later data tens of z-scores large and the loss diverge on FetchPush-v4
-    (benchmarks/RESULTS.md). Unlike the reference, only real episodes enter the statistics"""
+    """refit the z-score statistics on every ``fit`` call's episodes. Kept from the first call instead, the
+    statistics of an early, random-policy buffer (the block barely moves) made later data tens of z-scores large
+    and the loss diverge on FetchPush-v4 (benchmarks/RESULTS.md). The network and Adam continue in the new units.
+    The EMA restarts from the live weights with its decay ramp (``EMA.reset``): left running, it went on averaging
+    networks fitted to earlier statistics (at decay 0.995 and 80 steps per call, two thirds of its weight came from
+    before the last refit), i.e. networks that read the new z-scores wrongly. Restarted, its first update copies the
+    weights, so it holds only weights produced by steps under the current statistics, as the live model does.
+    Freezing the statistics once the buffer is large would bring back the divergence above whenever the policy
+    changes the data; fixed physical scales would need hand-set scales per task and channel. Unlike the reference,
+    only real episodes enter the statistics"""
     sample_batch_size: int = 500
     """episodes per sampler call"""
     bf16: bool = False
     """run the UNet under bfloat16 autocast in training and sampling"""
 
     def __post_init__(self) -> None:
-        for name in ("num_steps", "dim", "lr", "batch_size", "n_train_episodes", "tol", "scale_floor",
-                     "sample_batch_size"):
+        for name in ("num_steps", "dim", "lr", "batch_size", "n_train_episodes", "tol", "kinematics_tol",
+                     "contact_radius", "object_still", "goal_tol", "scale_floor", "sample_batch_size"):
             check_positive(name, getattr(self, name))
         for name in ("train_steps", "grad_clip"):
             check_non_negative(name, getattr(self, name))
@@ -302,6 +396,13 @@ class EpisodeGenerator:
         """The weights ``generate`` samples from: the EMA (default) or the live model."""
         return self.trainer.ema.shadow if self.settings.ema else self.trainer.model
 
+    @property
+    def limits(self) -> dict[str, float]:
+        """The filter's threshold per check (metres), from the settings."""
+        s = self.settings
+        return {"goal": s.goal_tol, "kinematics": s.kinematics_tol, "object": s.contact_radius,
+                "consistency": s.tol}
+
     def _cond(self, obs0: torch.Tensor, g0: torch.Tensor) -> torch.Tensor:
         """``[g_0, obs_0]`` ``(M, Dg + Do)``, z-scored with the model's statistics (the core feeds ``cond`` to the
         network as is)."""
@@ -314,8 +415,9 @@ class EpisodeGenerator:
         """Train for ``steps`` gradient steps (default ``settings.train_steps``) on minibatches of whole episodes.
 
         At most ``n_train_episodes`` episodes are used (a random subset without replacement). The normaliser's
-        statistics are fitted on these episodes at every call (``refit_normalizer``, default) or on the first call
-        only. Returns ``loss_mean``, ``loss_std`` over the steps and ``steps``.
+        statistics are fitted on these episodes at every call (``refit_normalizer``, default; the EMA then restarts
+        from the live weights) or on the first call only. Returns ``loss_mean``, ``loss_std`` over the steps and
+        ``steps``.
         """
         n, t = self.layout.check(episodes)
         if t != self.T:
@@ -333,7 +435,10 @@ class EpisodeGenerator:
         if self.settings.refit_normalizer or not self.normalizer_fitted:
             model.normalizer.fit(rows)
             model.normalizer.scale.clamp_(min=self.settings.scale_floor)
-            self.trainer.ema.shadow.normalizer.load_state_dict(model.normalizer.state_dict())
+            if self.normalizer_fitted:  # a refit: average only weights trained under these statistics
+                self.trainer.ema.reset()
+            else:
+                self.trainer.ema.shadow.normalizer.load_state_dict(model.normalizer.state_dict())
             self.normalizer_fitted = True
         lay = self.layout
         self.trainer.data = rows
@@ -385,7 +490,7 @@ class EpisodeGenerator:
     def generate(self, contexts: Mapping[str, np.ndarray], n: int | None = None, *,
                  generator: torch.Generator | None = None, success_threshold: float = FETCH_SUCCESS_THRESHOLD
                  ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        """Sample ``n`` episodes, repair them and keep those passing the consistency filter.
+        """Sample ``n`` episodes, repair them and keep those passing the filter (``FILTER_CHECKS``).
 
         Args:
             contexts: ``{"obs0": (M, Do), "g": (M, Dg)}`` (e.g. from :func:`successful_contexts`).
@@ -395,10 +500,12 @@ class EpisodeGenerator:
             success_threshold: how ``synthetic_success_rate`` decides success (see ``goal_reached``).
 
         Returns ``(episodes, stats)``: the accepted episodes (the episode dict layout) and ``generated``,
-        ``accepted``, ``rejection_rate``, ``consistency_error_median`` (metres, all generated episodes, measured
-        before the repair), ``synthetic_success_rate`` (accepted episodes whose final ag reaches g; NaN if none).
+        ``accepted``, ``rejection_rate``; ``reject_<check>`` for each check (the share of generated episodes whose
+        first failed check it is, so they sum to ``rejection_rate``); ``consistency_error_median`` (metres, all
+        generated episodes, measured before the repair), ``kinematics_error_median`` (metres);
+        ``synthetic_success_rate`` (accepted episodes whose final ag reaches g; NaN if none).
         """
-        lay = self.layout
+        lay, s = self.layout, self.settings
         obs0 = np.asarray(contexts["obs0"], dtype=np.float32)
         g0 = np.asarray(contexts["g"], dtype=np.float32)
         if obs0.ndim != 2 or obs0.shape[1] != lay.obs_dim or g0.shape != (len(obs0), lay.goal_dim) or not len(obs0):
@@ -410,20 +517,25 @@ class EpisodeGenerator:
             idx = torch.randint(len(obs0), (int(n),), generator=gen, device=gen.device).to(self.device)
             obs0_t, g0_t = obs0_t[idx], g0_t[idx]
         total = len(obs0_t)
-        bs = self.settings.sample_batch_size
+        bs = s.sample_batch_size
         chunks = [self.sample_rows(obs0_t[i:i + bs], g0_t[i:i + bs], gen).cpu().numpy() for i in range(0, total, bs)]
         raw = lay.split(np.concatenate(chunks) if chunks else np.zeros((0, self.T + 1, lay.channels), np.float32))
-        keep, error = consistency_filter(raw["obs"], raw["ag"], lay.object_task, self.settings.tol)
         fixed = self.repair(raw)
+        errors = filter_errors(raw, fixed, lay.object_task, s.object_still)
+        reason = first_failure(errors, self.limits)
+        keep = reason < 0
         episodes = {k: v[keep] for k, v in fixed.items()}
         n_acc = int(keep.sum())
         success = goal_reached(episodes["ag"][:, -1], episodes["g"][:, -1], success_threshold)
         self.generated += total
         self.accepted += n_acc
+        rejects = {f"reject_{c}": float((reason == i).sum()) / total if total else 0.0
+                   for i, c in enumerate(FILTER_CHECKS)}
         return episodes, {
             "generated": float(total), "accepted": float(n_acc),
-            "rejection_rate": 1.0 - n_acc / total if total else 0.0,
-            "consistency_error_median": float(np.median(error)) if total else float("nan"),
+            "rejection_rate": 1.0 - n_acc / total if total else 0.0, **rejects,
+            "consistency_error_median": float(np.median(errors["consistency"])) if total else float("nan"),
+            "kinematics_error_median": float(np.median(errors["kinematics"])) if total else float("nan"),
             "synthetic_success_rate": float(success.mean()) if n_acc else float("nan"),
         }
 
@@ -442,5 +554,6 @@ class EpisodeGenerator:
         self.fits, self.generated, self.accepted = int(state["fits"]), int(state["generated"]), int(state["accepted"])
 
 
-__all__ = ["EpisodeLayout", "EpisodeDiffusionSettings", "EpisodeGenerator", "consistency_error", "consistency_filter",
-           "goal_reached", "successful_contexts", "FETCH_SUCCESS_THRESHOLD"]
+__all__ = ["EpisodeLayout", "EpisodeDiffusionSettings", "EpisodeGenerator", "consistency_error", "kinematics_error",
+           "object_onset_distance", "goal_drift", "filter_errors", "first_failure", "goal_reached",
+           "successful_contexts", "FETCH_SUCCESS_THRESHOLD", "FETCH_MOCAP_STEP", "FILTER_CHECKS"]

@@ -90,6 +90,10 @@ class SynthERGenerator:
         # fresh statistics of the whole real buffer at every retrain (SynthER's update_normalizer)
         trainer.model.normalizer.fit(data)
         trainer.ema.shadow.normalizer.load_state_dict(trainer.model.normalizer.state_dict())
+        if self.settings.warm_start and self.retrains > 0:
+            # the continued weights were averaged under the old statistics: restart the average from the live
+            # weights, so the EMA model never mixes networks trained for differently normalised inputs
+            trainer.ema.reset()
         return trainer
 
     def retrain(self, real: ReplayBuffer) -> dict[str, float]:

@@ -51,6 +51,15 @@ class EMA:
         for b_avg, b_live in zip(self.shadow.buffers(), self.model.buffers(), strict=True):
             b_avg.copy_(b_live)
 
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Restart the average from the current weights: ``shadow := weights`` (parameters and buffers), and the
+        decay ramp starts again as after ``start_step`` (the next ``update`` copies, then the ramp rises). For when
+        the weights' meaning changes, e.g. the model's normaliser was refitted: an average across such changes mixes
+        networks trained for different inputs."""
+        self.shadow.load_state_dict(self.model.state_dict())
+        self.step = self.start_step
+
     def state_dict(self) -> dict[str, Any]:
         return {"shadow": self.shadow.state_dict(), "step": self.step}
 

@@ -1,7 +1,8 @@
 """Goal-conditioned learning on Fetch tasks: DDPG+HER, ITER (KER + GER) and ITER-Diffusion.
 
     diffrl iter --env FetchPush-v4 [--n-ker 8] [--n-ger 4] [--before-ger-minibatch-size 256] [--ddpm]
-        [--ddpm-time-steps 50 --ddpm-tol 0.05 --ddpm-train-start 100 --ddpm-aug-start 150 --ddpm-aug-freq 20]
+        [--ddpm-time-steps 50 --ddpm-tol 0.05 --ddpm-kinematics-tol 0.015 --ddpm-contact-radius 0.14
+         --ddpm-train-start 100 --ddpm-aug-start 150 --ddpm-aug-freq 20]
         [--epochs E] [--n-cycles C] [--preset quick|paper] [--seed S]
 
 ``--n-ker 0 --n-ger 0`` is plain DDPG+HER (OpenAI baselines' settings). The loop, as baselines' ``her.train``:
@@ -13,9 +14,12 @@ networks. Every epoch ends with ``eval_episodes`` deterministic test episodes (`
 ITER-Diffusion (``--ddpm``): from epoch ``ddpm_train_start`` a temporal-UNet DDPM over whole episodes is trained
 every epoch on ``ddpm_n_train_episodes`` real episodes (KER reflections count as real); from ``ddpm_aug_start``,
 every ``ddpm_aug_freq`` epochs, it generates ``ddpm_n_synth`` episodes for initial states and goals of real
-episodes that reached their goal at least once; episodes whose consistency error exceeds ``ddpm_tol`` (metres)
-are rejected. Accepted ones go to their own buffer, which supplies ``synthetic_ratio`` of each minibatch (the
-reference overwrote random real episodes instead, so the share was never controlled).
+episodes that reached their goal at least once. A filter rejects episodes whose gripper steps break Fetch's mocap
+kinematics (``ddpm_kinematics_tol``), whose object starts to move with the gripper farther than
+``ddpm_contact_radius``, whose goal moves, or whose raw achieved goals contradict their observations (``ddpm_tol``;
+metres throughout); the rejection rate per reason is logged (``ddpm/reject_*``). Accepted ones go to their own
+buffer, which supplies ``synthetic_ratio`` of each minibatch (the reference overwrote random real episodes instead,
+so the share was never controlled).
 
 Resume is exact on CPU at epoch boundaries (checkpoints are written at the end of epochs).
 """
@@ -97,7 +101,18 @@ class ITERConfig(DDPGHERParams, RunConfig):
     ddpm_time_steps: int = 50
     """DDPM denoising steps (cosine schedule: unlike the reference's linear one, it reaches noise)"""
     ddpm_tol: float = 0.05
-    """reject generated episodes whose consistency error exceeds this (metres)"""
+    """metres: reject generated episodes whose raw achieved goal or object-relative position disagrees with their
+    own observation by more than this (the consistency check; the repair overwrites those channels, the dynamics
+    checks below judge the stored episode; EpisodeDiffusionSettings.tol); inf turns it off"""
+    ddpm_kinematics_tol: float = 0.015
+    """metres: reject generated episodes whose gripper steps break Fetch's mocap kinematics (each step between 0 and
+    0.05 x action, per axis) by more than this (EpisodeDiffusionSettings.kinematics_tol); inf turns it off"""
+    ddpm_contact_radius: float = 0.14
+    """metres: reject generated episodes whose object starts to move while the gripper is farther than this from it
+    (object tasks; EpisodeDiffusionSettings.contact_radius); inf turns it off"""
+    ddpm_object_still: float = 0.005
+    """metres per step: the contact check counts the object as moving when a step moves it more than this
+    (EpisodeDiffusionSettings.object_still)"""
     ddpm_train_start: int = 100
     """first epoch that trains the diffusion model (it then trains every epoch)"""
     ddpm_aug_start: int = 150
@@ -138,7 +153,8 @@ class ITERConfig(DDPGHERParams, RunConfig):
         super().__post_init__()
         for name in ("epochs", "n_cycles", "rollouts_per_cycle", "n_batches", "before_ger_minibatch_size",
                      "buffer_size", "ddpm_time_steps", "ddpm_aug_freq", "ddpm_n_synth", "ddpm_n_train_episodes",
-                     "ddpm_train_steps", "ddpm_dim", "ddpm_batch_size", "synthetic_capacity", "ger_radius"):
+                     "ddpm_train_steps", "ddpm_dim", "ddpm_batch_size", "synthetic_capacity", "ger_radius",
+                     "ddpm_kinematics_tol", "ddpm_contact_radius", "ddpm_object_still"):
             check_positive(name, getattr(self, name))
         for name in ("n_ker", "n_ger", "replay_k", "ddpm_train_start", "ddpm_aug_start", "ddpm_tol"):
             check_non_negative(name, getattr(self, name))
@@ -222,7 +238,9 @@ def episode_generator(cfg: ITERConfig, d_obs: int, d_act: int, d_goal: int, T: i
     """ITER-Diffusion's episode model as ``cfg`` sets it (FetchReach's 10-d observation has no object)."""
     return EpisodeGenerator(d_obs, d_act, d_goal, T, object_task=d_obs != 10, seed=cfg.seed, device=device,
                             settings=EpisodeDiffusionSettings(
-                                num_steps=cfg.ddpm_time_steps, tol=cfg.ddpm_tol, dim=cfg.ddpm_dim,
+                                num_steps=cfg.ddpm_time_steps, tol=cfg.ddpm_tol,
+                                kinematics_tol=cfg.ddpm_kinematics_tol, contact_radius=cfg.ddpm_contact_radius,
+                                object_still=cfg.ddpm_object_still, dim=cfg.ddpm_dim,
                                 batch_size=cfg.ddpm_batch_size, n_train_episodes=cfg.ddpm_n_train_episodes,
                                 train_steps=cfg.ddpm_train_steps, lr=cfg.ddpm_lr, prediction=cfg.ddpm_prediction))
 
