@@ -49,6 +49,8 @@ class SweepTable:
     """the curve the final score is read from: return_mean, normalized_score or success_rate"""
     control: str | None = None
     """the arm every other arm is compared with (paired by seed)"""
+    pairs: tuple[tuple[str, str], ...] = ()
+    """(arm, control) pairs to compare instead of every arm against ``control``"""
     digits: int = 1
 
 
@@ -66,6 +68,8 @@ TABLES: dict[str, SweepTable | ScriptTable] = {
     "iter-push": SweepTable("iter_push.yaml", metric="success_rate", control="her", digits=2),
     "dppo-finetune": SweepTable("dppo_finetune.yaml", metric="normalized_score", control="dppo"),
     "offline": SweepTable("offline.yaml", metric="normalized_score", control="bc"),
+    "synther-offline": SweepTable("synther_offline.yaml", metric="normalized_score", pairs=tuple(
+        (f"{agent}-{mode}", f"{agent}-real") for agent in ("td3bc", "iql") for mode in ("synthetic", "mixed"))),
     "update-speed": ScriptTable(("benchmarks/update_speed.py",), "results/update_speed.jsonl"),
     "sac-vs-sb3": ScriptTable(("benchmarks/sac_vs_sb3.py",), "results/sac_vs_sb3.jsonl"),
     "her-vs-sb3": ScriptTable(("benchmarks/her_vs_sb3.py",), "results/her_vs_sb3.jsonl"),
@@ -180,23 +184,23 @@ def sweep_table(table: SweepTable, boot: stats.Bootstrap = BOOT) -> str:
             cells.append(f"{np.median([w for w in walls if w]):.0f} s" if any(walls) else "–")
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
-        control = by_arm.get(table.control) if table.control else None
-        others = [a for a in arms if a != table.control and a in by_arm]
-        if control and others:
-            out += [f"Against `{table.control}`, paired by seed: per-seed differences, their mean with a 95% bootstrap "
-                    f"CI, and the probability that a run of the arm beats a run of `{table.control}` (95% CI)", "",
+        pairs = table.pairs or tuple((a, table.control) for a in arms if table.control and a != table.control)
+        pairs = tuple((a, c) for a, c in pairs if a in by_arm and c in by_arm)
+        if pairs:
+            out += ["Paired by seed: per-seed differences, their mean with a 95% bootstrap CI, and the probability "
+                    "that a run of the arm beats a run of the control (95% CI)", "",
                     "| arm − control | seeds | per-seed difference | mean difference | P(arm > control) |",
                     "|---|---|---|---|---|"]
-            y = {s: final(r, table.metric) for s, r in control.items()}
-            for arm in others:
+            for arm, ctl in pairs:
                 x = {s: final(r, table.metric) for s, r in by_arm[arm].items()}
+                y = {s: final(r, table.metric) for s, r in by_arm[ctl].items()}
                 diff = stats.paired_difference(x, y, boot=boot)
                 xs, ys = (np.array([[v] for _, v in sorted(m.items())]) for m in (x, y))
                 poi = stats.probability_of_improvement(xs, ys, boot=boot)
                 if diff is None:
-                    out.append(f"| {arm} − {table.control} | none shared | – | – | {_ci(poi, 2)} |")
+                    out.append(f"| {arm} − {ctl} | none shared | – | – | {_ci(poi, 2)} |")
                     continue
-                out.append(f"| {arm} − {table.control} | {', '.join(map(str, diff.seeds))} | "
+                out.append(f"| {arm} − {ctl} | {', '.join(map(str, diff.seeds))} | "
                            f"{', '.join(_f(v, d) for v in diff.differences)} | {_ci(diff.mean, d)} | {_ci(poi, 2)} |")
             out.append("")
     return "\n".join(out)

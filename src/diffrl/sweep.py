@@ -19,8 +19,8 @@ A spec (YAML)::
     seeds: [0, 1, 2]
     results: benchmarks/results/synther_online.jsonl   # optional: a row per finished trial (diffrl.runs.results)
 
-A string field may name ``{seed}`` (the trial's seed), ``{root}`` (the sweeps' root directory) and ``{FIELD}``
-(another field of the trial, e.g. a grid value), so that one sweep's trials can use another's runs, e.g.
+A string field may name ``{seed}`` (the trial's seed), ``{root}`` (the sweeps' root directory), ``{FIELD}``
+(another field of the trial, e.g. a grid value) and ``{FIELD_name}`` (that value as trial ids spell it), so that one sweep's trials can use another's runs, e.g.
 ``policy: "{root}/dppo-pretrain/trials/diffusion_env_{env}-s{seed}"``; specs given together run in order
 (``diffrl sweep pretrain.yaml finetune.yaml``).
 
@@ -222,7 +222,9 @@ def trial_config(spec: SweepSpec, trial: Trial, run_dir: Path, resume: bool) -> 
 
     command, algo = resolve_command(spec, trial.algo)
     root = run_dir.parent.parent.parent  # <root>/<sweep>/trials/<trial>
-    names = {**{k: v for k, v in trial.fields.items() if isinstance(v, (str, int, float))}, "seed": trial.seed,
+    scalars = {k: v for k, v in trial.fields.items() if isinstance(v, (str, int, float))}
+    # {FIELD} is the value; {FIELD_name} the value as trial ids spell it (a path by its file stem, slugged)
+    names = {**scalars, **{f"{k}_name": slug(str(_short(v))) for k, v in scalars.items()}, "seed": trial.seed,
              "root": root}
     fields = {k: _fill(v, names) for k, v in trial.fields.items()}
     preset = {} if spec.preset is None else command.presets.get(algo, {}).get(spec.preset)

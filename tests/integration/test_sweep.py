@@ -151,6 +151,12 @@ def test_arms_may_name_their_algorithm_and_fields_may_name_seed_root_and_other_f
                            "base": {"policy": "{root}/pre/{env}-s{seed}-{unknown}"}, "seeds": [1]}, "spec.yaml")
     got = [str(trial_config(spec, t, tmp_path / "ft" / "trials" / t.id, resume=False).policy) for t in trials(spec)]
     assert got == [f"{tmp_path}/pre/Hopper-v5-s1-{{unknown}}", f"{tmp_path}/pre/Walker2d-v5-s1-{{unknown}}"]
+    spec = spec_from_dict({"system": "synther", "command": "offline", "grid": {"dataset": ["data/a b.hdf5"]},
+                           "base": {"diffusion": "{root}/x/trials/dataset_{dataset_name}-s{seed}/diffusion"}}, "s")
+    t = trials(spec)[0]
+    assert t.id == "dataset_a_b-s0"  # {dataset_name} spells the value as trial ids do
+    assert str(trial_config(spec, t, tmp_path / "y" / "trials" / t.id, False).diffusion) == (
+        f"{tmp_path}/x/trials/{t.id}/diffusion")
     spec = spec_from_dict({"system": "train", "algo": "sac", "base": {"utd": 2},
                            "arms": {"sac": None, "redq": {"algo": "redq", "num_critics": 5}}}, "spec.yaml")
     cfgs = {t.arm: trial_config(spec, t, tmp_path / "x" / "trials" / t.id, resume=False) for t in trials(spec)}
