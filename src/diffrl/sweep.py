@@ -20,9 +20,9 @@ A spec (YAML)::
     results: benchmarks/results/synther_online.jsonl   # optional: a row per finished trial (diffrl.runs.results)
 
 A string field may name ``{seed}`` (the trial's seed), ``{root}`` (the sweeps' root directory), ``{FIELD}``
-(another field of the trial, e.g. a grid value) and ``{FIELD_name}`` (that value as trial ids spell it), so that one sweep's trials can use another's runs, e.g.
-``policy: "{root}/dppo-pretrain/trials/diffusion_env_{env}-s{seed}"``; specs given together run in order
-(``diffrl sweep pretrain.yaml finetune.yaml``).
+(another field of the trial, e.g. a grid value) and ``{FIELD_name}`` (that value as trial ids spell it), so that
+one sweep's trials can use another's runs, e.g. ``policy: "{root}/dppo-pretrain/trials/diffusion_env_{env}-s{seed}"``;
+specs given together run in order (``diffrl sweep pretrain.yaml finetune.yaml``).
 
 The sweep directory holds ``sweep.yaml`` (the resolved spec), ``trials/<trial>/`` (normal run directories) and
 ``trials/<trial>.error`` for a trial that failed. Started again, a sweep skips finished trials (their
