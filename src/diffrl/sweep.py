@@ -501,7 +501,12 @@ def status_rows(sweep_dir: Path) -> list[dict[str, Any]]:
                 row["return"] = read_summary(run_dir).get("eval_return_mean", row["return"])
             row["step"] = total or step
         elif metrics and total and step:
-            row["eta_s"] = metrics[-1]["wall_s"] / step * max(total - step, 0)
+            # the recent rate (the last logged interval), not the average: warm-up phases without updates run
+            # many times faster than the rest, and a resumed run's first rows say nothing of its later ones
+            recent = [r for r in metrics if r["step"] < step]
+            before = recent[-1] if recent else {"step": 0, "wall_s": 0.0}
+            rate = (metrics[-1]["wall_s"] - before["wall_s"]) / max(step - before["step"], 1)
+            row["eta_s"] = max(rate, 0.0) * max(total - step, 0)
         if state == "failed":
             row["error"] = run_dir.with_suffix(".error").read_text().splitlines()[0]
         rows.append(row)

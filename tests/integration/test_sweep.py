@@ -176,3 +176,18 @@ def test_gpus_the_runner_cannot_give_are_one_sentence(tmp_path, capsys, runner):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and ("needs --runner ray" if runner == "local" else "asks for more than") in err
     assert not list((tmp_path / "g" / "trials").glob("*/summary.json"))
+
+
+def test_eta_uses_the_latest_interval_s_rate(tmp_path):
+    from diffrl.config import save_yaml
+    from diffrl.sweep import SPEC_FILE, status_rows
+
+    spec = spec_from_dict({"name": "eta", "system": "train", "algo": "sac", "base": {"steps": 1000}}, "s")
+    sweep_dir = tmp_path / "eta"
+    (sweep_dir / "trials" / "run-s0").mkdir(parents=True)
+    save_yaml(spec.to_dict(), sweep_dir / SPEC_FILE)
+    # a fast warm-up (400 steps in 4 s), then 100 steps in 10 s: 500 steps left at 0.1 s each
+    (sweep_dir / "trials" / "run-s0" / "metrics.csv").write_text("step,env_steps,wall_s\n200,200,2\n400,400,4\n"
+                                                                 "500,500,14\n")
+    (row,) = status_rows(sweep_dir)
+    assert row["step"] == 500 and row["steps"] == 1000 and row["eta_s"] == pytest.approx(50.0)
