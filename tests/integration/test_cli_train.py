@@ -50,6 +50,10 @@ def test_train_sac_writes_the_full_run_directory_then_eval_and_report_read_it(tm
     assert summary["env_steps"] == 300 and summary["gradient_steps"] == 201
     assert summary["eval_return_mean"] == pytest.approx(float(rows[-1]["eval/return_mean"]))
     assert set(summary["time_breakdown_s"]) == {"env_s", "update_s", "eval_s"}
+    import torch  # the device the run used (the config says "auto") and its threads are recorded
+
+    assert summary["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert summary["torch_threads"] == torch.get_num_threads()
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert ckpts == ["latest", "step-000000150", "step-000000300"]
     files = {p.name for p in (run_dir / "checkpoints" / "latest").iterdir()}

@@ -231,13 +231,21 @@ class RunSession:
                              keep_last=self.cfg.keep_checkpoints)
 
     def finish(self, summary: Mapping[str, Any]) -> Path:
-        """Close the bar and the logger, write ``summary.json`` (with the pipeline, seed and wall clock) and release
-        the run directory's lock."""
+        """Close the bar and the logger, write ``summary.json`` (with the pipeline, seed, wall clock, the device the
+        run used and its torch threads) and release the run directory's lock."""
         if self.bar is not None:
             self.bar.close()
         wall = self.wall_s()
         assert self.logger is not None
         self.logger.close()
-        write_summary(self.run_dir, {"pipeline": self.pipeline, "seed": self.cfg.seed, "wall_s": wall, **summary})
+        import torch
+
+        from diffrl.runs.device import resolve_device
+
+        # the device the loop ran on (the config may say only "auto") and the threads it had: a result row needs both
+        ran_on = {"device": str(resolve_device(getattr(self.cfg, "device", "auto"))),
+                  "torch_threads": torch.get_num_threads()}
+        write_summary(self.run_dir, {"pipeline": self.pipeline, "seed": self.cfg.seed, "wall_s": wall, **ran_on,
+                                     **summary})
         self._unlock()  # the last write: another process may now resume the run
         return self.run_dir
