@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import time
 from pathlib import Path
 
@@ -76,13 +77,18 @@ def model_for(dataset: Path, train_steps: int) -> Path:
     return model_dir
 
 
+@functools.cache
+def loaded(dataset: Path, model_dir: Path) -> tuple:
+    """The model, its meta and layout, and the real data (arrays and rows), read once per dataset for all samplers."""
+    model, meta = load_model(model_dir)
+    real = load_dataset(str(dataset)).arrays()
+    return model, meta, TransitionLayout.from_dict(meta["layout"]), real, rows_of(real)
+
+
 def score(dataset: Path, model_dir: Path, label: str, sampler: str, steps: int, options: dict, num: int,
           seeds: list[int]) -> dict:
     """One sampler on one dataset's model, averaged over seeds."""
-    model, meta = load_model(model_dir)
-    layout = TransitionLayout.from_dict(meta["layout"])
-    real = load_dataset(str(dataset)).arrays()
-    real_rows = rows_of(real)
+    model, meta, layout, real, real_rows = loaded(dataset, model_dir)
     per_seed = []
     for seed in seeds:
         t0 = time.perf_counter()

@@ -12,25 +12,16 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from diffrl.agents import REDQ, SAC, REDQParams, SACParams
 from diffrl.data import ReplayBuffer
+from diffrl.runs.results import cpu_flags
 from harness import RESULTS, add_common_args, run_all
 
 DO, DA, BATCH = 17, 6, 256
-
-
-def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))
 
 
 def ms_per_update(agent: SAC, buf: ReplayBuffer, updates: int, bf16: bool) -> float:

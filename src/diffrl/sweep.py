@@ -259,9 +259,13 @@ def note_provenance(run_dir: Path, prov: dict[str, Any] | None) -> None:
         return
     from diffrl.runs.rundir import write_json_atomic
 
+    write_json_atomic(run_dir / PROVENANCE_FILE, [*read_starts(run_dir), prov])
+
+
+def read_starts(run_dir: Path) -> list[dict[str, Any]]:
+    """The provenance of each start of the trial (``note_provenance``), oldest first; none if never noted."""
     path = run_dir / PROVENANCE_FILE
-    starts = json.loads(path.read_text()) if path.is_file() else []
-    write_json_atomic(path, [*starts, prov])
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def run_trial(sweep_dir: Path, spec: SweepSpec, trial: Trial, prov: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -347,8 +351,7 @@ def record_results(sweep_dir: Path, spec: SweepSpec) -> int:
             continue
         if (spec.name, trial.id, results.finished_at(run_dir)) in seen:
             continue
-        starts_file = run_dir / PROVENANCE_FILE
-        starts = json.loads(starts_file.read_text()) if starts_file.is_file() else [results.provenance()]
+        starts = read_starts(run_dir) or [results.provenance()]
         # the code of the trial's last start (and, when it was resumed under other code, every start's)
         row = {"sweep": spec.name, "trial": trial.id, "arm": trial.arm, **results.run_row(run_dir), **starts[-1],
                "starts": [{k: s.get(k) for k in ("git_rev", "git_dirty", "date")} for s in starts]}
