@@ -191,3 +191,23 @@ def test_eta_uses_the_latest_interval_s_rate(tmp_path):
                                                                  "500,500,14\n")
     (row,) = status_rows(sweep_dir)
     assert row["step"] == 500 and row["steps"] == 1000 and row["eta_s"] == pytest.approx(50.0)
+
+
+def test_several_specs_run_in_order_and_stray_arguments_are_one_sentence(tmp_path, capsys):
+    import yaml
+
+    tiny = {"env": "Hopper-v5", "steps": 150, "learning_starts": 50, "batch_size": 32, "hidden": [32, 32],
+            "eval_every": 150, "eval_episodes": 1, "checkpoint_every": 150}
+    for name in ("first", "second"):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({"name": name, "system": "train", "algo": "sac",
+                                                               "base": tiny, "seeds": [0]}))
+    specs = [str(tmp_path / "first.yaml"), str(tmp_path / "second.yaml")]
+    assert main(["sweep", *specs, "--root", str(tmp_path / "root"), "--table-every", "0"]) == 0
+    out = capsys.readouterr().out
+    first, second = (out.index(f"sweep {tmp_path / 'root' / n}:") for n in ("first", "second"))
+    assert first < second
+    assert all((tmp_path / "root" / n / "trials" / "run-s0" / "summary.json").is_file() for n in ("first", "second"))
+    assert main(["sweep", *specs, "--seeds", "0-2", "--root", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "unexpected arguments after the spec files" in err and err.count("\n") == 1
+    assert not (tmp_path / "other").exists()
