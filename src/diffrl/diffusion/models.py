@@ -1,8 +1,9 @@
 """Diffusion models: EDM (Karras et al. 2022) and variance-preserving DDPM (Ho et al. 2020), one interface.
 
-``model.loss(x, cond=None) -> scalar`` and ``model.sample(n, cond=None, sampler=..., steps=..., inpaint=...)``
-take and return data in its own units: normalisation happens inside (``model.normalizer``), so it is saved and
-loaded with the weights. The network works in normalised space.
+``model.loss(x, cond=None, weights=None, reduction="mean")`` (a scalar, or the ``(B,)`` per-sample losses) and
+``model.sample(n, cond=None, sampler=..., steps=..., inpaint=...)`` take and return data in its own units:
+normalisation happens inside (``model.normalizer``), so it is saved and loaded with the weights. The network
+works in normalised space.
 
 Conditioning:
 - a global condition vector ``cond`` ``(B, cond_dim)`` given to the denoiser;
@@ -91,14 +92,43 @@ class DiffusionModel(nn.Module):
                 return out_u + guidance * (out_c - out_u)
             return net(x, t, cond).float()
 
+    @staticmethod
+    def _check_weights(weights: torch.Tensor, n: int) -> None:
+        if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != (n,):
+            got = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
+            raise ValueError(f"weights must be a tensor of shape ({n},), one per sample of the batch, got {got}")
+        bad = ~(torch.isfinite(weights) & (weights >= 0))
+        if bool(bad.any()):
+            raise ValueError(f"weights must be finite and non-negative, got {weights[bad][:3].tolist()} among them")
+
     # ------------------------------------------------------------------------------------------- interface
-    def loss(self, x: torch.Tensor, cond: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """Denoising loss of a batch ``x`` in data units (scalar)."""
+    def loss(self, x: torch.Tensor, cond: torch.Tensor | None = None, generator: torch.Generator | None = None, *,
+             weights: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+        """Denoising loss of a batch ``x`` ``(B, *event)`` in data units.
+
+        Args:
+            weights: ``(B,)``, finite and non-negative, one per sample (DPPO's DRWR / DAWR weighted regression);
+                used as given, so pass them detached. The result is ``mean_i w_i l_i`` with ``l_i`` sample
+                ``i``'s loss averaged over its event dims.
+            reduction: ``"mean"`` (a scalar) or ``"none"`` (the ``(B,)`` per-sample losses, weighted if given).
+        Returns the loss. Without weights, ``"mean"`` is the mean over all elements (the mean of the per-sample
+        losses up to rounding).
+        """
         self._check_inputs(x, cond)
-        return self._loss(self.normalizer(x), self._drop_cond(cond, generator), generator)
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        if weights is not None:
+            self._check_weights(weights, x.shape[0])
+        errors = self._loss(self.normalizer(x), self._drop_cond(cond, generator), generator)  # (B, *event)
+        if weights is None and reduction == "mean":
+            return errors.mean()  # the element mean, as before: seeded losses keep their exact values
+        per_sample = errors.flatten(1).mean(1)  # (B,)
+        if weights is not None:
+            per_sample = weights.to(per_sample) * per_sample
+        return per_sample if reduction == "none" else per_sample.mean()
 
     def _loss(self, x: torch.Tensor, cond: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+        """Element-wise loss ``(B, *event)`` of a normalised batch; ``loss`` reduces it."""
         raise NotImplementedError
 
     def resolve_sampler(self, sampler: str | None = None, steps: int | None = None,
@@ -188,7 +218,7 @@ class EDM(DiffusionModel):
         s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
         noise = torch.randn(x.shape, device=x.device, generator=generator)
         weight = (s ** 2 + self.sigma_data ** 2) / (s * self.sigma_data) ** 2
-        return (weight * (self.denoise(x + s * noise, sigma, cond) - x) ** 2).mean()
+        return weight * (self.denoise(x + s * noise, sigma, cond) - x) ** 2  # (B, *event)
 
 
 class DDPM(DiffusionModel):
@@ -218,11 +248,15 @@ class DDPM(DiffusionModel):
     def _loss(self, x: torch.Tensor, cond: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
         t = torch.randint(0, self.num_steps, (x.shape[0],), device=x.device, generator=generator)
         noise = torch.randn(x.shape, device=x.device, generator=generator)
+        out = self.network(self.q_sample(x, t, noise), t.float(), cond)
+        return (out - (noise if self.prediction == "epsilon" else x)) ** 2  # (B, *event)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The forward process ``q(x_t | x_0)`` at steps ``t`` ``(B,)`` (normalised space; Ho et al. 2020, eq. 4):
+        ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise``, shaped like ``x0``."""
         sched = self.schedule
-        x_t = (sched.at("sqrt_alphas_cumprod", t, x.ndim) * x
-               + sched.at("sqrt_one_minus_alphas_cumprod", t, x.ndim) * noise)
-        out = self.network(x_t, t.float(), cond)
-        return ((out - (noise if self.prediction == "epsilon" else x)) ** 2).mean()
+        return (sched.at("sqrt_alphas_cumprod", t, x0.ndim) * x0
+                + sched.at("sqrt_one_minus_alphas_cumprod", t, x0.ndim) * noise)
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None, guidance: float = 1.0,
                 net: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,9 @@ DDPM (on ``DDPM.ddpm_step`` / ``DDPM.ddim_step``):
 - ``ddim``: DDIM over a "leading" sub-sequence of ``steps`` steps with ``eta`` (0: deterministic).
 
 ``sample_chain`` runs a DDPM or DDIM chain and keeps every step's input, Gaussian mean and std, so a policy
-gradient method (DPPO) can re-evaluate each transition's log-probability with ``chain_log_prob``.
+gradient method (DPPO) can re-evaluate each transition's log-probability with ``chain_log_prob``;
+``sample_chain_grad`` runs the same chain with autograd on, for losses differentiated through the sampling
+(Diffusion-QL).
 """
 
 from __future__ import annotations
@@ -173,7 +175,8 @@ def sample_chain(model: DDPM, shape: Sequence[int], cond: torch.Tensor | None = 
       levels).
     - ``noiseless_last``: the last transition takes its mean (DPPO's DDPM evaluation: noise except at t = 0).
     - ``net_for_step(i)`` may return another network for transition ``i`` (DPPO's fine-tuned copy).
-    Returns the recorded ``Chain`` (``record=True``) or just the final sample.
+    Returns the recorded ``Chain`` (``record=True``) or just the final sample. It runs in the caller's grad mode
+    (``model.sample`` and DPPO's ``sample`` call it under ``torch.no_grad``; ``sample_chain_grad`` turns grad on).
     """
     device = device or torch.device("cpu")
     if ddim:
@@ -208,6 +211,21 @@ def sample_chain(model: DDPM, shape: Sequence[int], cond: torch.Tensor | None = 
         return x
     return Chain(torch.stack(xs), torch.stack(means), torch.stack(stds), torch.tensor(ts), torch.tensor(prev),
                  eta if ddim else 1.0, ddim)
+
+
+def sample_chain_grad(model: DDPM, shape: Sequence[int], cond: torch.Tensor | None = None,
+                      **options: Any) -> torch.Tensor:
+    """The final sample of ``sample_chain(model, shape, cond, **options)`` with gradients through every transition.
+
+    Diffusion-QL's actor loss ``-Q(s, a)`` with ``a`` drawn from the policy (Wang et al. 2023, arXiv:2208.06193)
+    back-propagates through all denoising steps. The same loop and draws as ``sample_chain``: with the same
+    generator and options (``min_std``, ``noise_clip``, ``ddim``, ``eta``, ...) the sample is bit-identical to the
+    no-grad chain's. Grad mode is on even inside ``torch.no_grad``. Memory: autograd keeps every transition's
+    network activations, ``S`` (K for DDPM, ``steps`` for DDIM) forward passes on the batch, until ``backward``.
+    Returns the ``(n, *event)`` sample in normalised space.
+    """
+    with torch.enable_grad():
+        return sample_chain(model, shape, cond, record=False, **options)
 
 
 def chain_log_prob(model: DDPM, chain: Chain, cond: torch.Tensor | None = None, *, min_std: float = 0.0,
