@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from diffrl.cli import main
+from diffrl.data import load_dataset
 
 TINY = ["--hidden", "32", "32", "--batch-size", "64", "--learning-starts", "100", "--eval-episodes", "1",
         "--log-every", "50", "--no-progress"]
@@ -199,7 +200,7 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
 
 def test_quickstart_runs_the_synther_study_and_writes_a_report(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["quickstart", "--expert-steps", "600", "--transitions", "600", "--diffusion-steps", "50",
+    assert main(["quickstart", "--expert-steps", "600", "--diffusion-steps", "50",
                  "--num-samples", "500", "--agent-steps", "100", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "report:" in out and "normalized scores: real" in out
@@ -210,8 +211,17 @@ def test_quickstart_runs_the_synther_study_and_writes_a_report(tmp_path, monkeyp
     assert "had an action outside [-1, 1], clipped to it" in text
     for png in ("learning_curves.png", "marginals.png"):
         assert (report.parent / png).stat().st_size > 1000
-    for mode in ("real", "synthetic", "mixed"):
-        assert (report.parent / f"td3bc-{mode}" / "summary.json").is_file()
+    summaries = {m: json.loads((report.parent / f"td3bc-{m}" / "summary.json").read_text())
+                 for m in ("real", "synthetic", "mixed")}
+    # the data is a SAC replay buffer (mixed quality), and every arm trains on the same random slice of its episodes
+    (data,) = report.parent.glob("*-medium-replay-*.hdf5")
+    full = load_dataset(str(data))
+    assert full.metadata["kind"] == "medium-replay"
+    sizes = {m: s["real_transitions"] for m, s in summaries.items() if "real_transitions" in s}
+    assert set(sizes) >= {"real", "mixed"} and len(set(sizes.values())) == 1
+    assert sizes["real"] == len(full.subset_episodes(0.25, 0)) < len(full)
+    gain = summaries["mixed"]["normalized_score"] - summaries["real"]["normalized_score"]
+    assert f"mixed - real: {gain:+.1f} points" in text
 
 
 def test_a_bad_env_id_writes_no_run_directory(tmp_path, monkeypatch, capsys):

@@ -98,6 +98,19 @@ def test_real_mode_small_data_and_reuse_of_a_trained_model(workdir, dataset, syn
     s = json.loads((workdir / "mixed" / "summary.json").read_text())
     assert s["batch_real_ratio"] == 0.5 and s["diffusion_run"] == str(synthetic_run / "diffusion")
     assert not (workdir / "mixed" / "diffusion").exists() and s["diffusion_same_data"] is True
+    # same model, seed and generation settings: the transitions come from the model's cache, not a second sampling
+    assert s["generation_s"] == 0.0 and Path(s["samples_from"]).parent == synthetic_run / "diffusion" / "generated"
+    with np.load(synthetic_run / "samples.npz") as a, np.load(workdir / "mixed" / "samples.npz") as b:
+        cached = {k: b[k] for k in b.files}
+        assert all(np.array_equal(a[k], cached[k]) for k in a.files)
+    # a damaged cache entry is regenerated, and generation is deterministic: the same transitions again
+    Path(s["samples_from"] + ".json").write_text("{not json")
+    assert main(["synther", "offline", "--algo", "td3bc", "--dataset", str(dataset), *TINY, "--data-mode", "mixed",
+                 "--diffusion", str(synthetic_run / "diffusion"), "--run-dir", str(workdir / "mixed2")]) == 0
+    s2 = json.loads((workdir / "mixed2" / "summary.json").read_text())
+    assert s2["generation_s"] > 0 and "samples_from" not in s2
+    with np.load(workdir / "mixed2" / "samples.npz") as f:
+        assert all(np.array_equal(f[k], cached[k]) for k in f.files)
     # a model of the whole dataset reused in a small-data run is allowed, but said and recorded (it saw more data)
     with pytest.warns(UserWarning, match="trained on other data"):
         assert main(["synther", "offline", "--algo", "td3bc", "--dataset", str(dataset), *TINY, "--data-fraction",

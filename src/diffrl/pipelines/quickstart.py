@@ -1,10 +1,12 @@
 """``diffrl quickstart``: a SynthER study in miniature on a real MuJoCo task, minutes on 2 CPU cores.
 
-1. build a small dataset: the final policy of a short SAC run records ``transitions`` steps (a modest policy,
-   the kind of data offline RL usually starts from; D4RL's "expert" recipe at a CPU budget);
-2. train a small transition diffusion model on it (SynthER's residual MLP at width 256);
+1. build a small mixed-quality dataset: the replay buffer of a short SAC run (D4RL's "medium-replay" recipe at a
+   CPU budget), of which a random ``data_fraction`` of the episodes is kept: little data of uneven quality, the
+   setting where upsampling it could help (the expert that defines the score's 100 recorded none of it);
+2. train a small transition diffusion model on that slice (SynthER's residual MLP at width 256);
 3. generate synthetic transitions (stochastic DPM-Solver++, 32 evaluations) and measure their fidelity;
-4. train TD3+BC on real, synthetic and mixed (50/50) data, same seed and budget;
+4. train TD3+BC on the slice alone (real), on synthetic data only, and on the slice upsampled by synthetic data
+   (mixed, 50/50 batches), same seed and budget: mixed against real is SynthER's effect, or its absence;
 5. write ``report.md`` with the figures and PNG plots (learning curves, marginals of real vs synthetic data).
 Everything lands in one directory under ``runs/`` (the return value); nothing outside the package is needed.
 """
@@ -42,11 +44,11 @@ class QuickstartSettings:
     """where the study's directory goes"""
     expert_steps: int = 20_000
     """SAC env steps behind the dataset"""
-    transitions: int = 20_000
-    """dataset size"""
+    data_fraction: float = 0.25
+    """share of the dataset's episodes the study keeps (the same slice for every arm and the diffusion model)"""
     diffusion_steps: int = 4_000
     """diffusion model gradient steps"""
-    num_samples: int = 100_000
+    num_samples: int = 50_000
     """synthetic transitions"""
     agent_steps: int = 5_000
     """TD3+BC gradient steps per data mode"""
@@ -111,9 +113,9 @@ def run(s: QuickstartSettings) -> Path:
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    data_path = out / f"{task_name(s.env)}-sac{s.expert_steps // 1000}k.hdf5"
+    data_path = out / f"{task_name(s.env)}-medium-replay-sac{s.expert_steps // 1000}k.hdf5"
     collect = _tool("data", "collect")  # other systems are reached through the registry, never imported
-    collect.run(collect.args(env=s.env, kind="expert", seed=s.seed, out=str(data_path), transitions=s.transitions,
+    collect.run(collect.args(env=s.env, kind="medium-replay", seed=s.seed, out=str(data_path),
                              expert_steps=s.expert_steps, experts_dir=out / "expert", progress=s.progress))
     timings["dataset"] = time.perf_counter() - t0
 
@@ -122,7 +124,8 @@ def run(s: QuickstartSettings) -> Path:
     common: dict[str, Any] = dict(dataset=str(data_path), seed=s.seed, steps=s.agent_steps, eval_every=1_000,
                                   eval_episodes=5, checkpoint_every=s.agent_steps, diffusion_steps=s.diffusion_steps,
                                   diffusion_width=256, sampler="dpmpp_2m_sde", sample_steps=32,
-                                  num_samples=s.num_samples, progress=s.progress)
+                                  num_samples=s.num_samples, data_fraction=s.data_fraction,
+                                  progress=s.progress)
     runs: dict[str, Path] = {}
     for mode in ("synthetic", "mixed", "real"):  # synthetic first: it trains the diffusion model the others reuse
         t0 = time.perf_counter()
@@ -134,26 +137,31 @@ def run(s: QuickstartSettings) -> Path:
     timings["total"] = time.perf_counter() - t_start
 
     summaries = {m: json.loads((runs[m] / "summary.json").read_text()) for m in MODES}
-    real = load_dataset(str(data_path))
+    full = load_dataset(str(data_path))
+    real = full.subset_episodes(s.data_fraction, s.seed) if s.data_fraction < 1.0 else full  # the arms' slice
     with np.load(runs["synthetic"] / "samples.npz") as f:
         samples = {k: f[k] for k in f.files}
     plots = _plots(out, {m: runs[m] for m in MODES}, real.arrays(), samples)
     syn = summaries["synthetic"]
-    info = describe_dataset(real)
+    info, kept = describe_dataset(full), describe_dataset(real)
     lines = [
         f"# diffrl quickstart: SynthER in miniature on {s.env}",
         "",
         f"Total wall time: {timings['total']:.0f} s on this machine. Directory: `{out}`.",
         "",
         "## 1. Data",
-        f"A SAC agent trained for {s.expert_steps} env steps; its final policy "
-        f"recorded {info['transitions']} transitions ({info['episodes']} episodes, return "
-        f"{info['return_mean']:.0f} ± {info['return_std']:.0f}, normalized score {info.get('normalized_mean', 0):.1f}) "
-        f"-> `{data_path.name}` ({timings['dataset']:.0f} s).",
+        f"A SAC agent trained for {s.expert_steps} env steps; its replay buffer up to its medium snapshot (D4RL's "
+        f"medium-replay recipe) holds {info['transitions']} transitions in {info['episodes']} episodes of uneven "
+        f"quality (return {info['return_mean']:.0f} ± {info['return_std']:.0f}, normalized score "
+        f"{info.get('normalized_mean', 0):.1f}; 100 is that SAC run's best snapshot, which recorded none of them)"
+        f" -> `{data_path.name}` ({timings['dataset']:.0f} s). The study keeps a random "
+        f"{s.data_fraction:.0%} of the episodes: {kept['transitions']} transitions in {kept['episodes']} episodes "
+        f"(normalized score {kept.get('normalized_mean', 0):.1f}). Every arm below and the diffusion model see "
+        "only this slice.",
         "",
         "## 2. Diffusion model and synthetic data",
-        f"EDM with SynthER's residual MLP (width 256, 6 blocks) trained for {s.diffusion_steps} steps on the real "
-        f"transitions ({syn.get('diffusion_train_s', 0):.0f} s, final loss "
+        f"EDM with SynthER's residual MLP (width 256, 6 blocks) trained for {s.diffusion_steps} steps on the "
+        f"slice ({syn.get('diffusion_train_s', 0):.0f} s, final loss "
         f"{syn.get('diffusion_final_loss') or 0:.3f}); "
         f"{syn['num_samples']} synthetic transitions generated with stochastic DPM-Solver++ (32 network "
         f"evaluations){_clipped(syn.get('out_of_range_fraction'))}.",
@@ -172,8 +180,9 @@ def run(s: QuickstartSettings) -> Path:
         "![marginals](marginals.png)",
         "",
         "## 3. TD3+BC on real, synthetic and mixed data",
-        f"Same seed, {s.agent_steps} gradient steps each, state normalisation from the real data; evaluation every "
-        "1000 steps over 5 episodes.",
+        f"Same seed, {s.agent_steps} gradient steps each, state normalisation from the slice; evaluation every "
+        "1000 steps over 5 episodes. real: the slice alone; synthetic: generated data only; mixed: batches half "
+        "slice, half generated (SynthER's upsampling). Mixed against real is the effect SynthER claims.",
         "",
         "| data | final normalized score | best | final return | wall |",
         "|---|---:|---:|---:|---:|",
@@ -182,9 +191,12 @@ def run(s: QuickstartSettings) -> Path:
         sm = summaries[m]
         lines.append(f"| {m} | {sm['normalized_score']:.1f} | {sm['best_score']:.1f} | {sm['eval_return_mean']:.0f} "
                      f"| {timings[f'td3bc_{m}']:.0f} s |")
-    lines += ["", "![learning curves](learning_curves.png)", "",
-              "One seed and a tiny budget: this shows the pipeline, not the paper's claim (see "
-              "`benchmarks/RESULTS.md` for multi-seed results). Next: `diffrl synther offline --help`, "
+    gain = summaries["mixed"]["normalized_score"] - summaries["real"]["normalized_score"]
+    lines += ["", f"mixed - real: {gain:+.1f} points of normalized score at the end of training (one seed).", "",
+              "![learning curves](learning_curves.png)", "",
+              "One seed and a tiny budget: a difference of a few points is within the seed-to-seed spread and is no "
+              "evidence either way. `benchmarks/RESULTS.md` has the same comparison over paired seeds (SynthER "
+              "offline) with bootstrap confidence intervals. Next: `diffrl synther offline --help`, "
               "`diffrl synther online --help`."]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
@@ -204,11 +216,13 @@ def _tool(system: str, name: str) -> Tool:
 
 def main(a: QuickstartSettings) -> None:
     """``diffrl quickstart``: run the study and print the scores and the report's path."""
-    for name in ("expert_steps", "transitions", "diffusion_steps", "num_samples", "agent_steps"):
+    for name in ("expert_steps", "diffusion_steps", "num_samples", "agent_steps"):
         if getattr(a, name) <= 0:
             raise ConfigError(f"invalid {name}={getattr(a, name)}: it must be > 0.")
-    print(f"diffrl quickstart: SynthER in miniature on {a.env} (dataset, diffusion model, fidelity, TD3+BC on real / "
-          "synthetic / mixed data)", flush=True)
+    if not 0 < a.data_fraction <= 1:
+        raise ConfigError(f"invalid data_fraction={a.data_fraction}: it must be in (0, 1].")
+    print(f"diffrl quickstart: SynthER in miniature on {a.env} (a small mixed-quality dataset, a diffusion model, "
+          "fidelity, TD3+BC on the data alone / synthetic / upsampled)", flush=True)
     report = run(a)
     scores = json.loads((report.parent / "quickstart.json").read_text())
     print("normalized scores: " + ", ".join(f"{m} {v:.1f}" for m, v in scores["scores"].items()))

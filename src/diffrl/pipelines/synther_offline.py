@@ -18,6 +18,9 @@ SynthER's own code trains on synthetic data only offline; ``mixed`` is diffrl's 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 import shutil
 import time
 import warnings
@@ -132,9 +135,56 @@ def _check_model_data(model_dir: Path, real: Any) -> bool:
     return same
 
 
+GENERATED = "generated"  # a diffusion run's cache of generated transitions (one npz + json per setting)
+
+
+def _generation_key(cfg: Any, model_dir: Path, sampler: str, steps: int | None) -> str:
+    """What fixes the generated transitions: the model checkpoint (its manifest) and every generation setting."""
+    checkpoint = ckpt.resolve_checkpoint(model_dir)
+    spec = {"checkpoint": checkpoint.name, "manifest": ckpt.read_manifest(checkpoint), "sampler": sampler,
+            "steps": steps, "num": cfg.num_samples, "seed": cfg.seed, "out_of_range": cfg.out_of_range,
+            "terminals": cfg.terminals, "batch_size": cfg.sample_batch_size, "bf16": cfg.bf16,
+            "device": resolve_device(cfg.device).type}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cached(model_dir: Path, key: str) -> tuple[dict, dict] | None:
+    """The transitions another run generated from this model with the same settings, with its figures."""
+    npz, meta = model_dir / GENERATED / f"{key}.npz", model_dir / GENERATED / f"{key}.json"
+    if not (npz.is_file() and meta.is_file()):
+        return None
+    try:
+        with np.load(npz) as f:
+            samples = {k: f[k] for k in SAMPLE_KEYS}
+        return samples, json.loads(meta.read_text())
+    except (OSError, ValueError, KeyError):
+        return None  # a damaged cache entry is regenerated, never trusted
+
+
+def _keep(model_dir: Path, key: str, samples_path: Path, figures: dict) -> None:
+    """Leave this run's transitions in the model's cache for the next run with the same model and settings (the
+    arms of a study that share one model: synthetic, mixed, other agents). Best effort: a model directory that
+    cannot be written to only costs the next run a regeneration."""
+    folder = model_dir / GENERATED
+    try:
+        folder.mkdir(exist_ok=True)
+        with atomic_file(folder / f"{key}.json", overwrite=True) as tmp:
+            Path(tmp).write_text(json.dumps(figures, default=float))
+        with atomic_file(folder / f"{key}.npz", overwrite=True) as tmp:
+            try:
+                tmp.unlink()
+                os.link(samples_path, tmp)  # same file system: no second copy on disk
+            except OSError:
+                shutil.copyfile(samples_path, tmp)
+    except OSError:
+        pass
+
+
 def _samples(cfg: Any, model_dir: Path, run_dir: Path, obs_dim: int, act_dim: int,
              env_id: str) -> tuple[dict, dict]:
-    """Stage 3: generated transitions (read back if a previous attempt saved them) and generation figures."""
+    """Stage 3: generated transitions (read back if a previous attempt saved them, or taken from the model's cache
+    when another run generated them with the same settings: generation is deterministic given the model, the
+    seed and the settings) and generation figures."""
     path = run_dir / "samples.npz"
     meta = ckpt.read_manifest(ckpt.resolve_checkpoint(model_dir)).get("meta", {})
     if "layout" not in meta:
@@ -154,6 +204,13 @@ def _samples(cfg: Any, model_dir: Path, run_dir: Path, obs_dim: int, act_dim: in
     model, _ = load_model(model_dir, device=resolve_device(cfg.device))
     model.amp_dtype = torch.bfloat16 if cfg.bf16 else None
     sampler, steps, _ = model.resolve_sampler(cfg.sampler, cfg.sample_steps)
+    key = _generation_key(cfg, model_dir, sampler, steps)
+    found = _cached(model_dir, key)
+    if found is not None:
+        samples, figures = found
+        with atomic_file(path, overwrite=True) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **samples)
+        return samples, {**figures, "generation_s": 0.0, "samples_from": str(model_dir / GENERATED / key)}
     t0 = time.perf_counter()
     rule = termination_rule(env_id, required=cfg.terminals == "rule")
     samples, figures = generate_transitions(model, layout, cfg.num_samples, out_of_range=cfg.out_of_range,
@@ -162,7 +219,9 @@ def _samples(cfg: Any, model_dir: Path, run_dir: Path, obs_dim: int, act_dim: in
                                             sampler=sampler, steps=steps)
     with atomic_file(path, overwrite=True) as tmp, open(tmp, "wb") as f:
         np.savez(f, **samples)
-    return samples, {**figures, "generation_s": time.perf_counter() - t0}
+    figures = {**figures, "generation_s": time.perf_counter() - t0}
+    _keep(model_dir, key, path, figures)
+    return samples, figures
 
 
 def run(cfg: Any) -> Path:
