@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffrl.diffusion.nets import ACTIVATIONS
+
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # as Stable-Baselines3's SAC (CleanRL uses -5)
 
 
@@ -47,12 +49,30 @@ class EnsembleLinear(nn.Module):
 
 
 class EnsembleQ(nn.Module):
-    """``E`` Q-networks ``Q_e(s, a)`` in one module: ``forward(obs (B,Do), act (B,Da)) -> (E, B)``."""
+    """``E`` Q-networks ``Q_e(s, a)`` in one module: ``forward(obs (B,Do), act (B,Da)) -> (E, B)``.
+
+    Default: ``Linear -> ReLU`` per hidden width, then a linear head (SAC, TD3, REDQ, ...). Options:
+
+    - ``activation``: a name of :data:`diffrl.diffusion.nets.ACTIVATIONS` (``relu``, the default, ``mish``, ...);
+    - ``residual``: DPPO's ``ResidualMLP`` trunk (``model/common/mlp.py``): ``Linear(Do + Da, H)``, then
+      ``(len(hidden) - 1) / 2`` pre-activation blocks ``x + L2(act(L1(act(x))))``, then the head, with no activation
+      before it; ``hidden`` must be an odd number of equal widths. DPPO's ``CriticObsAct`` as its configs ask for it
+      is ``hidden=(256, 256, 256), activation="mish", residual=True`` (one block).
+
+    ``layers`` holds the trunk's linear maps in order (residual: the input map, then each block's two).
+    """
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], num_members: int,
-                 orthogonal_init: bool = False) -> None:
+                 orthogonal_init: bool = False, *, activation: str = "relu", residual: bool = False) -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
+        if residual and (len(set(hidden)) != 1 or len(hidden) % 2 != 1):
+            raise ValueError(f"a residual critic needs an odd number of equal hidden widths (e.g. (256, 256, 256): "
+                             f"Linear, one two-layer block, head), got {tuple(hidden)}")
         self.num_members = num_members
+        self.activation, self.residual = activation, residual
+        self.nonlinearity = ACTIVATIONS[activation]()  # parameter-free: state_dict keys unchanged
         dims = [obs_dim + act_dim, *hidden]
         self.layers = nn.ModuleList(EnsembleLinear(num_members, a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.head = EnsembleLinear(num_members, dims[-1], 1)
@@ -65,8 +85,16 @@ class EnsembleQ(nn.Module):
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         x = torch.cat([obs, act], dim=-1)  # (B, Do+Da)
-        for layer in self.layers:
-            x = F.relu_(layer(x))  # (E, B, H); in place: the matmul's backward does not need its output
+        if self.residual:
+            x = self.layers[0](x)  # (E, B, H), no activation after the input map (DPPO's ResidualMLP)
+            for l1, l2 in zip(self.layers[1::2], self.layers[2::2]):
+                x = x + l2(self.nonlinearity(l1(self.nonlinearity(x))))  # pre-activation block; x is kept for the skip
+        elif self.activation == "relu":
+            for layer in self.layers:
+                x = F.relu_(layer(x))  # (E, B, H); in place: the matmul's backward does not need its output
+        else:
+            for layer in self.layers:
+                x = self.nonlinearity(layer(x))
         return self.head(x).squeeze(-1)  # (E, B)
 
 

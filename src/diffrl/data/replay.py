@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
@@ -71,13 +71,45 @@ class ReplayBuffer:
         """Append one transition (unbatched arrays / scalars)."""
         self.add_batch(**{k: np.asarray(v)[None] for k, v in transition.items()})
 
-    def sample(self, batch_size: int) -> Batch:
-        """Uniformly sample ``batch_size`` transitions (with replacement)."""
+    @overload
+    def sample(self, batch_size: int, return_indices: Literal[False] = False) -> Batch: ...
+
+    @overload
+    def sample(self, batch_size: int, return_indices: Literal[True]) -> tuple[Batch, torch.Tensor]: ...
+
+    def sample(self, batch_size: int, return_indices: bool = False) -> Batch | tuple[Batch, torch.Tensor]:
+        """Uniformly sample ``batch_size`` transitions (with replacement).
+
+        ``return_indices``: also return the storage rows ``(batch_size,)`` they came from, for :meth:`overwrite`
+        (DIPO writes its improved actions back); the draws are the same either way.
+        """
         if self.size == 0:
             raise RuntimeError("cannot sample from an empty replay buffer")
         idx = torch.randint(self.size, (batch_size,), generator=self.generator, device=self.generator.device)
         idx = idx.to(self.device)
-        return Batch({k: v.index_select(0, idx) for k, v in self.storage.items()})
+        batch = Batch({k: v.index_select(0, idx) for k, v in self.storage.items()})
+        return (batch, idx) if return_indices else batch
+
+    def overwrite(self, indices: torch.Tensor, **data: torch.Tensor | np.ndarray) -> None:
+        """Write ``data[key][i]`` into storage row ``indices[i]`` of each given key (rows from ``sample(...,
+        return_indices=True)``; only stored rows may be written). Where a row appears several times (sampling is
+        with replacement) its last value is kept. Used by DIPO (Yang et al. 2023), which replaces buffer actions
+        by their Q-improved versions."""
+        unknown = sorted(set(data) - set(self.shapes))
+        if unknown:
+            raise KeyError(f"overwrite got key(s) {unknown}, the buffer holds {sorted(self.shapes)}")
+        idx = torch.as_tensor(indices, device=self.device).long().reshape(-1)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.size):
+            raise IndexError(f"overwrite rows must be in [0, {self.size}) (the stored transitions), got "
+                             f"[{int(idx.min())}, {int(idx.max())}]")
+        # one write per row (index_put with repeated rows keeps an unspecified one on CUDA): its last occurrence
+        rows, inverse = torch.unique(idx, return_inverse=True)
+        last = torch.full((len(rows),), -1, dtype=torch.long, device=self.device).scatter_reduce_(
+            0, inverse, torch.arange(len(idx), device=self.device), reduce="amax")
+        for k, v in data.items():
+            store = self.storage[k]
+            values = torch.as_tensor(v).to(store.device, store.dtype).reshape(len(idx), *self.shapes[k])
+            store[rows] = values[last]
 
     def all(self) -> Batch:
         """Every stored transition in insertion order (oldest first)."""
