@@ -1,6 +1,6 @@
 """`diffrl dppo pretrain|finetune` end to end on Hopper-v5 through the CLI: the run directories, raw and EMA weights,
-the chunk envs, the fine-tuned routing in `diffrl eval` (DPPO issue #29), the Gaussian baseline's plain PPO, exact
-resume of a killed fine-tuning run, and one-sentence errors."""
+the chunk envs, the fine-tuned routing in `diffrl eval` (DPPO issue #29), the Gaussian and GMM baselines' plain PPO,
+exact resume of a killed fine-tuning run, and one-sentence errors."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from diffrl.agents.dppo import DiffusionPolicy
-from diffrl.agents.ppo import GaussianPolicy, GaussianPPO
+from diffrl.agents.ppo import GMMPPO, GaussianPolicy, GaussianPPO, GMMPolicy
 from diffrl.cli import main
 from diffrl.config import from_dict, to_dict
 from diffrl.data import load_dataset
@@ -46,6 +46,11 @@ def rows(run_dir: Path) -> list[dict[str, str]]:
 
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def curve(run_dir: Path) -> list[dict[str, str]]:
+    """metrics.csv without its clocks: what an exact resume must reproduce."""
+    return [{k: v for k, v in x.items() if k != "wall_s" and not k.startswith("perf/")} for x in rows(run_dir)]
 
 
 def config(run_dir: Path) -> dppo.PretrainConfig | dppo.FinetuneConfig:
@@ -227,6 +232,47 @@ def test_a_gaussian_pretrain_run_is_finetuned_with_plain_ppo(workdir, gaussian_p
     assert f"return {s['eval_return_mean']:.1f}" in capsys.readouterr().out
 
 
+def test_a_gmm_pretrain_run_is_finetuned_with_ppo_and_a_killed_finetuning_run_resumes_exactly(workdir, hopper_random):
+    pre, ft, part = workdir / "gmm-pre", workdir / "gmm-ft", workdir / "gmm-part"
+    assert main(["dppo", "pretrain", "--dataset", str(hopper_random), "--policy-type", "gmm", *PRE, "--gmm-hidden",
+                 "32", "32", "32", "--run-dir", str(pre)]) == 0
+    s = summary(pre)
+    assert s["pipeline"] == "dppo_pretrain_gmm" and s["policy"]["gmm"] == {
+        "num_modes": 5, "hidden": [32, 32, 32], "residual": True, "activation": "mish", "std": 0.1}
+    assert dppo.evaluate_run(pre, config(pre), episodes=2, device="cpu")["return_mean"] == pytest.approx(
+        s["eval_return_mean"])  # `diffrl eval` evaluates the EMA policy the run evaluated
+    # DPPO's clamp (-5, 2) on the joint log-density of a 4 x 3 chunk: nearly every sample sits on the upper bound
+    assert main(["dppo", "finetune", "--policy", str(pre), *FT, "--n-train-itr", "1",
+                 "--run-dir", str(workdir / "gmm-ft-dppo-clamp")]) == 0
+    assert float(rows(workdir / "gmm-ft-dppo-clamp")[1]["logprob_clamped_frac"]) > 0.9
+    # a wide clamp lets every sample count
+    wide = ["--logprob-clamp", "-1000", "1000"]
+    assert main(["dppo", "finetune", "--policy", str(pre), *FT, *wide, "--n-train-itr", "3", "--run-dir",
+                 str(ft)]) == 0
+    s = summary(ft)
+    assert s["pipeline"] == "dppo_finetune_gmm" and s["policy_type"] == "gmm"
+    assert s["agent_params"]["noise_clip"] is None and s["agent_params"]["num_modes"] == 5  # DPPO's GMM: unclipped
+    assert s["gradient_steps"] == 3 * 2 * (2 * 8 // (12 // 3))  # one transition per env step, as the Gaussian
+    r = rows(ft)[1:]
+    assert all(float(x["logprob_clamped_frac"]) == 0 for x in r)
+    # the bonus's entropy is the weighted joint entropy of the modes over Ta * Da = 12 elements, std 0.1 each
+    assert all(float(x["entropy"]) == pytest.approx(12 * (0.5 + 0.5 * np.log(2 * np.pi) + np.log(0.1)), abs=0.5)
+               for x in r)
+    agent, _, _ = dppo.load_finetuned(ft, config(ft), device="cpu")
+    assert isinstance(agent, GMMPPO) and isinstance(agent.policy, GMMPolicy)
+    ema = ckpt.load_checkpoint(pre)[1]["policy"]["ema"]["shadow"]
+    assert any(not torch.equal(agent.policy.state_dict()[k], v) for k, v in ema.items())  # PPO moved the policy
+    assert dppo.evaluate_run(ft, config(ft), episodes=2, device="cpu")["return_mean"] == pytest.approx(
+        s["eval_return_mean"])
+    # killed after iteration 2's log row, before its checkpoint: the resumed run is the uninterrupted one
+    assert main(["dppo", "finetune", "--policy", str(pre), *FT, *wide, "--n-train-itr", "2", "--run-dir",
+                 str(part)]) == 0
+    shutil.rmtree(ckpt.list_checkpoints(part / "checkpoints")[-1])
+    assert main(["dppo", "finetune", "--resume", str(part), "--n-train-itr", "3", "--no-progress"]) == 0
+    assert curve(part) == curve(ft)
+    assert summary(part)["eval_return_mean"] == s["eval_return_mean"]
+
+
 def test_unet_policy_is_finetuned_with_ddim_routing_the_last_k_prime_ddim_steps(workdir, hopper_random):
     pre, ft = workdir / "unet-pre", workdir / "unet-ft"
     assert main(["dppo", "pretrain", "--dataset", str(hopper_random), *PRE, "--denoiser", "unet", "--unet-dim", "8",
@@ -276,10 +322,6 @@ def test_resume_of_a_killed_finetuning_run_reproduces_the_uninterrupted_run(work
     assert len(newest) == 2
     shutil.rmtree(newest[-1])
     assert main(["dppo", "finetune", "--resume", str(part), "--n-train-itr", "3", "--no-progress"]) == 0
-
-    def curve(d: Path) -> list[dict[str, str]]:
-        return [{k: v for k, v in x.items() if k != "wall_s" and not k.startswith("perf/")} for x in rows(d)]
-
     assert curve(part) == curve(finetuned)
     assert summary(part)["eval_return_mean"] == summary(finetuned)["eval_return_mean"]
 
@@ -300,10 +342,6 @@ def test_a_pretraining_checkpoint_in_the_layout_before_the_run_session_resumes_e
                       "timers": {"train_s": 1000.0, "eval_s": 500.0}}
     ckpt.save_checkpoint(run / "checkpoints", 20, parts, manifest["meta"], keep_last=0)
     assert main(["dppo", "pretrain", "--resume", str(run), "--no-progress"]) == 0
-
-    def curve(d: Path) -> list[dict[str, str]]:
-        return [{k: v for k, v in x.items() if k != "wall_s" and not k.startswith("perf/")} for x in rows(d)]
-
     assert curve(run) == curve(pretrained)
     s = summary(run)
     assert s["eval_return_mean"] == summary(pretrained)["eval_return_mean"]

@@ -1,8 +1,8 @@
 """Chunk policies across runs: the spec a pre-training run records, loading a pre-trained policy into a fine-tuning
 run, building the policy or its PPO agent, and evaluating a chunk policy.
 
-Every system that pre-trains or fine-tunes chunk policies uses these (DPPO and the Gaussian baseline today; the GMM
-baseline and DiffPPO's diffusion action prior next). A fine-tuning run gets its policy one of two ways:
+Every system that pre-trains or fine-tunes chunk policies uses these (DPPO and its Gaussian and GMM baselines today;
+DiffPPO's diffusion action prior next). A fine-tuning run gets its policy one of two ways:
 
 - fresh: :func:`load_pretrained` reads the latest checkpoint of a pre-training run (spec, normalisation, EMA
   weights) and :func:`build_agent` loads those weights into the new agent;
@@ -26,11 +26,14 @@ import torch
 
 from diffrl.agents.dppo import DPPO, DiffusionPolicy, DPPOParams
 from diffrl.agents.ppo import (
+    GMMPPO,
     ChunkPolicy,
     ChunkPPO,
     GaussianPolicy,
     GaussianPPO,
     GaussianPPOParams,
+    GMMPolicy,
+    GMMPPOParams,
     PPOParams,
     policy_module,
 )
@@ -43,7 +46,7 @@ from diffrl.runs import checkpoint as ckpt
 from diffrl.runs.rundir import read_config
 from diffrl.runs.seeding import derive_seed
 
-POLICY_TYPES = ("diffusion", "gaussian")
+POLICY_TYPES = ("diffusion", "gaussian", "gmm")
 EVAL_NOISE_STREAM = 49_979_687  # derive_seed stream of the evaluation chain's noise (ChunkActor)
 
 
@@ -63,6 +66,22 @@ class GaussianSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class GMMSpec:
+    """Architecture of a pre-trained :class:`~diffrl.agents.ppo.GMMPolicy`."""
+
+    num_modes: int
+    """mixture components C"""
+    hidden: tuple[int, ...]
+    """hidden widths of the mean and mode-weight networks"""
+    residual: bool
+    """residual networks"""
+    activation: str
+    """activation of both networks"""
+    std: float
+    """the fixed std of behaviour cloning (fine-tuning starts from it, clamped into its std bounds)"""
+
+
+@dataclasses.dataclass(frozen=True)
 class PolicySpec:
     """What a checkpoint records to rebuild a chunk policy: its type, dims, chunking and architecture.
 
@@ -71,7 +90,7 @@ class PolicySpec:
     """
 
     policy_type: str
-    """diffusion or gaussian (the ``"type"`` key of the stored layout)"""
+    """diffusion, gaussian or gmm (the ``"type"`` key of the stored layout)"""
     obs_dim: int
     """Do"""
     act_dim: int
@@ -88,28 +107,37 @@ class PolicySpec:
     """diffusion: the DDPM (:func:`diffrl.diffusion.spec.build_model`'s spec)"""
     gaussian: GaussianSpec | None = None
     """gaussian: the mean network and the std"""
+    gmm: GMMSpec | None = None
+    """gmm: the modes, the networks and the std"""
 
     def __post_init__(self) -> None:
         if self.policy_type not in POLICY_TYPES:
             raise ValueError(f"policy_type must be one of {POLICY_TYPES}, got {self.policy_type!r}")
-        given = (self.denoising_steps is not None, self.model_spec is not None, self.gaussian is not None)
-        wanted = (True, True, False) if self.policy_type == "diffusion" else (False, False, True)
+        parts = {"diffusion": "denoising_steps and model_spec", "gaussian": "gaussian", "gmm": "gmm"}
+        given = (self.denoising_steps is not None, self.model_spec is not None, self.gaussian is not None,
+                 self.gmm is not None)
+        wanted = {"diffusion": (True, True, False, False), "gaussian": (False, False, True, False),
+                  "gmm": (False, False, False, True)}[self.policy_type]
         if given != wanted:
-            raise ValueError(f"a {self.policy_type} policy spec has "
-                             + ("denoising_steps and model_spec" if wanted[0] else "gaussian") + " and nothing else")
+            raise ValueError(f"a {self.policy_type} policy spec has {parts[self.policy_type]} and nothing else")
 
     def to_dict(self) -> dict[str, Any]:
         """The stored layout: ``type, obs_dim, act_dim, horizon_steps, act_steps, cond_steps`` then
-        ``denoising_steps, model_spec`` (diffusion) or ``gaussian: {hidden, residual, activation, std}``."""
+        ``denoising_steps, model_spec`` (diffusion), ``gaussian: {hidden, residual, activation, std}`` or
+        ``gmm: {num_modes, hidden, residual, activation, std}``."""
         out: dict[str, Any] = {"type": self.policy_type, "obs_dim": self.obs_dim, "act_dim": self.act_dim,
                                "horizon_steps": self.horizon_steps, "act_steps": self.act_steps,
                                "cond_steps": self.cond_steps}
-        if self.gaussian is None:
-            out.update(denoising_steps=self.denoising_steps, model_spec=self.model_spec)
-        else:
+        if self.gaussian is not None:
             g = self.gaussian
             out["gaussian"] = {"hidden": list(g.hidden), "residual": g.residual, "activation": g.activation,
                                "std": g.std}
+        elif self.gmm is not None:
+            m = self.gmm
+            out["gmm"] = {"num_modes": m.num_modes, "hidden": list(m.hidden), "residual": m.residual,
+                          "activation": m.activation, "std": m.std}
+        else:
+            out.update(denoising_steps=self.denoising_steps, model_spec=self.model_spec)
         return out
 
     @classmethod
@@ -121,6 +149,10 @@ class PolicySpec:
                           cond_steps=data["cond_steps"])
             if data["type"] == "diffusion":
                 return cls(**common, denoising_steps=data["denoising_steps"], model_spec=data["model_spec"])
+            if data["type"] == "gmm":
+                m = data["gmm"]
+                return cls(**common, gmm=GMMSpec(int(m["num_modes"]), tuple(m["hidden"]), m["residual"],
+                                                 m["activation"], m["std"]))
             g = data["gaussian"]
             return cls(**common, gaussian=GaussianSpec(tuple(g["hidden"]), g["residual"], g["activation"], g["std"]))
         except (KeyError, TypeError, ValueError) as e:
@@ -142,17 +174,32 @@ class PolicySpec:
                    residual=g.residual, activation=g.activation, std_init=min(max(g.std, std_min), std_max),
                    std_min=std_min, std_max=std_max)
 
+    def gmm_policy(self, std_min: float, std_max: float, cls: type[GMMPolicy] = GMMPolicy) -> GMMPolicy:
+        """The (untrained) GMM policy of a GMM spec, its std starting at the pre-trained one clamped into
+        ``[std_min, std_max]``."""
+        m = self.gmm
+        if m is None:
+            raise ValueError(f"a {self.policy_type} policy spec has no GMM policy")
+        return cls(self.obs_dim, self.act_dim, self.horizon_steps, self.cond_steps, num_modes=m.num_modes,
+                   hidden=tuple(m.hidden), residual=m.residual, activation=m.activation,
+                   std_init=min(max(m.std, std_min), std_max), std_min=std_min, std_max=std_max)
+
     def build_policy(self, weights: dict[str, torch.Tensor],
-                     source: Path | str = "the checkpoint") -> DiffusionPolicy | GaussianPolicy:
+                     source: Path | str = "the checkpoint") -> DiffusionPolicy | GaussianPolicy | GMMPolicy:
         """The pre-trained policy ready to act: the DDPM behind a :class:`DiffusionPolicy` whose fine-tuned copy is
-        still the pre-trained network (so it acts through the routing fine-tuning will use), or the Gaussian
+        still the pre-trained network (so it acts through the routing fine-tuning will use), or the Gaussian / GMM
         policy with its pre-trained std; ``weights`` from ``source`` (named in errors)."""
         if self.policy_type == "diffusion":
             model = self.diffusion_model()
             ckpt.load_weights(model, weights, source)
             return DiffusionPolicy(model, 1, clip_x0=model.clip_x0)
-        std = float(self.gaussian.std)  # type: ignore[union-attr]
-        policy = self.gaussian_policy(std, std)
+        policy: GaussianPolicy | GMMPolicy
+        if self.policy_type == "gmm":
+            std = float(self.gmm.std)  # type: ignore[union-attr]
+            policy = self.gmm_policy(std, std)
+        else:
+            std = float(self.gaussian.std)  # type: ignore[union-attr]
+            policy = self.gaussian_policy(std, std)
         ckpt.load_weights(policy, weights, source)
         return policy
 
@@ -211,7 +258,8 @@ def load_pretrained(run_dir: Path, pipelines: Collection[str], command: str) -> 
 
 def build_agent(pretrained: PretrainedPolicy, params: PPOParams, device: torch.device) -> ChunkPPO:
     """DPPO on the pre-trained DDPM (``params``: :class:`DPPOParams`), or plain PPO on the pre-trained Gaussian
-    policy (:class:`GaussianPPOParams`); with the EMA weights when ``pretrained`` has them."""
+    (:class:`GaussianPPOParams`) or GMM policy (:class:`GMMPPOParams`); with the EMA weights when ``pretrained`` has
+    them."""
     spec = pretrained.spec
     if spec.policy_type == "diffusion":
         if not isinstance(params, DPPOParams):
@@ -220,6 +268,13 @@ def build_agent(pretrained: PretrainedPolicy, params: PPOParams, device: torch.d
         if pretrained.weights is not None:
             ckpt.load_weights(model, pretrained.weights, pretrained.run_dir)
         return DPPO(model, spec.obs_dim, params, device)
+    if spec.policy_type == "gmm":
+        if not isinstance(params, GMMPPOParams):
+            raise TypeError(f"a GMM policy is fine-tuned with GMMPPOParams, got {type(params).__name__}")
+        gmm = spec.gmm_policy(params.std_min, params.std_max)
+        if pretrained.weights is not None:
+            ckpt.load_weights(gmm, pretrained.weights, pretrained.run_dir)
+        return GMMPPO(spec.obs_dim, spec.act_dim, params, device, policy=gmm)
     if not isinstance(params, GaussianPPOParams):
         raise TypeError(f"a Gaussian policy is fine-tuned with GaussianPPOParams, got {type(params).__name__}")
     policy = spec.gaussian_policy(params.std_min, params.std_max)
@@ -232,9 +287,10 @@ def build_agent(pretrained: PretrainedPolicy, params: PPOParams, device: torch.d
 class ChunkActor:
     """A chunk policy as :func:`~diffrl.eval.evaluate` sees it: normalised histories ``(1, To, Do)`` -> normalised
     chunks ``(1, Ta, Da)``, sampled for evaluation (DPPO's DDPM chain, noise except at t = 0 / DDIM eta 0 /
-    Gaussian mean) through the policy's own routing of denoising steps. The chain's noise comes from the actor's
-    own generator, so an evaluation is reproducible and draws nothing from the training RNGs. ``mean_path``: the
-    noise-free DDPM mean path instead (:meth:`DiffusionPolicy.chain`). Puts the policy in eval mode."""
+    Gaussian mean / the mean of a GMM mode drawn by weight) through the policy's own routing of denoising steps. The
+    chain's noise (the GMM's mode draws) comes from the actor's own generator, so an evaluation is reproducible and
+    draws nothing from the training RNGs. ``mean_path``: the noise-free DDPM mean path instead
+    (:meth:`DiffusionPolicy.chain`), the GMM's most likely mode. Puts the policy in eval mode."""
 
     def __init__(self, policy: ChunkPolicy, device: torch.device, seed: int, mean_path: bool = False) -> None:
         policy_module(policy).to(device).eval()

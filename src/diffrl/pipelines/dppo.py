@@ -1,7 +1,7 @@
 """DPPO (Ren et al. 2024, arXiv:2409.00588): behaviour-clone a chunked diffusion policy, then fine-tune it with PPO
-over the denoising MDP; the Gaussian baseline goes through the same two commands.
+over the denoising MDP; the Gaussian and GMM baselines go through the same two commands.
 
-    diffrl dppo pretrain --dataset D [--policy-type diffusion|gaussian] [--preset quick|paper] [--seed S]
+    diffrl dppo pretrain --dataset D [--policy-type diffusion|gaussian|gmm] [--preset quick|paper] [--seed S]
     diffrl dppo finetune --policy PRETRAIN_RUN_DIR [--env ID] [--ft-denoising-steps K'] [--use-ddim --ddim-steps S]
         [--n-envs N] [--preset quick|paper] [--seed S]
     diffrl dppo pretrain|finetune --resume RUN_DIR
@@ -9,22 +9,23 @@ over the denoising MDP; the Gaussian baseline goes through the same two commands
 Pre-training reads top to bottom: load the dataset, fit the min-max normalisation of observations and actions
 (the env wrapper will use the same statistics), lay out every (history, chunk) sample that stays inside its
 episode, train with :class:`~diffrl.diffusion.trainer.DiffusionTrainer` (epsilon-prediction DDPM loss, or the
-Gaussian policy's BC loss; AdamW, cosine LR, EMA 0.995 copied until ``ema_start`` then updated every
-``ema_every`` steps), checkpoint raw and EMA weights with the model spec and the normalisation, and evaluate the
-EMA policy in the env.
+Gaussian / GMM policy's BC negative log-likelihood; AdamW, cosine LR, EMA 0.995 copied until ``ema_start`` then
+updated every ``ema_every`` steps), checkpoint raw and EMA weights with the model spec and the normalisation, and
+evaluate the EMA policy in the env.
 
 Fine-tuning reads top to bottom: read the pre-training run (policy spec, normalisation, EMA weights), build DPPO (or
-plain PPO for a Gaussian policy) and ``n_envs`` chunk envs, then each iteration of the on-policy loop: roll out
+plain PPO for a Gaussian or GMM policy) and ``n_envs`` chunk envs, then each iteration of the on-policy loop: roll out
 ``n_steps`` chunks per env recording the ``K' + 1`` chains, score values, scale rewards, GAE, run ``update_epochs``
 PPO epochs over (env step x denoising step) minibatches (critic only during warm-up), log, evaluate, checkpoint.
 Evaluation routes the denoising steps exactly as training does (the same :class:`~diffrl.agents.dppo.DiffusionPolicy`),
 so DPPO issue #29 cannot happen. Resume is exact on CPU.
 
 The pieces other systems reuse live below this module: the agents in :mod:`diffrl.agents.ppo` (PPO, critic,
-Gaussian policy) and :mod:`diffrl.agents.dppo` (diffusion policy, DPPO); the policy spec, loading and evaluation in
-:mod:`diffrl.pipelines.chunk_policy`; the rollout, GAE and PPO epochs in :mod:`diffrl.pipelines.onpolicy`; the chunk
-envs in :mod:`diffrl.envs.chunking`. This module holds DPPO's configs, presets and the two stages; their resume
-checks, checkpoints, logging and timers are the run session's (:class:`~diffrl.runs.session.RunSession`).
+Gaussian and GMM policies) and :mod:`diffrl.agents.dppo` (diffusion policy, DPPO); the policy spec, loading and
+evaluation in :mod:`diffrl.pipelines.chunk_policy`; the rollout, GAE and PPO epochs in
+:mod:`diffrl.pipelines.onpolicy`; the chunk envs in :mod:`diffrl.envs.chunking`. This module holds DPPO's configs,
+presets and the two stages; their resume checks, checkpoints, logging and timers are the run session's
+(:class:`~diffrl.runs.session.RunSession`).
 
 Shapes: ``To`` / ``Do`` observation history / dim, ``Ta`` / ``Da`` chunk length / action dim, ``K'`` fine-tuned
 denoising steps.
@@ -41,7 +42,15 @@ import numpy as np
 import torch
 
 from diffrl.agents.dppo import DPPO, DPPOParams, dppo_model_spec
-from diffrl.agents.ppo import ChunkPolicy, ChunkPPO, GaussianPolicy, GaussianPPOParams, PPOParams
+from diffrl.agents.ppo import (
+    ChunkPolicy,
+    ChunkPPO,
+    GaussianPolicy,
+    GaussianPPOParams,
+    GMMPolicy,
+    GMMPPOParams,
+    PPOParams,
+)
 from diffrl.agents.ppo_utils import RunningRewardScaler
 from diffrl.config import (
     check,
@@ -65,6 +74,7 @@ from diffrl.pipelines.chunk_policy import (
     POLICY_TYPES,
     ChunkActor,
     GaussianSpec,
+    GMMSpec,
     PolicySpec,
     PretrainedPolicy,
     build_agent,
@@ -80,7 +90,8 @@ from diffrl.runs.seeding import derive_seed, seed_everything
 from diffrl.runs.session import RateMeter, RunSession, due
 
 PIPELINES = {("pretrain", "diffusion"): "dppo_pretrain", ("pretrain", "gaussian"): "dppo_pretrain_gaussian",
-             ("finetune", "diffusion"): "dppo_finetune", ("finetune", "gaussian"): "dppo_finetune_gaussian"}
+             ("pretrain", "gmm"): "dppo_pretrain_gmm", ("finetune", "diffusion"): "dppo_finetune",
+             ("finetune", "gaussian"): "dppo_finetune_gaussian", ("finetune", "gmm"): "dppo_finetune_gmm"}
 SAMPLE_STREAM, MINIBATCH_STREAM = 15_485_863, 32_452_843  # derive_seed streams of rollout noise and minibatches
 
 
@@ -92,13 +103,15 @@ class EvalPathSettings:
     eval_mean_path: bool = False
     """evaluate a DDPM diffusion policy along the noise-free mean path instead of DPPO's sampled chain (not a sample
     of the policy PPO trains, but on diffrl's Walker2d BC policies the better controller: 56-58 vs 16-35; no effect
-    on DDIM, whose eta-0 path is already noise-free, or on Gaussian policies)"""
+    on DDIM, whose eta-0 path is already noise-free, or on Gaussian policies); a GMM policy is evaluated with its
+    most likely mode's mean instead of the mean of a mode drawn by weight (DPPO's)"""
 
 
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig(TrainerSettings, EvalPathSettings, RunConfig):
-    """``diffrl dppo pretrain``: behaviour cloning of a chunked policy (epsilon-prediction DDPM, or the Gaussian
-    baseline). Steps of eval_every / log_every / checkpoint_every are gradient steps."""
+    """``diffrl dppo pretrain``: behaviour cloning of a chunked policy (epsilon-prediction DDPM, or the Gaussian or
+    GMM baseline by negative log-likelihood). Steps of eval_every / log_every / checkpoint_every are gradient
+    steps."""
 
     dataset: str = ""
     """Minari dataset id or a path to a D4RL .hdf5 / DPPO .npz file"""
@@ -107,7 +120,7 @@ class PretrainConfig(TrainerSettings, EvalPathSettings, RunConfig):
     seed: int = 0
     """run seed"""
     policy_type: str = "diffusion"
-    """diffusion (DPPO) or gaussian (the baseline fine-tuned with plain PPO)"""
+    """diffusion (DPPO), gaussian or gmm (the baselines fine-tuned with plain PPO)"""
     horizon_steps: int = 4
     """Ta, predicted action chunk length"""
     act_steps: int = 4
@@ -140,6 +153,17 @@ class PretrainConfig(TrainerSettings, EvalPathSettings, RunConfig):
     """Gaussian policy: activation of the mean network"""
     gaussian_std: float = 0.1
     """Gaussian policy: the fixed std of behaviour cloning, and the initial std of fine-tuning (DPPO: 0.1)"""
+    gmm_modes: int = 5
+    """GMM policy: mixture components (DPPO: 5)"""
+    gmm_hidden: tuple[int, ...] | None = None
+    """GMM policy: hidden widths of the mean and the mode-weight networks (None: gaussian_hidden, so presets size
+    both baselines alike; DPPO's robomimic can/lift: 512 512 512, square/transport: 1024 1024 1024)"""
+    gmm_residual: bool = True
+    """GMM policy: residual networks (equal widths, odd count)"""
+    gmm_activation: str = "mish"
+    """GMM policy: activation of both networks (DPPO: Mish)"""
+    gmm_std: float = 0.1
+    """GMM policy: the fixed std of behaviour cloning, and the initial std of fine-tuning (DPPO: 0.1)"""
     max_episode_steps: int | None = None
     """override the evaluation env's time limit (None keeps the registered one)"""
     steps: int = 1_560_000
@@ -175,7 +199,7 @@ class PretrainConfig(TrainerSettings, EvalPathSettings, RunConfig):
         check_choice("policy_type", self.policy_type, POLICY_TYPES)
         check_choice("denoiser", self.denoiser, ("mlp", "unet"))
         for name in ("horizon_steps", "act_steps", "cond_steps", "denoising_steps", "hidden", "blocks", "time_dim",
-                     "unet_dim", "gaussian_std"):
+                     "unet_dim", "gaussian_std", "gmm_modes", "gmm_std"):
             check_positive(name, getattr(self, name))
         check(self.act_steps <= self.horizon_steps, "act_steps", self.act_steps,
               f"<= horizon_steps={self.horizon_steps}")
@@ -193,6 +217,19 @@ class PretrainConfig(TrainerSettings, EvalPathSettings, RunConfig):
                   self.gaussian_hidden, "an odd number of equal widths for a residual mean network (e.g. 512 512 "
                   "512), or pass --no-gaussian-residual")
         check_choice("gaussian_activation", self.gaussian_activation, ACTIVATIONS)
+        if self.policy_type == "gmm":  # gmm_hidden may be gaussian_hidden, checked here under gmm_residual
+            widths = self.gmm_widths
+            check(len(widths) > 0 and all(h > 0 for h in widths), "gmm_hidden", widths,
+                  "one or more positive layer widths")
+            if self.gmm_residual:
+                check(len(set(widths)) == 1 and len(widths) % 2 == 1, "gmm_hidden", widths, "an odd number of "
+                      "equal widths for residual networks (e.g. 512 512 512), or pass --no-gmm-residual")
+        check_choice("gmm_activation", self.gmm_activation, ACTIVATIONS)
+
+    @property
+    def gmm_widths(self) -> tuple[int, ...]:
+        """The GMM networks' hidden widths: ``gmm_hidden``, or ``gaussian_hidden`` when unset."""
+        return self.gaussian_hidden if self.gmm_hidden is None else self.gmm_hidden
 
 
 CHUNK_FIELDS = ("horizon_steps", "act_steps", "cond_steps", "denoising_steps")
@@ -201,7 +238,7 @@ CHUNK_FIELDS = ("horizon_steps", "act_steps", "cond_steps", "denoising_steps")
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig(DPPOParams, EvalPathSettings, RunConfig):
     """``diffrl dppo finetune``: PPO fine-tuning of a pre-trained policy; DPPO over the last K' denoising steps of a
-    diffusion policy, plain PPO for a Gaussian one (the type is read from the pre-training run). Steps of
+    diffusion policy, plain PPO for a Gaussian or GMM one (the type is read from the pre-training run). Steps of
     eval_every / log_every / checkpoint_every are iterations."""
 
     policy: Path | None = None
@@ -225,8 +262,8 @@ class FinetuneConfig(DPPOParams, EvalPathSettings, RunConfig):
     batch_size: int = 50_000
     """(env step, denoising step) pairs per minibatch (DPPO Hopper: 500 * 40 * 10 pairs / 50k = 4 minibatches)"""
     gaussian_batch_size: int | None = None
-    """Gaussian policy only: env steps per minibatch (it scores one transition per env step); None: batch_size /
-    ft_denoising_steps, so both policies take as many minibatches, and gradient steps, per epoch"""
+    """Gaussian and GMM policies only: env steps per minibatch (they score one transition per env step); None:
+    batch_size / ft_denoising_steps, so they take as many minibatches, and gradient steps, per epoch as DPPO"""
     n_critic_warmup_itr: int = 0
     """first iterations that train only the critic (the actor is not stepped)"""
     reward_scale_running: bool = True
@@ -236,9 +273,9 @@ class FinetuneConfig(DPPOParams, EvalPathSettings, RunConfig):
     max_episode_steps: int | None = None
     """override the env's time limit (None keeps the registered one; DPPO's Gym runs: 1000)"""
     std_min: float = 0.01
-    """Gaussian policy only: lower bound of the learnable std (DPPO: 0.01)"""
+    """Gaussian and GMM policies only: lower bound of the learnable std (DPPO: 0.01)"""
     std_max: float = 0.2
-    """Gaussian policy only: upper bound of the learnable std (DPPO: 0.2)"""
+    """Gaussian and GMM policies only: upper bound of the learnable std (DPPO: 0.2)"""
     clip_ploss_coef_base: float = 0.01
     """PPO clip at the noisiest fine-tuned step (DPPO's Gym configs: 0.01 = no schedule; robomimic: 1e-3)"""
     horizon_steps: int | None = None  # type: ignore[assignment]
@@ -330,6 +367,15 @@ class _GaussianBC(GaussianPolicy):
         return self.bc_loss(cond, x)  # type: ignore[arg-type]
 
 
+class _GMMBC(GMMPolicy):
+    """The GMM policy with the trainer's ``loss(x, cond, generator)`` (its state dict is a plain
+    :class:`GMMPolicy`'s)."""
+
+    def loss(self, x: torch.Tensor, cond: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.bc_loss(cond, x)  # type: ignore[arg-type]
+
+
 def policy_spec(cfg: PretrainConfig, obs_dim: int, act_dim: int) -> PolicySpec:
     """What a checkpoint records to rebuild the policy: type, dims, chunking and the architecture."""
     chunking: dict[str, Any] = dict(policy_type=cfg.policy_type, obs_dim=obs_dim, act_dim=act_dim,
@@ -343,6 +389,9 @@ def policy_spec(cfg: PretrainConfig, obs_dim: int, act_dim: int) -> PolicySpec:
         if cfg.denoiser == "unet":
             model["denoiser"] = {"type": "unet", "dim": cfg.unet_dim, "dim_mults": list(cfg.unet_dim_mults)}
         return PolicySpec(**chunking, denoising_steps=cfg.denoising_steps, model_spec=model)
+    if cfg.policy_type == "gmm":
+        return PolicySpec(**chunking, gmm=GMMSpec(cfg.gmm_modes, cfg.gmm_widths, cfg.gmm_residual, cfg.gmm_activation,
+                                                  cfg.gmm_std))
     return PolicySpec(**chunking, gaussian=GaussianSpec(cfg.gaussian_hidden, cfg.gaussian_residual,
                                                         cfg.gaussian_activation, cfg.gaussian_std))
 
@@ -370,8 +419,12 @@ def pretrain(cfg: PretrainConfig) -> Path:
     spec = policy_spec(cfg, ds.obs_dim, ds.act_dim)
     eval_env = chunk_env(env_id, spec, norm, max_episode_steps=cfg.max_episode_steps)
     refs = reference_scores(ds.metadata)
-    model = spec.diffusion_model() if cfg.policy_type == "diffusion" else spec.gaussian_policy(
-        cfg.gaussian_std, cfg.gaussian_std, _GaussianBC)  # DPPO clones the Gaussian mean with a fixed std
+    if cfg.policy_type == "diffusion":
+        model = spec.diffusion_model()
+    elif cfg.policy_type == "gmm":  # DPPO clones the GMM's means and weights with a fixed std
+        model = spec.gmm_policy(cfg.gmm_std, cfg.gmm_std, _GMMBC)
+    else:  # DPPO clones the Gaussian mean with a fixed std
+        model = spec.gaussian_policy(cfg.gaussian_std, cfg.gaussian_std, _GaussianBC)
     trainer = DiffusionTrainer(model.to(device), chunks, cfg, cond=obs.flatten(1), seed=cfg.seed)  # type: ignore[arg-type]
     session = RunSession(cfg, PIPELINES["pretrain", cfg.policy_type], dataset_run_name(cfg.dataset),
                          signature=env_signature(env_id, eval_env.env), fingerprint=fingerprint(ds),
@@ -430,11 +483,11 @@ def pretrain(cfg: PretrainConfig) -> Path:
 # ------------------------------------------------------------------------------------------------- fine-tuning
 def load_pretrained(run_dir: Path) -> PretrainedPolicy:
     """The EMA policy, normalisation and settings of a ``diffrl dppo pretrain`` run (one sentence if it is not one)."""
-    pipelines = (PIPELINES["pretrain", "diffusion"], PIPELINES["pretrain", "gaussian"])
+    pipelines = tuple(PIPELINES["pretrain", t] for t in POLICY_TYPES)
     return chunk_policy.load_pretrained(run_dir, pipelines, "diffrl dppo pretrain")
 
 
-def agent_params(cfg: FinetuneConfig, spec: PolicySpec) -> DPPOParams | GaussianPPOParams:
+def agent_params(cfg: FinetuneConfig, spec: PolicySpec) -> DPPOParams | GaussianPPOParams | GMMPPOParams:
     """``cfg``'s PPO settings with the pre-trained policy's chunking and K (a conflicting value is refused)."""
     for name in CHUNK_FIELDS:
         given, saved = getattr(cfg, name), getattr(spec, name)
@@ -447,6 +500,12 @@ def agent_params(cfg: FinetuneConfig, spec: PolicySpec) -> DPPOParams | Gaussian
         return cfg.dppo_params(ta, act, to, spec.denoising_steps)  # type: ignore[arg-type]
     common = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(PPOParams)}
     common.update(horizon_steps=ta, act_steps=act, cond_steps=to)
+    if spec.policy_type == "gmm":  # sampled unclipped (DPPO's GMM), whatever noise_clip the other policies use
+        m: GMMSpec = spec.gmm  # type: ignore[assignment]
+        return GMMPPOParams(**{**common, "noise_clip": None}, num_modes=m.num_modes, hidden=tuple(m.hidden),
+                            residual=m.residual, activation=m.activation,
+                            std_init=min(max(m.std, cfg.std_min), cfg.std_max), std_min=cfg.std_min,
+                            std_max=cfg.std_max)
     g: GaussianSpec = spec.gaussian  # type: ignore[assignment]
     return GaussianPPOParams(**common, hidden=tuple(g.hidden), residual=g.residual, activation=g.activation,
                              std_init=min(max(g.std, cfg.std_min), cfg.std_max), std_min=cfg.std_min,
@@ -454,7 +513,7 @@ def agent_params(cfg: FinetuneConfig, spec: PolicySpec) -> DPPOParams | Gaussian
 
 
 def minibatch_size(cfg: FinetuneConfig, agent: ChunkPPO) -> int:
-    """Pairs per minibatch: ``batch_size`` for DPPO; for the Gaussian baseline ``gaussian_batch_size`` or
+    """Pairs per minibatch: ``batch_size`` for DPPO; for the Gaussian and GMM baselines ``gaussian_batch_size`` or
     ``batch_size / ft_denoising_steps``. With one batch for both, the Gaussian policy's ``K'`` times fewer pairs
     made one minibatch per epoch in both presets: 5 gradient steps per iteration against DPPO's 20."""
     if isinstance(agent, DPPO):
@@ -464,7 +523,8 @@ def minibatch_size(cfg: FinetuneConfig, agent: ChunkPPO) -> int:
     return max(1, cfg.batch_size // cfg.ft_denoising_steps)
 
 
-def finetuning_inputs(cfg: FinetuneConfig) -> tuple[PretrainedPolicy, str, DPPOParams | GaussianPPOParams]:
+def finetuning_inputs(cfg: FinetuneConfig) -> tuple[PretrainedPolicy, str,
+                                                    DPPOParams | GaussianPPOParams | GMMPPOParams]:
     """What ``cfg`` fine-tunes, on which env id, with which agent settings (checked before anything is written).
 
     Fresh: the pre-training run's EMA policy. Resume: the spec and normalisation of the run's own checkpoint (the
@@ -662,11 +722,11 @@ def evaluate_run(run_dir: Path, cfg: PretrainConfig | FinetuneConfig, episodes: 
     return out
 
 
-SYSTEM = System("dppo", "DPPO: BC of a diffusion (or Gaussian) chunk policy, then PPO fine-tuning", commands=(
+SYSTEM = System("dppo", "DPPO: BC of a diffusion (or Gaussian / GMM) chunk policy, then PPO fine-tuning", commands=(
     Command("pretrain", {"": PretrainConfig}, pretrain, {"": PRESETS["pretrain"]},
             pipelines={PIPELINES["pretrain", t]: PretrainConfig for t in POLICY_TYPES}, evaluate=evaluate_run,
             eval_options=("mean_path",), summary_lines=online.summary_lines,
-            help="--dataset D [--policy-type diffusion|gaussian]"),
+            help="--dataset D [--policy-type diffusion|gaussian|gmm]"),
     Command("finetune", {"": FinetuneConfig}, finetune, {"": PRESETS["finetune"]},
             pipelines={PIPELINES["finetune", t]: FinetuneConfig for t in POLICY_TYPES}, evaluate=evaluate_run,
             eval_options=("mean_path",), summary_lines=online.summary_lines,
