@@ -1,6 +1,7 @@
 """`diffrl dppo pretrain|finetune` end to end on Hopper-v5 through the CLI: the run directories, raw and EMA weights,
 the chunk envs, the fine-tuned routing in `diffrl eval` (DPPO issue #29), the Gaussian and GMM baselines' plain PPO,
-exact resume of a killed fine-tuning run, and one-sentence errors."""
+`--algo dpoer` and `--algo dql` on the same pre-training run, exact resume of killed fine-tuning runs, the presets'
+env-step budgets, and one-sentence errors."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from diffrl.agents.dppo import DiffusionPolicy
+from diffrl.agents.dql import DQL
 from diffrl.agents.ppo import GMMPPO, GaussianPolicy, GaussianPPO, GMMPolicy
 from diffrl.cli import main
 from diffrl.config import from_dict, to_dict
@@ -38,6 +40,10 @@ PRE = ["--steps", "40", "--denoising-steps", "5", "--hidden", "32", "--gaussian-
 FT = ["--ft-denoising-steps", "3", "--n-envs", "2", "--n-steps", "8", "--batch-size", "12", "--update-epochs", "2",
       "--actor-lr", "1e-3", "--critic-hidden", "16", "16", "16", "--eval-every", "2", "--eval-episodes", "2",
       "--max-episode-steps", "40", "--checkpoint-every", "1", "--no-progress"]
+DPOER_FT = [*FT, "--delay-alpha-update", "3", "--entropy-samples", "8"]
+DQL_FT = ["--n-envs", "2", "--n-steps", "8", "--batch-size", "8", "--replay-ratio", "2", "--critic-hidden", "16", "16",
+          "16", "--n-critic-warmup-itr", "1", "--eval-every", "2", "--eval-episodes", "2", "--max-episode-steps", "40",
+          "--checkpoint-every", "1", "--no-progress"]
 
 
 def rows(run_dir: Path) -> list[dict[str, str]]:
@@ -325,6 +331,88 @@ def test_resume_of_a_killed_finetuning_run_reproduces_the_uninterrupted_run(work
     assert curve(part) == curve(finetuned)
     assert summary(part)["eval_return_mean"] == summary(finetuned)["eval_return_mean"]
 
+
+
+def kill_and_resume(part: Path, algo: str) -> None:
+    """Drop the newest checkpoint of a 2-iteration run (killed after logging iteration 2) and resume it to 3."""
+    shutil.rmtree(ckpt.list_checkpoints(part / "checkpoints")[-1])
+    assert main(["dppo", "finetune", "--algo", algo, "--resume", str(part), "--n-train-itr", "3", "--no-progress"]) == 0
+
+
+def test_dpoer_is_dppos_loop_with_a_logged_temperature_and_a_killed_run_resumes_exactly(workdir, pretrained,
+                                                                                      finetuned):
+    full, part = workdir / "dpoer", workdir / "dpoer-part"
+    argv = ["dppo", "finetune", "--algo", "dpoer", "--policy", str(pretrained), *DPOER_FT]
+    assert main([*argv, "--n-train-itr", "3", "--run-dir", str(full)]) == 0
+    s = summary(full)
+    assert s["pipeline"] == "dppo_finetune_dpoer" and s["algo"] == "dpoer" and s["policy_type"] == "diffusion"
+    assert s["agent_params"]["alpha_init"] == 0.272 and s["agent_params"]["entropy_estimator"] == "knn"
+    assert s["gradient_steps"] == summary(finetuned)["gradient_steps"]  # DPPO's minibatches
+    r, dppo_rows = rows(full), rows(finetuned)
+    # the same seed rolls out as DPPO does: the pre-trained policy's evaluation and the first iteration's episodes
+    assert r[0]["eval/return_mean"] == dppo_rows[0]["eval/return_mean"]
+    assert r[1]["train/episode_return"] == dppo_rows[1]["train/episode_return"]
+    alpha, h = ([float(x[k]) for x in r[1:]] for k in ("alpha", "entropy_estimate"))
+    assert all(np.isfinite(float(x["temperature_loss"])) for x in r[1:])
+    # this barely trained policy is far above the target -Ta Da = -12: the temperature only falls
+    assert min(h) > -12 and 0.272 > alpha[0] > alpha[1] > alpha[2] > 0.26
+    assert dppo.evaluate_run(full, config(full), episodes=2, device="cpu")["return_mean"] == pytest.approx(
+        s["eval_return_mean"])
+    # killed after iteration 2's log row: the resumed run restores alpha, its Adam state, the cached H, the
+    # minibatch count of the entropy schedule and the entropy generator
+    assert main([*argv, "--n-train-itr", "2", "--run-dir", str(part)]) == 0
+    kill_and_resume(part, "dpoer")
+    assert curve(part) == curve(full)
+
+
+def test_dql_trains_the_whole_chain_off_policy_evaluates_in_diffrl_eval_and_a_killed_run_resumes_exactly(
+        workdir, pretrained, capsys):
+    full, part = workdir / "dql", workdir / "dql-part"
+    argv = ["dppo", "finetune", "--algo", "dql", "--policy", str(pretrained), *DQL_FT]
+    assert main([*argv, "--n-train-itr", "3", "--run-dir", str(full)]) == 0
+    s = summary(full)
+    assert s["pipeline"] == "dppo_finetune_dql" and s["algo"] == "dql" and s["policy_type"] == "diffusion"
+    assert s["agent_params"]["horizon_steps"] == 4 and s["agent_params"]["cond_steps"] == 1  # the pre-trained chunking
+    assert s["gradient_steps"] == 3 * (8 * 2 * 2 // 8) and s["updates_per_iteration"] == 4
+    assert [x["train/critic_only"] for x in rows(full)[1:]] == ["1.0", "0.0", "0.0"]
+    agent, _, _ = dppo.load_finetuned(full, config(full), device="cpu")
+    policy = agent.policy
+    assert isinstance(agent, DQL) and policy.ft_steps == policy.chain_steps == 5  # every denoising step trains
+    ema = ckpt.load_checkpoint(pretrained)[1]["policy"]["ema"]["shadow"]
+    assert all(torch.equal(policy.base.state_dict()[k], v) for k, v in ema.items())  # starts from the EMA model
+    assert any(not torch.equal(v, ema[f"net.{k}"]) for k, v in policy.ft_net.state_dict().items())
+    capsys.readouterr()
+    assert main(["eval", str(full), "--episodes", "2"]) == 0  # the run's own final evaluation, through agent.policy
+    assert f"return {s['eval_return_mean']:.1f}" in capsys.readouterr().out
+    assert main([*argv, "--n-train-itr", "2", "--run-dir", str(part)]) == 0
+    kill_and_resume(part, "dql")  # agent, replay buffer, running episodes
+    assert curve(part) == curve(full)
+
+
+@pytest.mark.parametrize(("algo", "message"), [
+    ("bogus", "unknown algorithm 'bogus' for `diffrl dppo finetune`: choose one of dppo, dpoer, dql"),
+    ("dql", "--algo dql fine-tunes diffusion policies but"),
+    ("dpoer", "pre-trained a gaussian policy; fine-tune it with --algo dppo"),
+])
+def test_an_unknown_algo_or_a_diffusion_method_on_a_gaussian_pretraining_run_is_one_sentence(
+        workdir, gaussian_pretrained, capsys, algo, message):
+    out = workdir / "bad-algo"
+    assert main(["dppo", "finetune", "--algo", algo, "--policy", str(gaussian_pretrained), "--n-train-itr", "1",
+                 "--no-progress", "--run-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("preset", ["quick", "paper"])
+def test_every_finetuning_method_has_both_presets_at_dppos_env_step_budget(preset):
+    ref = dppo.FinetuneConfig(policy=Path("runs/pre"), **dppo.PRESETS["finetune"][preset])
+    for name, algo in dppo.FINETUNE_ALGOS.items():
+        cfg = algo.config(policy=Path("runs/pre"), **algo.presets[preset])
+        assert from_dict(algo.config, to_dict(cfg)) == cfg, name
+        # chunks per iteration and iterations (the chunk length is the pre-training run's): the same env steps
+        assert (cfg.n_envs, cfg.n_steps, cfg.n_train_itr, cfg.eval_every) == (
+            ref.n_envs, ref.n_steps, ref.n_train_itr, ref.eval_every), name
 
 
 def test_a_pretraining_checkpoint_in_the_layout_before_the_run_session_resumes_exactly_and_keeps_its_clocks(

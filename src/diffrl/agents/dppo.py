@@ -205,19 +205,21 @@ class DiffusionPolicy(nn.Module):
             return ChunkSample(action, None)
         return ChunkSample(action, chain.xs[self.first_ft:].transpose(0, 1).contiguous())  # (B, K' + 1, Ta, Da)
 
-    def transition_log_prob(self, obs: torch.Tensor, x: torch.Tensor, x_next: torch.Tensor,
-                            idx: torch.Tensor) -> torch.Tensor:
-        """Element-wise ``log N(x_next; mu_ft(x, t_i, s), max(std_i, min_logprob_std)^2)``, ``(B, Ta, Da)``.
-
-        ``idx`` ``(B,)`` holds each pair's fine-tuned transition; mixed indices go through the network in one
-        batch (the DDPM step and the denoiser take a timestep per sample).
-        """
+    def transition(self, obs: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean ``mu_ft(x, t_i, s)`` ``(B, Ta, Da)`` and unfloored std (broadcastable to it) of fine-tuned transition
+        ``idx`` ``(B,)`` from ``x`` under the current weights; mixed indices go through the network in one batch (the
+        DDPM step and the denoiser take a timestep per sample)."""
         t, t_prev = self.ft_timesteps[idx], self.ft_prev_timesteps[idx]
         cond = self._cond(obs)
         if self.use_ddim:
-            mean, std = self.base.ddim_step(x, t, t_prev, self.ddim_eta, cond, net=self.ft_net)
-        else:
-            mean, std = self.base.ddpm_step(x, t, cond, net=self.ft_net)
+            return self.base.ddim_step(x, t, t_prev, self.ddim_eta, cond, net=self.ft_net)
+        return self.base.ddpm_step(x, t, cond, net=self.ft_net)
+
+    def transition_log_prob(self, obs: torch.Tensor, x: torch.Tensor, x_next: torch.Tensor,
+                            idx: torch.Tensor) -> torch.Tensor:
+        """Element-wise ``log N(x_next; mu_ft(x, t_i, s), max(std_i, min_logprob_std)^2)``, ``(B, Ta, Da)``, of the
+        recorded transitions ``x -> x_next`` with indices ``idx`` ``(B,)`` (:meth:`transition`)."""
+        mean, std = self.transition(obs, x, idx)
         std = std.expand_as(mean).clamp(min=self.min_logprob_std)  # DPPO's min_logprob_denoising_std
         return gaussian_log_prob(x_next, mean, std)
 

@@ -1,10 +1,12 @@
 """DPPO (Ren et al. 2024, arXiv:2409.00588): behaviour-clone a chunked diffusion policy, then fine-tune it with PPO
-over the denoising MDP; the Gaussian and GMM baselines go through the same two commands.
+over the denoising MDP; the Gaussian and GMM baselines go through the same two commands, and the paper's other
+fine-tuning methods start from the same pre-training run (``--algo``).
 
     diffrl dppo pretrain --dataset D [--policy-type diffusion|gaussian|gmm] [--preset quick|paper] [--seed S]
-    diffrl dppo finetune --policy PRETRAIN_RUN_DIR [--env ID] [--ft-denoising-steps K'] [--use-ddim --ddim-steps S]
-        [--n-envs N] [--preset quick|paper] [--seed S]
-    diffrl dppo pretrain|finetune --resume RUN_DIR
+    diffrl dppo finetune --policy PRETRAIN_RUN_DIR [--algo dppo|dpoer|dql] [--env ID] [--ft-denoising-steps K']
+        [--use-ddim --ddim-steps S] [--n-envs N] [--preset quick|paper] [--seed S]
+    diffrl dppo pretrain --resume RUN_DIR
+    diffrl dppo finetune [--algo A] --resume RUN_DIR
 
 Pre-training reads top to bottom: load the dataset, fit the min-max normalisation of observations and actions
 (the env wrapper will use the same statistics), lay out every (history, chunk) sample that stays inside its
@@ -20,12 +22,17 @@ PPO epochs over (env step x denoising step) minibatches (critic only during warm
 Evaluation routes the denoising steps exactly as training does (the same :class:`~diffrl.agents.dppo.DiffusionPolicy`),
 so DPPO issue #29 cannot happen. Resume is exact on CPU.
 
+``--algo`` (:data:`FINETUNE_ALGOS`, one :class:`FinetuneAlgo` per method) picks the method: ``dppo`` (the default,
+the above), ``dpoer`` (the same loop with DPOER's temperature, :mod:`diffrl.agents.dpoer`) or ``dql`` (Diffusion-QL
+in the chunk off-policy loop, :mod:`diffrl.pipelines.chunk_offpolicy`; :class:`BaselineFinetune` is what such a
+baseline's config adds).
+
 The pieces other systems reuse live below this module: the agents in :mod:`diffrl.agents.ppo` (PPO, critic,
 Gaussian and GMM policies) and :mod:`diffrl.agents.dppo` (diffusion policy, DPPO); the policy spec, loading and
 evaluation in :mod:`diffrl.pipelines.chunk_policy`; the rollout, GAE and PPO epochs in
 :mod:`diffrl.pipelines.onpolicy`; the chunk envs in :mod:`diffrl.envs.chunking`. This module holds DPPO's configs,
-presets and the two stages; their resume checks, checkpoints, logging and timers are the run session's
-(:class:`~diffrl.runs.session.RunSession`).
+presets, the two stages and the table of fine-tuning methods; their resume checks, checkpoints, logging and timers
+are the run session's (:class:`~diffrl.runs.session.RunSession`).
 
 Shapes: ``To`` / ``Do`` observation history / dim, ``Ta`` / ``Da`` chunk length / action dim, ``K'`` fine-tuned
 denoising steps.
@@ -35,13 +42,17 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from diffrl.agents.base import Params
+from diffrl.agents.dpoer import DPOER, DPOERParams
 from diffrl.agents.dppo import DPPO, DPPOParams, dppo_model_spec
+from diffrl.agents.dql import DQL, DQLParams
 from diffrl.agents.ppo import (
     ChunkPolicy,
     ChunkPPO,
@@ -62,14 +73,16 @@ from diffrl.config import (
 )
 from diffrl.data import dataset_env, dataset_run_name, fingerprint, load_dataset
 from diffrl.data.sequence import ChunkDataset
+from diffrl.diffusion.models import DDPM
 from diffrl.diffusion.nets import ACTIVATIONS
 from diffrl.diffusion.trainer import DiffusionTrainer, TrainerSettings
-from diffrl.envs import env_signature
+from diffrl.envs import VecEnv, env_signature
 from diffrl.envs.chunking import chunk_env, chunk_envs
-from diffrl.envs.wrappers import MinMaxNormalization
+from diffrl.envs.wrappers import ActionChunkEnv, MinMaxNormalization
 from diffrl.errors import ConfigError, DiffrlWarning
 from diffrl.eval import evaluate, reference_scores
-from diffrl.pipelines import chunk_policy, online, onpolicy
+from diffrl.pipelines import chunk_offpolicy, chunk_policy, online, onpolicy
+from diffrl.pipelines.chunk_offpolicy import ChunkOffPolicyConfig
 from diffrl.pipelines.chunk_policy import (
     POLICY_TYPES,
     ChunkActor,
@@ -93,6 +106,7 @@ PIPELINES = {("pretrain", "diffusion"): "dppo_pretrain", ("pretrain", "gaussian"
              ("pretrain", "gmm"): "dppo_pretrain_gmm", ("finetune", "diffusion"): "dppo_finetune",
              ("finetune", "gaussian"): "dppo_finetune_gaussian", ("finetune", "gmm"): "dppo_finetune_gmm"}
 SAMPLE_STREAM, MINIBATCH_STREAM = 15_485_863, 32_452_843  # derive_seed streams of rollout noise and minibatches
+ENTROPY_STREAM = 67_867_967  # derive_seed stream of DPOER's entropy estimates
 
 
 # ------------------------------------------------------------------------------------------------------ configs
@@ -237,9 +251,11 @@ CHUNK_FIELDS = ("horizon_steps", "act_steps", "cond_steps", "denoising_steps")
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig(DPPOParams, EvalPathSettings, RunConfig):
-    """``diffrl dppo finetune``: PPO fine-tuning of a pre-trained policy; DPPO over the last K' denoising steps of a
-    diffusion policy, plain PPO for a Gaussian or GMM one (the type is read from the pre-training run). Steps of
-    eval_every / log_every / checkpoint_every are iterations."""
+    """``diffrl dppo finetune [--algo dppo]``: PPO fine-tuning of a pre-trained policy; DPPO over the last K'
+    denoising steps of a diffusion policy, plain PPO for a Gaussian or GMM one (the type is read from the
+    pre-training run). Steps of eval_every / log_every / checkpoint_every are iterations."""
+
+    PARAMS: ClassVar[type[DPPOParams]] = DPPOParams  # the agent parameters of a diffusion policy (dppo_params)
 
     policy: Path | None = None
     """run directory of `diffrl dppo pretrain` (required): policy type, model, EMA weights, normalisation"""
@@ -322,11 +338,87 @@ class FinetuneConfig(DPPOParams, EvalPathSettings, RunConfig):
 
     def dppo_params(self, horizon_steps: int, act_steps: int, cond_steps: int, denoising_steps: int,
                     **override: Any) -> DPPOParams:
-        """This config's DPPO hyper-parameters with the given chunking and K."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(DPPOParams)}
+        """This config's DPPO hyper-parameters (``PARAMS``: DPOER's for ``--algo dpoer``) with the given chunking
+        and K."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self.PARAMS)}
         values.update(horizon_steps=horizon_steps, act_steps=act_steps, cond_steps=cond_steps,
                       denoising_steps=denoising_steps, **override)
-        return DPPOParams(**values)
+        return self.PARAMS(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOERFinetuneConfig(FinetuneConfig, DPOERParams):
+    """``diffrl dppo finetune --algo dpoer``: DPPO with a SAC-style entropy temperature (DPOER, the TF port
+    NotOneRing/TEST's ``diffusion_sac_ppo.py``): DPPO's loop and settings, plus alpha, its Adam step on
+    ``-log(alpha) (H_target - H)`` and ``alpha log pi / lambda_alpha_entropy`` in PPO's unclipped branch (diffusion
+    policies only). Steps of eval_every / log_every / checkpoint_every are iterations."""
+
+    PARAMS: ClassVar[type[DPPOParams]] = DPOERParams
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineFinetune(EvalPathSettings):
+    """What a baseline of ``diffrl dppo finetune`` that runs in a loop module of its own (Diffusion-QL in
+    :mod:`~diffrl.pipelines.chunk_offpolicy`) adds to its agent's parameters and its loop's settings.
+
+    A method's config is ``class XFinetuneConfig(BaselineFinetune, XParams, LoopConfig)``, in that order, with
+    ``AGENT = X``: the chunk fields here replace the agent's (the pre-training run's chunking fills them,
+    :meth:`agent_params`), and ``__post_init__`` runs the loop's checks, then the agent's through its parameters.
+    ``X(model, obs_dim, params, device, seed=...)`` is the agent the loop drives, on the pre-trained DDPM; its
+    parameters have ``horizon_steps``, ``act_steps`` and ``cond_steps``."""
+
+    AGENT: ClassVar[Any]  # the agent class, e.g. DQL
+
+    policy: Path | None = None
+    """run directory of `diffrl dppo pretrain` (required): a diffusion policy, its EMA weights and normalisation"""
+    env: str | None = None
+    """environment id (default: the pre-training run's; another env is refused)"""
+    max_episode_steps: int | None = None
+    """override the env's time limit (None keeps the registered one; DPPO's Gym runs: 1000)"""
+    horizon_steps: int | None = None
+    """Ta (default: the pre-training run's; another value is refused)"""
+    act_steps: int | None = None
+    """executed actions per chunk (default: the pre-training run's; may be lowered to <= Ta)"""
+    cond_steps: int | None = None
+    """To (default: the pre-training run's; another value is refused)"""
+
+    def __post_init__(self) -> None:
+        # the agent's own checks run through agent_params below, with stand-ins for the chunking still unknown
+        params_cls, loop_cls = self.parts()
+        loop_cls.__post_init__(self)  # the loop's and the run's checks
+        check(self.policy is not None, "policy", self.policy, "the run directory of `diffrl dppo pretrain` (--policy)")
+        for name in ("horizon_steps", "act_steps", "cond_steps", "max_episode_steps"):
+            value = getattr(self, name)
+            check(value is None or value > 0, name, value, "> 0, or unset to take the default")
+        horizon = self.horizon_steps or self.act_steps or 1
+        self.params_with(horizon, self.act_steps or horizon, self.cond_steps or 1)
+
+    @classmethod
+    def parts(cls) -> tuple[type, type]:
+        """The agent's parameter class and the loop's config class among the bases."""
+        params = next(b for b in cls.__bases__ if issubclass(b, Params) and not issubclass(b, RunConfig))
+        loop = next(b for b in cls.__bases__ if issubclass(b, RunConfig))
+        return params, loop
+
+    def params_with(self, horizon_steps: int, act_steps: int, cond_steps: int) -> Any:
+        """This config's agent parameters with the given chunking."""
+        params_cls = self.parts()[0]
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(params_cls)}
+        values.update(horizon_steps=horizon_steps, act_steps=act_steps, cond_steps=cond_steps)
+        return params_cls(**values)
+
+    def agent_params(self, spec: PolicySpec) -> Any:
+        """The agent parameters with the pre-trained policy's chunking (a conflicting value is refused)."""
+        return self.params_with(*chunking(self, spec))
+
+
+@dataclasses.dataclass(frozen=True)
+class DQLFinetuneConfig(BaselineFinetune, DQLParams, ChunkOffPolicyConfig):
+    """``diffrl dppo finetune --algo dql``: Diffusion-QL (Wang et al. 2023, arXiv:2208.06193) on the pre-trained
+    diffusion policy, as DPPO's baseline: double Q, every denoising step trained through BC + normalised Q loss, a
+    replay buffer of chunk transitions. Steps of eval_every / log_every / checkpoint_every are iterations."""
+
+    AGENT: ClassVar[Any] = DQL
 
 
 # Named presets: `quick` runs on a 2-core CPU in minutes (Hopper-v5); `paper` is DPPO's Gym setting (GPU-sized).
@@ -353,6 +445,21 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       gamma_denoising=0.99, clip_ploss_coef=0.01, clip_ploss_coef_base=0.01, min_sampling_std=0.1,
                       min_logprob_std=0.1, noise_clip=3.0, n_critic_warmup_itr=0, max_episode_steps=1000,
                       eval_every=10, eval_episodes=10, checkpoint_every=100),
+    },
+    # The off-policy methods, at DPPO's env-step budget: `quick` collects DPPO's 4 x 250 chunks per iteration for 20
+    # iterations (80k env steps); gradient steps per iteration keep the reference's ratio to env steps (Hopper DQL:
+    # 500 * 40 / 1000 * 16 = 320 per 80k env steps, here 16 per 4k), the buffer keeps the last 50 iterations as the
+    # reference's 1M of 20k per iteration, and the critic trains alone for 2 iterations (8k env steps; the
+    # reference: 5 of its 1000)
+    "finetune_dql": {
+        "quick": dict(n_envs=4, n_steps=250, n_train_itr=20, batch_size=1_000, replay_ratio=16.0, buffer_size=50_000,
+                      n_critic_warmup_itr=2, eval_every=5, eval_episodes=5, checkpoint_every=5),
+        # cfg/gym/finetune/hopper-v2/ft_dql_diffusion_mlp.yaml (reference/dppo-baselines.md): 40 envs x 500 chunks,
+        # batch 1000, replay ratio 16, buffer 1M, 5 critic warm-up iterations, actor 1e-4 / critic 1e-3
+        "paper": dict(n_envs=40, n_steps=500, n_train_itr=1000, batch_size=1_000, replay_ratio=16.0,
+                      buffer_size=1_000_000, n_critic_warmup_itr=5, actor_lr=1e-4, critic_lr=1e-3, gamma=0.99,
+                      tau=0.005, min_sampling_std=0.1, noise_clip=3.0, scale_reward_factor=0.01,
+                      max_episode_steps=1000, eval_every=10, eval_episodes=10, checkpoint_every=100),
     },
 }
 
@@ -487,15 +594,21 @@ def load_pretrained(run_dir: Path) -> PretrainedPolicy:
     return chunk_policy.load_pretrained(run_dir, pipelines, "diffrl dppo pretrain")
 
 
-def agent_params(cfg: FinetuneConfig, spec: PolicySpec) -> DPPOParams | GaussianPPOParams | GMMPPOParams:
-    """``cfg``'s PPO settings with the pre-trained policy's chunking and K (a conflicting value is refused)."""
+def chunking(cfg: FinetuneConfig | BaselineFinetune, spec: PolicySpec) -> tuple[int, int, int]:
+    """``(Ta, act_steps, To)`` of a fine-tuning run: the pre-trained policy's, ``act_steps`` lowered where ``cfg``
+    says so; another Ta, To or K in ``cfg`` is refused (one sentence)."""
     for name in CHUNK_FIELDS:
-        given, saved = getattr(cfg, name), getattr(spec, name)
+        given, saved = getattr(cfg, name, None), getattr(spec, name)
         if given is not None and saved is not None and given != saved and name != "act_steps":
             raise ConfigError(f"{name}={given} differs from the pre-trained policy's {saved}; leave --"
                               f"{name.replace('_', '-')} unset (fine-tuning keeps the pre-trained model's).")
-    ta, to = spec.horizon_steps, spec.cond_steps
     act = cfg.act_steps if cfg.act_steps is not None else spec.act_steps
+    return spec.horizon_steps, act, spec.cond_steps
+
+
+def agent_params(cfg: FinetuneConfig, spec: PolicySpec) -> DPPOParams | GaussianPPOParams | GMMPPOParams:
+    """``cfg``'s PPO settings with the pre-trained policy's chunking and K (a conflicting value is refused)."""
+    ta, act, to = chunking(cfg, spec)
     if spec.policy_type == "diffusion":
         return cfg.dppo_params(ta, act, to, spec.denoising_steps)  # type: ignore[arg-type]
     common = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(PPOParams)}
@@ -523,31 +636,91 @@ def minibatch_size(cfg: FinetuneConfig, agent: ChunkPPO) -> int:
     return max(1, cfg.batch_size // cfg.ft_denoising_steps)
 
 
-def finetuning_inputs(cfg: FinetuneConfig) -> tuple[PretrainedPolicy, str,
-                                                    DPPOParams | GaussianPPOParams | GMMPPOParams]:
-    """What ``cfg`` fine-tunes, on which env id, with which agent settings (checked before anything is written).
+def finetuning_source(cfg: FinetuneConfig | BaselineFinetune) -> tuple[PretrainedPolicy, str]:
+    """What ``cfg`` fine-tunes and on which env id (checked before anything is written; one sentence otherwise).
 
     Fresh: the pre-training run's EMA policy. Resume: the spec and normalisation of the run's own checkpoint (the
     restored agent state brings the weights; the pre-training run is not read again).
     """
+    algo = algo_name(cfg)
     if cfg.resume is None:
         pretrained = load_pretrained(Path(str(cfg.policy)))
     else:
         manifest, parts = ckpt.load_checkpoint(Path(cfg.resume), parts=("normalization",))
         pretrained = PretrainedPolicy.from_finetuning(Path(str(cfg.policy)), manifest, parts)
-    env_id, spec = cfg.env or pretrained.env["env_id"], pretrained.spec
+    policy_type = pretrained.spec.policy_type
+    if policy_type not in FINETUNE_ALGOS[algo].policy_types:
+        raise ConfigError(f"--algo {algo} fine-tunes diffusion policies but {cfg.policy} pre-trained a {policy_type} "
+                          "policy; fine-tune it with --algo dppo (plain PPO), or pre-train with --policy-type "
+                          "diffusion.")
+    env_id = cfg.env or pretrained.env["env_id"]
     if env_id != pretrained.env["env_id"]:
         raise ConfigError(f"the policy in {cfg.policy} was pre-trained on {pretrained.env['env_id']} data; fine-tune "
                           f"it on {pretrained.env['env_id']}, not {env_id}.")
-    params = agent_params(cfg, spec)
-    if cfg.resume is None and spec.policy_type == "diffusion":
-        # DPPO sets denoised_clip_value in each stage's config independently: said once, when fine-tuning starts
+    return pretrained, env_id
+
+
+def warn_clip_x0(cfg: FinetuneConfig | BaselineFinetune, pretrained: PretrainedPolicy) -> None:
+    """Say once, when fine-tuning a diffusion policy starts, that it clamps predicted clean chunks elsewhere than the
+    pre-trained model did (DPPO sets denoised_clip_value in each stage's config independently)."""
+    spec = pretrained.spec
+    if cfg.resume is None and spec.policy_type == "diffusion" and hasattr(cfg, "clip_x0"):
         pretrained_clip = spec.model_spec["diffusion"].get("clip_x0")  # type: ignore[index]
         if cfg.clip_x0 != pretrained_clip:
             warnings.warn(f"fine-tuning clamps predicted clean chunks at clip_x0={cfg.clip_x0}, the pre-trained "
                           f"model at {pretrained_clip}; pass --clip-x0 {pretrained_clip} to keep the model's.",
                           DiffrlWarning, stacklevel=3)
+
+
+def finetuning_inputs(cfg: FinetuneConfig) -> tuple[PretrainedPolicy, str,
+                                                    DPPOParams | GaussianPPOParams | GMMPPOParams]:
+    """What ``cfg`` fine-tunes (:func:`finetuning_source`), on which env id, with which PPO settings."""
+    pretrained, env_id = finetuning_source(cfg)
+    params = agent_params(cfg, pretrained.spec)
+    warn_clip_x0(cfg, pretrained)
     return pretrained, env_id, params
+
+
+def finetuning_envs(cfg: FinetuneConfig | BaselineFinetune, pretrained: PretrainedPolicy, env_id: str,
+                   act_steps: int) -> tuple[VecEnv, ActionChunkEnv, dict[str, Any]]:
+    """The ``n_envs`` training chunk envs, the evaluation chunk env and its signature, which must be the one the
+    policy was pre-trained for (one sentence otherwise)."""
+    spec, norm = pretrained.spec, pretrained.normalization
+    envs = chunk_envs(env_id, cfg.n_envs, cfg.seed, spec, norm, act_steps, cfg.max_episode_steps)
+    eval_env = chunk_env(env_id, spec, norm, act_steps, cfg.max_episode_steps)
+    signature = env_signature(env_id, eval_env.env)
+    if signature != pretrained.env:
+        envs.close()
+        eval_env.close()
+        raise ConfigError(f"{env_id} as installed here has spaces {signature} but the policy in {cfg.policy} was "
+                          f"trained for {pretrained.env}.")
+    return envs, eval_env, signature
+
+
+def pretrained_ddpm(pretrained: PretrainedPolicy) -> DDPM:
+    """The pre-trained DDPM of a diffusion policy, with its EMA weights when ``pretrained`` carries them (a fresh
+    start; on resume and evaluation the checkpoint's agent state brings the weights)."""
+    model = pretrained.spec.diffusion_model()
+    if pretrained.weights is not None:
+        ckpt.load_weights(model, pretrained.weights, pretrained.run_dir)
+    return model
+
+
+def build_ppo(cfg: FinetuneConfig, pretrained: PretrainedPolicy, device: torch.device) -> ChunkPPO:
+    """``--algo dppo``'s agent: DPPO on a diffusion policy, plain PPO on a Gaussian or GMM one."""
+    return build_agent(pretrained, agent_params(cfg, pretrained.spec), device)
+
+
+def build_dpoer(cfg: DPOERFinetuneConfig, pretrained: PretrainedPolicy, device: torch.device) -> DPOER:
+    """``--algo dpoer``'s agent, its entropy estimates drawn from their own seed stream."""
+    return DPOER(pretrained_ddpm(pretrained), pretrained.spec.obs_dim, agent_params(cfg, pretrained.spec),  # type: ignore[arg-type]
+                 device, seed=derive_seed(cfg.seed, ENTROPY_STREAM))
+
+
+def build_baseline(cfg: BaselineFinetune, pretrained: PretrainedPolicy, device: torch.device) -> Any:
+    """A baseline's agent (``cfg.AGENT``) on the pre-trained DDPM, seeded with the run seed."""
+    return cfg.AGENT(pretrained_ddpm(pretrained), pretrained.spec.obs_dim, cfg.agent_params(pretrained.spec),
+                     device, seed=cfg.seed)
 
 
 @dataclasses.dataclass
@@ -572,24 +745,21 @@ def perf_row(ro: onpolicy.Rollout, spent: dict[str, float], timers: dict[str, fl
 
 
 def finetune(cfg: FinetuneConfig) -> Path:
-    """Fine-tune the pre-trained policy of ``cfg.policy`` with PPO; returns the run directory."""
+    """Fine-tune the pre-trained policy of ``cfg.policy`` with PPO (``--algo dppo``; DPOER's temperature with
+    ``--algo dpoer``); returns the run directory."""
     device = resolve_device(cfg.device)
+    algo = algo_name(cfg)
 
     # ------------------------------------------------------------------ setup (checks before any write)
     pretrained, env_id, params = finetuning_inputs(cfg)
     spec, norm = pretrained.spec, pretrained.normalization
     seed_everything(cfg.seed)
-    envs = chunk_envs(env_id, cfg.n_envs, cfg.seed, spec, norm, params.act_steps, cfg.max_episode_steps)
-    eval_env = chunk_env(env_id, spec, norm, params.act_steps, cfg.max_episode_steps)
-    signature = env_signature(env_id, eval_env.env)
-    if signature != pretrained.env:
-        raise ConfigError(f"{env_id} as installed here has spaces {signature} but the policy in {cfg.policy} was "
-                          f"trained for {pretrained.env}.")
-    agent = build_agent(pretrained, params, device)
+    envs, eval_env, signature = finetuning_envs(cfg, pretrained, env_id, params.act_steps)
+    agent = FINETUNE_ALGOS[algo].build(cfg, pretrained, device)
     scaler = RunningRewardScaler(cfg.n_envs) if cfg.reward_scale_running else None
     sample_gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, SAMPLE_STREAM))  # rollout noise
     minibatch_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, MINIBATCH_STREAM))
-    session = RunSession(cfg, PIPELINES["finetune", spec.policy_type], env_id, signature=signature, meta={
+    session = RunSession(cfg, finetune_pipeline(algo, spec.policy_type), env_id, signature=signature, meta={
         "policy": spec.to_dict(), "ref_scores": pretrained.ref_scores, "dataset": pretrained.dataset,
         "pretrain_run": str(cfg.policy), "agent_params": to_dict(params)})
     if session.resumed:
@@ -663,7 +833,7 @@ def finetune_summary(cfg: FinetuneConfig, c: FinetuneCounters, agent: ChunkPPO, 
     """``summary.json`` of a fine-tuning run: the final, best and initial evaluations, counts and costs."""
     last, initial = c.last_eval or {}, c.initial_eval
     train_s = timers["rollout_s"] + timers["scoring_s"] + timers["update_s"]
-    return {"policy_type": spec.policy_type, "env_id": env_id, "pretrain_run": str(cfg.policy),
+    return {"algo": algo_name(cfg), "policy_type": spec.policy_type, "env_id": env_id, "pretrain_run": str(cfg.policy),
             "iterations": c.itr, "env_steps": c.env_steps, "gradient_steps": agent.num_updates,
             "actor_updates": agent.num_actor_updates, "wall_s": wall, "env_steps_per_s": c.env_steps / max(wall, 1e-9),
             "eval_return_mean": last["eval/return_mean"], "eval_return_std": last["eval/return_std"],
@@ -678,31 +848,105 @@ def finetune_summary(cfg: FinetuneConfig, c: FinetuneCounters, agent: ChunkPPO, 
             "agent_params": to_dict(params), "time_breakdown_s": dict(timers)}
 
 
+def finetune_baseline(cfg: BaselineFinetune) -> Path:
+    """Fine-tune the pre-trained diffusion policy of ``cfg.policy`` with a baseline that runs in a loop of its own
+    (``--algo dql``: :func:`diffrl.pipelines.chunk_offpolicy.train`); returns the run directory."""
+    device = resolve_device(cfg.device)
+    algo = algo_name(cfg)
+    train = FINETUNE_ALGOS[algo].train
+    assert train is not None, f"--algo {algo} runs in a loop: its FinetuneAlgo names the loop's train"
+    pretrained, env_id = finetuning_source(cfg)
+    spec = pretrained.spec
+    params = cfg.agent_params(spec)
+    warn_clip_x0(cfg, pretrained)
+    seed_everything(cfg.seed)
+    envs, eval_env, signature = finetuning_envs(cfg, pretrained, env_id, params.act_steps)
+    agent = FINETUNE_ALGOS[algo].build(cfg, pretrained, device)  # on resume the loop restores its state
+    session = RunSession(cfg, finetune_pipeline(algo, spec.policy_type), env_id, signature=signature, meta={
+        "policy": spec.to_dict(), "ref_scores": pretrained.ref_scores, "dataset": pretrained.dataset,
+        "pretrain_run": str(cfg.policy), "agent_params": to_dict(params)})
+    run_dir = train(
+        cfg, session, agent, envs, eval_env, ref_scores=pretrained.ref_scores, eval_mean_path=cfg.eval_mean_path,
+        parts={"normalization": pretrained.normalization.state_dict()},
+        summary={"algo": algo, "policy_type": spec.policy_type, "pretrain_run": str(cfg.policy),
+                 "agent_params": to_dict(params)})
+    envs.close()
+    eval_env.close()
+    return run_dir
+
+
+# ------------------------------------------------------------------------------------ the fine-tuning methods
+@dataclasses.dataclass(frozen=True)
+class FinetuneAlgo:
+    """One method of ``diffrl dppo finetune --algo NAME``."""
+
+    config: type
+    """its config class (its fields are the command's flags)"""
+    run: Callable[[Any], Path]
+    """``run(cfg) -> run_dir``"""
+    build: Callable[[Any, PretrainedPolicy, torch.device], Any]
+    """``build(cfg, pretrained, device)``: its agent, on the pre-trained weights when ``pretrained`` carries them
+    (the agent state of a checkpoint is loaded into it on resume and by ``diffrl eval``); ``agent.policy`` is the
+    chunk policy evaluation samples"""
+    presets: Mapping[str, Mapping[str, Any]]
+    """preset name -> field values (``--preset``)"""
+    policy_types: tuple[str, ...] = ("diffusion",)
+    """the pre-trained policy types it fine-tunes"""
+    train: Callable[..., Path] | None = None
+    """a :class:`BaselineFinetune` method's loop: ``train(cfg, session, agent, envs, eval_env, *, ref_scores,
+    eval_mean_path, parts, summary)`` (:func:`diffrl.pipelines.chunk_offpolicy.train`)"""
+
+
+FINETUNE_ALGOS: dict[str, FinetuneAlgo] = {
+    "dppo": FinetuneAlgo(FinetuneConfig, finetune, build_ppo, PRESETS["finetune"], POLICY_TYPES),
+    "dpoer": FinetuneAlgo(DPOERFinetuneConfig, finetune, build_dpoer, PRESETS["finetune"]),  # the port: DPPO's configs
+    "dql": FinetuneAlgo(DQLFinetuneConfig, finetune_baseline, build_baseline, PRESETS["finetune_dql"],
+                        train=chunk_offpolicy.train),
+}
+"""``--algo`` -> method, in ``diffrl dppo finetune --help`` order; ``dppo`` is the default."""
+
+
+def algo_name(cfg: Any) -> str:
+    """The ``--algo`` a fine-tuning config belongs to."""
+    return next(name for name, algo in FINETUNE_ALGOS.items() if type(cfg) is algo.config)
+
+
+def finetune_pipeline(algo: str, policy_type: str) -> str:
+    """The pipeline name a fine-tuning run records: ``dppo_finetune[_gaussian|_gmm]`` for ``--algo dppo`` (the names
+    DPPO runs have always had), ``dppo_finetune_<algo>`` for the others."""
+    return PIPELINES["finetune", policy_type] if algo == "dppo" else f"dppo_finetune_{algo}"
+
+
+def run_finetune(cfg: Any) -> Path:
+    """``diffrl dppo finetune``: run the method ``cfg`` belongs to; returns the run directory."""
+    return FINETUNE_ALGOS[algo_name(cfg)].run(cfg)
+
+
 # -------------------------------------------------------------------------------------------------- evaluation
-def load_finetuned(run_dir: Path, cfg: FinetuneConfig, device: str = "auto"
-                   ) -> tuple[ChunkPPO, PretrainedPolicy, dict[str, Any]]:
-    """The fine-tuned agent of a fine-tuning run's latest checkpoint (frozen base + fine-tuned copy), what it was
-    pre-trained as, and the checkpoint manifest; built from the checkpoint alone (the pre-training run is not read).
-    ``cfg``: the run's config (``registry.load_config(run_dir, SYSTEM.command("finetune"))``)."""
+def load_finetuned(run_dir: Path, cfg: Any, device: str = "auto") -> tuple[Any, PretrainedPolicy, dict[str, Any]]:
+    """The fine-tuned agent of a fine-tuning run's latest checkpoint (any ``--algo``: for DPPO the frozen base +
+    fine-tuned copy), what it was pre-trained as, and the checkpoint manifest; built from the checkpoint alone (the
+    pre-training run is not read). ``cfg``: the run's config (``registry.load_config(run_dir,
+    SYSTEM.command("finetune"))``)."""
     manifest, parts = ckpt.load_checkpoint(run_dir, parts=("state", "normalization"))
     pretrained = PretrainedPolicy.from_finetuning(Path(str(cfg.policy)), manifest, parts)
-    agent = build_agent(pretrained, agent_params(cfg, pretrained.spec), resolve_device(device))
+    agent = FINETUNE_ALGOS[algo_name(cfg)].build(cfg, pretrained, resolve_device(device))
     agent.load_state_dict(parts["state"]["agent"])
     return agent, pretrained, manifest
 
 
-def evaluate_run(run_dir: Path, cfg: PretrainConfig | FinetuneConfig, episodes: int = 10, device: str = "auto",
-                 seed: int | None = None, mean_path: bool | None = None) -> dict[str, Any]:
+def evaluate_run(run_dir: Path, cfg: Any, episodes: int = 10, device: str = "auto", seed: int | None = None,
+                 mean_path: bool | None = None) -> dict[str, Any]:
     """Evaluate the latest checkpoint of a ``diffrl dppo`` run with :func:`diffrl.eval.evaluate`: a pre-training run
-    with its EMA weights, a fine-tuning run with the fine-tuned routing of denoising steps (as during training);
+    with its EMA weights, a fine-tuning run (any ``--algo``) with its agent's policy, routed as during training;
     ``cfg``: the run's saved config; ``mean_path`` (default: the run's ``eval_mean_path``) as in
     :class:`~diffrl.pipelines.chunk_policy.ChunkActor`."""
     mean_path = cfg.eval_mean_path if mean_path is None else mean_path
     dev = resolve_device(device)
-    if isinstance(cfg, FinetuneConfig):
+    if not isinstance(cfg, PretrainConfig):
         agent, pretrained, manifest = load_finetuned(run_dir, cfg, device)
         policy: ChunkPolicy = agent.policy
-        act_steps = agent.p.act_steps
+        act_steps = chunking(cfg, pretrained.spec)[1]
     else:
         manifest, parts = ckpt.load_checkpoint(run_dir, parts=("policy", "normalization"))
         pretrained = PretrainedPolicy.from_pretraining(run_dir, manifest, parts)
@@ -716,18 +960,24 @@ def evaluate_run(run_dir: Path, cfg: PretrainConfig | FinetuneConfig, episodes: 
     env.close()
     out = {"run_dir": str(run_dir), "env_id": env_id, "checkpoint_step": manifest["step"], "episodes": episodes,
            "policy_type": pretrained.spec.policy_type, "eval_mean_path": mean_path, **result.to_dict()}
+    if not isinstance(cfg, PretrainConfig):
+        out["algo"] = algo_name(cfg)
     score = normalized_mean(result.returns, pretrained.ref_scores)
     if score is not None:
         out["normalized_score"] = score
     return out
 
 
-SYSTEM = System("dppo", "DPPO: BC of a diffusion (or Gaussian / GMM) chunk policy, then PPO fine-tuning", commands=(
+SYSTEM = System("dppo", "DPPO: BC of a diffusion (or Gaussian / GMM) chunk policy, then PPO fine-tuning (or a "
+                "baseline's)", commands=(
     Command("pretrain", {"": PretrainConfig}, pretrain, {"": PRESETS["pretrain"]},
             pipelines={PIPELINES["pretrain", t]: PretrainConfig for t in POLICY_TYPES}, evaluate=evaluate_run,
             eval_options=("mean_path",), summary_lines=online.summary_lines,
             help="--dataset D [--policy-type diffusion|gaussian|gmm]"),
-    Command("finetune", {"": FinetuneConfig}, finetune, {"": PRESETS["finetune"]},
-            pipelines={PIPELINES["finetune", t]: FinetuneConfig for t in POLICY_TYPES}, evaluate=evaluate_run,
-            eval_options=("mean_path",), summary_lines=online.summary_lines,
+    Command("finetune", {name: a.config for name, a in FINETUNE_ALGOS.items()}, run_finetune,
+            {name: a.presets for name, a in FINETUNE_ALGOS.items()},
+            pipelines={finetune_pipeline(name, t): a.config for name, a in FINETUNE_ALGOS.items()
+                       for t in a.policy_types},
+            algo_flag="--algo", default_algo="dppo", evaluate=evaluate_run, eval_options=("mean_path",),
+            summary_lines=online.summary_lines,
             help="--policy PRETRAIN_RUN_DIR [--ft-denoising-steps K'] [--use-ddim --ddim-steps S]"),))

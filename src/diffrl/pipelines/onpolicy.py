@@ -9,7 +9,9 @@ One iteration of a system built on it (DPPO's ``finetune``; DiffPPO next) reads:
 
 The agent is a :class:`~diffrl.agents.ppo.ChunkPPO` over any :class:`~diffrl.agents.ppo.ChunkPolicy`, the envs a
 :class:`~diffrl.envs.VecEnv` of chunk envs (:func:`diffrl.envs.chunking.chunk_envs`). Bookkeeping (resume,
-checkpoints, logging, evaluation) is the system's.
+checkpoints, logging, evaluation) is the system's. :func:`collect` and :func:`next_observations` also serve the
+weighted-regression baselines (:mod:`diffrl.pipelines.chunk_rwr`), whose agents only need to sample
+(:class:`ChunkSampler`).
 
 Shapes: ``T`` rollout steps (chunks) per env, ``N`` envs, ``M = T N``, ``S`` scored transitions per env step
 (``K'`` for DPPO, 1 for the Gaussian policy), ``To`` / ``Do`` observation history / dim, ``Ta`` / ``Da`` chunk
@@ -19,13 +21,26 @@ length / action dim.
 from __future__ import annotations
 
 import dataclasses
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from diffrl.agents.ppo import ChunkPPO
+from diffrl.agents.ppo import ChunkPPO, ChunkSample
 from diffrl.agents.ppo_utils import RunningRewardScaler, gae, ppo_minibatches
 from diffrl.envs import VecEnv
+
+
+class ChunkSampler(Protocol):
+    """What :func:`collect` needs from an agent: a :class:`~diffrl.agents.ppo.ChunkPPO`, or the weighted-regression
+    agents of :mod:`diffrl.agents.rwr` (which record only the chunk, ``S = 0``)."""
+
+    device: torch.device
+
+    def sample(self, obs: torch.Tensor, deterministic: bool = False, generator: torch.Generator | None = None,
+               mean_path: bool = False) -> ChunkSample:
+        """Chunks ``(N, Ta, Da)`` and, when not deterministic, the recorded chains ``(N, S + 1, Ta, Da)``."""
+        ...
 
 
 @dataclasses.dataclass
@@ -43,7 +58,7 @@ class Rollout:
     episodes: list[tuple[float, int]]
 
 
-def collect(agent: ChunkPPO, envs: VecEnv, obs: np.ndarray, n_steps: int, generator: torch.Generator) -> Rollout:
+def collect(agent: ChunkSampler, envs: VecEnv, obs: np.ndarray, n_steps: int, generator: torch.Generator) -> Rollout:
     """Roll out ``n_steps`` chunks per env with exploration noise, recording the chains PPO re-scores."""
     T, N = n_steps, envs.num_envs
     obs_buf = torch.zeros((T, N, *obs.shape[1:]), device=agent.device)
@@ -64,6 +79,18 @@ def collect(agent: ChunkPPO, envs: VecEnv, obs: np.ndarray, n_steps: int, genera
         episodes += [(ret, length) for _, ret, length, _ in step.finished]
         obs = step.obs
     return Rollout(obs_buf, chains, rewards, term, trunc, final, obs, env_steps, episodes)  # type: ignore[arg-type]
+
+
+def next_observations(ro: Rollout) -> torch.Tensor:
+    """The history each chunk of a rollout reached, ``(T, N, To, Do)``: the next chunk's where the episode runs on,
+    ``last_obs`` after the rollout's last chunk, the true final history where an episode was truncated; after a
+    termination the next episode's first history (a terminal state's value is masked, so any finite one will do)."""
+    nxt = torch.empty_like(ro.obs)
+    nxt[:-1] = ro.obs[1:]
+    nxt[-1] = torch.as_tensor(ro.last_obs, dtype=nxt.dtype, device=nxt.device)
+    for (t, i), final in ro.final_obs.items():
+        nxt[t, i] = torch.as_tensor(final, dtype=nxt.dtype, device=nxt.device)
+    return nxt
 
 
 def advantages(agent: ChunkPPO, ro: Rollout, gamma: float, gae_lambda: float, scaler: RunningRewardScaler | None,
