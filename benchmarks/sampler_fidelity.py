@@ -103,8 +103,8 @@ def score(dataset: Path, model_dir: Path, label: str, sampler: str, steps: int, 
                          "term_agree": v["termination_agreement"], "nn_ratio": d["nn_ratio_mean"],
                          "w1": m["w1_mean"], "samples_per_s": num / secs})
     return {"nfe": network_evaluations(sampler, steps), "model": str(model_dir),
-            **{k: float(np.mean([s[k] for s in per_seed])) for k in per_seed[0]},
-            "state_nmse_seeds": [s["state_nmse"] for s in per_seed]}
+            **{k: None if per_seed[0][k] is None else float(np.mean([s[k] for s in per_seed])) for k in per_seed[0]},
+            "state_nmse_seeds": [s["state_nmse"] for s in per_seed]}  # termination agreement: None without a rule
 
 
 def main() -> None:
@@ -151,8 +151,9 @@ def main() -> None:
             gap = r["state_nmse"] / ref["state_nmse"] - 1
             best_gap.setdefault((r["label"], r["steps"], r["nfe"]), []).append(
                 gap if r["w1"] <= 1.10 * ref["w1"] else float("inf"))
+            term = "-" if r["term_agree"] is None else f"{r['term_agree']:.3f}"  # no termination rule: no figure
             print(f"| {r['label']} | {r['steps']} | {r['nfe']} | {r['state_nmse']:.4f} ({100 * gap:+.0f}%) | "
-                  f"{r['reward_nmse']:.4f} | {r['term_agree']:.3f} | {r['nn_ratio']:.2f} | {r['w1']:.3f} | "
+                  f"{r['reward_nmse']:.4f} | {term} | {r['nn_ratio']:.2f} | {r['w1']:.3f} | "
                   f"{r['samples_per_s']:.0f} |")
         print(f"\nseed-to-seed next-state NMSE of the reference: {[round(v, 5) for v in ref['state_nmse_seeds']]}")
     # validity alone rewards over-smoothed samples (first-order Euler collapses towards denoised means: better
