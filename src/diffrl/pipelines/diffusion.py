@@ -110,8 +110,8 @@ class DiffusionConfig(TrainerSettings, RunConfig):
 
 PRESETS: dict[str, dict[str, Any]] = {
     # minutes on 2 CPU cores: SynthER's architecture at width 256, 10k steps; stochastic DPM-Solver++(2M) with
-    # 32 evaluations: validity within 10% of SynthER's 255-evaluation sampler, same marginals, 7x faster
-    # (benchmarks/sampler_fidelity.py)
+    # 32 evaluations, 8x fewer than SynthER's sampler: how close its samples come to that sampler's depends on the
+    # dataset (benchmarks/RESULTS.md, sampler fidelity)
     "quick": {"width": 256, "depth": 6, "steps": 10_000, "batch_size": 256, "checkpoint_every": 5_000,
               "sampler": "dpmpp_2m_sde", "sample_steps": 32},
     # SynthER's offline settings (config/resmlp_denoiser.gin): width 2048, 100k steps; batch 256 below 800k
