@@ -1,7 +1,7 @@
 """`diffrl dppo pretrain|finetune` end to end on Hopper-v5 through the CLI: the run directories, raw and EMA weights,
 the chunk envs, the fine-tuned routing in `diffrl eval` (DPPO issue #29), the Gaussian and GMM baselines' plain PPO,
-`--algo dpoer` and `--algo dql` on the same pre-training run, exact resume of killed fine-tuning runs, the presets'
-env-step budgets, and one-sentence errors."""
+`--algo dpoer`, `dql`, `idql`, `dipo`, `qsm`, `drwr` and `dawr` on the same pre-training run, exact resume of killed
+fine-tuning runs, the presets' env-step budgets, and one-sentence errors."""
 
 from __future__ import annotations
 
@@ -15,9 +15,13 @@ import numpy as np
 import pytest
 import torch
 
+from diffrl.agents.dipo import DIPO
 from diffrl.agents.dppo import DiffusionPolicy
 from diffrl.agents.dql import DQL
+from diffrl.agents.idql import IDQL, CandidateSelection
 from diffrl.agents.ppo import GMMPPO, GaussianPolicy, GaussianPPO, GMMPolicy
+from diffrl.agents.qsm import QSM
+from diffrl.agents.rwr import DAWR, DRWR
 from diffrl.cli import main
 from diffrl.config import from_dict, to_dict
 from diffrl.data import load_dataset
@@ -44,6 +48,17 @@ DPOER_FT = [*FT, "--delay-alpha-update", "3", "--entropy-samples", "8"]
 DQL_FT = ["--n-envs", "2", "--n-steps", "8", "--batch-size", "8", "--replay-ratio", "2", "--critic-hidden", "16", "16",
           "16", "--n-critic-warmup-itr", "1", "--eval-every", "2", "--eval-episodes", "2", "--max-episode-steps", "40",
           "--checkpoint-every", "1", "--no-progress"]
+# the other baselines: DQL's loop settings (off-policy) or their own (DRWR, DAWR), tiny networks and inner loops
+RUN_FT = ["--n-envs", "2", "--n-steps", "8", "--eval-every", "2", "--eval-episodes", "2", "--max-episode-steps", "40",
+          "--checkpoint-every", "1", "--no-progress"]
+BASELINE_FT = {
+    "idql": [*DQL_FT, "--value-hidden", "16", "16", "16", "--num-candidates", "3"],
+    "dipo": [*DQL_FT, "--action-gradient-steps", "2"],
+    "qsm": DQL_FT,
+    "drwr": [*RUN_FT, "--batch-size", "8", "--update-epochs", "2"],
+    "dawr": [*RUN_FT, "--batch-size", "8", "--replay-ratio", "2", "--critic-update-ratio", "2", "--critic-hidden", "16",
+             "16", "16", "--buffer-steps", "16"],
+}
 
 
 def rows(run_dir: Path) -> list[dict[str, str]]:
@@ -333,10 +348,12 @@ def test_resume_of_a_killed_finetuning_run_reproduces_the_uninterrupted_run(work
 
 
 
-def kill_and_resume(part: Path, algo: str) -> None:
-    """Drop the newest checkpoint of a 2-iteration run (killed after logging iteration 2) and resume it to 3."""
+def kill_and_resume(part: Path, algo: str, n_train_itr: int = 3) -> None:
+    """Drop the newest checkpoint of a run (killed after logging its last iteration, before that checkpoint landed)
+    and resume it to ``n_train_itr`` iterations."""
     shutil.rmtree(ckpt.list_checkpoints(part / "checkpoints")[-1])
-    assert main(["dppo", "finetune", "--algo", algo, "--resume", str(part), "--n-train-itr", "3", "--no-progress"]) == 0
+    assert main(["dppo", "finetune", "--algo", algo, "--resume", str(part), "--n-train-itr", str(n_train_itr),
+                 "--no-progress"]) == 0
 
 
 def test_dpoer_is_dppos_loop_with_a_logged_temperature_and_a_killed_run_resumes_exactly(workdir, pretrained,
@@ -389,9 +406,46 @@ def test_dql_trains_the_whole_chain_off_policy_evaluates_in_diffrl_eval_and_a_ki
     assert curve(part) == curve(full)
 
 
+@pytest.mark.parametrize(("algo", "agent", "resume"), [
+    ("idql", IDQL, False), ("dipo", DIPO, True), ("qsm", QSM, False), ("drwr", DRWR, False), ("dawr", DAWR, True)])
+def test_each_baseline_finetunes_through_the_cli_and_diffrl_eval_reproduces_its_final_evaluation(
+        workdir, pretrained, capsys, algo, agent, resume):
+    full = workdir / algo
+    argv = ["dppo", "finetune", "--algo", algo, "--policy", str(pretrained), *BASELINE_FT[algo]]
+    assert main([*argv, "--n-train-itr", "2", "--run-dir", str(full)]) == 0
+    s = summary(full)
+    assert s["pipeline"] == f"dppo_finetune_{algo}" and s["algo"] == algo and s["policy_type"] == "diffusion"
+    assert s["iterations"] == 2 and s["agent_params"]["horizon_steps"] == 4  # the pre-trained chunking
+    assert [x["itr"] for x in rows(full)] == ["0.0", "1.0", "2.0"]
+    if algo in ("idql", "dipo", "qsm"):  # the chunk off-policy loop: 8 * 2 / 8 * 2 steps per iteration
+        assert s["gradient_steps"] == 2 * 4 and s["updates_per_iteration"] == 4
+    # the agent rebuilt from the checkpoint alone: DIPO acts with its EMA copy, IDQL by candidates scored by its
+    # target critic (and V when exploring), so more than the chain's weights must come back
+    restored, _, _ = dppo.load_finetuned(full, config(full), device="cpu")
+    assert type(restored) is agent
+    if algo == "dipo":
+        assert restored.policy is restored.actor_target and restored.policy is not restored.actor
+    if algo == "idql":
+        policy = restored.policy
+        assert isinstance(policy, CandidateSelection) and policy.critic_target is restored.critic_target
+    assert dppo.evaluate_run(full, config(full), episodes=2, device="cpu")["return_mean"] == pytest.approx(
+        s["eval_return_mean"])
+    capsys.readouterr()
+    assert main(["eval", str(full), "--episodes", "2"]) == 0
+    assert f"return {s['eval_return_mean']:.1f}" in capsys.readouterr().out
+    if resume:  # DIPO: rewritten buffer actions, EMA actor; DAWR: FIFO buffer, critic, running episodes
+        part = workdir / f"{algo}-part"
+        assert main([*argv, "--n-train-itr", "2", "--run-dir", str(part)]) == 0
+        kill_and_resume(part, algo, n_train_itr=2)
+        assert curve(part) == curve(full)
+        assert summary(part)["eval_return_mean"] == s["eval_return_mean"]
+
+
 @pytest.mark.parametrize(("algo", "message"), [
-    ("bogus", "unknown algorithm 'bogus' for `diffrl dppo finetune`: choose one of dppo, dpoer, dql"),
+    ("bogus", "unknown algorithm 'bogus' for `diffrl dppo finetune`: choose one of dppo, dpoer, dql, idql, dipo, qsm, "
+              "drwr, dawr"),
     ("dql", "--algo dql fine-tunes diffusion policies but"),
+    ("dawr", "--algo dawr fine-tunes diffusion policies but"),
     ("dpoer", "pre-trained a gaussian policy; fine-tune it with --algo dppo"),
 ])
 def test_an_unknown_algo_or_a_diffusion_method_on_a_gaussian_pretraining_run_is_one_sentence(

@@ -1,9 +1,6 @@
-"""What DPPO's off-policy diffusion baselines share (IDQL, DIPO, QSM): a DDPM chunk policy whose whole chain is
-trained, a double Q-critic over ``[history, executed chunk]`` with a Polyak target, AdamW optimisers, the agent's
-own generator and a complete ``state_dict``. Each baseline adds its losses and its update.
-
-The machinery is Diffusion-QL's (:class:`~diffrl.agents.dql.DQL`, which predates this module and keeps its own
-copy; it can move onto :class:`DiffusionQAgent` with its ``eta`` and ``bc_target`` as the only extra settings).
+"""What DPPO's off-policy diffusion baselines share (Diffusion-QL, IDQL, DIPO, QSM): a DDPM chunk policy whose whole
+chain is trained, a double Q-critic over ``[history, executed chunk]`` with a Polyak target, AdamW optimisers, the
+agent's own generator and a complete ``state_dict``. Each baseline adds its losses and its update.
 
 Three roles of the diffusion chain, one object or several:
 
@@ -34,7 +31,6 @@ from torch import nn
 
 from diffrl.agents.base import Agent, Params, check_hidden
 from diffrl.agents.dppo import DiffusionPolicy
-from diffrl.agents.dql import EVAL_SEED
 from diffrl.agents.nets import EnsembleQ
 from diffrl.agents.ppo import ChunkPolicy, check_optional_positive
 from diffrl.config import check, check_choice, check_non_negative, check_positive, check_unit_interval
@@ -43,13 +39,15 @@ from diffrl.diffusion.models import DDPM
 from diffrl.diffusion.nets import ACTIVATIONS
 from diffrl.errors import ConfigError
 
-__all__ = ["DiffusionQParams", "DiffusionQAgent"]
+__all__ = ["DiffusionQParams", "DiffusionQAgent", "EVAL_SEED"]
+
+EVAL_SEED = 1_299_709  # seed of the fixed noise of act(deterministic=True) (a prime; any constant would do)
 
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionQParams(Params):
     """Settings every off-policy diffusion baseline shares (defaults: DPPO's Gym configs,
-    ``cfg/gym/finetune/hopper-v2/ft_{idql,dipo,qsm}_diffusion_mlp.yaml``, the same in all three)."""
+    ``cfg/gym/finetune/hopper-v2/ft_{dql,idql,dipo,qsm}_diffusion_mlp.yaml``, the same in all four)."""
 
     horizon_steps: int = 4
     """Ta, the predicted chunk length (must match the model; horizon_steps)"""
@@ -217,13 +215,8 @@ class DiffusionQAgent(Agent):
 
     def bc_loss(self, chunks: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The DDPM epsilon (or x0) loss of chunks ``(B, Ta, Da)`` (data units) under the TRAINABLE copy, t uniform
-        in ``[0, K)`` (drawn first, then the noise): ``DDPM._loss`` with the actor's network."""
-        base = self.actor.base
-        x0 = base.normalizer(chunks)
-        t = torch.randint(0, base.num_steps, (len(x0),), device=self.device, generator=self.generator)
-        noise = torch.randn(x0.shape, device=self.device, generator=self.generator)
-        out = base.network(base.q_sample(x0, t, noise), t.float(), cond, net=self.actor.ft_net)
-        return ((out - (noise if base.prediction == "epsilon" else x0)) ** 2).mean()
+        in ``[0, K)`` (drawn first, then the noise): ``DDPM.loss`` through the actor's network."""
+        return self.actor.base.loss(chunks, cond, self.generator, net=self.actor.ft_net)
 
     # ------------------------------------------------------------------------------------------------ steps
     def critic_step(self, batch: Batch, target: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -28,7 +28,6 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
 
 from diffrl.agents.dppo import DPPO, DPPOParams
 from diffrl.agents.ppo_utils import PPOBatch
@@ -123,15 +122,14 @@ class DPOER(DPPO):
 
     # ------------------------------------------------------------------------------------------- losses
     def policy_loss(self, new_lp: torch.Tensor, old_lp: torch.Tensor, advantages: torch.Tensor, idx: torch.Tensor,
-                    alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    alpha: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``mean(max(-A r + alpha log pi / lambda, -A clip(r)))`` and the ratio and clip coefficient, all ``(B,)``
-        but the loss. ``new_lp`` / ``old_lp``: reduced log-probs :meth:`log_probs`; ``advantages``: raw, normalised
-        here per minibatch and scaled by the denoising discount afterwards (as DPPO)."""
+        but the loss (:meth:`ChunkPPO.policy_loss` with the port's entropy term). ``new_lp`` / ``old_lp``: reduced
+        log-probs :meth:`log_probs`; ``advantages``: raw, normalised here per minibatch and scaled by the denoising
+        discount afterwards (as DPPO); ``alpha``: the temperature (default: the current one)."""
+        alpha = self.alpha if alpha is None else alpha
         ratio = (new_lp - old_lp).exp()
-        adv = advantages
-        if self.p.norm_adv and adv.numel() > 1:
-            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-        adv = adv * self.denoising_discount(idx)
+        adv = self.scaled_advantages(advantages, idx)
         clip = self.clip_coef(idx)
         pg1 = -adv * ratio + alpha * new_lp / self.p.lambda_alpha_entropy  # the port's pg_loss1
         pg2 = -adv * torch.clamp(ratio, 1 - clip, 1 + clip)
@@ -180,58 +178,23 @@ class DPOER(DPPO):
 
     # -------------------------------------------------------------------------------------------- update
     def update(self, batch: PPOBatch, critic_only: bool = False) -> dict[str, torch.Tensor]:
-        """One DPOER step on a minibatch: DPPO's step (:meth:`ChunkPPO.update`) with :meth:`policy_loss` for its
-        policy loss, then one Adam step of ``log alpha`` on :meth:`temperature_loss`. ``critic_only`` (critic
-        warm-up): the actor is not stepped; the temperature is, as the port's.
+        """One DPOER step on a minibatch: DPPO's step (:meth:`ChunkPPO.update`, whose policy loss is
+        :meth:`policy_loss` here), then one Adam step of ``log alpha`` on :meth:`temperature_loss`. ``critic_only``
+        (critic warm-up): the actor is not stepped; the temperature is, as the port's.
 
         Returns :meth:`ChunkPPO.update`'s metrics (``entropy`` is ``entropy_estimate`` here) and ``alpha`` (the
         temperature this step's policy loss used), ``entropy_estimate`` (H), ``temperature_loss``.
         """
-        # The body of ChunkPPO.update with the policy loss swapped: ChunkPPO computes its loss inline, so the
-        # swap needs the copy (a ChunkPPO.policy_loss hook would remove it).
-        p = self.p
         entropy = self.entropy_for(batch)
-        alpha = self.alpha
-        idx = batch.denoise_idx.long()
-        with torch.set_grad_enabled(not critic_only):
-            new_lp = self.log_probs(batch.obs, batch.chain_x, batch.chain_next, idx)
-        pg_loss, ratio, clip = self.policy_loss(new_lp, batch.old_log_prob, batch.advantages, idx, alpha)
-        log_ratio = (new_lp - batch.old_log_prob).detach()
-
-        values = self.critic(self._obs(batch.obs))
-        if p.clip_vloss_coef is not None:
-            clipped = batch.old_values + (values - batch.old_values).clamp(-p.clip_vloss_coef, p.clip_vloss_coef)
-            v_loss = 0.5 * torch.max((values - batch.returns) ** 2, (clipped - batch.returns) ** 2).mean()
-        else:
-            v_loss = 0.5 * ((values - batch.returns) ** 2).mean()
-
-        loss = p.vf_coef * v_loss + (0.0 if critic_only else pg_loss)
-        self.actor_opt.zero_grad(set_to_none=True)
-        self.critic_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        actor_norm = torch.zeros((), device=self.device)
-        if not critic_only:
-            actor_norm = nn.utils.clip_grad_norm_(self.actor_params, p.max_grad_norm or math.inf, foreach=True)
-            self.actor_opt.step()
-            self.num_actor_updates += 1
-        critic_norm = nn.utils.clip_grad_norm_(self.critic.parameters(), math.inf, foreach=True)  # norm only
-        self.critic_opt.step()
-
+        alpha = self.alpha  # what policy_loss reads in the step below
+        metrics = super().update(batch, critic_only)
         temp_loss = self.temperature_loss(entropy)
         self.alpha_opt.zero_grad(set_to_none=True)
         temp_loss.backward()
         self.alpha_opt.step()
-        self.num_updates += 1
-        with torch.no_grad():
-            ratio = ratio.detach()
-            h = entropy.to(device=self.device, dtype=torch.float32)
-            return {"pg_loss": pg_loss.detach(), "v_loss": v_loss.detach(), "entropy": h,
-                    "approx_kl": ((ratio - 1) - log_ratio).mean(),  # k3, as ChunkPPO
-                    "clipfrac": ((ratio - 1).abs() > clip).float().mean(), "ratio_mean": ratio.mean(),
-                    "ratio_min": ratio.min(), "ratio_max": ratio.max(), "value_mean": values.mean().detach(),
-                    "adv_mean": batch.advantages.mean(), "clip_coef_mean": clip.mean(),
-                    "actor_grad_norm": actor_norm.detach(), "critic_grad_norm": critic_norm.detach(),
-                    "alpha": alpha, "entropy_estimate": h, "temperature_loss": temp_loss.detach()}
+        h = entropy.to(device=self.device, dtype=torch.float32)
+        return {**metrics, "entropy": h, "alpha": alpha, "entropy_estimate": h,
+                "temperature_loss": temp_loss.detach()}
 
     # --------------------------------------------------------------------------------------------- state
     def extra_state(self) -> dict[str, Any]:

@@ -535,10 +535,29 @@ class ChunkPPO(Agent):
         """Advantage scale of transition ``i`` (1 here; DPPO discounts earlier denoising steps)."""
         return torch.ones(i.shape, device=i.device)
 
+    def scaled_advantages(self, advantages: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Raw advantages ``(B,)`` normalised per minibatch (``norm_adv``), then scaled by the denoising discount of
+        transitions ``idx`` (after normalisation, as DPPO)."""
+        adv = advantages
+        if self.p.norm_adv and adv.numel() > 1:
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)  # per minibatch (DPPO, CleanRL)
+        return adv * self.denoising_discount(idx)
+
+    def policy_loss(self, new_lp: torch.Tensor, old_lp: torch.Tensor, advantages: torch.Tensor,
+                    idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """PPO's clipped surrogate ``mean(max(-A r, -A clip(r, 1 - c, 1 + c)))`` and the ratio ``r`` and clip
+        coefficient ``c``, both ``(B,)``. ``new_lp`` / ``old_lp``: log-probs ``(B,)`` of :meth:`log_probs`;
+        ``advantages``: raw (:meth:`scaled_advantages` here). Subclasses swap the loss here (DPOER)."""
+        ratio = (new_lp - old_lp).exp()
+        adv = self.scaled_advantages(advantages, idx)
+        clip = self.clip_coef(idx)
+        return torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip, 1 + clip)).mean(), ratio, clip
+
     # -------------------------------------------------------------------------------------------- update
     def update(self, batch: PPOBatch, critic_only: bool = False) -> dict[str, torch.Tensor]:
         """One PPO step on a minibatch: ``pg_loss + vf_coef * v_loss`` (``- ent_coef * entropy``), one backward,
-        the actor and critic AdamW steps. ``critic_only`` (critic warm-up iterations): the actor is not stepped.
+        the actor and critic AdamW steps; ``pg_loss`` is :meth:`policy_loss`'s. ``critic_only`` (critic warm-up
+        iterations): the actor is not stepped.
 
         Returns detached metrics: ``pg_loss, v_loss, entropy, approx_kl, clipfrac, ratio_mean, ratio_min,
         ratio_max, value_mean, adv_mean, clip_coef_mean, actor_grad_norm, critic_grad_norm``.
@@ -548,14 +567,8 @@ class ChunkPPO(Agent):
         with torch.set_grad_enabled(not critic_only):
             new_lp = self.log_probs(batch.obs, batch.chain_x, batch.chain_next, idx)
             entropy = self.entropy(batch.obs)
-        log_ratio = new_lp - batch.old_log_prob
-        ratio = log_ratio.exp()
-        adv = batch.advantages
-        if p.norm_adv and adv.numel() > 1:
-            adv = (adv - adv.mean()) / (adv.std() + 1e-8)  # per minibatch (DPPO, CleanRL)
-        adv = adv * self.denoising_discount(idx)  # after normalisation, as DPPO
-        clip = self.clip_coef(idx)
-        pg_loss = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip, 1 + clip)).mean()
+        pg_loss, ratio, clip = self.policy_loss(new_lp, batch.old_log_prob, batch.advantages, idx)
+        log_ratio = (new_lp - batch.old_log_prob).detach()
 
         values = self.critic(self._obs(batch.obs))
         if p.clip_vloss_coef is not None:

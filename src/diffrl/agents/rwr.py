@@ -270,9 +270,6 @@ class WeightedRegression(Agent):
         self.obs_dim = int(obs_dim)
         self.policy = DiffusionPolicy(model, model.num_steps, min_sampling_std=p.min_sampling_std,
                                       noise_clip=p.noise_clip, clip_x0=p.clip_x0).to(self.device)
-        # K' = K: every transition runs ft_net and the base's own network would be dead weight. Sharing it lets the
-        # diffusion core's weighted loss (DiffusionModel.loss runs model.net) train the policy's network.
-        self.policy.base.net = self.policy.ft_net
         self.actor_params = list(self.policy.ft_net.parameters())
         fused = dict(fused=True) if self.device.type in ("cpu", "cuda") else {}
         self.actor_opt = torch.optim.AdamW(self.actor_params, lr=p.actor_lr, weight_decay=p.actor_weight_decay,
@@ -305,7 +302,8 @@ class WeightedRegression(Agent):
         """``mean_i w_i l_i`` over a batch: chunks ``(B, Ta, Da)`` (data units) given histories ``(B, To, Do)`` (or
         flat ``(B, To Do)``), ``l_i`` the epsilon MSE averaged over ``(Ta, Da)`` at ``t ~ U[0, K)``; ``t`` and the
         noise from the agent's generator."""
-        return self.policy.base.loss(chunks, obs.flatten(1), self.generator, weights=weights.detach())
+        return self.policy.base.loss(chunks, obs.flatten(1), self.generator, weights=weights.detach(),
+                                     net=self.policy.ft_net)  # K' = K: ft_net runs every transition
 
     def update(self, obs: torch.Tensor, chunks: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """One AdamW step on :meth:`weighted_loss`. Returns detached metrics: ``actor_loss, weight_mean, weight_max,

@@ -103,7 +103,8 @@ class DiffusionModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------- interface
     def loss(self, x: torch.Tensor, cond: torch.Tensor | None = None, generator: torch.Generator | None = None, *,
-             weights: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+             weights: torch.Tensor | None = None, reduction: str = "mean",
+             net: nn.Module | None = None) -> torch.Tensor:
         """Denoising loss of a batch ``x`` ``(B, *event)`` in data units.
 
         Args:
@@ -111,6 +112,8 @@ class DiffusionModel(nn.Module):
                 used as given, so pass them detached. The result is ``mean_i w_i l_i`` with ``l_i`` sample
                 ``i``'s loss averaged over its event dims.
             reduction: ``"mean"`` (a scalar) or ``"none"`` (the ``(B,)`` per-sample losses, weighted if given).
+            net: a denoiser in place of the model's own, as in :meth:`network` (a fine-tuned copy: DPPO's
+                baselines train one while the model keeps the pre-trained weights).
         Returns the loss. Without weights, ``"mean"`` is the mean over all elements (the mean of the per-sample
         losses up to rounding).
         """
@@ -119,7 +122,7 @@ class DiffusionModel(nn.Module):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         if weights is not None:
             self._check_weights(weights, x.shape[0])
-        errors = self._loss(self.normalizer(x), self._drop_cond(cond, generator), generator)  # (B, *event)
+        errors = self._loss(self.normalizer(x), self._drop_cond(cond, generator), generator, net)  # (B, *event)
         if weights is None and reduction == "mean":
             return errors.mean()  # the element mean, as before: seeded losses keep their exact values
         per_sample = errors.flatten(1).mean(1)  # (B,)
@@ -127,8 +130,9 @@ class DiffusionModel(nn.Module):
             per_sample = weights.to(per_sample) * per_sample
         return per_sample if reduction == "none" else per_sample.mean()
 
-    def _loss(self, x: torch.Tensor, cond: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
-        """Element-wise loss ``(B, *event)`` of a normalised batch; ``loss`` reduces it."""
+    def _loss(self, x: torch.Tensor, cond: torch.Tensor | None, generator: torch.Generator | None,
+              net: nn.Module | None = None) -> torch.Tensor:
+        """Element-wise loss ``(B, *event)`` of a normalised batch, through ``net`` if given; ``loss`` reduces it."""
         raise NotImplementedError
 
     def resolve_sampler(self, sampler: str | None = None, steps: int | None = None,
@@ -201,8 +205,9 @@ class EDM(DiffusionModel):
         self.p_mean, self.p_std = p_mean, p_std
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None,
-                guidance: float = 1.0) -> torch.Tensor:
-        """The preconditioned denoiser ``D(x; sigma)`` in normalised space; ``sigma`` ``(B,)`` or a scalar."""
+                guidance: float = 1.0, net: nn.Module | None = None) -> torch.Tensor:
+        """The preconditioned denoiser ``D(x; sigma)`` in normalised space; ``sigma`` ``(B,)`` or a scalar; ``net`` as
+        in :meth:`network`."""
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
         s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
         sd2 = self.sigma_data ** 2
@@ -210,15 +215,16 @@ class EDM(DiffusionModel):
         c_out = s * self.sigma_data / (s ** 2 + sd2).sqrt()
         c_in = 1 / (s ** 2 + sd2).sqrt()
         c_noise = sigma.log() / 4
-        return c_skip * x + c_out * self.network(c_in * x, c_noise, cond, guidance)
+        return c_skip * x + c_out * self.network(c_in * x, c_noise, cond, guidance, net)
 
-    def _loss(self, x: torch.Tensor, cond: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+    def _loss(self, x: torch.Tensor, cond: torch.Tensor | None, generator: torch.Generator | None,
+              net: nn.Module | None = None) -> torch.Tensor:
         n = x.shape[0]
         sigma = (self.p_mean + self.p_std * torch.randn(n, device=x.device, generator=generator)).exp()
         s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
         noise = torch.randn(x.shape, device=x.device, generator=generator)
         weight = (s ** 2 + self.sigma_data ** 2) / (s * self.sigma_data) ** 2
-        return weight * (self.denoise(x + s * noise, sigma, cond) - x) ** 2  # (B, *event)
+        return weight * (self.denoise(x + s * noise, sigma, cond, net=net) - x) ** 2  # (B, *event)
 
 
 class DDPM(DiffusionModel):
@@ -245,10 +251,11 @@ class DDPM(DiffusionModel):
     def num_steps(self) -> int:
         return self.schedule.num_steps
 
-    def _loss(self, x: torch.Tensor, cond: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+    def _loss(self, x: torch.Tensor, cond: torch.Tensor | None, generator: torch.Generator | None,
+              net: nn.Module | None = None) -> torch.Tensor:
         t = torch.randint(0, self.num_steps, (x.shape[0],), device=x.device, generator=generator)
         noise = torch.randn(x.shape, device=x.device, generator=generator)
-        out = self.network(self.q_sample(x, t, noise), t.float(), cond)
+        out = self.network(self.q_sample(x, t, noise), t.float(), cond, net=net)
         return (out - (noise if self.prediction == "epsilon" else x)) ** 2  # (B, *event)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@ over the denoising MDP; the Gaussian and GMM baselines go through the same two c
 fine-tuning methods start from the same pre-training run (``--algo``).
 
     diffrl dppo pretrain --dataset D [--policy-type diffusion|gaussian|gmm] [--preset quick|paper] [--seed S]
-    diffrl dppo finetune --policy PRETRAIN_RUN_DIR [--algo dppo|dpoer|dql] [--env ID] [--ft-denoising-steps K']
+    diffrl dppo finetune --policy PRETRAIN_RUN_DIR [--algo dppo|dpoer|dql|idql|dipo|qsm|drwr|dawr] [--env ID]
+        [--ft-denoising-steps K']
         [--use-ddim --ddim-steps S] [--n-envs N] [--preset quick|paper] [--seed S]
     diffrl dppo pretrain --resume RUN_DIR
     diffrl dppo finetune [--algo A] --resume RUN_DIR
@@ -23,9 +24,11 @@ Evaluation routes the denoising steps exactly as training does (the same :class:
 so DPPO issue #29 cannot happen. Resume is exact on CPU.
 
 ``--algo`` (:data:`FINETUNE_ALGOS`, one :class:`FinetuneAlgo` per method) picks the method: ``dppo`` (the default,
-the above), ``dpoer`` (the same loop with DPOER's temperature, :mod:`diffrl.agents.dpoer`) or ``dql`` (Diffusion-QL
-in the chunk off-policy loop, :mod:`diffrl.pipelines.chunk_offpolicy`; :class:`BaselineFinetune` is what such a
-baseline's config adds).
+the above), ``dpoer`` (the same loop with DPOER's temperature, :mod:`diffrl.agents.dpoer`); ``dql``, ``idql``,
+``dipo`` or ``qsm`` (Diffusion-QL, IDQL, DIPO, QSM in the chunk off-policy loop,
+:mod:`diffrl.pipelines.chunk_offpolicy`); ``drwr`` or ``dawr`` (reward- / advantage-weighted regression in the loop of
+:mod:`diffrl.pipelines.chunk_rwr`). :class:`BaselineFinetune` is what such a baseline's config adds to its agent's
+parameters and its loop's settings.
 
 The pieces other systems reuse live below this module: the agents in :mod:`diffrl.agents.ppo` (PPO, critic,
 Gaussian and GMM policies) and :mod:`diffrl.agents.dppo` (diffusion policy, DPPO); the policy spec, loading and
@@ -50,9 +53,11 @@ import numpy as np
 import torch
 
 from diffrl.agents.base import Params
+from diffrl.agents.dipo import DIPO, DIPOParams
 from diffrl.agents.dpoer import DPOER, DPOERParams
 from diffrl.agents.dppo import DPPO, DPPOParams, dppo_model_spec
 from diffrl.agents.dql import DQL, DQLParams
+from diffrl.agents.idql import IDQL, IDQLParams
 from diffrl.agents.ppo import (
     ChunkPolicy,
     ChunkPPO,
@@ -63,6 +68,8 @@ from diffrl.agents.ppo import (
     PPOParams,
 )
 from diffrl.agents.ppo_utils import RunningRewardScaler
+from diffrl.agents.qsm import QSM, QSMParams
+from diffrl.agents.rwr import DAWR, DRWR, AWRParams, RWRParams
 from diffrl.config import (
     check,
     check_choice,
@@ -81,7 +88,7 @@ from diffrl.envs.chunking import chunk_env, chunk_envs
 from diffrl.envs.wrappers import ActionChunkEnv, MinMaxNormalization
 from diffrl.errors import ConfigError, DiffrlWarning
 from diffrl.eval import evaluate, reference_scores
-from diffrl.pipelines import chunk_offpolicy, chunk_policy, online, onpolicy
+from diffrl.pipelines import chunk_offpolicy, chunk_policy, chunk_rwr, online, onpolicy
 from diffrl.pipelines.chunk_offpolicy import ChunkOffPolicyConfig
 from diffrl.pipelines.chunk_policy import (
     POLICY_TYPES,
@@ -94,6 +101,7 @@ from diffrl.pipelines.chunk_policy import (
     evaluate_chunk_policy,
     normalized_mean,
 )
+from diffrl.pipelines.chunk_rwr import ChunkRWRConfig, awr_updates_per_iteration
 from diffrl.pipelines.common import RunConfig
 from diffrl.registry import Command, System
 from diffrl.runs import checkpoint as ckpt
@@ -358,8 +366,9 @@ class DPOERFinetuneConfig(FinetuneConfig, DPOERParams):
 
 @dataclasses.dataclass(frozen=True)
 class BaselineFinetune(EvalPathSettings):
-    """What a baseline of ``diffrl dppo finetune`` that runs in a loop module of its own (Diffusion-QL in
-    :mod:`~diffrl.pipelines.chunk_offpolicy`) adds to its agent's parameters and its loop's settings.
+    """What a baseline of ``diffrl dppo finetune`` that runs in a loop module of its own (Diffusion-QL, IDQL, DIPO and
+    QSM in :mod:`~diffrl.pipelines.chunk_offpolicy`, DRWR and DAWR in :mod:`~diffrl.pipelines.chunk_rwr`) adds to its
+    agent's parameters and its loop's settings.
 
     A method's config is ``class XFinetuneConfig(BaselineFinetune, XParams, LoopConfig)``, in that order, with
     ``AGENT = X``: the chunk fields here replace the agent's (the pre-training run's chunking fills them,
@@ -421,6 +430,59 @@ class DQLFinetuneConfig(BaselineFinetune, DQLParams, ChunkOffPolicyConfig):
     AGENT: ClassVar[Any] = DQL
 
 
+@dataclasses.dataclass(frozen=True)
+class IDQLFinetuneConfig(BaselineFinetune, IDQLParams, ChunkOffPolicyConfig):
+    """``diffrl dppo finetune --algo idql``: IDQL (Hansen-Estruch et al. 2023, arXiv:2304.10573) on the pre-trained
+    diffusion policy, as DPPO's baseline: expectile V, double Q on V(s'), the whole chain behaviour-cloned on the
+    buffer's chunks, acting by critic-scored candidates (:mod:`diffrl.agents.idql`). Needs act_steps = Ta. Steps of
+    eval_every / log_every / checkpoint_every are iterations."""
+
+    AGENT: ClassVar[Any] = IDQL
+
+
+@dataclasses.dataclass(frozen=True)
+class DIPOFinetuneConfig(BaselineFinetune, DIPOParams, ChunkOffPolicyConfig):
+    """``diffrl dppo finetune --algo dipo``: DIPO (Yang et al. 2023, arXiv:2305.13122) on the pre-trained diffusion
+    policy, as DPPO's baseline: buffer chunks improved by gradient ascent on the critic and written back, the chain
+    behaviour-cloned on them, its EMA copy acting and evaluated (:mod:`diffrl.agents.dipo`). Needs act_steps = Ta.
+    Steps of eval_every / log_every / checkpoint_every are iterations."""
+
+    AGENT: ClassVar[Any] = DIPO
+
+
+@dataclasses.dataclass(frozen=True)
+class QSMFinetuneConfig(BaselineFinetune, QSMParams, ChunkOffPolicyConfig):
+    """``diffrl dppo finetune --algo qsm``: Q-score matching (Psenka et al. 2024, arXiv:2312.11752) on the pre-trained
+    diffusion policy, as DPPO's baseline: the chain's noise prediction regressed on the critic's action gradient
+    (:mod:`diffrl.agents.qsm`). Needs act_steps = Ta. Steps of eval_every / log_every / checkpoint_every are
+    iterations."""
+
+    AGENT: ClassVar[Any] = QSM
+
+
+@dataclasses.dataclass(frozen=True)
+class DRWRFinetuneConfig(BaselineFinetune, RWRParams, ChunkRWRConfig):
+    """``diffrl dppo finetune --algo drwr``: reward-weighted regression of the pre-trained diffusion policy on its own
+    chunks, weighted by their returns-to-go (DPPO's DRWR baseline, :mod:`diffrl.agents.rwr`, in the loop of
+    :mod:`diffrl.pipelines.chunk_rwr`). Steps of eval_every / log_every / checkpoint_every are iterations."""
+
+    AGENT: ClassVar[Any] = DRWR
+
+
+@dataclasses.dataclass(frozen=True)
+class DAWRFinetuneConfig(BaselineFinetune, AWRParams, ChunkRWRConfig):
+    """``diffrl dppo finetune --algo dawr``: advantage-weighted regression of the pre-trained diffusion policy on the
+    chunks of a FIFO buffer, weighted by TD(lambda) advantages of a learned V (DPPO's DAWR baseline,
+    :mod:`diffrl.agents.rwr`, in the loop of :mod:`diffrl.pipelines.chunk_rwr`). Steps of eval_every / log_every /
+    checkpoint_every are iterations."""
+
+    AGENT: ClassVar[Any] = DAWR
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        awr_updates_per_iteration(self, self)  # a replay setting without a critic step fails before the run opens
+
+
 # Named presets: `quick` runs on a 2-core CPU in minutes (Hopper-v5); `paper` is DPPO's Gym setting (GPU-sized).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "pretrain": {
@@ -460,6 +522,54 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       buffer_size=1_000_000, n_critic_warmup_itr=5, actor_lr=1e-4, critic_lr=1e-3, gamma=0.99,
                       tau=0.005, min_sampling_std=0.1, noise_clip=3.0, scale_reward_factor=0.01,
                       max_episode_steps=1000, eval_every=10, eval_episodes=10, checkpoint_every=100),
+    },
+    # IDQL, DIPO and QSM: DQL's quick budget and scaling (the reference's replay ratio, so its gradient steps per env
+    # step; a buffer of the last 50 iterations, as the reference's 25k vector steps or 1M of 20k per iteration)
+    "finetune_idql": {
+        "quick": dict(n_envs=4, n_steps=250, n_train_itr=20, batch_size=1_000, replay_ratio=128.0,
+                      buffer_size=50_000, n_critic_warmup_itr=2, eval_every=5, eval_episodes=5, checkpoint_every=5),
+        # cfg/gym/finetune/hopper-v2/ft_idql_diffusion_mlp.yaml (reference/dppo-baselines.md): 40 envs x 500 chunks,
+        # batch 1000, replay ratio 128, buffer 25k vector steps x 40 envs, 5 critic warm-up iterations
+        "paper": dict(n_envs=40, n_steps=500, n_train_itr=1000, batch_size=1_000, replay_ratio=128.0,
+                      buffer_size=25_000 * 40, n_critic_warmup_itr=5, actor_lr=1e-4, critic_lr=1e-3, gamma=0.99,
+                      tau=0.001, scale_reward_factor=0.01, max_episode_steps=1000, eval_every=10, eval_episodes=10,
+                      checkpoint_every=100),
+    },
+    "finetune_dipo": {
+        "quick": dict(n_envs=4, n_steps=250, n_train_itr=20, batch_size=1_000, replay_ratio=64.0,
+                      buffer_size=50_000, n_critic_warmup_itr=2, eval_every=5, eval_episodes=5, checkpoint_every=5),
+        # cfg/gym/finetune/hopper-v2/ft_dipo_diffusion_mlp.yaml: 40 envs x 500 chunks, batch 1000, replay ratio 64,
+        # buffer 1M, 5 critic warm-up iterations
+        "paper": dict(n_envs=40, n_steps=500, n_train_itr=1000, batch_size=1_000, replay_ratio=64.0,
+                      buffer_size=1_000_000, n_critic_warmup_itr=5, actor_lr=1e-4, critic_lr=1e-3, gamma=0.99,
+                      tau=0.005, scale_reward_factor=0.01, max_episode_steps=1000, eval_every=10, eval_episodes=10,
+                      checkpoint_every=100),
+    },
+    "finetune_qsm": {
+        "quick": dict(n_envs=4, n_steps=250, n_train_itr=20, batch_size=1_000, replay_ratio=16.0,
+                      buffer_size=50_000, n_critic_warmup_itr=2, eval_every=5, eval_episodes=5, checkpoint_every=5),
+        # cfg/gym/finetune/hopper-v2/ft_qsm_diffusion_mlp.yaml: 40 envs x 500 chunks, batch 1000, replay ratio 16,
+        # buffer 25k vector steps x 40 envs, 5 critic warm-up iterations
+        "paper": dict(n_envs=40, n_steps=500, n_train_itr=1000, batch_size=1_000, replay_ratio=16.0,
+                      buffer_size=25_000 * 40, n_critic_warmup_itr=5, actor_lr=1e-4, critic_lr=1e-3, gamma=0.99,
+                      tau=0.005, scale_reward_factor=0.01, max_episode_steps=1000, eval_every=10, eval_episodes=10,
+                      checkpoint_every=100),
+    },
+    # DRWR and DAWR at DPPO's budget: their gradient steps per env step are the reference's with its batch of 1000
+    # (DRWR: 16 epochs over the iteration's finished chunks; DAWR: replay ratio 64); DAWR's FIFO buffer keeps the
+    # last 10 iterations, as the reference's 5000 vector steps of 500 per iteration
+    "finetune_drwr": {
+        "quick": dict(n_envs=4, n_steps=250, n_train_itr=20, eval_every=5, eval_episodes=5, checkpoint_every=5),
+        # cfg/gym/finetune/hopper-v2/ft_rwr_diffusion_mlp.yaml: the defaults (RWRParams, ChunkRWRConfig)
+        "paper": dict(n_envs=40, n_steps=500, n_train_itr=1000, max_episode_steps=1000, eval_every=10,
+                      eval_episodes=10, checkpoint_every=100),
+    },
+    "finetune_dawr": {
+        "quick": dict(n_envs=4, n_steps=250, n_train_itr=20, buffer_steps=2_500, eval_every=5, eval_episodes=5,
+                      checkpoint_every=5),
+        # cfg/gym/finetune/hopper-v2/ft_awr_diffusion_mlp.yaml: the defaults (AWRParams, ChunkRWRConfig)
+        "paper": dict(n_envs=40, n_steps=500, n_train_itr=1000, max_episode_steps=1000, eval_every=10,
+                      eval_episodes=10, checkpoint_every=100),
     },
 }
 
@@ -850,7 +960,8 @@ def finetune_summary(cfg: FinetuneConfig, c: FinetuneCounters, agent: ChunkPPO, 
 
 def finetune_baseline(cfg: BaselineFinetune) -> Path:
     """Fine-tune the pre-trained diffusion policy of ``cfg.policy`` with a baseline that runs in a loop of its own
-    (``--algo dql``: :func:`diffrl.pipelines.chunk_offpolicy.train`); returns the run directory."""
+    (``--algo dql|idql|dipo|qsm``: :func:`diffrl.pipelines.chunk_offpolicy.train`; ``--algo drwr|dawr``:
+    :func:`diffrl.pipelines.chunk_rwr.train`); returns the run directory."""
     device = resolve_device(cfg.device)
     algo = algo_name(cfg)
     train = FINETUNE_ALGOS[algo].train
@@ -894,7 +1005,8 @@ class FinetuneAlgo:
     """the pre-trained policy types it fine-tunes"""
     train: Callable[..., Path] | None = None
     """a :class:`BaselineFinetune` method's loop: ``train(cfg, session, agent, envs, eval_env, *, ref_scores,
-    eval_mean_path, parts, summary)`` (:func:`diffrl.pipelines.chunk_offpolicy.train`)"""
+    eval_mean_path, parts, summary)`` (:func:`diffrl.pipelines.chunk_offpolicy.train`,
+    :func:`diffrl.pipelines.chunk_rwr.train`)"""
 
 
 FINETUNE_ALGOS: dict[str, FinetuneAlgo] = {
@@ -902,6 +1014,16 @@ FINETUNE_ALGOS: dict[str, FinetuneAlgo] = {
     "dpoer": FinetuneAlgo(DPOERFinetuneConfig, finetune, build_dpoer, PRESETS["finetune"]),  # the port: DPPO's configs
     "dql": FinetuneAlgo(DQLFinetuneConfig, finetune_baseline, build_baseline, PRESETS["finetune_dql"],
                         train=chunk_offpolicy.train),
+    "idql": FinetuneAlgo(IDQLFinetuneConfig, finetune_baseline, build_baseline, PRESETS["finetune_idql"],
+                         train=chunk_offpolicy.train),
+    "dipo": FinetuneAlgo(DIPOFinetuneConfig, finetune_baseline, build_baseline, PRESETS["finetune_dipo"],
+                         train=chunk_offpolicy.train),
+    "qsm": FinetuneAlgo(QSMFinetuneConfig, finetune_baseline, build_baseline, PRESETS["finetune_qsm"],
+                        train=chunk_offpolicy.train),
+    "drwr": FinetuneAlgo(DRWRFinetuneConfig, finetune_baseline, build_baseline, PRESETS["finetune_drwr"],
+                         train=chunk_rwr.train),
+    "dawr": FinetuneAlgo(DAWRFinetuneConfig, finetune_baseline, build_baseline, PRESETS["finetune_dawr"],
+                         train=chunk_rwr.train),
 }
 """``--algo`` -> method, in ``diffrl dppo finetune --help`` order; ``dppo`` is the default."""
 
