@@ -69,6 +69,7 @@ TABLES: dict[str, SweepTable | ScriptTable] = {
                             pairs=(("iter", "her"), ("iter-diffusion", "her"), ("iter-diffusion", "iter"))),
     "iter-pickandplace": SweepTable("iter_pickandplace.yaml", metric="success_rate", control="iter", digits=2),
     "dppo-finetune": SweepTable("dppo_finetune.yaml", metric="normalized_score", control="dppo"),
+    "dppo-baselines": SweepTable("dppo_baselines.yaml", metric="normalized_score"),
     "offline": SweepTable("offline.yaml", metric="normalized_score", control="bc"),
     "synther-offline": SweepTable("synther_offline.yaml", metric="normalized_score", pairs=tuple(
         (f"{agent}-{mode}", f"{agent}-real") for agent in ("td3bc", "iql") for mode in ("synthetic", "mixed"))),
