@@ -34,8 +34,8 @@ def recording_edm(net: nn.Module) -> tuple[EDM, dict[str, torch.Tensor]]:
     seen: dict[str, torch.Tensor] = {}
     denoise = model.denoise
 
-    def recorded(x, sigma, cond=None, guidance=1.0):
-        out = denoise(x, sigma, cond, guidance)
+    def recorded(x, sigma, cond=None, guidance=1.0, net=None):
+        out = denoise(x, sigma, cond, guidance, net=net)
         seen.update(x_noisy=x, sigma=torch.as_tensor(sigma), out=out)
         return out
 
