@@ -27,7 +27,7 @@ Shapes: ``N`` envs, ``To`` / ``Do`` observation history / dim, ``Ta`` / ``Da`` c
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -88,28 +88,18 @@ class ChunkOffPolicyAgent(Protocol):
 
 # ------------------------------------------------------------------------------------------------ settings
 @dataclasses.dataclass(frozen=True)
-class ChunkOffPolicyConfig(RunConfig):
-    """Settings of the chunk off-policy loop (defaults: DPPO's Gym DQL config); a system's config extends it with
-    its agent's parameters. Steps of eval_every / log_every / checkpoint_every are iterations."""
+class ChunkLoopConfig(RunConfig):
+    """The run settings every chunk fine-tuning loop has (this one and :mod:`diffrl.pipelines.chunk_rwr`); steps of
+    eval_every / log_every / checkpoint_every are iterations."""
 
     seed: int = 0
-    """run seed (agent init and noise, buffer sampling, episode resets)"""
+    """run seed (agent init and noise, batch draws, episode resets)"""
     n_envs: int = 40
     """parallel environments (stepped in sequence)"""
     n_steps: int = 500
     """action chunks per env per iteration"""
     n_train_itr: int = 1000
     """fine-tuning iterations"""
-    batch_size: int = 1000
-    """transitions per gradient step"""
-    replay_ratio: float = 16.0
-    """gradient steps per iteration = int(n_steps * n_envs / batch_size * replay_ratio) (DQL 16, DIPO 64, IDQL 128)"""
-    buffer_size: int = 1_000_000
-    """replay capacity in chunk transitions"""
-    n_critic_warmup_itr: int = 5
-    """first iterations whose updates train only the critic"""
-    scale_reward_factor: float = 0.01
-    """factor on the stored chunk rewards (the reference scales MuJoCo rewards down for the critic)"""
     eval_every: int = 10
     """evaluate every this many iterations, and once before fine-tuning (0: only at the end)"""
     log_every: int = 1
@@ -121,8 +111,29 @@ class ChunkOffPolicyConfig(RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("n_envs", "n_steps", "n_train_itr", "batch_size", "replay_ratio", "buffer_size",
-                     "scale_reward_factor"):
+        for name in ("n_envs", "n_steps", "n_train_itr"):
+            check_positive(name, getattr(self, name))
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkOffPolicyConfig(ChunkLoopConfig):
+    """Settings of the chunk off-policy loop (defaults: DPPO's Gym DQL config); a system's config extends it with
+    its agent's parameters."""
+
+    batch_size: int = 1000
+    """transitions per gradient step"""
+    replay_ratio: float = 16.0
+    """gradient steps per iteration = int(n_steps * n_envs / batch_size * replay_ratio) (DQL 16, DIPO 64, IDQL 128)"""
+    buffer_size: int = 1_000_000
+    """replay capacity in chunk transitions"""
+    n_critic_warmup_itr: int = 5
+    """first iterations whose updates train only the critic"""
+    scale_reward_factor: float = 0.01
+    """factor on the stored chunk rewards (the reference scales MuJoCo rewards down for the critic)"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("batch_size", "replay_ratio", "buffer_size", "scale_reward_factor"):
             check_positive(name, getattr(self, name))
         check_non_negative("n_critic_warmup_itr", self.n_critic_warmup_itr)
         check(updates_per_iteration(self.n_steps, self.n_envs, self.batch_size, self.replay_ratio) > 0,
@@ -259,6 +270,28 @@ def train(cfg: ChunkOffPolicyConfig, session: RunSession, agent: ChunkOffPolicyA
         obs = envs.load_state_dict(session.parts["state"]["envs"])  # replays the running episodes
     else:
         obs = envs.reset()
+    return iterate(
+        cfg, session, agent, envs, eval_env, obs,
+        rollout=lambda o: collect(agent, envs, o, cfg.n_steps, buffer, act_steps,  # type: ignore[arg-type]
+                                  cfg.scale_reward_factor),
+        update=lambda ro, itr: update(agent, buffer, n_updates, cfg.batch_size,
+                                      critic_only=itr < cfg.n_critic_warmup_itr),
+        counts=lambda: {"buffer_size": float(len(buffer))}, loop_parts=lambda: {"buffer": buffer.state_dict()},
+        ref_scores=ref_scores, eval_mean_path=eval_mean_path, parts=parts,
+        summary=lambda: {"updates_per_iteration": n_updates, **dict(summary or {})})
+
+
+def iterate(cfg: ChunkLoopConfig, session: RunSession, agent: Any, envs: VecEnv, eval_env: gym.Env,
+            obs: np.ndarray, *, rollout: Callable[[np.ndarray], Any], update: Callable[[Any, int], dict[str, Any]],
+            counts: Callable[[], dict[str, float]], loop_parts: Callable[[], dict[str, Any]],
+            ref_scores: dict[str, float] | None, eval_mean_path: bool, parts: Mapping[str, Any] | None,
+            summary: Callable[[], Mapping[str, Any]]) -> Path:
+    """The iterations every chunk fine-tuning loop shares (this one and :mod:`diffrl.pipelines.chunk_rwr`), from
+    ``obs`` (the envs' observations, restored on resume) on: start the session, evaluate the starting policy, then per
+    iteration ``rollout(obs)`` (anything with ``last_obs``, ``env_steps`` and ``episodes``) and ``update(rollout,
+    iteration) -> metrics``, evaluation / metrics row / checkpoint on their grids, and the summary. ``counts()``:
+    the loop's own figures in every metrics row (buffer fill, critic steps); ``loop_parts()``: its checkpoint parts
+    (the buffer); ``summary()``: the loop's and the system's further summary entries, read at the end."""
     c = session.start(Counters(), timers={"rollout_s": 0.0, "update_s": 0.0, "eval_s": 0.0})
     timers = session.timers
 
@@ -274,9 +307,9 @@ def train(cfg: ChunkOffPolicyConfig, session: RunSession, agent: ChunkOffPolicyA
     while c.itr < cfg.n_train_itr:
         spent = dict(timers)
         with timers.time("rollout_s"):
-            ro = collect(agent, envs, obs, cfg.n_steps, buffer, act_steps, cfg.scale_reward_factor)  # type: ignore[arg-type]
+            ro = rollout(obs)
         with timers.time("update_s"):
-            metrics = update(agent, buffer, n_updates, cfg.batch_size, critic_only=c.itr < cfg.n_critic_warmup_itr)
+            metrics = update(ro, c.itr)
         obs, c.env_steps, c.itr = ro.last_obs, c.env_steps + ro.env_steps, c.itr + 1
 
         done_all = c.itr >= cfg.n_train_itr
@@ -290,15 +323,15 @@ def train(cfg: ChunkOffPolicyConfig, session: RunSession, agent: ChunkOffPolicyA
         if due(cfg.log_every, c.itr - 1, c.itr) or done_all:
             row.update({**metrics, **episode_stats(ro.episodes)})
             session.check_finite(row, c.env_steps)
-            rollout, upd = timers["rollout_s"] - spent["rollout_s"], timers["update_s"] - spent["update_s"]
-            row.update({"itr": float(c.itr), "gradient_steps": float(agent.num_updates),
-                        "buffer_size": float(len(buffer)), "perf/rollout_s": rollout, "perf/update_s": upd,
-                        "perf/env_steps_per_s": ro.env_steps / max(rollout + upd, 1e-9)})
+            rolled, upd = timers["rollout_s"] - spent["rollout_s"], timers["update_s"] - spent["update_s"]
+            row.update({"itr": float(c.itr), "gradient_steps": float(agent.num_updates), **counts(),
+                        "perf/rollout_s": rolled, "perf/update_s": upd,
+                        "perf/env_steps_per_s": ro.env_steps / max(rolled + upd, 1e-9)})
         session.log(c.env_steps, row, env_steps=c.env_steps)
         session.progress(1, **({"eval": c.last_eval["eval/return_mean"]} if c.last_eval else {}))
         if due(cfg.checkpoint_every, c.itr - 1, c.itr) or done_all:
             session.save(c.env_steps, state={"agent": agent.state_dict(), "envs": envs.state_dict()},
-                         parts={"buffer": buffer.state_dict(), **dict(parts or {})},
+                         parts={**loop_parts(), **dict(parts or {})},
                          meta={"iteration": c.itr, "env_steps": c.env_steps, "gradient_steps": agent.num_updates})
     if c.last_eval is None:  # resumed at the end: evaluate once more for the summary
         c.last_eval = evaluate_agent()
@@ -306,11 +339,11 @@ def train(cfg: ChunkOffPolicyConfig, session: RunSession, agent: ChunkOffPolicyA
     wall = session.wall_s()
     return session.finish({
         "env_id": envs.env_id, "iterations": c.itr, "env_steps": c.env_steps, "gradient_steps": agent.num_updates,
-        "updates_per_iteration": n_updates, "wall_s": wall, "env_steps_per_s": c.env_steps / max(wall, 1e-9),
+        "wall_s": wall, "env_steps_per_s": c.env_steps / max(wall, 1e-9),
         "eval_return_mean": last["eval/return_mean"], "eval_return_std": last["eval/return_std"],
         "normalized_score": last.get("eval/normalized_score"),
         "best_eval_return": max(float(c.best_eval), last["eval/return_mean"]),
         "initial_eval_return": initial["eval/return_mean"] if initial else None,
         "initial_normalized_score": initial.get("eval/normalized_score") if initial else None,
         "eval_episodes": cfg.eval_episodes, "eval_mean_path": eval_mean_path, "time_breakdown_s": dict(timers),
-        **dict(summary or {})})
+        **summary()})

@@ -31,55 +31,30 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
 
 from diffrl.agents.rwr import DAWR, DRWR, AWRParams, returns_to_go, rwr_weights, td_lambda_targets
-from diffrl.config import check, check_positive
+from diffrl.config import check
 from diffrl.data import Batch, ReplayBuffer
 from diffrl.envs import VecEnv
 from diffrl.errors import ConfigError
 from diffrl.pipelines import onpolicy
-from diffrl.pipelines.chunk_offpolicy import Counters, updates_per_iteration
-from diffrl.pipelines.chunk_policy import evaluate_chunk_policy
-from diffrl.pipelines.common import RunConfig
-from diffrl.runs.logger import episode_stats
-from diffrl.runs.session import RunSession, due
+from diffrl.pipelines.chunk_offpolicy import ChunkLoopConfig, iterate, updates_per_iteration
+from diffrl.runs.session import RunSession
 
 __all__ = ["ChunkRWRConfig", "rwr_update", "awr_buffer", "awr_updates_per_iteration", "store", "buffer_targets",
            "awr_update", "train"]
 
 
 @dataclasses.dataclass(frozen=True)
-class ChunkRWRConfig(RunConfig):
+class ChunkRWRConfig(ChunkLoopConfig):
     """Run settings of the loop (defaults: DPPO's Gym Hopper RWR / AWR configs); a system's config extends it with
     :class:`~diffrl.agents.rwr.RWRParams` or :class:`~diffrl.agents.rwr.AWRParams`. Steps of eval_every /
     log_every / checkpoint_every are iterations."""
-
-    seed: int = 0
-    """run seed (agent init and noise, batch draws, episode resets)"""
-    n_envs: int = 40
-    """parallel environments (stepped in sequence)"""
-    n_steps: int = 500
-    """action chunks per env per iteration"""
-    n_train_itr: int = 1000
-    """fine-tuning iterations"""
-    eval_every: int = 10
-    """evaluate every this many iterations, and once before fine-tuning (0: only at the end)"""
-    log_every: int = 1
-    """write a metrics row every this many iterations"""
-    checkpoint_every: int = 100
-    """write a checkpoint every this many iterations (and at the end)"""
-
-    RESUMABLE: ClassVar[frozenset[str]] = RunConfig.RESUMABLE | {"n_train_itr"}
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("n_envs", "n_steps", "n_train_itr"):
-            check_positive(name, getattr(self, name))
 
 
 def _mean_metrics(history: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -226,69 +201,22 @@ def train(cfg: ChunkRWRConfig, session: RunSession, agent: DRWR | DAWR, envs: Ve
         obs = envs.load_state_dict(session.parts["state"]["envs"])  # replays the running episodes
     else:
         obs = envs.reset()
-    c = session.start(Counters(), timers={"rollout_s": 0.0, "update_s": 0.0, "eval_s": 0.0})
-    timers = session.timers
 
     def critic_counts() -> dict[str, float]:  # DAWR: its critic's steps and the buffer's fill
         if not isinstance(agent, DAWR) or fifo is None:
             return {}
         return {"critic_gradient_steps": float(agent.num_critic_updates), "buffer_size": float(len(fifo))}
 
-    def evaluate_agent() -> dict[str, float]:
-        with timers.time("eval_s"):
-            return evaluate_chunk_policy(agent.policy, eval_env, cfg.eval_episodes, cfg.seed, agent.device,
-                                         ref_scores, eval_mean_path)
+    def update(ro: onpolicy.Rollout, itr: int) -> dict[str, float]:
+        if isinstance(agent, DAWR):
+            store(fifo, ro, agent.p.scale_reward_factor)  # type: ignore[arg-type]
+            return awr_update(agent, fifo, cfg.n_envs, n_updates,  # type: ignore[arg-type]
+                              critic_only=itr < agent.p.n_critic_warmup_itr)
+        return rwr_update(agent, ro)
 
-    if not session.resumed and cfg.eval_every > 0:  # the pre-trained policy through the same routing
-        c.initial_eval = evaluate_agent()
-        session.log(0, {"itr": 0.0, **c.initial_eval}, env_steps=0)
-    session.progress_bar(cfg.n_train_itr, c.itr, desc=f"{session.pipeline} {envs.env_id}", unit="itr")
-    while c.itr < cfg.n_train_itr:
-        spent = dict(timers)
-        with timers.time("rollout_s"):
-            ro = onpolicy.collect(agent, envs, obs, cfg.n_steps, agent.generator)
-        with timers.time("update_s"):
-            if isinstance(agent, DAWR):
-                store(fifo, ro, agent.p.scale_reward_factor)  # type: ignore[arg-type]
-                metrics = awr_update(agent, fifo, cfg.n_envs, n_updates,  # type: ignore[arg-type]
-                                     critic_only=c.itr < agent.p.n_critic_warmup_itr)
-            else:
-                metrics = rwr_update(agent, ro)
-        obs, c.env_steps, c.itr = ro.last_obs, c.env_steps + ro.env_steps, c.itr + 1
-
-        done_all = c.itr >= cfg.n_train_itr
-        row: dict[str, float] = {}
-        on_grid = due(cfg.eval_every, c.itr - 1, c.itr)
-        if on_grid or done_all:  # off-grid final evaluation: summary only (see pipelines.online)
-            c.last_eval = evaluate_agent()
-            if on_grid:
-                c.best_eval = max(c.best_eval, c.last_eval["eval/return_mean"])
-                row.update(c.last_eval)
-        if due(cfg.log_every, c.itr - 1, c.itr) or done_all:
-            row.update({**metrics, **episode_stats(ro.episodes)})
-            session.check_finite(row, c.env_steps)
-            rollout, upd = timers["rollout_s"] - spent["rollout_s"], timers["update_s"] - spent["update_s"]
-            row.update({"itr": float(c.itr), "gradient_steps": float(agent.num_updates), **critic_counts(),
-                        "perf/rollout_s": rollout, "perf/update_s": upd,
-                        "perf/env_steps_per_s": ro.env_steps / max(rollout + upd, 1e-9)})
-        session.log(c.env_steps, row, env_steps=c.env_steps)
-        session.progress(1, **({"eval": c.last_eval["eval/return_mean"]} if c.last_eval else {}))
-        if due(cfg.checkpoint_every, c.itr - 1, c.itr) or done_all:
-            session.save(c.env_steps, state={"agent": agent.state_dict(), "envs": envs.state_dict()},
-                         parts={**({"buffer": fifo.state_dict()} if fifo is not None else {}), **dict(parts or {})},
-                         meta={"iteration": c.itr, "env_steps": c.env_steps, "gradient_steps": agent.num_updates})
-    if c.last_eval is None:  # resumed at the end: evaluate once more for the summary
-        c.last_eval = evaluate_agent()
-    last, initial = c.last_eval, c.initial_eval
-    wall = session.wall_s()
-    return session.finish({
-        "algo": "dawr" if fifo is not None else "drwr", "env_id": envs.env_id, "iterations": c.itr,
-        "env_steps": c.env_steps, "gradient_steps": agent.num_updates, **critic_counts(), "wall_s": wall,
-        "env_steps_per_s": c.env_steps / max(wall, 1e-9),
-        "eval_return_mean": last["eval/return_mean"], "eval_return_std": last["eval/return_std"],
-        "normalized_score": last.get("eval/normalized_score"),
-        "best_eval_return": max(float(c.best_eval), last["eval/return_mean"]),
-        "initial_eval_return": initial["eval/return_mean"] if initial else None,
-        "initial_normalized_score": initial.get("eval/normalized_score") if initial else None,
-        "eval_episodes": cfg.eval_episodes, "eval_mean_path": eval_mean_path, "time_breakdown_s": dict(timers),
-        **dict(summary or {})})
+    return iterate(
+        cfg, session, agent, envs, eval_env, obs,
+        rollout=lambda o: onpolicy.collect(agent, envs, o, cfg.n_steps, agent.generator), update=update,
+        counts=critic_counts, loop_parts=lambda: {"buffer": fifo.state_dict()} if fifo is not None else {},
+        ref_scores=ref_scores, eval_mean_path=eval_mean_path, parts=parts,
+        summary=lambda: {"algo": "dawr" if fifo is not None else "drwr", **critic_counts(), **dict(summary or {})})
