@@ -30,14 +30,13 @@ import torch
 from torch import nn
 
 from diffrl.agents.base import Agent, Params, check_hidden
-from diffrl.agents.dppo import DiffusionPolicy
+from diffrl.agents.dppo import DiffusionPolicy, check_chunk_model
 from diffrl.agents.nets import EnsembleQ
 from diffrl.agents.ppo import ChunkPolicy, check_optional_positive
 from diffrl.config import check, check_choice, check_non_negative, check_positive, check_unit_interval
 from diffrl.data.batch import Batch
 from diffrl.diffusion.models import DDPM
 from diffrl.diffusion.nets import ACTIVATIONS
-from diffrl.errors import ConfigError
 
 __all__ = ["DiffusionQParams", "DiffusionQAgent", "EVAL_SEED"]
 
@@ -138,14 +137,7 @@ class DiffusionQAgent(Agent):
     def __init__(self, model: DDPM, obs_dim: int, params: DiffusionQParams, device: torch.device | str = "cpu",
                  seed: int = 0) -> None:
         p = self.p = params
-        if not isinstance(model, DDPM):
-            raise ConfigError(f"{self.name} trains a DDPM chain, got a {type(model).__name__}.")
-        if len(model.event_shape) != 2 or model.event_shape[0] != p.horizon_steps:
-            raise ConfigError(f"the model samples chunks of shape {model.event_shape} but horizon_steps="
-                              f"{p.horizon_steps}; use the model's horizon.")
-        if model.cond_dim != p.cond_steps * obs_dim:
-            raise ConfigError(f"the model is conditioned on {model.cond_dim} values but cond_steps * obs_dim = "
-                              f"{p.cond_steps} * {obs_dim}; use the model's cond_steps and env.")
+        check_chunk_model(model, p.horizon_steps, p.cond_steps, obs_dim, self.name)
         self.device = torch.device(device)
         self.obs_dim, self.act_dim = int(obs_dim), int(model.event_shape[1])
         self.actor = DiffusionPolicy(model, model.num_steps, min_sampling_std=p.min_sampling_std,

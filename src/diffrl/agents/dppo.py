@@ -242,17 +242,10 @@ class DPPO(ChunkPPO):
     policy: DiffusionPolicy
 
     def __init__(self, model: DDPM, obs_dim: int, params: DPPOParams, device: torch.device | str = "cpu") -> None:
-        if not isinstance(model, DDPM):
-            raise ConfigError(f"DPPO fine-tunes a DDPM, got a {type(model).__name__}.")
+        check_chunk_model(model, params.horizon_steps, params.cond_steps, obs_dim, "DPPO")
         if model.num_steps != params.denoising_steps:
             raise ConfigError(f"the pre-trained model has {model.num_steps} denoising steps but denoising_steps="
                               f"{params.denoising_steps}; set it to the model's (DPPO keeps K from pre-training).")
-        if len(model.event_shape) != 2 or model.event_shape[0] != params.horizon_steps:
-            raise ConfigError(f"the model samples chunks of shape {model.event_shape} but horizon_steps="
-                              f"{params.horizon_steps}; use the pre-training horizon.")
-        if model.cond_dim != params.cond_steps * obs_dim:
-            raise ConfigError(f"the model is conditioned on {model.cond_dim} values but cond_steps * obs_dim = "
-                              f"{params.cond_steps} * {obs_dim}; use the pre-training cond_steps and env.")
         policy = DiffusionPolicy(model, params.ft_denoising_steps, use_ddim=params.use_ddim,
                                  ddim_steps=params.ddim_steps, ddim_eta=params.ddim_eta,
                                  min_sampling_std=params.min_sampling_std, min_logprob_std=params.min_logprob_std,
@@ -274,6 +267,19 @@ class DPPO(ChunkPPO):
         """``gamma_denoising^(K' - 1 - i)``: the final denoising step is undiscounted (DPPO)."""
         p: DPPOParams = self.p  # type: ignore[assignment]
         return p.gamma_denoising ** (self.num_transitions - 1 - i).float()
+
+
+def check_chunk_model(model: Any, horizon_steps: int, cond_steps: int, obs_dim: int, who: str) -> None:
+    """What every agent built on a pre-trained chunk model checks first (DPPO and its baselines): a DDPM over chunks
+    ``(horizon_steps, Da)`` conditioned on ``cond_steps * obs_dim`` values; anything else is one ConfigError."""
+    if not isinstance(model, DDPM):
+        raise ConfigError(f"{who} fine-tunes a DDPM chain, got a {type(model).__name__}.")
+    if len(model.event_shape) != 2 or model.event_shape[0] != horizon_steps:
+        raise ConfigError(f"the model samples chunks of shape {model.event_shape} but horizon_steps={horizon_steps}; "
+                          "use the pre-trained model's horizon.")
+    if model.cond_dim != cond_steps * obs_dim:
+        raise ConfigError(f"the model is conditioned on {model.cond_dim} values but cond_steps * obs_dim = "
+                          f"{cond_steps} * {obs_dim}; use the pre-trained model's cond_steps and env.")
 
 
 def dppo_model_spec(obs_dim: int, act_dim: int, params: DPPOParams, *, hidden: int = 512, blocks: int = 1,

@@ -45,13 +45,12 @@ import torch
 from torch import nn
 
 from diffrl.agents.base import Agent, Params, check_hidden
-from diffrl.agents.dppo import DiffusionPolicy
+from diffrl.agents.dppo import DiffusionPolicy, check_chunk_model
 from diffrl.agents.ppo import ChunkSample, ValueCritic, check_optional_positive
 from diffrl.agents.ppo_utils import gae
 from diffrl.config import check, check_choice, check_non_negative, check_positive, check_unit_interval
 from diffrl.diffusion.models import DDPM
 from diffrl.diffusion.nets import ACTIVATIONS
-from diffrl.errors import ConfigError
 
 __all__ = ["RegressionParams", "RWRParams", "AWRParams", "WeightedRegression", "DRWR", "DAWR", "returns_to_go",
            "rwr_weights", "awr_weights", "td_lambda_targets", "RWR_STD_EPS", "AWR_STD_EPS"]
@@ -258,14 +257,7 @@ class WeightedRegression(Agent):
         if not isinstance(params, self.params_type):
             raise TypeError(f"{type(self).__name__} takes {self.params_type.__name__}, got {type(params).__name__}")
         p = self.p = params
-        if not isinstance(model, DDPM):
-            raise ConfigError(f"{type(self).__name__} fine-tunes a DDPM chain, got a {type(model).__name__}.")
-        if len(model.event_shape) != 2 or model.event_shape[0] != p.horizon_steps:
-            raise ConfigError(f"the model samples chunks of shape {model.event_shape} but horizon_steps="
-                              f"{p.horizon_steps}; use the model's horizon.")
-        if model.cond_dim != p.cond_steps * obs_dim:
-            raise ConfigError(f"the model is conditioned on {model.cond_dim} values but cond_steps * obs_dim = "
-                              f"{p.cond_steps} * {obs_dim}; use the model's cond_steps and env.")
+        check_chunk_model(model, p.horizon_steps, p.cond_steps, obs_dim, type(self).__name__)
         self.device = torch.device(device)
         self.obs_dim = int(obs_dim)
         self.policy = DiffusionPolicy(model, model.num_steps, min_sampling_std=p.min_sampling_std,
