@@ -501,3 +501,78 @@ def test_a_spec_without_a_normalizer_kind_gets_the_identity_either_way() -> None
     assert build_model(bare).normalizer.kind == "none"
     assert build_model({**bare, "normalizer": {"skip_dims": [1]}}).normalizer.kind == "none"
     assert build_model(SPEC).normalizer.kind == "zscore"
+
+
+class _Spy(nn.Module):
+    """A denoiser that records its inputs and returns a fixed function of them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.5))
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        self.inputs.append(x.detach().clone())
+        return self.scale * x
+
+
+@pytest.mark.parametrize("kind", ["edm", "ddpm"])
+def test_loss_holds_fixed_entries_clean_in_the_input_and_leaves_them_out(kind: str) -> None:
+    spy = _Spy()
+    model = EDM(spy, (4, 3)) if kind == "edm" else DDPM(spy, (4, 3), num_steps=10)
+    x = torch.randn(6, 4, 3)
+    fixed = torch.zeros(4, 3, dtype=torch.bool)
+    fixed[0] = True  # the first row (s0) ...
+    fixed[:, 2] = True  # ... and one channel at every step (the given actions)
+    per_sample = model.loss(x, generator=torch.Generator().manual_seed(0), fixed=fixed, reduction="none")
+    seen = spy.inputs[-1]
+    if kind == "edm":  # the network sees c_in * x_noised; the fixed entries are c_in * x
+        ratio = seen[:, fixed] / x[:, fixed]
+        assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), atol=1e-5)
+    else:
+        assert torch.equal(seen[:, fixed], x[:, fixed])
+    assert not torch.allclose(seen[:, ~fixed], x[:, ~fixed])  # the free entries are noised
+    # the same draws without a mask: the loss of the free entries alone is the masked loss
+    full = model._loss(x, None, torch.Generator().manual_seed(0), None, fixed.expand_as(x))
+    assert torch.allclose(per_sample, full[:, ~fixed].mean(1))
+    assert torch.allclose(model.loss(x, generator=torch.Generator().manual_seed(0), fixed=fixed),
+                          full[:, ~fixed].mean())
+
+
+def test_clean_inpainting_shows_the_network_the_clean_values_at_every_step() -> None:
+    spy = _Spy()
+    model = EDM(spy, (5, 2))
+    mask = torch.zeros(5, 2, dtype=torch.bool)
+    mask[:, 1] = True
+    values = torch.linspace(-1, 1, 10).view(5, 2)
+    calls = []
+    real_denoise = model.denoise
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor, *args: object, **kw: object) -> torch.Tensor:
+        calls.append(x.detach().clone())
+        return real_denoise(x, sigma, *args, **kw)
+
+    model.denoise = denoise  # type: ignore[method-assign]
+    out = model.sample(3, sampler="heun", steps=6, inpaint=Inpaint(mask, values, clean=True),
+                       generator=torch.Generator().manual_seed(1))
+    assert len(calls) > 6
+    for x in calls:  # every network input holds the clean values (the noised default would not)
+        assert torch.allclose(x[:, mask], values[mask].expand(3, -1))
+    assert torch.equal(out[:, mask], values[mask].expand(3, -1))
+    calls.clear()
+    model.sample(3, sampler="heun", steps=6, inpaint=Inpaint(mask, values), generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(calls[0][:, mask], values[mask].expand(3, -1))
+
+
+def test_trainer_passes_one_fixed_mask_or_one_per_sample() -> None:
+    spy = _Spy()
+    model = DDPM(spy, (2, 2), num_steps=5)
+    data = torch.randn(8, 2, 2)
+    per_sample = torch.zeros(8, 2, 2, dtype=torch.bool)
+    per_sample[:, 0, 0] = True
+    for fixed in (per_sample[0], per_sample):
+        trainer = DiffusionTrainer(model, data, TrainerSettings(steps=2, batch_size=4), fixed=fixed)
+        trainer.train_step()
+        seen = spy.inputs[-1]
+        assert bool(torch.isin(seen[:, 0, 0], data[:, 0, 0]).all())  # the fixed entry is a clean data value
+        assert not bool(torch.isin(seen[:, 1, 1], data[:, 1, 1]).any())  # the others are noised

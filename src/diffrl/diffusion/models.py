@@ -103,8 +103,8 @@ class DiffusionModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------- interface
     def loss(self, x: torch.Tensor, cond: torch.Tensor | None = None, generator: torch.Generator | None = None, *,
-             weights: torch.Tensor | None = None, reduction: str = "mean",
-             net: nn.Module | None = None) -> torch.Tensor:
+             weights: torch.Tensor | None = None, reduction: str = "mean", net: nn.Module | None = None,
+             fixed: torch.Tensor | None = None) -> torch.Tensor:
         """Denoising loss of a batch ``x`` ``(B, *event)`` in data units.
 
         Args:
@@ -114,25 +114,38 @@ class DiffusionModel(nn.Module):
             reduction: ``"mean"`` (a scalar) or ``"none"`` (the ``(B,)`` per-sample losses, weighted if given).
             net: a denoiser in place of the model's own, as in :meth:`network` (a fine-tuned copy: DPPO's
                 baselines train one while the model keeps the pre-trained weights).
-        Returns the loss. Without weights, ``"mean"`` is the mean over all elements (the mean of the per-sample
-        losses up to rounding).
+            fixed: a bool mask broadcastable to ``x`` of entries given as conditions: they are held at their clean
+                values in the noised input and left out of the loss (Diffuser's ``apply_conditioning``, Dydiff's
+                ``cond_on_action``). Sample such a model with ``Inpaint(mask, values, clean=True)``.
+        Returns the loss. Without weights, ``"mean"`` is the mean over all (free) elements (the mean of the
+        per-sample losses up to rounding).
         """
         self._check_inputs(x, cond)
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         if weights is not None:
             self._check_weights(weights, x.shape[0])
-        errors = self._loss(self.normalizer(x), self._drop_cond(cond, generator), generator, net)  # (B, *event)
-        if weights is None and reduction == "mean":
+        if fixed is not None:
+            fixed = torch.as_tensor(fixed, dtype=torch.bool, device=x.device).expand_as(x)
+        errors = self._loss(self.normalizer(x), self._drop_cond(cond, generator), generator, net,
+                            fixed)  # (B, *event)
+        if fixed is not None:  # the mean over the free entries only
+            free = (~fixed).flatten(1).float()  # (B, n)
+            per_sample = (errors.flatten(1) * free).sum(1) / free.sum(1).clamp(min=1.0)
+            if weights is None and reduction == "mean":
+                return (errors.flatten(1) * free).sum() / free.sum().clamp(min=1.0)
+        elif weights is None and reduction == "mean":
             return errors.mean()  # the element mean, as before: seeded losses keep their exact values
-        per_sample = errors.flatten(1).mean(1)  # (B,)
+        else:
+            per_sample = errors.flatten(1).mean(1)  # (B,)
         if weights is not None:
             per_sample = weights.to(per_sample) * per_sample
         return per_sample if reduction == "none" else per_sample.mean()
 
     def _loss(self, x: torch.Tensor, cond: torch.Tensor | None, generator: torch.Generator | None,
-              net: nn.Module | None = None) -> torch.Tensor:
-        """Element-wise loss ``(B, *event)`` of a normalised batch, through ``net`` if given; ``loss`` reduces it."""
+              net: nn.Module | None = None, fixed: torch.Tensor | None = None) -> torch.Tensor:
+        """Element-wise loss ``(B, *event)`` of a normalised batch, through ``net`` if given, with the ``fixed``
+        entries held clean in the noised input; ``loss`` reduces it (and drops the fixed entries)."""
         raise NotImplementedError
 
     def resolve_sampler(self, sampler: str | None = None, steps: int | None = None,
@@ -171,7 +184,7 @@ class DiffusionModel(nn.Module):
         fixed = None
         if inpaint is not None:
             fixed = inpaint.expand(shape, device)
-            fixed = Inpaint(fixed.mask, self.normalizer(fixed.values))
+            fixed = Inpaint(fixed.mask, self.normalizer(fixed.values), fixed.clean)
         x = samplers.run(self, sampler, shape, cond, steps=steps, inpaint=fixed, guidance=guidance,
                          generator=generator, device=device, **settings)
         if clip is not None:
@@ -218,13 +231,14 @@ class EDM(DiffusionModel):
         return c_skip * x + c_out * self.network(c_in * x, c_noise, cond, guidance, net)
 
     def _loss(self, x: torch.Tensor, cond: torch.Tensor | None, generator: torch.Generator | None,
-              net: nn.Module | None = None) -> torch.Tensor:
+              net: nn.Module | None = None, fixed: torch.Tensor | None = None) -> torch.Tensor:
         n = x.shape[0]
         sigma = (self.p_mean + self.p_std * torch.randn(n, device=x.device, generator=generator)).exp()
         s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
         noise = torch.randn(x.shape, device=x.device, generator=generator)
         weight = (s ** 2 + self.sigma_data ** 2) / (s * self.sigma_data) ** 2
-        return weight * (self.denoise(x + s * noise, sigma, cond, net=net) - x) ** 2  # (B, *event)
+        noised = x + s * noise if fixed is None else torch.where(fixed, x, x + s * noise)
+        return weight * (self.denoise(noised, sigma, cond, net=net) - x) ** 2  # (B, *event)
 
 
 class DDPM(DiffusionModel):
@@ -252,10 +266,11 @@ class DDPM(DiffusionModel):
         return self.schedule.num_steps
 
     def _loss(self, x: torch.Tensor, cond: torch.Tensor | None, generator: torch.Generator | None,
-              net: nn.Module | None = None) -> torch.Tensor:
+              net: nn.Module | None = None, fixed: torch.Tensor | None = None) -> torch.Tensor:
         t = torch.randint(0, self.num_steps, (x.shape[0],), device=x.device, generator=generator)
         noise = torch.randn(x.shape, device=x.device, generator=generator)
-        out = self.network(self.q_sample(x, t, noise), t.float(), cond, net=net)
+        x_t = self.q_sample(x, t, noise)
+        out = self.network(x_t if fixed is None else torch.where(fixed, x, x_t), t.float(), cond, net=net)
         return (out - (noise if self.prediction == "epsilon" else x)) ** 2  # (B, *event)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -41,10 +41,11 @@ if TYPE_CHECKING:  # annotations only: models import this module to dispatch ``s
 
 
 def _impose(x: torch.Tensor, inpaint: Inpaint | None, noised: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Replace the fixed entries by their values brought to the current noise level (``noised(values)``)."""
+    """Replace the fixed entries by their values brought to the current noise level (``noised(values)``), or by the
+    values themselves for a model trained with them held clean (``inpaint.clean``)."""
     if inpaint is None:
         return x
-    return torch.where(inpaint.mask, noised(inpaint.values), x)
+    return torch.where(inpaint.mask, inpaint.values if inpaint.clean else noised(inpaint.values), x)
 
 
 def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -68,15 +69,20 @@ def edm_heun(model: EDM, shape: Sequence[int], cond: torch.Tensor | None = None,
     device = device or torch.device("cpu")
     sigmas, x = _edm_setup(model, shape, steps, inpaint, generator, device)
     gamma_max = min(S_churn / steps, math.sqrt(2) - 1)
+    clean = inpaint is not None and inpaint.clean
     for i in range(steps):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         gamma = gamma_max if S_tmin <= sigma <= S_tmax else 0.0
         sigma_hat = sigma * (1 + gamma)
         if gamma > 0:
             x = x + math.sqrt(sigma_hat ** 2 - sigma ** 2) * S_noise * _randn(shape, generator, device)
+            if clean:  # the churn noise leaves clean conditions alone
+                x = _impose(x, inpaint, lambda v: v)
         d = (x - model.denoise(x, sigma_hat, cond, guidance)) / sigma_hat
         x_next = x + (sigma_next - sigma_hat) * d
         if second_order and sigma_next > 0:
+            if clean:  # the second evaluation sees them clean too, as in training
+                x_next = _impose(x_next, inpaint, lambda v: v)
             d_next = (x_next - model.denoise(x_next, sigma_next, cond, guidance)) / sigma_next
             x_next = x + (sigma_next - sigma_hat) * 0.5 * (d + d_next)
         x = _impose(x_next, inpaint, lambda v, s=sigma_next: v + s * _randn(shape, generator, device))

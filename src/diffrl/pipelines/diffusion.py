@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,32 @@ class Counters:
     last_loss: float = float("nan")
 
 
+def train_steps(session: RunSession, trainer: DiffusionTrainer, c: Counters, steps: int, log_every: int,
+                checkpoint_every: int, extra_row: Callable[[int], dict[str, float]] | None = None) -> None:
+    """The diffusion training loop (this pipeline's, and Dydiff's window model's): train ``trainer`` up to ``steps``
+    gradient steps, log loss / lr / speed every ``log_every`` (plus ``extra_row(step)``), checkpoint the trainer as
+    part ``diffusion`` every ``checkpoint_every`` and at the end. Resumes from ``trainer.step``."""
+    losses: list[torch.Tensor] = []
+    rate = RateMeter(trainer.step)
+    while trainer.step < steps:
+        with session.timers.time("train_s"):
+            losses.append(trainer.train_step())
+        step = trainer.step
+        row: dict[str, float] = {}
+        if due(log_every, step - 1, step) or step == steps:
+            c.last_loss = float(torch.stack(losses).mean())
+            row.update({"train/loss": c.last_loss, "train/lr": trainer.opt.param_groups[0]["lr"],
+                        "perf/steps_per_s": rate.rate(step)})
+            session.check_finite(row, step)
+            losses = []
+        if extra_row is not None:
+            row.update(extra_row(step))
+        session.log(step, row)
+        session.progress(1, loss=c.last_loss)
+        if due(checkpoint_every, step - 1, step) or step == steps:
+            session.save(step, parts={"diffusion": trainer.state_dict()}, meta={"gradient_steps": step})
+
+
 def run(cfg: DiffusionConfig, dataset: OfflineDataset | None = None) -> Path:
     """Train the diffusion model on ``cfg.dataset`` (or on ``dataset``, e.g. a subset); returns the run directory."""
     device = resolve_device(cfg.device)
@@ -192,25 +219,12 @@ def run(cfg: DiffusionConfig, dataset: OfflineDataset | None = None) -> Path:
     session.progress_bar(cfg.steps, trainer.step, desc=f"diffusion {Path(str(cfg.dataset)).name}", unit="step")
 
     # ------------------------------------------------------------------ loop
-    losses: list[torch.Tensor] = []
-    rate = RateMeter(trainer.step)
-    while trainer.step < cfg.steps:
-        with session.timers.time("train_s"):
-            losses.append(trainer.train_step())
-        step = trainer.step
-        row: dict[str, float] = {}
-        if due(cfg.log_every, step - 1, step) or step == cfg.steps:
-            c.last_loss = float(torch.stack(losses).mean())
-            row.update({"train/loss": c.last_loss, "train/lr": trainer.opt.param_groups[0]["lr"],
-                        "perf/steps_per_s": rate.rate(step)})
-            session.check_finite(row, step)
-            losses = []
+    def fidelity_row(step: int) -> dict[str, float]:
         if due(cfg.eval_every, step - 1, step) and cfg.fidelity_samples and step < cfg.steps:
-            row.update(_flat(_fidelity(trainer.ema.shadow, layout, real, env_id, cfg.fidelity_samples, cfg.seed)))
-        session.log(step, row)
-        session.progress(1, loss=c.last_loss)
-        if due(cfg.checkpoint_every, step - 1, step) or step == cfg.steps:
-            session.save(step, parts={"diffusion": trainer.state_dict()}, meta={"gradient_steps": step})
+            return _flat(_fidelity(trainer.ema.shadow, layout, real, env_id, cfg.fidelity_samples, cfg.seed))
+        return {}
+
+    train_steps(session, trainer, c, cfg.steps, cfg.log_every, cfg.checkpoint_every, fidelity_row)
 
     # ------------------------------------------------------------------ summary
     summary: dict[str, Any] = {"dataset": str(cfg.dataset), "env_id": env_id, "gradient_steps": trainer.step,
