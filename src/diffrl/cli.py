@@ -139,6 +139,9 @@ def run_system(group: str, args: list[str]) -> None:
     if single is None and (not args or args[0] in ("-h", "--help")):  # a single command runs with no arguments
         print(_system_usage(group, system))
         return
+    default = system.command("")
+    if single is None and default is not None and args[0].startswith("-"):  # `diffrl dydiff --dataset D` beside
+        single = default                                                     # `diffrl dydiff fidelity ...`
     if single is None:
         word, args = args[0], args[1:]
         entry = system.command(word) or system.tool(word)

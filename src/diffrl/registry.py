@@ -35,6 +35,7 @@ SYSTEMS: dict[str, tuple[str, ...]] = {
     "synther": ("diffrl.pipelines.synther_offline", "diffrl.pipelines.synther_online"),
     "iter": ("diffrl.pipelines.iter_her",),
     "dppo": ("diffrl.pipelines.dppo",),
+    "dydiff": ("diffrl.pipelines.dydiff",),
     "data": ("diffrl.pipelines.data_collect",),
     "quickstart": ("diffrl.pipelines.quickstart",),
 }

@@ -68,6 +68,8 @@ class DiffusionQParams(Params):
     """AdamW weight decay of the critic"""
     max_grad_norm: float | None = None
     """clip the actor's gradient norm (None: no clipping, as the Gym configs)"""
+    critic_max_grad_norm: float | None = None
+    """clip the critic's gradient norm (None: no clipping, as the Gym configs; Wang et al. clip both)"""
     critic_hidden: tuple[int, ...] = (256, 256, 256)
     """hidden widths of each Q-network (CriticObsAct mlp_dims)"""
     critic_activation: str = "mish"
@@ -76,7 +78,8 @@ class DiffusionQParams(Params):
     """DPPO's residual Q trunk. The configs ask for residual_style: True, but CriticObsAct's argument is spelt
     residual_tyle, so the reference runs a plain MLP: off by default, as the baselines' numbers were produced"""
     min_sampling_std: float = 0.1
-    """std floor of every transition of the training chains (min_sampling_denoising_std)"""
+    """std floor of every transition of the training chains (min_sampling_denoising_std); 0: the plain posterior
+    std, so no noise at t = 0 (Wang et al.'s chain)"""
     noise_clip: float | None = 3.0
     """clamp of the standard-normal noise of the chains (randn_clip_value)"""
     clip_x0: float | None = 1.0
@@ -84,8 +87,9 @@ class DiffusionQParams(Params):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("horizon_steps", "act_steps", "cond_steps", "actor_lr", "critic_lr", "min_sampling_std"):
+        for name in ("horizon_steps", "act_steps", "cond_steps", "actor_lr", "critic_lr"):
             check_positive(name, getattr(self, name))
+        check_non_negative("min_sampling_std", self.min_sampling_std)
         check(self.act_steps <= self.horizon_steps, "act_steps", self.act_steps,
               f"<= horizon_steps={self.horizon_steps}")
         check_unit_interval("gamma", self.gamma)
@@ -93,6 +97,7 @@ class DiffusionQParams(Params):
         for name in ("actor_weight_decay", "critic_weight_decay"):
             check_non_negative(name, getattr(self, name))
         check_optional_positive("max_grad_norm", self.max_grad_norm)
+        check_optional_positive("critic_max_grad_norm", self.critic_max_grad_norm)
         check_optional_positive("noise_clip", self.noise_clip)
         check_optional_positive("clip_x0", self.clip_x0)
         check_hidden(self.critic_hidden)
@@ -181,8 +186,9 @@ class DiffusionQAgent(Agent):
     @torch.no_grad()
     def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         """The agent contract: chunks ``(B, Ta, Da)``, or actions ``(B, Da)`` for flat observations ``(B, Do)`` when
-        ``To = Ta = 1`` (an offline transition agent). ``deterministic``: DPPO's evaluation chain (std floor 1e-3,
-        no noise at the last step) with a fixed noise, so the action is a function of the observation."""
+        ``To = Ta = 1`` (an offline transition agent). ``deterministic``: the policy's evaluation sampling (DPPO's
+        evaluation chain: std floor 1e-3, no noise at the last step; or a candidate argmax) with a fixed noise, so the
+        action is a function of the observation."""
         flat = np.ndim(obs) == 2 and self.p.cond_steps == 1 and self.p.horizon_steps == 1
         gen = torch.Generator(device=self.device).manual_seed(EVAL_SEED) if deterministic else self.generator
         out = self.policy.sample(self._history(obs), deterministic, gen).action
@@ -212,13 +218,18 @@ class DiffusionQAgent(Agent):
 
     # ------------------------------------------------------------------------------------------------ steps
     def critic_step(self, batch: Batch, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One step on ``sum_i mean (Q_i(s, a) - y)^2`` (the reference's double-Q loss); detached metrics."""
+        """One step on ``sum_i mean (Q_i(s, a) - y)^2`` (the reference's double-Q loss), the gradient norm clipped at
+        ``critic_max_grad_norm`` if set (then reported, unclipped, as ``critic_grad_norm``); detached metrics."""
         q = self.critic(batch.obs, batch.act)  # (2, B)
         loss = (q - target).pow(2).mean(1).sum()
         self.critic_opt.zero_grad(set_to_none=True)
         loss.backward()
+        out = {"critic_loss": loss.detach(), "q_mean": q.detach().mean(), "target_mean": target.mean()}
+        if self.p.critic_max_grad_norm is not None:
+            out["critic_grad_norm"] = nn.utils.clip_grad_norm_(self.critic.parameters(), self.p.critic_max_grad_norm,
+                                                               foreach=True).detach()
         self.critic_opt.step()
-        return {"critic_loss": loss.detach(), "q_mean": q.detach().mean(), "target_mean": target.mean()}
+        return out
 
     def actor_step(self, loss: torch.Tensor) -> torch.Tensor:
         """One actor step (gradient norm clipped at ``max_grad_norm`` if set); returns the unclipped norm."""

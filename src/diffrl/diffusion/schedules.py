@@ -10,7 +10,7 @@ import math
 
 import torch
 
-BETA_SCHEDULES = ("linear", "cosine")
+BETA_SCHEDULES = ("linear", "cosine", "vp")
 
 
 def linear_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 2e-2) -> torch.Tensor:
@@ -34,11 +34,22 @@ def cosine_betas(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> t
     return betas.clamp(0.0, max_beta)
 
 
+def vp_betas(num_steps: int, beta_min: float = 0.1, beta_max: float = 10.0) -> torch.Tensor:
+    """The continuous VP SDE's ``beta(s) = beta_min + s (beta_max - beta_min)``, ``s`` in [0, 1], integrated over
+    ``K`` equal steps (Song et al. 2021; Wang et al. 2023's ``vp_beta_schedule``, their default with K = 5):
+    ``beta_k = 1 - exp(-beta_min / K - (beta_max - beta_min) (2k - 1) / (2 K^2))`` for ``k = 1 .. K``, float64
+    ``(K,)``. Made for few steps: K = 5 already ends at alpha_bar ~ 6e-3."""
+    k = torch.arange(1, num_steps + 1, dtype=torch.float64)
+    return -torch.expm1(-beta_min / num_steps - 0.5 * (beta_max - beta_min) * (2 * k - 1) / num_steps ** 2)
+
+
 def make_betas(kind: str, num_steps: int, **kwargs: float) -> torch.Tensor:
     if kind == "linear":
         return linear_betas(num_steps, **kwargs)
     if kind == "cosine":
         return cosine_betas(num_steps, **kwargs)
+    if kind == "vp":
+        return vp_betas(num_steps, **kwargs)
     raise ValueError(f"unknown beta schedule {kind!r}: choose one of {', '.join(BETA_SCHEDULES)}")
 
 

@@ -1,4 +1,4 @@
-"""Offline RL on a fixed dataset: BC, TD3+BC, IQL, CQL, EDAC (``diffrl offline ALGO --dataset D``).
+"""Offline RL on a fixed dataset: BC, TD3+BC, IQL, CQL, EDAC, Diffusion-QL (``diffrl offline ALGO --dataset D``).
 
 Reads top to bottom: load and validate the dataset, normalise (states with the dataset's mean/std, rewards by
 ``1000 / (max return - min return)`` where CORL's config does), then the loop — sample, update, log, evaluate
@@ -22,8 +22,23 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from diffrl.agents import BC, CQL, EDAC, IQL, TD3BC, Agent, BCParams, CQLParams, EDACParams, IQLParams, TD3BCParams
-from diffrl.config import check, check_positive
+from diffrl.agents import (
+    BC,
+    CQL,
+    DQL,
+    EDAC,
+    IQL,
+    TD3BC,
+    Agent,
+    BCParams,
+    CQLParams,
+    DQLParams,
+    EDACParams,
+    IQLParams,
+    TD3BCParams,
+)
+from diffrl.agents.dql import dql_offline_model
+from diffrl.config import check, check_choice, check_positive
 from diffrl.data import (
     MixedSampler,
     Normalizer,
@@ -34,6 +49,7 @@ from diffrl.data import (
     fingerprint,
     load_dataset,
 )
+from diffrl.diffusion.schedules import BETA_SCHEDULES
 from diffrl.envs import env_signature, make_env
 from diffrl.envs.vector import obs_dim
 from diffrl.errors import ConfigError, DiffrlError, DiffrlWarning
@@ -105,14 +121,77 @@ class EDACConfig(EDACParams, OfflineConfig):
     """z-score states with the dataset's statistics (CORL's EDAC does not)"""
 
 
+@dataclasses.dataclass(frozen=True)
+class DQLConfig(DQLParams, OfflineConfig):
+    """``diffrl offline dql``: Diffusion-QL (Wang et al. 2023, arXiv:2208.06193) with the settings of their code
+    (Zhendong-Wang/Diffusion-Policies-for-Offline-RL, ``main.py`` for D4RL locomotion): a fresh 5-step VP DDPM over
+    single actions trained by BC + normalised Q through the chain, a' from its EMA copy, both gradients clipped,
+    cosine learning-rate decay, actions chosen among 50 samples by the target critic (:mod:`diffrl.agents.dql`)."""
+
+    normalize_states: bool = False
+    """z-score states with the dataset's statistics (their Data_Sampler does not)"""
+    horizon_steps: int = 1
+    """Ta: one action per transition (the offline buffer holds single transitions: must be 1)"""
+    act_steps: int = 1
+    """executed actions per transition (must be 1)"""
+    cond_steps: int = 1
+    """To, observations the policy sees (must be 1)"""
+    actor_lr: float = 3e-4
+    """actor learning rate (Adam: AdamW without weight decay; their lr)"""
+    critic_lr: float = 3e-4
+    """critic learning rate (their critic's 3e-4)"""
+    max_grad_norm: float | None = 5.0
+    """clip the actor's gradient norm (their per-dataset gn: 1-9 on locomotion; 5 as Dydiff)"""
+    critic_max_grad_norm: float | None = 5.0
+    """clip the critic's gradient norm (their same gn)"""
+    min_sampling_std: float = 0.0
+    """std floor of the chain's transitions (0: their plain posterior std, no noise at t = 0)"""
+    noise_clip: float | None = None
+    """clamp of the chain's standard-normal noise (None: not clamped, as theirs)"""
+    target_actor: str = "ema"
+    """who draws the TD target's a': 'ema' (theirs) or 'current' (DPPO's baseline)"""
+    eval_candidates: int | None = 50
+    """actions sampled per state when acting, the one of highest min-Q' taken (their sample_action's 50)"""
+    lr_decay: bool = True
+    """cosine-anneal both learning rates to 0 (their --lr_decay; diffrl.agents.dql.DQL.anneal_lr says how theirs
+    differs)"""
+    lr_decay_steps: int | None = None
+    """length of the learning-rate decay in updates (None: the run's steps)"""
+    denoising_steps: int = 5
+    """K, denoising steps of the fresh DDPM (their --T)"""
+    beta_schedule: str = "vp"
+    """noise schedule of the DDPM (their --beta_schedule vp; linear or cosine)"""
+    denoiser_hidden: int = 256
+    """width of the denoiser's layers (their 256)"""
+    time_dim: int = 16
+    """sinusoidal time features of the denoiser (their t_dim)"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("horizon_steps", "act_steps", "cond_steps"):
+            check(getattr(self, name) == 1, name, getattr(self, name), "1 for offline Diffusion-QL (the dataset's "
+                  "transitions hold one observation and one action)")
+        for name in ("denoising_steps", "denoiser_hidden"):
+            check_positive(name, getattr(self, name))
+        check(self.time_dim >= 4 and self.time_dim % 2 == 0, "time_dim", self.time_dim, "even and >= 4")
+        check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        check(self.lr_decay or self.lr_decay_steps is None, "lr_decay_steps", self.lr_decay_steps,
+              "unset with --no-lr-decay (no decay)")
+
+
 ALGOS: dict[str, tuple[type[OfflineConfig], type[Agent]]] = {
     "bc": (BCConfig, BC), "td3bc": (TD3BCConfig, TD3BC), "iql": (IQLConfig, IQL), "cql": (CQLConfig, CQL),
-    "edac": (EDACConfig, EDAC)}
+    "edac": (EDACConfig, EDAC), "dql": (DQLConfig, DQL)}
 _QUICK = dict(steps=20_000, eval_every=5_000, eval_episodes=5, checkpoint_every=10_000)
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     name: {"quick": dict(_QUICK), "paper": dict(steps=3_000_000 if name == "edac" else 1_000_000, eval_every=5_000,
                                                 eval_episodes=10)}
     for name in ALGOS}
+# Diffusion-QL updates cost several TD3+BC updates (two 5-step chains, one differentiated): fewer quick steps, so
+# the quick run still takes minutes on one core; paper: Wang et al.'s 2000 epochs of 1000 updates (main.py's
+# num_epochs, num_steps_per_epoch), evaluated every 50 epochs on 10 episodes
+PRESETS["dql"] = {"quick": dict(steps=10_000, eval_every=5_000, eval_episodes=5, checkpoint_every=5_000),
+                  "paper": dict(steps=2_000_000, eval_every=50_000, eval_episodes=10)}
 
 
 class NormalizedPolicy:
@@ -134,6 +213,11 @@ def build(cfg: OfflineConfig, d_obs: int, d_act: int, device: torch.device) -> A
     params = cfg
     if isinstance(cfg, IQLConfig) and cfg.actor_lr_steps is None:  # cosine schedule over the whole run (CORL)
         params = dataclasses.replace(cfg, actor_lr_steps=cfg.steps)
+    if isinstance(cfg, DQLConfig):  # a fresh diffusion policy; its learning rates decay over the whole run
+        params = dataclasses.replace(cfg, lr_decay_steps=(cfg.lr_decay_steps or cfg.steps) if cfg.lr_decay else None)
+        model = dql_offline_model(d_obs, d_act, denoising_steps=cfg.denoising_steps, schedule=cfg.beta_schedule,
+                                  hidden=cfg.denoiser_hidden, time_dim=cfg.time_dim, clip_x0=cfg.clip_x0)
+        return DQL(model, d_obs, params, device, seed=cfg.seed)
     return ALGOS[algo_name(cfg)][1](d_obs, d_act, params, device)  # type: ignore[arg-type]
 
 
@@ -200,22 +284,35 @@ class OfflineData:
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass(frozen=True)
+class AugmentContext:
+    """What the loop hands an :class:`OfflineAugment` hook: its buffers (normalised space), the agent as a policy on
+    raw states (``policy.act(raw_obs, deterministic)``), and the maps from raw data into the buffers' space."""
+
+    real: ReplayBuffer
+    model: ReplayBuffer
+    policy: NormalizedPolicy
+    normalizer: Normalizer
+    reward_scale: float
+
+
 class OfflineAugment(Protocol):
     """Model-generated experience for the offline loop (Dydiff: rollouts of a dynamics model under the learning
     policy). The loop owns a second, *model* buffer of ``capacity`` transitions, in the loop's normalised space
     (states normalised and rewards scaled as the real buffer's).
 
     Before the first gradient step and after every ``every`` gradient steps (the due rule on the gradient-step
-    counter) the loop calls ``hook(step, real, model)``, which may fill ``model`` and returns metrics (logged with
-    the next metrics row). Each batch then takes ``real_ratio(step)`` of its rows from the real buffer and the rest
-    from the model buffer (real only while it is empty). The model buffer and ``state_dict`` are checkpointed, so
-    resume stays exact.
+    counter) the loop calls ``hook(step, ctx)`` with an :class:`AugmentContext`; the hook may fill ``ctx.model`` and
+    returns metrics (logged with the next metrics row). Each batch then takes ``real_ratio(step)`` of its rows from
+    the real buffer and the rest from the model buffer (real only while it is empty). The model buffer and
+    ``state_dict`` are checkpointed, so resume stays exact (a hook must draw only from its own generators; the
+    policy's deterministic actions draw nothing).
     """
 
     every: int
     capacity: int
 
-    def __call__(self, step: int, real: ReplayBuffer, model: ReplayBuffer) -> dict[str, float]: ...
+    def __call__(self, step: int, ctx: AugmentContext) -> dict[str, float]: ...
 
     def real_ratio(self, step: int) -> float: ...
 
@@ -288,7 +385,7 @@ def run(cfg: OfflineConfig, data: OfflineData | None = None, augment: OfflineAug
     while c.step < cfg.steps:
         if augment is not None:
             if due(augment.every, c.step - 1, c.step):  # fires at step 0, every, 2 every, ...
-                c.augment_metrics.update(augment(c.step, real, model))
+                c.augment_metrics.update(augment(c.step, AugmentContext(real, model, policy, normalizer, scale)))
             sampler.ratio = 1.0 - augment.real_ratio(c.step)
         metrics = agent.update(sampler.sample(cfg.batch_size))
         c.step += 1
@@ -346,7 +443,7 @@ def evaluate_run(run_dir: Path, cfg: OfflineConfig, episodes: int = 10, device: 
     return out
 
 
-SYSTEM = System("offline", "train an offline agent on a dataset (BC, TD3+BC, IQL, CQL, EDAC)", commands=(
+SYSTEM = System("offline", "train an offline agent on a dataset (BC, TD3+BC, IQL, CQL, EDAC, Diffusion-QL)", commands=(
     Command("", {name: cls for name, (cls, _) in ALGOS.items()}, run, PRESETS,
             pipelines={f"offline_{name}": cls for name, (cls, _) in ALGOS.items()}, evaluate=evaluate_run,
-            help="offline bc|td3bc|iql|cql|edac --dataset D"),))
+            help="offline bc|td3bc|iql|cql|edac|dql --dataset D"),))

@@ -1,0 +1,415 @@
+"""Dydiff (Zhao, Han et al. 2024, arXiv:2405.19189): offline RL with a trajectory diffusion model as a dynamics
+model, rolled out with the learning policy (iterative policy injection), filtered by a reward model.
+
+    diffrl dydiff --dataset D [--algo td3bc|dql|cql] [--filter hardmax|softmax] [--preset quick|paper]
+    diffrl dydiff fidelity --run RUN_DIR [--rollouts N]
+
+Reads top to bottom, one stage per directory of the run, each resumable and each reusable by path:
+
+1. ``diffusion/``: the window model, an EDM over ``(H, Ds + Da)`` windows with ``s_0`` and the actions held clean
+   (``--diffusion PATH`` reuses one);
+2. ``models/``: the single-step Gaussian ensemble (Δs) and the reward model r(s, a), trained once
+   (``--models PATH`` reuses them);
+3. the agent: the offline loop (:mod:`diffrl.pipelines.offline`) with :class:`~diffrl.augment.dydiff.DydiffAugment`
+   filling its model buffer every ``rollout_every`` gradient steps; batches take ``real_ratio`` real rows;
+4. rollout fidelity in the simulator (``fidelity_rollouts``): the window model, the single-step model and both under
+   the trained policy, against MuJoCo from the same start states and actions; the table goes into ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffrl.augment.dydiff import (
+    DydiffAugment,
+    RolloutSettings,
+    WindowLayout,
+    autoregressive_rollout,
+    condition_mask,
+    model_spec,
+    pad_windows,
+    policy_injection,
+    sample_states,
+    trajectory_windows,
+)
+from diffrl.augment.dynamics import EnsembleDynamics, ModelFitSettings, RewardModel
+from diffrl.config import check, check_choice, check_non_negative, check_positive, to_dict
+from diffrl.data import Normalizer, OfflineDataset, dataset_env, dataset_run_name, fingerprint, load_dataset
+from diffrl.diffusion.models import DiffusionModel
+from diffrl.diffusion.spec import build_model, load_model
+from diffrl.diffusion.trainer import DiffusionTrainer, TrainerSettings
+from diffrl.envs.termination import termination_rule
+from diffrl.errors import CheckpointError, ConfigError, DatasetError
+from diffrl.eval.rollout_fidelity import drift, drift_table, plot_drift, simulate, supports_state_reset
+from diffrl.pipelines import diffusion, offline
+from diffrl.pipelines.common import RunConfig, extend_configs
+from diffrl.registry import Command, System, Tool
+from diffrl.runs import checkpoint as ckpt
+from diffrl.runs.device import resolve_device
+from diffrl.runs.lock import lock_run_dir
+from diffrl.runs.rundir import (
+    check_resumable,
+    new_run_dir,
+    read_config,
+    read_summary,
+    write_config,
+    write_json_atomic,
+)
+from diffrl.runs.seeding import seed_everything
+from diffrl.runs.session import RunSession
+
+PREFIX = "dydiff_"
+
+
+@dataclasses.dataclass(frozen=True)
+class DydiffSettings(RolloutSettings):
+    """Dydiff's settings on top of the agent's (defaults: the reference's ``exp_specs`` and README)."""
+
+    horizon: int = 100
+    """H, window rows [s, a] (max_length_of_trajectory; the README's 100)"""
+    window_stride: int = 1
+    """a window starts every this many steps of an episode"""
+    diffusion: Path | None = None
+    """reuse this window model (a Dydiff run directory or its diffusion/ stage) instead of training one"""
+    models: Path | None = None
+    """reuse these single-step models (a Dydiff run directory or its models/ stage) instead of training them"""
+    diffusion_steps: int = 500_000
+    """window-model gradient steps (the README's 4 Mimg at batch 8)"""
+    diffusion_batch_size: int = 8
+    """windows per diffusion step (the README's --batch=8)"""
+    diffusion_lr: float = 4e-4
+    """AdamW learning rate, cosine-decayed (the reference's Adam warms up to 1e-3 over 10 Mimg, longer than its
+    4 Mimg run, so it ends at 4e-4; a cosine schedule from there is ours)"""
+    unet_dim: int = 128
+    """temporal UNet base width (UNet_RL dim 128)"""
+    unet_mults: tuple[int, ...] = (1, 4, 8)
+    """UNet width multipliers per level (dim_mults)"""
+    sampler: str = "heun"
+    """window-model sampler: heun (the reference's, with churn), euler, dpmpp_2m, dpmpp_2m_sde"""
+    sample_steps: int = 34
+    """sampler steps (EDM Heun: 2 steps - 1 network evaluations)"""
+    s_churn: float = 60.0
+    """EDM S_churn (the reference's)"""
+    s_tmin: float = 0.37
+    """churn applies for sigma in [s_tmin, s_tmax] (the reference's S_min)"""
+    s_tmax: float = 52.24
+    """(the reference's S_max)"""
+    s_noise: float = 1.002
+    """EDM S_noise (the reference's)"""
+    dynamics_members: int = 7
+    """single-step ensemble size"""
+    dynamics_elites: int = 5
+    """elites the rollouts draw from"""
+    dynamics_hidden: tuple[int, ...] = (200, 200, 200, 200)
+    """ensemble member widths (SiLU)"""
+    reward_hidden: tuple[int, ...] = (256, 256)
+    """reward model widths"""
+    model_lr: float = 1e-4
+    """single-step models' learning rate"""
+    model_max_epochs: int | None = None
+    """cap on the single-step models' epochs (None: until early stopping, patience 7)"""
+    fidelity_rollouts: int = 256
+    """start states of the end-of-run rollout-fidelity check in the simulator (0: skip)"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("horizon", "window_stride", "diffusion_steps", "diffusion_batch_size", "diffusion_lr",
+                     "unet_dim", "sample_steps", "dynamics_members", "dynamics_elites", "model_lr"):
+            check_positive(name, getattr(self, name))
+        check(self.horizon >= 2, "horizon", self.horizon, ">= 2 (a window of H rows gives H - 1 transitions)")
+        check(self.dynamics_elites <= self.dynamics_members, "dynamics_elites", self.dynamics_elites,
+              f"<= dynamics_members={self.dynamics_members}")
+        check_choice("sampler", self.sampler, ("heun", "euler", "dpmpp_2m", "dpmpp_2m_sde"))
+        check_non_negative("fidelity_rollouts", self.fidelity_rollouts)
+        if self.model_max_epochs is not None:
+            check_positive("model_max_epochs", self.model_max_epochs)
+
+    def sample_options(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"sampler": self.sampler, "steps": self.sample_steps}
+        if self.sampler in ("heun", "euler"):
+            out.update(S_churn=self.s_churn, S_tmin=self.s_tmin, S_tmax=self.s_tmax, S_noise=self.s_noise)
+        return out
+
+    def fit_settings(self) -> ModelFitSettings:
+        return ModelFitSettings(lr=self.model_lr, max_epochs=self.model_max_epochs)
+
+
+AGENTS = {name: offline.ALGOS[name][0] for name in ("td3bc", "dql", "cql") if name in offline.ALGOS}
+ALGOS = extend_configs(DydiffSettings, AGENTS, __name__,
+                       "``diffrl dydiff --algo {name}``: {what} on the dataset plus Dydiff's filtered model rollouts.")
+
+# quick: minutes on one CPU core per stage; the windows, UNet, rollouts and sampler shrink, the method does not
+_QUICK = dict(horizon=32, diffusion_steps=4_000, diffusion_batch_size=64, unet_dim=32, unet_mults=(1, 2, 4),
+              sampler="heun", sample_steps=12, rollouts=256, every=1_000, capacity=200_000, model_max_epochs=30,
+              fidelity_rollouts=128, eval_every=5_000, eval_episodes=5, checkpoint_every=5_000)
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    name: {"quick": {**offline.PRESETS[name]["quick"], **_QUICK},
+           # the reference: 2000 epochs of 500 (TD3+BC) or 250 (DQL) gradient steps, rollouts every epoch
+           "paper": {"steps": 1_000_000 if name != "dql" else 500_000, "every": 500 if name != "dql" else 250,
+                     "eval_every": 5_000, "eval_episodes": 10}}
+    for name in AGENTS}
+
+
+# ------------------------------------------------------------------------------------------- stage 1: windows
+@dataclasses.dataclass(frozen=True)
+class WindowModelConfig(TrainerSettings, RunConfig):
+    """The window model's training run (the ``diffusion/`` stage of a Dydiff run)."""
+
+    dataset: str = ""
+    """the dataset (its fingerprint is checked on resume)"""
+    seed: int = 0
+    """run seed"""
+    horizon: int = 100
+    """H"""
+    window_stride: int = 1
+    """window start stride"""
+    spec: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """the model spec (:func:`diffrl.augment.dydiff.model_spec`)"""
+    log_every: int = 500
+    """metrics row every this many steps"""
+
+
+def _layout(ds: OfflineDataset, horizon: int) -> WindowLayout:
+    return WindowLayout(ds.obs_dim, ds.act_dim, horizon)
+
+
+def windows_of(ds: OfflineDataset, horizon: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """The dataset's windows and their real-row mask (:func:`~diffrl.augment.dydiff.trajectory_windows`)."""
+    episodes = ds.episode_slices()
+    return trajectory_windows(ds.observations, ds.actions, episodes, [bool(ds.terminals[e.stop - 1]) for e in episodes],
+                              horizon, stride)
+
+
+def train_window_model(cfg: WindowModelConfig, ds: OfflineDataset) -> Path:
+    """Train (or resume) the window model; returns its run directory."""
+    device = resolve_device(cfg.device)
+    layout = _layout(ds, cfg.horizon)
+    windows, real = windows_of(ds, cfg.horizon, cfg.window_stride)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.spec).to(device)
+    data, real_rows = torch.as_tensor(windows, device=device), torch.as_tensor(real, device=device)
+    model.normalizer.fit(data[real_rows])  # min-max over the real rows; padding sits just outside
+    data = pad_windows(data, real_rows, model)
+    trainer = DiffusionTrainer(model, data, cfg, seed=cfg.seed, fixed=condition_mask(layout).to(device))
+    session = RunSession(cfg, PREFIX + "diffusion", dataset_run_name(cfg.dataset), fingerprint=fingerprint(ds),
+                         meta={"model_spec": cfg.spec, "horizon": cfg.horizon})
+    if session.resumed:
+        trainer.load_state_dict(session.parts["diffusion"])
+    c = session.start(diffusion.Counters(), timers={"train_s": 0.0})
+    session.progress_bar(cfg.steps, trainer.step, desc="dydiff window model", unit="step")
+    diffusion.train_steps(session, trainer, c, cfg.steps, cfg.log_every, cfg.checkpoint_every)
+    return session.finish({"dataset": cfg.dataset, "gradient_steps": trainer.step, "final_loss": c.last_loss,
+                           "windows": len(data), "padded_rows": float((~real_rows).float().mean()),
+                           "wall_s": session.wall_s(), "env_steps": 0})
+
+
+def _stage_dir(path: Path, stage: str) -> Path:
+    """A reused stage: ``path`` itself or ``path/stage`` (a whole Dydiff run directory)."""
+    path = Path(path)
+    return path / stage if (path / stage).is_dir() else path
+
+
+def _window_model(cfg: Any, ds: OfflineDataset, run_dir: Path, device: torch.device) -> tuple[DiffusionModel, Path]:
+    """Stage 1: the window model (EMA weights) from ``--diffusion``, a finished stage, a resumed one or a new one."""
+    if cfg.diffusion is not None:
+        model_dir = _stage_dir(cfg.diffusion, "diffusion")
+    else:
+        model_dir = run_dir / "diffusion"
+        if not (model_dir / "summary.json").is_file():
+            resume = bool(ckpt.list_checkpoints(model_dir / "checkpoints"))
+            if not resume and model_dir.exists():  # stopped before its first checkpoint: start the stage again
+                shutil.rmtree(model_dir)
+            spec = model_spec(_layout(ds, cfg.horizon), dim=cfg.unet_dim, dim_mults=tuple(cfg.unet_mults),
+                              sampler=cfg.sampler, steps=cfg.sample_steps, s_churn=cfg.s_churn, s_tmin=cfg.s_tmin,
+                              s_tmax=cfg.s_tmax, s_noise=cfg.s_noise)
+            wcfg = WindowModelConfig(
+                dataset=str(cfg.dataset), seed=cfg.seed, horizon=cfg.horizon, window_stride=cfg.window_stride,
+                spec=spec, steps=cfg.diffusion_steps, batch_size=cfg.diffusion_batch_size, lr=cfg.diffusion_lr,
+                checkpoint_every=min(5_000, cfg.diffusion_steps), device=cfg.device, progress=cfg.progress,
+                run_dir=None if resume else model_dir, resume=model_dir if resume else None, runs_root=cfg.runs_root)
+            train_window_model(wcfg, ds)
+    try:
+        model, meta = load_model(model_dir, device=device)
+    except (CheckpointError, OSError) as e:
+        raise CheckpointError(f"{model_dir} holds no Dydiff window model ({e}).") from None
+    want = (cfg.horizon, ds.obs_dim + ds.act_dim)
+    if tuple(model.event_shape) != want:
+        raise CheckpointError(f"the window model in {model_dir} has windows of shape {tuple(model.event_shape)}, this "
+                              f"run needs {want} (horizon {cfg.horizon}, {ds.obs_dim} + {ds.act_dim} dims).")
+    return model, model_dir
+
+
+# ------------------------------------------------------------------------------------- stage 2: single-step
+def _single_step_models(cfg: Any, ds: OfflineDataset, run_dir: Path) -> tuple[EnsembleDynamics, RewardModel, Path,
+                                                                             dict[str, Any]]:
+    """Stage 2: the single-step dynamics ensemble and reward model, trained once and saved (or reused)."""
+    models_dir = _stage_dir(cfg.models, "models") if cfg.models is not None else run_dir / "models"
+    with torch.random.fork_rng(devices=[]):  # initial weights from the seed, whatever ran before in this process
+        torch.manual_seed(cfg.seed)
+        dynamics = EnsembleDynamics(ds.obs_dim, ds.act_dim, num_members=cfg.dynamics_members,
+                                    num_elites=cfg.dynamics_elites, hidden=tuple(cfg.dynamics_hidden))
+        reward = RewardModel(ds.obs_dim, ds.act_dim, hidden=tuple(cfg.reward_hidden))
+    root = models_dir / "checkpoints"
+    if ckpt.list_checkpoints(root):
+        manifest, parts = ckpt.load_checkpoint(models_dir, ("dynamics", "reward"))
+        ckpt.load_weights(dynamics, parts["dynamics"], models_dir)
+        ckpt.load_weights(reward, parts["reward"], models_dir)
+        return dynamics, reward, models_dir, manifest["meta"].get("fit", {})
+    if cfg.models is not None:
+        raise CheckpointError(f"{models_dir} holds no Dydiff single-step models (no checkpoint).")
+    obs, act, next_obs = (torch.as_tensor(a) for a in (ds.observations, ds.actions, ds.next_observations))
+    fit = {"dynamics": dynamics.fit(obs, act, next_obs, cfg.fit_settings(), seed=cfg.seed),
+           # Dydiff's reward model trains without weight decay (the ensemble has MBPO's)
+           "reward": reward.fit(obs, act, torch.as_tensor(ds.rewards),
+                                dataclasses.replace(cfg.fit_settings(), weight_decay=0.0), seed=cfg.seed)}
+    ckpt.save_checkpoint(root, 0, {"dynamics": dynamics.state_dict(), "reward": reward.state_dict()},
+                         meta={"fit": fit, "dataset_fingerprint": fingerprint(ds)})
+    return dynamics, reward, models_dir, fit
+
+
+# ------------------------------------------------------------------------------------------------------ run
+def run(cfg: Any) -> Path:
+    """The three stages, then the rollout-fidelity check; returns the run directory."""
+    algo = offline.algo_name(cfg)
+    pipeline = PREFIX + algo
+    ds = load_dataset(cfg.dataset, env_id=cfg.env)
+    env_id = dataset_env(ds, cfg.env, str(cfg.dataset))
+    rule = termination_rule(env_id)  # an env without a known rule is refused before anything is written
+    windows_of(ds, cfg.horizon, max(cfg.horizon, 1))  # a window longer than every episode: one sentence, now
+    run_dir = Path(cfg.resume) if cfg.resume is not None else new_run_dir(pipeline, dataset_run_name(cfg.dataset),
+                                                                         cfg.seed, cfg.runs_root, cfg.run_dir)
+    with lock_run_dir(run_dir, resume=cfg.resume is not None):
+        if cfg.resume is not None:
+            check_resumable(run_dir, pipeline, cfg)
+        write_config(run_dir, pipeline, to_dict(cfg))
+        device = resolve_device(cfg.device)
+        model, model_dir = _window_model(cfg, ds, run_dir, device)
+        dynamics, reward, models_dir, fit = _single_step_models(cfg, ds, run_dir)
+        augment = DydiffAugment(ds.observations, model, _layout(ds, cfg.horizon), dynamics, reward, rule,
+                                RolloutSettings(**{f.name: getattr(cfg, f.name)
+                                                   for f in dataclasses.fields(RolloutSettings)}),
+                                cfg.sample_options(), seed=cfg.seed)
+        extra = {"diffusion_run": str(model_dir), "models_run": str(models_dir), "single_step_fit": fit,
+                 "filter": cfg.filter, "real_ratio": cfg.real_ratio}
+        agent_resume = cfg.resume is not None and bool(ckpt.list_checkpoints(run_dir / "checkpoints"))
+        agent_cfg = dataclasses.replace(cfg, resume=run_dir if agent_resume else None)
+        data = offline.OfflineData(real=ds, pipeline=pipeline, run_dir=run_dir, summary=extra)
+        offline.run(agent_cfg, data, augment)
+        if cfg.fidelity_rollouts and supports_state_reset(env_id):
+            summary = read_summary(run_dir)
+            summary["rollout_fidelity"] = rollout_fidelity(run_dir, cfg, ds, env_id, model, dynamics, reward,
+                                                           cfg.fidelity_rollouts, cfg.seed)
+            write_json_atomic(run_dir / "summary.json", summary)
+    return run_dir
+
+
+# -------------------------------------------------------------------------------------- rollout fidelity
+def _policy(run_dir: Path, cfg: Any, ds: OfflineDataset, device: torch.device) -> Any:
+    """The trained agent of a Dydiff run (its latest checkpoint) as a batched policy on raw states."""
+    agent = offline.build(cfg, ds.obs_dim, ds.act_dim, device)
+    _, parts = ckpt.load_checkpoint(run_dir, ("state",))
+    agent.load_state_dict(parts["state"]["agent"])
+    policy = offline.NormalizedPolicy(agent, Normalizer.from_state_dict(parts["state"]["normalizer"]))
+    return lambda s: torch.as_tensor(policy.act(s.numpy(), deterministic=True), dtype=torch.float32)
+
+
+def _starts(ds: OfflineDataset, horizon: int, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` start states and the dataset's next ``horizon`` actions (windows that fit in their episode)."""
+    windows, real = windows_of(ds, horizon, 1)
+    whole = np.flatnonzero(real.all(1))
+    if len(whole) == 0:
+        raise DatasetError(f"no episode of the dataset has {horizon} steps for the rollout-fidelity check.")
+    pick = whole[torch.randint(len(whole), (n,), generator=gen).numpy()]
+    w = torch.as_tensor(windows[pick])
+    return w[:, 0, :ds.obs_dim], w[:, :, ds.obs_dim:]
+
+
+@torch.no_grad()
+def rollout_fidelity(run_dir: Path, cfg: Any, ds: OfflineDataset, env_id: str, model: DiffusionModel,
+                     dynamics: EnsembleDynamics, reward: RewardModel, rollouts: int, seed: int) -> dict[str, Any]:
+    """State error against horizon and return error of each model's rollouts against MuJoCo's, from the same start
+    states: with the dataset's actions (the window model; the single-step model autoregressively) and with the
+    trained policy's (the single-step model alone; Dydiff after policy injection, the rollouts the agent trains
+    on). Writes ``rollout_fidelity.png``; returns the drift per model and the table."""
+    layout = _layout(ds, cfg.horizon)
+    gen = torch.Generator().manual_seed(seed)
+    s0, actions = _starts(ds, cfg.horizon, rollouts, gen)
+    scale = ds.observations.std(0)
+    opts = cfg.sample_options()
+
+    def score(states: torch.Tensor, acts: torch.Tensor) -> dict[str, Any]:
+        sim = simulate(env_id, states[:, 0].numpy(), acts[:, :-1].numpy())  # H rows: H - 1 transitions
+        n, t = acts.shape[0], acts.shape[1] - 1
+        rew = reward.predict(states[:, :-1].reshape(n * t, -1), acts[:, :-1].reshape(n * t, -1)).view(n, t)
+        out = drift(sim, states.numpy(), rew.numpy(), scale=scale)
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in out.items()}
+
+    results = {"dydiff (data actions)": score(sample_states(model, layout, s0, actions, gen, **opts), actions),
+               "single-step (data actions)": score(autoregressive_rollout(None, dynamics, s0, cfg.horizon, gen,
+                                                                          actions)[0], actions)}
+    if ckpt.list_checkpoints(run_dir / "checkpoints"):
+        policy = _policy(run_dir, cfg, ds, torch.device("cpu"))
+        results["single-step (policy)"] = score(*autoregressive_rollout(policy, dynamics, s0, cfg.horizon, gen))
+        results["dydiff + injection (policy)"] = score(*policy_injection(policy, dynamics, model, layout, s0,
+                                                                         cfg.rounds, gen, **opts))
+    arrays = {k: {kk: np.asarray(vv) for kk, vv in v.items()} for k, v in results.items()}
+    plot_drift(arrays, run_dir / "rollout_fidelity.png")
+    return {"rollouts": rollouts, "horizon": cfg.horizon - 1, "models": results, "table": drift_table(arrays)}
+
+
+@dataclasses.dataclass(frozen=True)
+class FidelityArgs:
+    """``diffrl dydiff fidelity``: rollout drift of a Dydiff run's models against the simulator."""
+
+    run: Path
+    """a Dydiff run directory (its window model, single-step models and, if trained, its agent)"""
+    rollouts: int = 256
+    """start states drawn from the dataset"""
+    seed: int = 0
+    """seed of the start states and the models' noise"""
+
+    def __post_init__(self) -> None:
+        check_positive("rollouts", self.rollouts)
+
+
+def fidelity_main(a: FidelityArgs) -> None:
+    """Measure, print the table, keep it in the run's ``summary.json`` and plot it."""
+    from diffrl import registry  # the run's config class, through the registry (no import of a system here)
+
+    saved = read_config(a.run)
+    if not str(saved.get("pipeline", "")).startswith(PREFIX):
+        raise ConfigError(f"{a.run} is a {saved.get('pipeline')!r} run, not a Dydiff run.")
+    cfg = registry.find_run(a.run)[2]
+    ds = load_dataset(cfg.dataset, env_id=cfg.env)
+    env_id = dataset_env(ds, cfg.env, str(cfg.dataset))
+    if not supports_state_reset(env_id):
+        raise ConfigError(f"rollout fidelity needs an env whose state can be set from an observation, not {env_id}.")
+    model, _ = _window_model(dataclasses.replace(cfg, diffusion=cfg.diffusion or a.run), ds, a.run,
+                             torch.device("cpu"))
+    dynamics, reward, _, _ = _single_step_models(dataclasses.replace(cfg, models=cfg.models or a.run), ds, a.run)
+    out = rollout_fidelity(a.run, cfg, ds, env_id, model, dynamics, reward, a.rollouts, a.seed)
+    print(out["table"])
+    if (a.run / "summary.json").is_file():
+        summary = read_summary(a.run)
+        summary["rollout_fidelity"] = out
+        write_json_atomic(a.run / "summary.json", summary)
+    print(f"written: {a.run / 'rollout_fidelity.png'}")
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    fid = summary.get("rollout_fidelity")
+    return [f"rollout fidelity ({fid['rollouts']} start states, state error in dataset std units):",
+            fid["table"]] if fid else []
+
+
+SYSTEM = System("dydiff", "Dydiff: offline RL on filtered rollouts of a trajectory diffusion model", commands=(
+    Command("", ALGOS, run, PRESETS, pipelines={PREFIX + name: cls for name, cls in ALGOS.items()},
+            algo_flag="--algo", default_algo="td3bc", evaluate=offline.evaluate_run, summary_lines=summary_lines,
+            help="--dataset D [--algo td3bc|dql|cql]: window model, single-step models, agent on filtered rollouts"),),
+    tools=(Tool("fidelity", FidelityArgs, fidelity_main, help="--run RUN_DIR: rollout drift against the simulator"),))

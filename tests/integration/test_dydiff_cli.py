@@ -1,0 +1,123 @@
+"""Dydiff end to end through the CLI on a tiny Hopper dataset: the three stages, the model buffer in the agent's
+batches, the rollout-fidelity table, resume of each stage, reuse of trained stages by path, bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from diffrl.cli import main
+
+STAGES = ["--steps", "60", "--batch-size", "32", "--eval-every", "30", "--eval-episodes", "1", "--log-every", "10",
+          "--horizon", "8", "--diffusion-steps", "40", "--diffusion-batch-size", "16",
+          "--unet-dim", "8", "--unet-mults", "1", "2", "--sample-steps", "3", "--rollouts", "16", "--every", "20",
+          "--capacity", "5000", "--min-model-rows", "10", "--dynamics-members", "3", "--dynamics-elites", "2",
+          "--dynamics-hidden", "16", "16", "--reward-hidden", "16", "--model-max-epochs", "3",
+          "--fidelity-rollouts", "8", "--no-progress"]
+TINY = [*STAGES, "--hidden", "32", "32"]  # TD3+BC's networks
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dydiff")
+
+
+@pytest.fixture(scope="module")
+def full_run(workdir, hopper_random) -> Path:
+    assert main(["dydiff", "--dataset", str(hopper_random), *TINY, "--run-dir", str(workdir / "full")]) == 0
+    return workdir / "full"
+
+
+def _rows(run_dir: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader((run_dir / "metrics.csv").read_text().splitlines()))
+
+
+def test_run_writes_every_stage_and_trains_on_model_rollouts(full_run) -> None:
+    for name in ("config.yaml", "summary.json", "diffusion/summary.json", "rollout_fidelity.png"):
+        assert (full_run / name).is_file(), name
+    assert (full_run / "models" / "checkpoints" / "latest").exists()
+    s = json.loads((full_run / "summary.json").read_text())
+    assert s["pipeline"] == "dydiff_td3bc" and s["gradient_steps"] == 60
+    rows = [r for r in _rows(full_run) if r.get("dydiff/transitions_added")]
+    # rollouts at steps 0, 20 and 40, each logged with the next metrics row; the buffer only grows
+    assert len(rows) == 3
+    sizes = [float(r["dydiff/model_buffer"]) for r in rows]
+    assert sizes[0] > 0 and sizes == sorted(sizes)
+    fid = s["rollout_fidelity"]
+    assert set(fid["models"]) == {"dydiff (data actions)", "single-step (data actions)", "single-step (policy)",
+                                  "dydiff + injection (policy)"}
+    for m in fid["models"].values():
+        err = np.asarray(m["state_error"], dtype=float)
+        assert err.shape == (7,) and np.all(err[np.isfinite(err)] > 0)  # models, not the simulator
+    assert "dydiff (data actions)" in fid["table"]
+
+
+def test_fidelity_command_prints_the_table_and_keeps_it(full_run, capsys) -> None:
+    assert main(["dydiff", "fidelity", "--run", str(full_run), "--rollouts", "6", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "single-step (data actions)" in out and "rollout_fidelity.png" in out
+    assert json.loads((full_run / "summary.json").read_text())["rollout_fidelity"]["rollouts"] == 6
+
+
+def test_resume_after_each_stage_gives_the_uninterrupted_run(full_run, workdir, hopper_random, monkeypatch) -> None:
+    from diffrl.pipelines import dydiff
+
+    killed = workdir / "killed"
+    real = dydiff._single_step_models
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dydiff, "_single_step_models", dies)  # after the window model's stage
+    assert main(["dydiff", "--dataset", str(hopper_random), *TINY, "--run-dir", str(killed)]) == 130
+    assert (killed / "diffusion" / "summary.json").is_file() and not (killed / "models").exists()
+    monkeypatch.setattr(dydiff, "_single_step_models", real)
+    # resume into the agent's stage, stopped at 30 of 60 gradient steps, then resumed to the end
+    assert main(["dydiff", "--resume", str(killed), "--steps", "30"]) == 0
+    window_mtime = (killed / "diffusion" / "summary.json").stat().st_mtime_ns
+    assert main(["dydiff", "--resume", str(killed), "--steps", "60"]) == 0
+    assert (killed / "diffusion" / "summary.json").stat().st_mtime_ns == window_mtime  # not retrained
+    key = "critic_loss"
+    assert [r[key] for r in _rows(killed) if r.get(key)] == [r[key] for r in _rows(full_run) if r.get(key)]
+
+
+def test_trained_stages_are_reused_by_path(full_run, workdir, hopper_random) -> None:
+    reuse = workdir / "reuse"
+    assert main(["dydiff", "--dataset", str(hopper_random), *TINY, "--fidelity-rollouts", "0", "--diffusion",
+                 str(full_run), "--models", str(full_run), "--run-dir", str(reuse)]) == 0
+    assert not (reuse / "diffusion").exists() and not (reuse / "models").exists()
+    key = "critic_loss"
+    assert [r[key] for r in _rows(reuse) if r.get(key)] == [r[key] for r in _rows(full_run) if r.get(key)]
+
+
+def test_bad_inputs_are_one_sentence(workdir, hopper_random, capsys) -> None:
+    assert main(["dydiff", "--dataset", str(hopper_random), *TINY, "--horizon", "5000", "--run-dir",
+                 str(workdir / "long")]) == 2
+    err = capsys.readouterr().err
+    assert "longer than every episode" in err and "Traceback" not in err
+    assert not (workdir / "long").exists()
+    no_rewards = workdir / "no-rewards.hdf5"
+    with h5py.File(hopper_random) as src, h5py.File(no_rewards, "w") as dst:
+        for key in src:
+            if key != "rewards":
+                dst.create_dataset(key, data=src[key][()])
+        dst.attrs.update(src.attrs)
+    assert main(["dydiff", "--dataset", str(no_rewards), *TINY, "--run-dir", str(workdir / "norew")]) == 2
+    assert "no 'rewards'" in capsys.readouterr().err
+    assert main(["dydiff", "fidelity", "--run", str(workdir)]) == 2
+
+
+def test_diffusion_ql_trains_on_dydiff_rollouts(full_run, workdir, hopper_random) -> None:
+    run = workdir / "dql"
+    assert main(["dydiff", "--algo", "dql", "--dataset", str(hopper_random), *STAGES, "--steps", "40",
+                 "--eval-candidates", "4", "--fidelity-rollouts", "0", "--diffusion", str(full_run), "--models",
+                 str(full_run), "--run-dir", str(run)]) == 0
+    s = json.loads((run / "summary.json").read_text())
+    assert s["pipeline"] == "dydiff_dql" and s["gradient_steps"] == 40
+    rows = [r for r in _rows(run) if r.get("dydiff/transitions_added")]
+    assert len(rows) == 2 and float(rows[-1]["dydiff/model_buffer"]) > float(rows[0]["dydiff/model_buffer"]) > 0
