@@ -38,7 +38,7 @@ from diffrl.data.batch import Batch
 from diffrl.diffusion.models import DDPM
 from diffrl.diffusion.nets import ACTIVATIONS
 
-__all__ = ["DiffusionQParams", "DiffusionQAgent", "EVAL_SEED"]
+__all__ = ["DiffusionQParams", "DiffusionQAgent", "CandidatePolicy", "EVAL_SEED"]
 
 EVAL_SEED = 1_299_709  # seed of the fixed noise of act(deterministic=True) (a prime; any constant would do)
 
@@ -117,6 +117,48 @@ def check_residual(what: str, hidden: Sequence[int], residual: bool) -> None:
     if residual:
         check(len(set(hidden)) == 1 and len(hidden) % 2 == 1, f"{what}_hidden", tuple(hidden),
               f"an odd number of equal widths for a residual {what} (e.g. 256 256 256)")
+
+
+class CandidatePolicy(nn.Module):
+    """A chain that acts by drawing ``S`` candidate chunks per state and letting the target critic choose, as a
+    :class:`~diffrl.agents.ppo.ChunkPolicy` (IDQL's selection, Wang et al.'s Diffusion-QL action choice); subclasses
+    write ``sample`` around :meth:`scored`. It holds the agent's networks; its own state is nothing.
+
+    Candidate ``s`` of state ``b`` is row ``s B + b`` of the repeated batch (IDQL's reference layout), so a draw of
+    ``S B`` chains equals the reference's with the same noise.
+    """
+
+    def __init__(self, chain: DiffusionPolicy, critic_target: EnsembleQ, num_candidates: int, act_steps: int) -> None:
+        super().__init__()
+        self.chain, self.critic_target = chain, critic_target
+        self.num_candidates, self.act_steps = num_candidates, act_steps
+
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        return self.chain.event_shape
+
+    @property
+    def num_transitions(self) -> int:
+        return self.chain.num_transitions
+
+    def scored(self, obs: torch.Tensor, chain_deterministic: bool, generator: torch.Generator | None,
+               mean_path: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidates ``(S, B, Ta, Da)`` for histories ``(B, To, Do)`` (the chain's evaluation sampling when
+        ``chain_deterministic``, else its training sampling, from ``generator``) and their ``min_i Q'_i`` ``(S, B)``
+        over the executed part (IDQL's reference scores whole chunks, which fits its critic only when
+        ``act_steps = Ta``)."""
+        n, s = len(obs), self.num_candidates
+        rep = obs.repeat(s, *([1] * (obs.dim() - 1)))  # (S B, To, Do)
+        cand = self.chain.sample(rep, chain_deterministic, generator, mean_path).action  # (S B, Ta, Da)
+        q = self.critic_target(rep.flatten(1), cand[:, :self.act_steps].flatten(1)).min(0).values.view(s, n)
+        return cand.view(s, n, *cand.shape[1:]), q
+
+    def transition_log_prob(self, obs: torch.Tensor, x: torch.Tensor, x_next: torch.Tensor,
+                            idx: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("a candidate selection has no tractable density; PPO cannot re-score it")
+
+    def entropy(self) -> torch.Tensor | None:
+        return None
 
 
 class DiffusionQAgent(Agent):

@@ -40,12 +40,10 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
 
 from diffrl.agents.base import set_requires_grad, soft_update
-from diffrl.agents.diffusion_q import EVAL_SEED, DiffusionQAgent, DiffusionQParams
+from diffrl.agents.diffusion_q import EVAL_SEED, CandidatePolicy, DiffusionQAgent, DiffusionQParams
 from diffrl.agents.dppo import DiffusionPolicy
-from diffrl.agents.nets import EnsembleQ
 from diffrl.agents.ppo import ChunkSample, check_optional_positive
 from diffrl.config import check, check_choice, check_non_negative, check_positive
 from diffrl.data.batch import Batch
@@ -121,52 +119,23 @@ def dql_offline_model(obs_dim: int, act_dim: int, *, denoising_steps: int = 5, s
         "sampler": {"sampler": "ddpm"}})
 
 
-class QSelection(nn.Module):
-    """Wang et al.'s action selection (``Diffusion_QL.sample_action``) as a :class:`~diffrl.agents.ppo.ChunkPolicy`:
-    ``N`` chains per state from the actor, scored by ``min_i Q'_i`` of the target critic; the argmax when
-    ``deterministic``, else a draw from ``softmax`` over the ``N`` scores (theirs, in evaluation too).
-
-    Candidate ``n`` of state ``b`` is row ``n B + b`` of the repeated batch (IDQL's :class:`~diffrl.agents.idql.
-    CandidateSelection` layout). It holds the agent's networks; its own state is nothing.
-    """
-
-    def __init__(self, chain: DiffusionPolicy, critic_target: EnsembleQ, num_candidates: int, act_steps: int) -> None:
-        super().__init__()
-        self.chain, self.critic_target = chain, critic_target
-        self.num_candidates, self.act_steps = num_candidates, act_steps
-
-    @property
-    def event_shape(self) -> tuple[int, ...]:
-        return self.chain.event_shape
-
-    @property
-    def num_transitions(self) -> int:
-        return self.chain.num_transitions
+class QSelection(CandidatePolicy):
+    """Wang et al.'s action selection (``Diffusion_QL.sample_action``): ``N`` chains per state from the actor's
+    TRAINING sampling (theirs, also to evaluate), scored by ``min_i Q'_i`` of the target critic; the argmax when
+    ``deterministic`` (the mode of their softmax draw), else a draw from ``softmax`` over the ``N`` scores."""
 
     @torch.no_grad()
     def sample(self, obs: torch.Tensor, deterministic: bool = False, generator: torch.Generator | None = None,
                mean_path: bool = False) -> ChunkSample:
-        """Chunks ``(B, Ta, Da)`` for histories ``(B, To, Do)``: ``N`` candidates from the chain's TRAINING sampling
-        (Wang et al. sample ``self.actor`` as in training, also to evaluate) with ``generator``, then the argmax
-        (``deterministic``: the mode of their softmax draw) or the softmax draw from ``generator``."""
+        """Chunks ``(B, Ta, Da)`` for histories ``(B, To, Do)``; candidates and the softmax draw from ``generator``."""
         if mean_path:
             raise ValueError("Wang et al.'s candidate selection has no mean path; evaluate without it")
-        n, s = len(obs), self.num_candidates
-        rep = obs.repeat(s, *([1] * (obs.dim() - 1)))  # (N B, To, Do)
-        cand = self.chain.sample(rep, False, generator).action  # (N B, Ta, Da)
-        q = self.critic_target(rep.flatten(1), cand[:, :self.act_steps].flatten(1)).min(0).values.view(s, n)
+        cand, q = self.scored(obs, False, generator)  # (N, B, Ta, Da), (N, B)
         if deterministic:
             idx = q.argmax(0)  # (B,)
         else:
             idx = torch.multinomial(torch.softmax(q, 0).T, 1, generator=generator).squeeze(1)  # (B,)
-        return ChunkSample(cand.view(s, n, *cand.shape[1:])[idx, torch.arange(n, device=obs.device)], None)
-
-    def transition_log_prob(self, obs: torch.Tensor, x: torch.Tensor, x_next: torch.Tensor,
-                            idx: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("a candidate selection has no tractable density; PPO cannot re-score it")
-
-    def entropy(self) -> torch.Tensor | None:
-        return None
+        return ChunkSample(cand[idx, torch.arange(cand.shape[1], device=obs.device)], None)
 
 
 class DQL(DiffusionQAgent):

@@ -26,10 +26,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch import nn
 
 from diffrl.agents.base import check_hidden, soft_update
-from diffrl.agents.diffusion_q import DiffusionQAgent, DiffusionQParams, check_residual
+from diffrl.agents.diffusion_q import CandidatePolicy, DiffusionQAgent, DiffusionQParams, check_residual
 from diffrl.agents.dppo import DiffusionPolicy
 from diffrl.agents.iql import expectile_loss
 from diffrl.agents.nets import EnsembleQ
@@ -98,28 +97,14 @@ def select_candidates(candidates: torch.Tensor, q: torch.Tensor, adv: torch.Tens
     return candidates[idx, torch.arange(candidates.shape[1], device=candidates.device)]
 
 
-class CandidateSelection(nn.Module):
-    """IDQL's policy as a :class:`~diffrl.agents.ppo.ChunkPolicy`: ``S`` chains per state, one chunk selected by the
-    target critic (and ``V`` when exploring). It holds the agent's networks; its own state is nothing.
-
-    Candidate ``s`` of state ``b`` is row ``s B + b`` of the repeated batch (the reference's layout), so a draw of
-    ``S B`` chains equals the reference's with the same noise.
-    """
+class CandidateSelection(CandidatePolicy):
+    """IDQL's policy: ``S`` chains per state, one chunk selected by the target critic (and ``V`` when exploring)."""
 
     def __init__(self, chain: DiffusionPolicy, critic_target: EnsembleQ, value: ValueCritic, num_candidates: int,
                  act_steps: int, expectile_exploration: bool = True, exploration_expectile: float = 0.7) -> None:
-        super().__init__()
-        self.chain, self.critic_target, self.value = chain, critic_target, value
-        self.num_candidates, self.act_steps = num_candidates, act_steps
+        super().__init__(chain, critic_target, num_candidates, act_steps)
+        self.value = value
         self.expectile_exploration, self.exploration_expectile = expectile_exploration, exploration_expectile
-
-    @property
-    def event_shape(self) -> tuple[int, ...]:
-        return self.chain.event_shape
-
-    @property
-    def num_transitions(self) -> int:
-        return self.chain.num_transitions
 
     @torch.no_grad()
     def sample(self, obs: torch.Tensor, deterministic: bool = False, generator: torch.Generator | None = None,
@@ -127,22 +112,10 @@ class CandidateSelection(nn.Module):
         """Chunks ``(B, Ta, Da)`` for histories ``(B, To, Do)``; ``deterministic`` (evaluation): candidates from the
         evaluation chain and the argmax; otherwise the training chain and (``expectile_exploration``) a weighted
         draw from ``generator``. No chain is recorded (nothing re-scores it)."""
-        n, s = len(obs), self.num_candidates
-        rep = obs.repeat(s, *([1] * (obs.dim() - 1)))  # (S B, To, Do)
-        cand = self.chain.sample(rep, deterministic, generator, mean_path).action  # (S B, Ta, Da)
-        # the reference scores whole chunks, which only fits its critic when act_steps = Ta: score what is executed
-        q = self.critic_target(rep.flatten(1), cand[:, :self.act_steps].flatten(1)).min(0).values.view(s, n)
+        cand, q = self.scored(obs, deterministic, generator, mean_path)
         explore = not deterministic and self.expectile_exploration
         adv = q - self.value(obs).unsqueeze(0) if explore else None  # V(s) is the same for every candidate
-        return ChunkSample(select_candidates(cand.view(s, n, *cand.shape[1:]), q, adv, self.exploration_expectile,
-                                             generator), None)
-
-    def transition_log_prob(self, obs: torch.Tensor, x: torch.Tensor, x_next: torch.Tensor,
-                            idx: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("IDQL's candidate selection has no tractable density; PPO cannot re-score it")
-
-    def entropy(self) -> torch.Tensor | None:
-        return None
+        return ChunkSample(select_candidates(cand, q, adv, self.exploration_expectile, generator), None)
 
 
 class IDQL(DiffusionQAgent):

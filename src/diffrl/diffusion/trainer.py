@@ -113,8 +113,8 @@ class DiffusionTrainer:
             fixed = self.fixed
             if fixed is not None and fixed.shape == self.data.shape:  # one mask per sample
                 fixed = fixed[idx]
-            loss = self.model.loss(self.data[idx], None if self.cond is None else self.cond[idx], self.gen,
-                                   fixed=fixed)
+            kwargs = {} if fixed is None else {"fixed": fixed}  # DPPO's Gaussian/GMM baselines train through here too
+            loss = self.model.loss(self.data[idx], None if self.cond is None else self.cond[idx], self.gen, **kwargs)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if s.grad_clip > 0:
