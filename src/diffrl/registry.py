@@ -12,6 +12,12 @@ config (presets, ``--resume``, every config field as a flag) and dispatches from
 and ``diffrl report`` find a run's system from the pipeline name in its ``config.yaml``. Adding a system is one
 module plus one line in :data:`SYSTEMS` (docs/adding-a-system.md). Modules are imported only when a command needs
 them, so ``diffrl --help`` stays fast and a broken optional dependency affects only its own system.
+
+A group may span several modules. Commands of different names are listed side by side (``diffrl synther offline``,
+``diffrl synther online``); commands of the SAME name with disjoint algorithms are merged into one
+(:func:`merge_commands`: ``diffrl train sac|td3|redq`` from ``pipelines/online.py`` and ``diffrl train ppo`` from
+``pipelines/ppo.py``), which hands ``run``, ``evaluate`` and the summary lines to the module that declared the
+algorithm, so each module stays the only one that knows its algorithms.
 """
 
 from __future__ import annotations
@@ -23,13 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from diffrl.config import from_dict
-from diffrl.errors import CheckpointError
+from diffrl.errors import CheckpointError, ConfigError
 from diffrl.runs.rundir import read_config
 
 # CLI group -> the module that declares it (a module-level ``SYSTEM``). Order is the order of ``diffrl --help``.
-# A group may span several modules (SynthER's offline and online pipelines); their commands are merged.
+# A group may span several modules (SynthER's offline and online pipelines; the off-policy loop and PPO under
+# `train`); their commands are merged (see the module docstring).
 SYSTEMS: dict[str, tuple[str, ...]] = {
-    "train": ("diffrl.pipelines.online",),
+    "train": ("diffrl.pipelines.online", "diffrl.pipelines.ppo"),
     "offline": ("diffrl.pipelines.offline",),
     "diffusion": ("diffrl.pipelines.diffusion",),
     "synther": ("diffrl.pipelines.synther_offline", "diffrl.pipelines.synther_online"),
@@ -132,15 +139,90 @@ def names() -> list[str]:
 
 
 def get(name: str) -> System | None:
-    """The system registered as ``name`` (its modules imported now), or ``None``."""
+    """The system registered as ``name`` (its modules imported now), or ``None``. A group of several modules lists
+    their commands in module order, same-named ones merged (:func:`merge_commands`); its help joins the modules'
+    distinct helps."""
     modules = _extra.get(name) or SYSTEMS.get(name)
     if modules is None:
         return None
     parts = [importlib.import_module(m).SYSTEM for m in modules]
     for m, system in zip(modules, parts):
         assert isinstance(system, System) and system.name == name, f"{m}.SYSTEM must be a System named {name!r}"
-    return System(name, parts[0].help, tuple(c for p in parts for c in p.commands),
+    by_name: dict[str, list[Command]] = {}
+    for command in (c for p in parts for c in p.commands):
+        by_name.setdefault(command.name, []).append(command)
+    helps = list(dict.fromkeys(p.help for p in parts))
+    return System(name, "; ".join(helps), tuple(merge_commands(*same) for same in by_name.values()),
                   tuple(t for p in parts for t in p.tools))
+
+
+# one merged Command per tuple of parts (kept alive here): the CLI tells a run's command from another by identity
+_merged: dict[tuple[int, ...], tuple[tuple[Command, ...], Command]] = {}
+
+
+def merge_commands(*parts: Command) -> Command:
+    """One command from same-named commands of several modules with disjoint algorithms (and pipeline names).
+
+    The merged command offers every part's algorithms, presets and pipelines; ``run(cfg)``, ``evaluate(run_dir,
+    cfg, ...)`` and ``summary_lines(summary)`` go to the part that declared the config's class (the summary's
+    pipeline). The parts must agree on how the algorithm is chosen (``algo_flag``, ``default_algo``), on
+    ``print_summary`` and on ``report_metric``; ``help`` joins theirs. The same parts always give the same object.
+    A single part is returned as it is.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    key = tuple(id(p) for p in parts)
+    if key in _merged:
+        return _merged[key][1]
+    where = f"the commands {parts[0].name!r} of one group"
+    for field in ("configs", "pipelines"):
+        seen: set[str] = set()
+        for part in parts:
+            clash = seen & set(getattr(part, field))
+            if clash:
+                raise ConfigError(f"{where} declare the {field[:-1]} {sorted(clash)[0]!r} twice; a merged command "
+                                  "needs disjoint algorithms and pipeline names.")
+            seen |= set(getattr(part, field))
+    for field in ("algo_flag", "default_algo", "print_summary", "report_metric"):
+        values = {getattr(part, field) for part in parts}
+        if len(values) > 1:
+            raise ConfigError(f"{where} disagree on {field} ({', '.join(map(repr, sorted(values, key=str)))}); "
+                              "a merged command needs one.")
+
+    def part_of(cfg: Any) -> Command:
+        for part in parts:
+            if type(cfg) in part.configs.values():
+                return part
+        raise ConfigError(f"no command of this group runs a {type(cfg).__name__}.")
+
+    def run(cfg: Any) -> Path:
+        return part_of(cfg).run(cfg)
+
+    def evaluate(run_dir: Path, cfg: Any, *args: Any, **options: Any) -> dict[str, Any]:
+        part = part_of(cfg)
+        if part.evaluate is None:
+            raise ConfigError(f"{run_dir} is a run with no policy to evaluate.")
+        unknown = sorted(set(options) - set(part.eval_options))
+        if unknown:
+            raise ConfigError(f"{run_dir} takes no evaluation option {unknown[0]!r}.")
+        return part.evaluate(run_dir, cfg, *args, **options)
+
+    def summary_lines(summary: dict[str, Any]) -> list[str]:
+        part = next((p for p in parts if summary.get("pipeline") in p.pipelines), None)
+        return part.summary_lines(summary) if part is not None and part.summary_lines is not None else []
+
+    first = parts[0]
+    merged = Command(
+        first.name, {a: cls for p in parts for a, cls in p.configs.items()}, run,
+        {a: presets for p in parts for a, presets in p.presets.items()},
+        {n: cls for p in parts for n, cls in p.pipelines.items()}, algo_flag=first.algo_flag,
+        default_algo=first.default_algo, evaluate=evaluate if any(p.evaluate for p in parts) else None,
+        eval_options=tuple(dict.fromkeys(o for p in parts for o in p.eval_options)),
+        summary_lines=summary_lines if any(p.summary_lines for p in parts) else None,
+        print_summary=first.print_summary, report_metric=first.report_metric,
+        help="; ".join(dict.fromkeys(p.help for p in parts if p.help)))
+    _merged[key] = (parts, merged)
+    return merged
 
 
 def find_run(run_dir: Path) -> tuple[System, Command, Any]:

@@ -150,7 +150,7 @@ def test_invalid_config_values_are_rejected_with_one_sentence(tmp_path, capsys, 
     ("argv", "message"),
     [(["train", "sac", "--env", "HalfCheetah-v2", "--steps", "10"], "HalfCheetah-v5"),
      (["train", "sac", "--env", "Hoper-v5", "--steps", "10"], "Did you mean Hopper-v5"),
-     (["train", "ppo"], "unknown algorithm 'ppo'"),
+     (["train", "a2c"], "unknown algorithm 'a2c'"),
      (["train", "sac", "--preset", "huge"], "unknown preset 'huge'"),
      (["eval", "/nonexistent/run"], "not a diffrl run directory"),
      (["report", "/nonexistent/run"], "/nonexistent/run")])

@@ -1,5 +1,6 @@
-"""PPO over chunk policies with per-(env step, transition) ratios: the update DPPO, its Gaussian and GMM baselines
-and later chunk policies (DiffPPO's action prior) share, the ``V(s)`` critic, the Gaussian and GMM chunk policies,
+"""PPO over chunk policies with per-(env step, transition) ratios: the update DPPO, its Gaussian and GMM baselines,
+plain PPO (a Gaussian policy with one-action chunks, ``diffrl train ppo``) and later chunk policies (DiffPPO's action
+prior) share, the ``V(s)`` critic, the Gaussian and GMM chunk policies,
 and the :class:`ChunkPolicy` protocol every chunk policy implements (Schulman et al. 2017, arXiv:1707.06347, with
 DPPO's clipping and reductions, Ren et al. 2024, arXiv:2409.00588).
 
@@ -28,14 +29,17 @@ from torch import nn
 from diffrl.agents.base import Agent, Params, check_hidden
 from diffrl.agents.nets import mlp
 from diffrl.agents.ppo_utils import PPOBatch
-from diffrl.config import check, check_non_negative, check_positive
+from diffrl.config import check, check_choice, check_non_negative, check_positive
 from diffrl.diffusion.gaussian import gaussian_log_prob
 from diffrl.diffusion.nets import ACTIVATIONS, PreActBlock
 from diffrl.errors import ConfigError
 
 __all__ = ["PPOParams", "GaussianPPOParams", "GMMPPOParams", "ValueCritic", "ChunkSample", "ChunkPolicy",
            "policy_module", "GaussianPolicy", "GMMPolicy", "ChunkPPO", "GaussianPPO", "GMMPPO", "residual_mlp",
-           "check_optional_positive"]
+           "check_optional_positive", "orthogonal_init"]
+
+# the trunks' activations: the residual blocks take the diffusion core's; a plain MLP may also use tanh (PPO's 64x64)
+MLP_ACTIVATIONS: dict[str, type[nn.Module]] = {**ACTIVATIONS, "tanh": nn.Tanh}
 
 
 # ----------------------------------------------------------------------------------------------- parameters
@@ -60,7 +64,7 @@ class PPOParams(Params):
     fine-tuning); the GMM samples unclipped, as DPPO's"""
     logprob_clamp: tuple[float, float] = (-5.0, 2.0)
     """clamp of log-probabilities before the ratio (DPPO): element-wise for the diffusion chain, of the per-element
-    mean for the Gaussian, of the joint log-density of the executed chunk for the GMM"""
+    mean (or sum) for the Gaussian, of the joint log-density of the executed chunk for the GMM; (-inf, inf): none"""
     clip_ploss_coef: float = 0.01
     """PPO ratio clip (DPPO: at the final denoising step)"""
     clip_vloss_coef: float | None = None
@@ -73,6 +77,8 @@ class PPOParams(Params):
     """AdamW weight decay of the actor"""
     critic_weight_decay: float = 0.0
     """AdamW weight decay of the critic"""
+    adam_eps: float = 1e-8
+    """epsilon of both optimisers (PyTorch's default; CleanRL's and SB3's PPO use 1e-5)"""
     vf_coef: float = 0.5
     """weight of the value loss in the one backward pass on pg + vf_coef * v_loss"""
     norm_adv: bool = True
@@ -83,6 +89,12 @@ class PPOParams(Params):
     """entropy bonus coefficient"""
     max_grad_norm: float | None = None
     """clip the actor's gradient norm (DPPO clips the actor only); None: no clipping"""
+    joint_grad_clip: bool = False
+    """clip the norm of the actor's and the critic's gradients together, as one vector (CleanRL, SB3: one optimiser
+    over both networks), instead of the actor's alone (DPPO)"""
+    orthogonal_init: bool = False
+    """orthogonal weights and zero biases (OpenAI baselines' PPO, CleanRL, SB3): gain sqrt(2) in hidden layers, 1 for
+    the critic's output, 0.01 for a fresh Gaussian policy's mean; False: PyTorch's default init (DPPO)"""
     critic_hidden: tuple[int, ...] = (256, 256, 256)
     """hidden widths of the V(s) critic"""
     critic_residual: bool = True
@@ -100,6 +112,7 @@ class PPOParams(Params):
         check_optional_positive("clip_vloss_coef", self.clip_vloss_coef)
         check_optional_positive("target_kl", self.target_kl)
         check_optional_positive("max_grad_norm", self.max_grad_norm)
+        check_positive("adam_eps", self.adam_eps)
         check(len(self.logprob_clamp) == 2 and self.logprob_clamp[0] < self.logprob_clamp[1], "logprob_clamp",
               self.logprob_clamp, "a pair (low, high) with low < high")
         for name in ("actor_weight_decay", "critic_weight_decay", "vf_coef", "ent_coef"):
@@ -107,8 +120,13 @@ class PPOParams(Params):
         check_hidden(self.critic_hidden)
         if self.critic_residual:
             _check_residual("critic_hidden", self.critic_hidden)
-        check(self.critic_activation in ACTIVATIONS, "critic_activation", self.critic_activation,
-              "one of " + ", ".join(ACTIVATIONS))
+        _check_activation("critic_activation", self.critic_activation, self.critic_residual)
+
+
+def _check_activation(name: str, activation: str, residual: bool) -> None:
+    choices = ACTIVATIONS if residual else MLP_ACTIVATIONS
+    check(activation in choices, name, activation, "one of " + ", ".join(choices)
+          + (" (tanh only without residual blocks)" if residual else ""))
 
 
 def _check_residual(name: str, hidden: tuple[int, ...]) -> None:
@@ -120,7 +138,9 @@ def _check_residual(name: str, hidden: tuple[int, ...]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class GaussianPPOParams(PPOParams):
-    """The paper's Gaussian baseline: tanh mean over the chunk, learnable state-independent std (brief 3)."""
+    """The paper's Gaussian baseline: tanh mean over the chunk, learnable state-independent std (brief 3). With
+    one-action chunks, a linear mean head, an unbounded std, no noise or log-prob clamp and summed log-probs it is
+    plain PPO's Gaussian policy (``diffrl train ppo``)."""
 
     hidden: tuple[int, ...] = (512, 512, 512)
     """hidden widths of the mean network (DPPO's Gaussian_MLP mlp_dims)"""
@@ -128,21 +148,27 @@ class GaussianPPOParams(PPOParams):
     """residual mean network (equal widths, odd count) or a plain MLP"""
     activation: str = "mish"
     """activation of the mean network"""
+    squash_mean: bool = True
+    """tanh on the mean network's output (DPPO); False: a linear head (CleanRL, SB3)"""
     std_init: float = 0.1
     """initial std of every action dimension"""
     std_min: float = 0.01
-    """lower bound of the std"""
+    """lower bound of the std (0: none)"""
     std_max: float = 0.2
-    """upper bound of the std"""
+    """upper bound of the std (inf: none)"""
+    logprob_reduction: str = "mean"
+    """how element log-probs of an executed chunk become its one log-prob: mean over (act_steps, Da) (DPPO, a geometric
+    mean ratio) or sum (the joint density: PPO's ratio, CleanRL, SB3)"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_hidden(self.hidden)
         if self.residual:
             _check_residual("hidden", self.hidden)
-        check(self.activation in ACTIVATIONS, "activation", self.activation, "one of " + ", ".join(ACTIVATIONS))
-        check(0 < self.std_min <= self.std_init <= self.std_max, "std_init", self.std_init,
-              f"within [std_min={self.std_min}, std_max={self.std_max}] with 0 < std_min")
+        _check_activation("activation", self.activation, self.residual)
+        check(self.std_min >= 0 and self.std_init > 0 and self.std_min <= self.std_init <= self.std_max, "std_init",
+              self.std_init, f"> 0 and within [std_min={self.std_min}, std_max={self.std_max}] with 0 <= std_min")
+        check_choice("logprob_reduction", self.logprob_reduction, ("mean", "sum"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +203,7 @@ class GMMPPOParams(PPOParams):
         check_hidden(self.hidden)
         if self.residual:
             _check_residual("hidden", self.hidden)
-        check(self.activation in ACTIVATIONS, "activation", self.activation, "one of " + ", ".join(ACTIVATIONS))
+        _check_activation("activation", self.activation, self.residual)
         check_positive("num_modes", self.num_modes)
         check(0 < self.std_min <= self.std_init <= self.std_max, "std_init", self.std_init,
               f"within [std_min={self.std_min}, std_max={self.std_max}] with 0 < std_min")
@@ -194,7 +220,18 @@ def residual_mlp(d_in: int, hidden: Sequence[int], d_out: int, activation: str) 
 
 def _trunk(d_in: int, hidden: Sequence[int], d_out: int, residual: bool, activation: str) -> nn.Sequential:
     return residual_mlp(d_in, hidden, d_out, activation) if residual else mlp(d_in, hidden, d_out,
-                                                                              ACTIVATIONS[activation])
+                                                                              MLP_ACTIVATIONS[activation])
+
+
+@torch.no_grad()
+def orthogonal_init(net: nn.Module, head_gain: float, hidden_gain: float = math.sqrt(2)) -> None:
+    """Orthogonal weights and zero biases for every ``nn.Linear`` of ``net``: ``hidden_gain`` for all but the last,
+    ``head_gain`` for the last (OpenAI baselines' PPO ``ortho_init``, CleanRL's ``layer_init``, SB3's ``ortho_init``:
+    sqrt(2) hidden, 0.01 policy head, 1 value head)."""
+    layers = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    for i, layer in enumerate(layers):
+        nn.init.orthogonal_(layer.weight, head_gain if i == len(layers) - 1 else hidden_gain)
+        nn.init.zeros_(layer.bias)
 
 
 class ValueCritic(nn.Module):
@@ -269,18 +306,22 @@ class GaussianPolicy(nn.Module):
     The std is initialised at ``std_init`` and kept in ``[std_min, std_max]`` (DPPO's ``Gaussian_MLP`` with
     ``learn_fixed_std``: 0.1 in [0.01, 0.2]). It is a one-transition "chain": ``sample`` records ``(B, 2, Ta, Da)``
     with the mean at index 0 (informative only; log-probs use the current mean) and the sample at index 1.
+    ``squash_mean=False``, ``std_min=0``, ``std_max=inf`` and ``noise_clip=None`` give plain PPO's policy (a linear mean
+    head, an unbounded state-independent log-std, unclipped samples; the env clips actions to its bounds).
     """
 
     def __init__(self, obs_dim: int, act_dim: int, horizon_steps: int, cond_steps: int = 1, *,
                  hidden: Sequence[int] = (512, 512, 512), residual: bool = True, activation: str = "mish",
                  std_init: float = 0.1, std_min: float = 0.01, std_max: float = 0.2,
-                 noise_clip: float | None = 3.0) -> None:
+                 noise_clip: float | None = 3.0, squash_mean: bool = True) -> None:
         super().__init__()
         self.event_shape = (horizon_steps, act_dim)
         self.mean_net = _trunk(obs_dim * cond_steps, hidden, horizon_steps * act_dim, residual, activation)
         self.log_std = nn.Parameter(torch.full((act_dim,), math.log(std_init)))
-        self.log_std_min, self.log_std_max = math.log(std_min), math.log(std_max)
+        self.log_std_min = math.log(std_min) if std_min > 0 else -math.inf
+        self.log_std_max = math.log(std_max)  # inf for std_max = inf
         self.noise_clip = noise_clip
+        self.squash_mean = squash_mean
 
     @property
     def num_transitions(self) -> int:
@@ -292,8 +333,9 @@ class GaussianPolicy(nn.Module):
         return self.log_std.clamp(self.log_std_min, self.log_std_max).exp()
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        """Mean chunk ``(B, Ta, Da)`` in [-1, 1]."""
-        return torch.tanh(self.mean_net(obs.flatten(1))).view(-1, *self.event_shape)
+        """Mean chunk ``(B, Ta, Da)`` (in [-1, 1] with ``squash_mean``)."""
+        mean = self.mean_net(obs.flatten(1))
+        return (torch.tanh(mean) if self.squash_mean else mean).view(-1, *self.event_shape)
 
     @torch.no_grad()
     def sample(self, obs: torch.Tensor, deterministic: bool = False, generator: torch.Generator | None = None,
@@ -449,11 +491,14 @@ class ChunkPPO(Agent):
         self.policy = policy
         self.critic = ValueCritic(obs_dim, params.cond_steps, params.critic_hidden, params.critic_residual,
                                   params.critic_activation).to(self.device)
+        if params.orthogonal_init:
+            orthogonal_init(self.critic, head_gain=1.0)
         fused = dict(fused=True) if self.device.type in ("cpu", "cuda") else {}
         self.actor_params = [p for p in module.parameters() if p.requires_grad]
-        self.actor_opt = torch.optim.AdamW(self.actor_params, lr=params.actor_lr,
+        # AdamW with weight decay 0 is Adam; two optimisers at one lr and eps step exactly as one over both (PPO's)
+        self.actor_opt = torch.optim.AdamW(self.actor_params, lr=params.actor_lr, eps=params.adam_eps,
                                            weight_decay=params.actor_weight_decay, **fused)
-        self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=params.critic_lr,
+        self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=params.critic_lr, eps=params.adam_eps,
                                             weight_decay=params.critic_weight_decay, **fused)
         self.nets = {"policy": module, "critic": self.critic}
         self.optims = {"actor": self.actor_opt, "critic": self.critic_opt}
@@ -586,11 +631,21 @@ class ChunkPPO(Agent):
         self.critic_opt.zero_grad(set_to_none=True)
         loss.backward()
         actor_norm = torch.zeros((), device=self.device)
+        max_norm = p.max_grad_norm or math.inf
+        if p.joint_grad_clip:  # one norm over both networks (CleanRL, SB3); the metrics keep the two norms before it
+            if not critic_only:
+                actor_norm = nn.utils.clip_grad_norm_(self.actor_params, math.inf, foreach=True)  # norm only
+            critic_norm = nn.utils.clip_grad_norm_(self.critic.parameters(), math.inf, foreach=True)
+            total = torch.linalg.vector_norm(torch.stack([actor_norm, critic_norm]))  # clip_grad_norm_'s total norm
+            nn.utils.clip_grads_with_norm_([*self.actor_params, *self.critic.parameters()], max_norm, total,
+                                           foreach=True)
+        else:  # DPPO: the actor's alone
+            if not critic_only:
+                actor_norm = nn.utils.clip_grad_norm_(self.actor_params, max_norm, foreach=True)
+            critic_norm = nn.utils.clip_grad_norm_(self.critic.parameters(), math.inf, foreach=True)  # norm only
         if not critic_only:
-            actor_norm = nn.utils.clip_grad_norm_(self.actor_params, p.max_grad_norm or math.inf, foreach=True)
             self.actor_opt.step()
             self.num_actor_updates += 1
-        critic_norm = nn.utils.clip_grad_norm_(self.critic.parameters(), math.inf, foreach=True)  # norm only
         self.critic_opt.step()
         self.num_updates += 1
         with torch.no_grad():
@@ -607,6 +662,12 @@ class ChunkPPO(Agent):
     def should_stop(self, metrics: dict[str, torch.Tensor]) -> bool:
         """True when ``approx_kl`` exceeds ``target_kl``: end the epoch (checked after the step, as DPPO)."""
         return self.p.target_kl is not None and float(metrics["approx_kl"]) > self.p.target_kl
+
+    def set_lr_fraction(self, fraction: float) -> None:
+        """Set both learning rates to ``fraction`` of ``actor_lr`` / ``critic_lr`` (PPO's linear annealing to 0)."""
+        for opt, lr in ((self.actor_opt, self.p.actor_lr), (self.critic_opt, self.p.critic_lr)):
+            for group in opt.param_groups:
+                group["lr"] = fraction * lr
 
     def extra_state(self) -> dict[str, Any]:
         return {"num_updates": self.num_updates, "num_actor_updates": self.num_actor_updates}
@@ -635,7 +696,9 @@ class GaussianPPO(ChunkPPO):
             policy = GaussianPolicy(obs_dim, act_dim, params.horizon_steps, params.cond_steps, hidden=params.hidden,
                                     residual=params.residual, activation=params.activation,
                                     std_init=params.std_init, std_min=params.std_min, std_max=params.std_max,
-                                    noise_clip=params.noise_clip)
+                                    noise_clip=params.noise_clip, squash_mean=params.squash_mean)
+            if params.orthogonal_init:
+                orthogonal_init(policy.mean_net, head_gain=0.01)  # a near-zero initial mean (baselines, CleanRL)
         else:
             if policy.event_shape != (params.horizon_steps, act_dim):
                 raise ConfigError(f"the given policy predicts chunks {policy.event_shape} but params give "
@@ -645,12 +708,21 @@ class GaussianPPO(ChunkPPO):
 
     def log_probs(self, obs: torch.Tensor, chain_x: torch.Tensor, chain_next: torch.Tensor,
                   denoise_idx: torch.Tensor) -> torch.Tensor:
-        """Reduced log-probabilities ``(B,)`` of executed chunks: averaged over ``(act_steps, Da)``, THEN clamped
-        to ``logprob_clamp`` (DPPO's Gaussian PPO clamps the per-sample mean; clamping elements first, as the
-        diffusion chain does, would zero the gradient of most elements once the std falls below ~0.05)."""
+        """Reduced log-probabilities ``(B,)`` of executed chunks: averaged (or, ``logprob_reduction="sum"``, summed:
+        plain PPO's joint log-density) over ``(act_steps, Da)``, THEN clamped to ``logprob_clamp`` (DPPO's Gaussian PPO
+        clamps the per-sample mean; clamping elements first, as the diffusion chain does, would zero the gradient of
+        most elements once the std falls below ~0.05)."""
         lp = self.policy.transition_log_prob(self._obs(obs), chain_x, chain_next, denoise_idx.long())
         lo, hi = self.p.logprob_clamp
-        return lp[:, :self.p.act_steps].mean(dim=(1, 2)).clamp(lo, hi)
+        executed = lp[:, :self.p.act_steps]
+        reduced = executed.sum(dim=(1, 2)) if self.p.logprob_reduction == "sum" else executed.mean(dim=(1, 2))
+        return reduced.clamp(lo, hi)
+
+    def entropy(self, obs: torch.Tensor) -> torch.Tensor:
+        """The bonus's entropy, reduced as the log-probs: per element (mean), or of the whole executed chunk (sum:
+        ``act_steps * Da`` elements, CleanRL's ``entropy().sum(1)``)."""
+        h = self.policy.entropy()
+        return h * (self.p.act_steps * self.policy.event_shape[1]) if self.p.logprob_reduction == "sum" else h
 
 
 class GMMPPO(ChunkPPO):

@@ -1,4 +1,5 @@
-"""What a PPO fine-tuning loop needs around the agent: reward scaling, GAE and (env step, transition) minibatches.
+"""What a PPO loop needs around the agent: running observation normalisation and reward scaling, GAE and
+(env step, transition) minibatches.
 
 Shapes: ``T`` rollout steps (action chunks), ``N`` envs, ``S`` policy transitions per env step (DPPO: the
 ``K'`` fine-tuned denoising steps; a Gaussian policy: 1), ``B`` minibatch, ``To`` / ``Do`` observation history
@@ -15,6 +16,61 @@ import numpy as np
 import torch
 
 
+def merge_moments(mean: Any, var: Any, count: float, batch: np.ndarray) -> tuple[Any, Any, float]:
+    """Running mean and (population) variance after adding the rows of ``batch`` ``(B, *shape)``: Chan et al.'s
+    parallel update, as OpenAI baselines' / SB3's ``RunningMeanStd`` (float64). ``mean`` / ``var``: floats or arrays of
+    ``shape``; ``count``: the (possibly fractional, see the prior) number of rows so far."""
+    b_mean, b_var, b_count = batch.mean(axis=0), batch.var(axis=0), batch.shape[0]
+    delta, total = b_mean - mean, count + b_count
+    m2 = var * count + b_var * b_count + delta ** 2 * count * b_count / total
+    return mean + delta * b_count / total, m2 / total, total
+
+
+def _array(x: Any) -> np.ndarray:
+    return np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
+
+
+class RunningObsNormalizer:
+    """``clip((o - mean) / sqrt(var + eps), -clip, clip)`` per observation dimension, with running statistics of the
+    observations seen so far (SB3's ``VecNormalize`` / gymnasium's ``NormalizeObservation`` + CleanRL's clip at 10).
+
+    The moments start from a prior of mean 0, var 1 with weight 1e-4 (baselines' ``RunningMeanStd``) and are
+    updated in float64 with every batch passed with ``update=True``; a call normalises with the statistics after
+    its own update (SB3). The statistics belong to the run (checkpointed with it, frozen for evaluation).
+
+    Args:
+        dim: ``Do``; observations are ``(..., Do)`` (an observation history ``(N, To, Do)`` is normalised per element).
+        clip: bound of the normalised observations.
+        eps: added to the variance.
+    """
+
+    def __init__(self, dim: int, clip: float = 10.0, eps: float = 1e-8) -> None:
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        self.clip, self.eps = clip, eps
+        self.mean, self.var, self.count = np.zeros(dim), np.ones(dim), 1e-4
+
+    def __call__(self, obs: np.ndarray, update: bool = True) -> np.ndarray:
+        """Normalised float32 observations ``(..., Do)``; with ``update`` the rows of ``obs`` enter the statistics
+        first."""
+        o = np.asarray(obs, dtype=np.float64)
+        if o.shape[-1] != len(self.mean):
+            raise ValueError(f"observations must be (..., {len(self.mean)}), got {o.shape}")
+        if update:
+            self.mean, self.var, self.count = merge_moments(self.mean, self.var, self.count, o.reshape(-1, o.shape[-1]))
+        return np.clip((o - self.mean) / np.sqrt(self.var + self.eps), -self.clip, self.clip).astype(np.float32)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean.copy(), "var": self.var.copy(), "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mean, var = _array(state["mean"]), _array(state["var"])
+        if mean.shape != self.mean.shape or var.shape != self.var.shape:
+            raise ValueError(f"the saved observation statistics are {mean.shape[0]}-dimensional, this normaliser "
+                             f"{self.mean.shape[0]}-dimensional")
+        self.mean, self.var, self.count = mean.copy(), var.copy(), float(state["count"])
+
+
 class RunningRewardScaler:
     """Divides rewards by the running std of a discounted return (Engstrom et al. 2020, arXiv:2005.12729, 9.3).
 
@@ -27,22 +83,25 @@ class RunningRewardScaler:
         gamma: discount of the tracked return (its own, 0.99, not the RL discount).
         clip: rewards are clipped to ``[-clip, clip]`` after scaling.
         eps: added to the variance.
+        per_step: update the variance with every env step's ``N`` returns and scale that step's rewards with the
+            statistics after it (SB3's ``VecNormalize``, gymnasium's ``NormalizeReward``: plain PPO); False (DPPO):
+            one update with the whole rollout's returns, then every reward of the rollout scaled with the result.
     """
 
-    def __init__(self, num_envs: int, gamma: float = 0.99, clip: float = 10.0, eps: float = 1e-8) -> None:
+    def __init__(self, num_envs: int, gamma: float = 0.99, clip: float = 10.0, eps: float = 1e-8,
+                 per_step: bool = False) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
-        self.gamma, self.clip, self.eps = gamma, clip, eps
+        self.gamma, self.clip, self.eps, self.per_step = gamma, clip, eps, per_step
         self.ret = np.zeros(num_envs, dtype=np.float64)  # running discounted return of each env
         # running moments start from a prior of mean 0, var 1 with a tiny weight (baselines' RunningMeanStd)
         self.mean, self.var, self.count = 0.0, 1.0, 1e-4
 
     def _update_moments(self, x: np.ndarray) -> None:
-        # Chan et al.'s parallel update; DPPO divides M2 by (count - 1), negligible once count is large
-        b_mean, b_var, b_count = float(x.mean()), float(x.var()), x.size
-        delta, total = b_mean - self.mean, self.count + b_count
-        m2 = self.var * self.count + b_var * b_count + delta ** 2 * self.count * b_count / total
-        self.mean, self.var, self.count = self.mean + delta * b_count / total, m2 / total, total
+        # Chan et al.'s parallel update, pooled over envs; DPPO divides M2 by (count - 1), negligible once count is
+        # large
+        mean, var, count = merge_moments(self.mean, self.var, self.count, x.reshape(-1))
+        self.mean, self.var, self.count = float(mean), float(var), count
 
     def __call__(self, rewards: np.ndarray, episode_ends: np.ndarray) -> np.ndarray:
         """Update the statistics with a rollout and return its scaled rewards.
@@ -52,7 +111,8 @@ class RunningRewardScaler:
             episode_ends: ``(T, N)`` true where an episode ended at that step (terminated or truncated): the
                 tracked return restarts at the next step. Carried over between calls.
         Returns:
-            ``(T, N)`` float32 scaled rewards (all scaled with the statistics after this rollout, as DPPO).
+            ``(T, N)`` float32 scaled rewards (all scaled with the statistics after this rollout, as DPPO; with
+            ``per_step``, each step's with the statistics after that step).
         """
         r = np.asarray(rewards, dtype=np.float64)
         ends = np.asarray(episode_ends, dtype=bool)
@@ -60,10 +120,16 @@ class RunningRewardScaler:
             raise ValueError(f"rewards and episode_ends must both be (T, {len(self.ret)}), got {r.shape} and "
                              f"{ends.shape}")
         rets = np.empty_like(r)
+        scaled = np.empty(r.shape, dtype=np.float32)
         for t in range(len(r)):
             self.ret = r[t] + self.gamma * self.ret
             rets[t] = self.ret
-            self.ret = np.where(ends[t], 0.0, self.ret)
+            if self.per_step:
+                self._update_moments(self.ret)
+                scaled[t] = self.scale(r[t])
+            self.ret = np.where(ends[t], 0.0, self.ret)  # SB3 restarts at either end (gymnasium: terminations only)
+        if self.per_step:
+            return scaled
         self._update_moments(rets)
         return self.scale(r)
 
@@ -80,7 +146,7 @@ class RunningRewardScaler:
         return {"ret": self.ret.copy(), "mean": self.mean, "var": self.var, "count": self.count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        ret = np.asarray(state["ret"].cpu() if isinstance(state["ret"], torch.Tensor) else state["ret"], np.float64)
+        ret = _array(state["ret"])
         if ret.shape != self.ret.shape:
             raise ValueError(f"the saved reward scaler tracks {ret.shape[0]} envs, this one {self.ret.shape[0]}")
         self.ret = ret.copy()

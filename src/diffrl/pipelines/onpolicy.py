@@ -8,8 +8,10 @@ One iteration of a system built on it (DPPO's ``finetune``; DiffPPO next) reads:
     row = {**metrics, **stats, **episode_stats(ro.episodes)}            # what it logs (runs.logger)
 
 The agent is a :class:`~diffrl.agents.ppo.ChunkPPO` over any :class:`~diffrl.agents.ppo.ChunkPolicy`, the envs a
-:class:`~diffrl.envs.VecEnv` of chunk envs (:func:`diffrl.envs.chunking.chunk_envs`). Bookkeeping (resume,
-checkpoints, logging, evaluation) is the system's. :func:`collect` and :func:`next_observations` also serve the
+:class:`~diffrl.envs.VecEnv` of chunk envs (:func:`diffrl.envs.chunking.chunk_envs`). Plain PPO
+(:mod:`diffrl.pipelines.ppo`) is the same loop over one-action chunks with a running observation normaliser
+(``collect(..., obs_norm=...)``) and per-step reward scaling. Bookkeeping (resume, checkpoints, logging, evaluation)
+is the caller's. :func:`collect` and :func:`next_observations` also serve the
 weighted-regression baselines (:mod:`diffrl.pipelines.chunk_rwr`), whose agents only need to sample
 (:class:`ChunkSampler`).
 
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 
 from diffrl.agents.ppo import ChunkPPO, ChunkSample
-from diffrl.agents.ppo_utils import RunningRewardScaler, gae, ppo_minibatches
+from diffrl.agents.ppo_utils import RunningObsNormalizer, RunningRewardScaler, gae, ppo_minibatches
 from diffrl.envs import VecEnv
 
 
@@ -53,13 +55,24 @@ class Rollout:
     terminated: np.ndarray       # (T, N) bool
     truncated: np.ndarray        # (T, N) bool
     final_obs: dict[tuple[int, int], np.ndarray]  # (t, i) -> true final history of an episode truncated there
-    last_obs: np.ndarray         # (N, To, Do) where the next rollout starts
+    last_obs: np.ndarray         # (N, To, Do) where the next rollout starts (normalised as obs)
     env_steps: int
     episodes: list[tuple[float, int]]
 
 
-def collect(agent: ChunkSampler, envs: VecEnv, obs: np.ndarray, n_steps: int, generator: torch.Generator) -> Rollout:
-    """Roll out ``n_steps`` chunks per env with exploration noise, recording the chains PPO re-scores."""
+def collect(agent: ChunkSampler, envs: VecEnv, obs: np.ndarray, n_steps: int, generator: torch.Generator,
+            obs_norm: RunningObsNormalizer | None = None) -> Rollout:
+    """Roll out ``n_steps`` chunks per env with exploration noise, recording the chains PPO re-scores.
+
+    Args:
+        agent: samples the chunks; envs: steps them; obs: ``(N, To, Do)`` histories to act from first (already
+            normalised when ``obs_norm`` is given: the previous rollout's ``last_obs``).
+        n_steps: ``T``; generator: the exploration noise.
+        obs_norm: a running observation normaliser (plain PPO; the chunk envs of DPPO normalise by themselves):
+            each observation the envs return to act from enters its statistics and is normalised with them as it
+            arrives; a truncated episode's final observation is normalised with the statistics of its step without
+            entering them (SB3's ``VecNormalize``). The rollout then holds only normalised observations.
+    """
     T, N = n_steps, envs.num_envs
     obs_buf = torch.zeros((T, N, *obs.shape[1:]), device=agent.device)
     chains: torch.Tensor | None = None
@@ -74,10 +87,12 @@ def collect(agent: ChunkSampler, envs: VecEnv, obs: np.ndarray, n_steps: int, ge
         obs_buf[t], chains[t] = o, chain
         step = envs.step(action.cpu().numpy())
         rewards[t], term[t], trunc[t] = step.reward, step.terminated, step.truncated
-        final.update({(t, i): step.next_obs[i] for i in np.flatnonzero(step.truncated)})  # type: ignore[index]
+        obs = step.obs if obs_norm is None else obs_norm(step.obs)  # type: ignore[arg-type]
+        for i in np.flatnonzero(step.truncated):
+            o = step.next_obs[i]  # type: ignore[index]
+            final[(t, i)] = o if obs_norm is None else obs_norm(o, update=False)
         env_steps += step.env_steps
         episodes += [(ret, length) for _, ret, length, _ in step.finished]
-        obs = step.obs
     return Rollout(obs_buf, chains, rewards, term, trunc, final, obs, env_steps, episodes)  # type: ignore[arg-type]
 
 
