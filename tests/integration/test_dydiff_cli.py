@@ -62,6 +62,12 @@ def test_fidelity_command_prints_the_table_and_keeps_it(full_run, capsys) -> Non
     out = capsys.readouterr().out
     assert "single-step (data actions)" in out and "rollout_fidelity.png" in out
     assert json.loads((full_run / "summary.json").read_text())["rollout_fidelity"]["rollouts"] == 6
+    # another sampler is measured beside the run's own table, not over it
+    assert main(["dydiff", "fidelity", "--run", str(full_run), "--rollouts", "6", "--sampler", "dpmpp_2m",
+                 "--sample-steps", "4"]) == 0
+    s = json.loads((full_run / "summary.json").read_text())
+    assert s["rollout_fidelity_dpmpp_2m_4"]["sampler"] == {"sampler": "dpmpp_2m", "steps": 4}
+    assert s["rollout_fidelity"]["sampler"]["sampler"] == "heun"
 
 
 def test_resume_after_each_stage_gives_the_uninterrupted_run(full_run, workdir, hopper_random, monkeypatch) -> None:

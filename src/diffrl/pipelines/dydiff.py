@@ -333,16 +333,18 @@ def _starts(ds: OfflineDataset, horizon: int, n: int, gen: torch.Generator) -> t
 
 @torch.no_grad()
 def rollout_fidelity(run_dir: Path, cfg: Any, ds: OfflineDataset, env_id: str, model: DiffusionModel,
-                     dynamics: EnsembleDynamics, reward: RewardModel, rollouts: int, seed: int) -> dict[str, Any]:
+                     dynamics: EnsembleDynamics, reward: RewardModel, rollouts: int, seed: int,
+                     sample_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """State error against horizon and return error of each model's rollouts against MuJoCo's, from the same start
     states: with the dataset's actions (the window model; the single-step model autoregressively) and with the
     trained policy's (the single-step model alone; Dydiff after policy injection, the rollouts the agent trains
-    on). Writes ``rollout_fidelity.png``; returns the drift per model and the table."""
+    on). ``sample_options``: the window model's sampler (default: the run's). Writes ``rollout_fidelity.png``;
+    returns the drift per model, the sampler and the table."""
     layout = _layout(ds, cfg.horizon)
     gen = torch.Generator().manual_seed(seed)
     s0, actions = _starts(ds, cfg.horizon, rollouts, gen)
     scale = ds.observations.std(0)
-    opts = cfg.sample_options()
+    opts = sample_options or cfg.sample_options()
 
     def score(states: torch.Tensor, acts: torch.Tensor) -> dict[str, Any]:
         sim = simulate(env_id, states[:, 0].numpy(), acts[:, :-1].numpy())  # H rows: H - 1 transitions
@@ -361,7 +363,8 @@ def rollout_fidelity(run_dir: Path, cfg: Any, ds: OfflineDataset, env_id: str, m
                                                                          cfg.rounds, gen, **opts))
     arrays = {k: {kk: np.asarray(vv) for kk, vv in v.items()} for k, v in results.items()}
     plot_drift(arrays, run_dir / "rollout_fidelity.png")
-    return {"rollouts": rollouts, "horizon": cfg.horizon - 1, "models": results, "table": drift_table(arrays)}
+    return {"rollouts": rollouts, "horizon": cfg.horizon - 1, "sampler": opts, "models": results,
+            "table": drift_table(arrays)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,9 +377,18 @@ class FidelityArgs:
     """start states drawn from the dataset"""
     seed: int = 0
     """seed of the start states and the models' noise"""
+    sampler: str | None = None
+    """the window model's sampler for this measurement (default: the run's), e.g. to measure a few-step sampler
+    against the reference's Heun: heun, euler, dpmpp_2m, dpmpp_2m_sde"""
+    sample_steps: int | None = None
+    """its steps (default: the run's)"""
 
     def __post_init__(self) -> None:
         check_positive("rollouts", self.rollouts)
+        if self.sampler is not None:
+            check_choice("sampler", self.sampler, ("heun", "euler", "dpmpp_2m", "dpmpp_2m_sde"))
+        if self.sample_steps is not None:
+            check_positive("sample_steps", self.sample_steps)
 
 
 def fidelity_main(a: FidelityArgs) -> None:
@@ -394,11 +406,20 @@ def fidelity_main(a: FidelityArgs) -> None:
     model, _ = _window_model(dataclasses.replace(cfg, diffusion=cfg.diffusion or a.run), ds, a.run,
                              torch.device("cpu"))
     dynamics, reward, _, _ = _single_step_models(dataclasses.replace(cfg, models=cfg.models or a.run), ds, a.run)
-    out = rollout_fidelity(a.run, cfg, ds, env_id, model, dynamics, reward, a.rollouts, a.seed)
+    opts = None
+    if a.sampler is not None or a.sample_steps is not None:
+        sampler = a.sampler or cfg.sampler
+        run_steps = cfg.sample_steps if sampler == cfg.sampler else None
+        opts = dataclasses.replace(cfg, sampler=sampler, sample_steps=a.sample_steps or run_steps or 32
+                                   ).sample_options()
+    out = rollout_fidelity(a.run, cfg, ds, env_id, model, dynamics, reward, a.rollouts, a.seed, opts)
+    print(f"window model sampler: {out['sampler']}")
     print(out["table"])
-    if (a.run / "summary.json").is_file():
-        summary = read_summary(a.run)
-        summary["rollout_fidelity"] = out
+    if (a.run / "summary.json").is_file():  # the run's own sampler's table is "rollout_fidelity"; others are kept
+        summary = read_summary(a.run)    # beside it, by sampler and steps
+        key = "rollout_fidelity" if opts is None else f"rollout_fidelity_{out['sampler']['sampler']}_" \
+                                                      f"{out['sampler']['steps']}"
+        summary[key] = out
         write_json_atomic(a.run / "summary.json", summary)
     print(f"written: {a.run / 'rollout_fidelity.png'}")
 
