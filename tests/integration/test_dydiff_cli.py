@@ -68,6 +68,7 @@ def test_fidelity_command_prints_the_table_and_keeps_it(full_run, capsys) -> Non
     s = json.loads((full_run / "summary.json").read_text())
     assert s["rollout_fidelity_dpmpp_2m_4"]["sampler"] == {"sampler": "dpmpp_2m", "steps": 4}
     assert s["rollout_fidelity"]["sampler"]["sampler"] == "heun"
+    assert (full_run / "rollout_fidelity_dpmpp_2m_4.png").is_file()
 
 
 def test_resume_after_each_stage_gives_the_uninterrupted_run(full_run, workdir, hopper_random, monkeypatch) -> None:

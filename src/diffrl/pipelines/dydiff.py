@@ -362,9 +362,11 @@ def rollout_fidelity(run_dir: Path, cfg: Any, ds: OfflineDataset, env_id: str, m
         results["dydiff + injection (policy)"] = score(*policy_injection(policy, dynamics, model, layout, s0,
                                                                          cfg.rounds, gen, **opts))
     arrays = {k: {kk: np.asarray(vv) for kk, vv in v.items()} for k, v in results.items()}
-    plot_drift(arrays, run_dir / "rollout_fidelity.png")
+    plot = "rollout_fidelity.png" if opts == cfg.sample_options() else \
+        f"rollout_fidelity_{opts['sampler']}_{opts['steps']}.png"  # another sampler's plot beside the run's
+    plot_drift(arrays, run_dir / plot)
     return {"rollouts": rollouts, "horizon": cfg.horizon - 1, "sampler": opts, "models": results,
-            "table": drift_table(arrays)}
+            "table": drift_table(arrays), "plot": plot}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -421,7 +423,7 @@ def fidelity_main(a: FidelityArgs) -> None:
                                                       f"{out['sampler']['steps']}"
         summary[key] = out
         write_json_atomic(a.run / "summary.json", summary)
-    print(f"written: {a.run / 'rollout_fidelity.png'}")
+    print(f"written: {a.run / out['plot']}")
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
