@@ -43,6 +43,7 @@ SYSTEMS: dict[str, tuple[str, ...]] = {
     "iter": ("diffrl.pipelines.iter_her",),
     "dppo": ("diffrl.pipelines.dppo",),
     "dydiff": ("diffrl.pipelines.dydiff",),
+    "diffppo": ("diffrl.pipelines.diffppo",),
     "data": ("diffrl.pipelines.data_collect",),
     "quickstart": ("diffrl.pipelines.quickstart",),
 }

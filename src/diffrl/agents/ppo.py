@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -360,6 +360,11 @@ class GaussianPolicy(nn.Module):
         """Mean per-dimension entropy of the Gaussian."""
         return (0.5 + 0.5 * math.log(2 * math.pi) + self.std().log()).mean()
 
+    def log_prob(self, obs: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
+        """Joint log-density ``(B,)`` of given chunks ``(B, Ta, Da)`` under the policy at histories ``(B, To, Do)``
+        (summed over elements; differentiable in the mean network and the std). DiffPPO's auxiliary NLL."""
+        return gaussian_log_prob(chunk, self(obs), self.std().expand(*chunk.shape)).sum(dim=(1, 2))
+
     def bc_loss(self, obs: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
         """Behaviour-cloning NLL of dataset chunks ``(B, Ta, Da)`` given histories ``(B, To, Do)``, mean over
         elements. The std is held fixed (DPPO pre-trains its Gaussian with a fixed std of 0.1), so this trains
@@ -504,6 +509,9 @@ class ChunkPPO(Agent):
         self.optims = {"actor": self.actor_opt, "critic": self.critic_opt}
         self.num_updates = 0  # update() calls
         self.num_actor_updates = 0  # of which stepped the actor (not critic_only)
+        # a system's extra actor loss per minibatch, ``batch -> (loss, detached metrics)``, added to the PPO loss
+        # before the one backward (DiffPPO's auxiliary proposal NLL and KL to its prior); None: plain PPO
+        self.extra_loss: Callable[[PPOBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None
 
     # ------------------------------------------------------------------------------------------- acting
     @property
@@ -623,10 +631,14 @@ class ChunkPPO(Agent):
             v_loss = 0.5 * ((values - batch.returns) ** 2).mean()
 
         loss = p.vf_coef * v_loss
+        extra_metrics: dict[str, torch.Tensor] = {}
         if not critic_only:
             loss = loss + pg_loss
             if entropy is not None and p.ent_coef > 0:
                 loss = loss - p.ent_coef * entropy
+            if self.extra_loss is not None:
+                extra, extra_metrics = self.extra_loss(batch)
+                loss = loss + extra
         self.actor_opt.zero_grad(set_to_none=True)
         self.critic_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -657,7 +669,8 @@ class ChunkPPO(Agent):
                     "ratio_mean": ratio.mean().detach(), "ratio_min": ratio.min().detach(),
                     "ratio_max": ratio.max().detach(), "value_mean": values.mean().detach(),
                     "adv_mean": batch.advantages.mean(), "clip_coef_mean": clip.mean(),
-                    "actor_grad_norm": actor_norm.detach(), "critic_grad_norm": critic_norm.detach()}
+                    "actor_grad_norm": actor_norm.detach(), "critic_grad_norm": critic_norm.detach(),
+                    **extra_metrics}
 
     def should_stop(self, metrics: dict[str, torch.Tensor]) -> bool:
         """True when ``approx_kl`` exceeds ``target_kl``: end the epoch (checked after the step, as DPPO)."""

@@ -37,6 +37,11 @@ replays from their seeds and actions (the project's mechanism, as DPPO's fine-tu
 observation to act from next is renormalised with the restored statistics, which reproduces it bit for bit. A budget
 raised on resume (``--steps``) re-spreads the rest of the learning-rate schedule over the new number of iterations.
 
+A system composes the loop through :class:`PPOHooks` (``run(cfg, hooks)``): its own pipeline name, run directory,
+data fingerprint and summary figures; a pre-training step before the first iteration of a fresh run; an extra actor
+loss per minibatch (:attr:`~diffrl.agents.ppo.ChunkPPO.extra_loss`); a step after each iteration's update; and its
+state, saved as the checkpoint's ``hooks`` entry so a resume stays exact. Without hooks the loop is unchanged.
+
 Shapes: ``N`` envs, ``T`` rollout steps per env, ``Do`` / ``Da`` observation / action dim.
 """
 
@@ -44,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import resource
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +58,7 @@ import numpy as np
 import torch
 
 from diffrl.agents.ppo import GaussianPPO, GaussianPPOParams
-from diffrl.agents.ppo_utils import RunningObsNormalizer, RunningRewardScaler
+from diffrl.agents.ppo_utils import PPOBatch, RunningObsNormalizer, RunningRewardScaler
 from diffrl.config import check, check_positive, check_unit_interval
 from diffrl.envs import VecEnv, env_signature, make_env
 from diffrl.envs.vector import obs_dim
@@ -234,6 +240,49 @@ class PPOActor:
         return self.agent.sample(o[:, None], deterministic).action[:, 0].cpu().numpy()  # (B, 1, Da) -> (B, Da)
 
 
+class PPOHooks:
+    """What a system plugs into :func:`run` (DiffPPO). Every method is a no-op here; a system overrides the ones it
+    needs. The attributes replace the loop's own run identity: ``pipeline`` (the name in ``config.yaml`` and the
+    checkpoints), ``run_dir`` (a directory the system created), ``name`` (the run directory's second level),
+    ``fingerprint`` (the data a resume must match)."""
+
+    pipeline: str | None = None
+    run_dir: Path | None = None
+    name: str | None = None
+    fingerprint: str | None = None
+
+    def setup(self, agent: GaussianPPO, obs_norm: RunningObsNormalizer | None,
+              scaler: RunningRewardScaler | None) -> None:
+        """Once the loop's agent, observation normaliser and reward scaler exist (fresh runs and resumes)."""
+
+    def pretrain(self, agent: GaussianPPO, obs_norm: RunningObsNormalizer | None,
+                 scaler: RunningRewardScaler | None) -> None:
+        """Before the first iteration of a fresh run (skipped on resume: the checkpoint holds its result)."""
+
+    def begin_iteration(self, itr: int, iterations: int) -> None:
+        """Before iteration ``itr`` (0-based) of ``iterations``, after the learning rate is set."""
+
+    def extra_loss(self, batch: PPOBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """An extra actor loss on a PPO minibatch and its detached metrics; None (the default) adds nothing."""
+        return None
+
+    def after_update(self, itr: int, ro: onpolicy.Rollout, agent: GaussianPPO,
+                     scaler: RunningRewardScaler | None) -> dict[str, float]:
+        """After iteration ``itr``'s (1-based) PPO update; returns metrics for its row (timed as update)."""
+        return {}
+
+    def summary(self) -> dict[str, Any]:
+        """Figures added to ``summary.json`` at the end."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The hooks' state, saved in every checkpoint (tensors, arrays, numbers; no objects)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output on resume."""
+
+
 @dataclasses.dataclass
 class Counters:
     """The PPO loop's counters (saved in every checkpoint)."""
@@ -245,8 +294,9 @@ class Counters:
     ep_stats: list[tuple[float, int]] = dataclasses.field(default_factory=list)  # finished episodes since the last row
 
 
-def run(cfg: PPOConfig) -> Path:
-    """Train PPO on ``cfg.env``; returns the run directory (see DESIGN.md, "Run directory")."""
+def run(cfg: PPOConfig, hooks: PPOHooks | None = None) -> Path:
+    """Train PPO on ``cfg.env``; returns the run directory (see DESIGN.md, "Run directory"). ``hooks``: a system's
+    additions (:class:`PPOHooks`); None runs plain PPO."""
     device = resolve_device(cfg.device)
 
     # ------------------------------------------------------------------ setup (checks before any write)
@@ -258,7 +308,13 @@ def run(cfg: PPOConfig) -> Path:
     scaler = RunningRewardScaler(cfg.n_envs, cfg.gamma, cfg.clip_reward, per_step=True) if cfg.norm_reward else None
     sample_gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, SAMPLE_STREAM))  # rollout noise
     minibatch_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, MINIBATCH_STREAM))
-    session = RunSession(cfg, PIPELINE, cfg.env, signature=env_signature(cfg.env, eval_env))
+    h = hooks or PPOHooks()
+    session = RunSession(cfg, h.pipeline or PIPELINE, h.name or cfg.env, signature=env_signature(cfg.env, eval_env),
+                         fingerprint=h.fingerprint, run_dir=h.run_dir)
+    if hooks is not None:
+        hooks.setup(agent, obs_norm, scaler)
+        if type(hooks).extra_loss is not PPOHooks.extra_loss:
+            agent.extra_loss = hooks.extra_loss  # type: ignore[assignment]
     if session.resumed:
         state = session.parts["state"]
         agent.load_state_dict(state["agent"])
@@ -268,10 +324,14 @@ def run(cfg: PPOConfig) -> Path:
             scaler.load_state_dict(state["reward_scaler"])
         sample_gen.set_state(state["sample_gen"])
         minibatch_gen.set_state(state["minibatch_gen"])
+        if hooks is not None:
+            hooks.load_state_dict(state["hooks"])
         obs = envs.load_state_dict(state["envs"])  # replays the running episodes: raw observations
         if obs_norm is not None:  # the statistics already hold these observations: normalise without an update
             obs = obs_norm(obs, update=False)  # type: ignore[arg-type]
     else:
+        if hooks is not None:
+            hooks.pretrain(agent, obs_norm, scaler)
         obs = envs.reset()
         if obs_norm is not None:
             obs = obs_norm(obs)  # type: ignore[arg-type]
@@ -288,6 +348,8 @@ def run(cfg: PPOConfig) -> Path:
     while c.itr < n_itr:
         if cfg.anneal_lr:
             agent.set_lr_fraction(1.0 - c.itr / n_itr)  # CleanRL: 1 at the first iteration, 1 / n at the last
+        if hooks is not None:
+            hooks.begin_iteration(c.itr, n_itr)
         spent = dict(timers)
         with timers.time("rollout_s"):
             ro = onpolicy.collect(agent, envs, obs, cfg.n_steps, sample_gen, obs_norm)  # type: ignore[arg-type]
@@ -297,6 +359,8 @@ def run(cfg: PPOConfig) -> Path:
             metrics = onpolicy.ppo_update(agent, ro, values, adv, ret, update_epochs=cfg.update_epochs,
                                           minibatch_size=cfg.batch_size // cfg.num_minibatches, critic_only=False,
                                           generator=minibatch_gen)
+            if hooks is not None:
+                metrics.update(hooks.after_update(c.itr + 1, ro, agent, scaler))
         before = c.env_steps
         obs, c.env_steps, c.itr = ro.last_obs, c.env_steps + ro.env_steps, c.itr + 1
         c.ep_stats.extend(ro.episodes)
@@ -326,7 +390,8 @@ def run(cfg: PPOConfig) -> Path:
                 "agent": agent.state_dict(), "envs": envs.state_dict(), "sample_gen": sample_gen.get_state(),
                 "minibatch_gen": minibatch_gen.get_state(),
                 **({"obs_norm": obs_norm.state_dict()} if obs_norm is not None else {}),
-                **({"reward_scaler": scaler.state_dict()} if scaler is not None else {})},
+                **({"reward_scaler": scaler.state_dict()} if scaler is not None else {}),
+                **({"hooks": hooks.state_dict()} if hooks is not None else {})},
                 meta={"iteration": c.itr, "env_steps": c.env_steps, "gradient_steps": agent.num_updates})
     if c.last_eval is None:  # resumed at the end: evaluate once more for the summary
         c.last_eval = evaluate_agent()
@@ -334,7 +399,7 @@ def run(cfg: PPOConfig) -> Path:
     eval_env.close()
 
     # ------------------------------------------------------------------ summary
-    return session.finish(summary(cfg, c, agent.num_updates, session.wall_s(), dict(timers)))
+    return session.finish({**summary(cfg, c, agent.num_updates, session.wall_s(), dict(timers)), **h.summary()})
 
 
 def summary(cfg: PPOConfig, c: Counters, gradient_steps: int, wall: float, timers: dict[str, float]
@@ -348,7 +413,9 @@ def summary(cfg: PPOConfig, c: Counters, gradient_steps: int, wall: float, timer
             "eval_return_mean": last.get("eval/return_mean"), "eval_return_std": last.get("eval/return_std"),
             "success_rate": last.get("eval/success_rate"),
             "best_eval_return": max(float(c.best_eval), last["eval/return_mean"]) if last else None,
-            "eval_episodes": cfg.eval_episodes, "time_breakdown_s": timers}
+            "eval_episodes": cfg.eval_episodes, "time_breakdown_s": timers,
+            # the process's peak resident memory (Linux ru_maxrss is in KiB): DiffPPO reports its ratio to PPO's
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
 
 
 def evaluate_run(run_dir: Path, cfg: PPOConfig, episodes: int = 10, device: str = "auto",
