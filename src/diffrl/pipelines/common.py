@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import gymnasium as gym
 
@@ -135,3 +136,23 @@ def evaluate_checkpoint(run_dir: Path, env_id: str, env: gym.Env, policy: Callab
     env.close()
     return {"run_dir": str(run_dir), "env_id": env_id, "checkpoint_step": manifest["step"], "episodes": episodes,
             **result.to_dict()}
+
+
+def reused_stage(path: Path | str, stage: str) -> Path:
+    """A stage a user points to (``--diffusion PATH``, ``--prior PATH``): ``path/stage`` when ``path`` is a whole run
+    directory of the system that holds that stage, else ``path`` itself."""
+    path = Path(path)
+    return path / stage if (path / stage).is_dir() else path
+
+
+def stage_status(stage_dir: Path) -> Literal["done", "resume", "start"]:
+    """Where a stage of a multi-stage run stands: ``done`` (its ``summary.json`` exists), ``resume`` (a checkpoint to
+    continue from) or ``start``. An attempt stopped before its first checkpoint is cleared first: there is nothing
+    to resume, and a new run refuses a directory that already holds one."""
+    if (stage_dir / "summary.json").is_file():
+        return "done"
+    if ckpt.list_checkpoints(stage_dir / "checkpoints"):
+        return "resume"
+    if stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    return "start"

@@ -58,7 +58,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import resource
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -80,7 +79,7 @@ from diffrl.diffusion.spec import build_model, load_model
 from diffrl.diffusion.trainer import DiffusionTrainer, TrainerSettings
 from diffrl.errors import CheckpointError, ConfigError
 from diffrl.pipelines import diffusion, online, onpolicy, ppo
-from diffrl.pipelines.common import DiffusionSettings, RunConfig
+from diffrl.pipelines.common import DiffusionSettings, RunConfig, reused_stage, stage_status
 from diffrl.registry import Command, System
 from diffrl.runs import checkpoint as ckpt
 from diffrl.runs.device import resolve_device
@@ -261,24 +260,17 @@ def train_prior(cfg: PriorConfig, ds: OfflineDataset, mean: np.ndarray, std: np.
                            "transitions": len(ds), "wall_s": session.wall_s(), "env_steps": 0})
 
 
-def _stage_dir(path: Path, stage: str) -> Path:
-    """A reused stage: ``path`` itself or ``path/stage`` (a whole DiffPPO run directory)."""
-    path = Path(path)
-    return path / stage if (path / stage).is_dir() else path
-
-
 def action_prior(cfg: DiffPPOConfig, ds: OfflineDataset, run_dir: Path,
                  device: torch.device) -> tuple[DDPM, np.ndarray, np.ndarray, Path]:
     """Stage 1: the prior (EMA weights) and its condition statistics, from ``--prior``, a finished stage, a resumed
     one or a new one."""
     if cfg.prior is not None:
-        prior_dir = _stage_dir(cfg.prior, "prior")
+        prior_dir = reused_stage(cfg.prior, "prior")
     else:
         prior_dir = run_dir / "prior"
-        if not (prior_dir / "summary.json").is_file():
-            resume = bool(ckpt.list_checkpoints(prior_dir / "checkpoints"))
-            if not resume and prior_dir.exists():  # stopped before its first checkpoint: start the stage again
-                shutil.rmtree(prior_dir)
+        status = stage_status(prior_dir)
+        if status != "done":
+            resume = status == "resume"
             mean, std = ds.observations.mean(0), ds.observations.std(0) + 1e-6
             pcfg = PriorConfig(dataset=str(cfg.dataset), seed=cfg.seed,
                                spec=prior_spec(ds.obs_dim, ds.act_dim, cfg.prior_hidden, cfg.prior_denoising_steps),
@@ -454,19 +446,12 @@ class PriorHooks(ppo.PPOHooks):
 def transition_model(cfg: DiffPPOConfig, real: OfflineDataset, run_dir: Path) -> Path:
     """Stage 1: SynthER's transition model of the real slice (trained here, resumed, or ``--diffusion``)."""
     if cfg.diffusion is not None:
-        return _stage_dir(cfg.diffusion, "diffusion")
+        return reused_stage(cfg.diffusion, "diffusion")
     model_dir = run_dir / "diffusion"
-    if (model_dir / "summary.json").is_file():
+    status = stage_status(model_dir)
+    if status == "done":
         return model_dir
-    resume = bool(ckpt.list_checkpoints(model_dir / "checkpoints"))
-    if not resume and model_dir.exists():  # stopped before its first checkpoint: start the stage again
-        shutil.rmtree(model_dir)
-    dcfg = diffusion.DiffusionConfig(
-        dataset=cfg.dataset, env=cfg.env, seed=cfg.seed, width=cfg.diffusion_width, depth=cfg.diffusion_depth,
-        dim_t=cfg.diffusion_dim_t, steps=cfg.diffusion_steps, batch_size=cfg.diffusion_batch_for(len(real)),
-        lr=cfg.diffusion_lr, bf16=cfg.bf16, sampler=cfg.sampler, sample_steps=cfg.sample_steps, fidelity_samples=0,
-        checkpoint_every=min(10_000, cfg.diffusion_steps), device=cfg.device, progress=cfg.progress,
-        run_dir=None if resume else model_dir, resume=model_dir if resume else None, runs_root=cfg.runs_root)
+    dcfg = diffusion.stage_config(cfg, model_dir, status == "resume", len(real))
     return diffusion.run(dcfg, dataset=real)
 
 

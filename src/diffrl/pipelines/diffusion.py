@@ -170,6 +170,18 @@ class Counters:
     last_loss: float = float("nan")
 
 
+def stage_config(cfg: Any, run_dir: Path, resume: bool, transitions: int) -> DiffusionConfig:
+    """The transition model's training run as the ``diffusion/`` stage of a system's run (SynthER offline, DiffPPO's
+    augment mode): ``cfg`` carries :class:`~diffrl.pipelines.common.DiffusionSettings` and the run's dataset, env,
+    seed and device; ``resume`` continues the stage in ``run_dir``."""
+    return DiffusionConfig(
+        dataset=cfg.dataset, env=cfg.env, seed=cfg.seed, width=cfg.diffusion_width, depth=cfg.diffusion_depth,
+        dim_t=cfg.diffusion_dim_t, steps=cfg.diffusion_steps, batch_size=cfg.diffusion_batch_for(transitions),
+        lr=cfg.diffusion_lr, bf16=cfg.bf16, sampler=cfg.sampler, sample_steps=cfg.sample_steps, fidelity_samples=0,
+        checkpoint_every=min(10_000, cfg.diffusion_steps), device=cfg.device, progress=cfg.progress,
+        run_dir=None if resume else run_dir, resume=run_dir if resume else None, runs_root=cfg.runs_root)
+
+
 def train_steps(session: RunSession, trainer: DiffusionTrainer, c: Counters, steps: int, log_every: int,
                 checkpoint_every: int, extra_row: Callable[[int], dict[str, float]] | None = None) -> None:
     """The diffusion training loop (this pipeline's, and Dydiff's window model's): train ``trainer`` up to ``steps``

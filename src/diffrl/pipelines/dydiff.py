@@ -19,7 +19,6 @@ Reads top to bottom, one stage per directory of the run, each resumable and each
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,7 @@ from diffrl.envs.termination import termination_rule
 from diffrl.errors import CheckpointError, ConfigError, DatasetError
 from diffrl.eval.rollout_fidelity import drift, drift_table, plot_drift, simulate, supports_state_reset
 from diffrl.pipelines import diffusion, offline
-from diffrl.pipelines.common import RunConfig, extend_configs
+from diffrl.pipelines.common import RunConfig, extend_configs, reused_stage, stage_status
 from diffrl.registry import Command, System, Tool
 from diffrl.runs import checkpoint as ckpt
 from diffrl.runs.device import resolve_device
@@ -213,22 +212,15 @@ def train_window_model(cfg: WindowModelConfig, ds: OfflineDataset) -> Path:
                            "wall_s": session.wall_s(), "env_steps": 0})
 
 
-def _stage_dir(path: Path, stage: str) -> Path:
-    """A reused stage: ``path`` itself or ``path/stage`` (a whole Dydiff run directory)."""
-    path = Path(path)
-    return path / stage if (path / stage).is_dir() else path
-
-
 def _window_model(cfg: Any, ds: OfflineDataset, run_dir: Path, device: torch.device) -> tuple[DiffusionModel, Path]:
     """Stage 1: the window model (EMA weights) from ``--diffusion``, a finished stage, a resumed one or a new one."""
     if cfg.diffusion is not None:
-        model_dir = _stage_dir(cfg.diffusion, "diffusion")
+        model_dir = reused_stage(cfg.diffusion, "diffusion")
     else:
         model_dir = run_dir / "diffusion"
-        if not (model_dir / "summary.json").is_file():
-            resume = bool(ckpt.list_checkpoints(model_dir / "checkpoints"))
-            if not resume and model_dir.exists():  # stopped before its first checkpoint: start the stage again
-                shutil.rmtree(model_dir)
+        status = stage_status(model_dir)
+        if status != "done":
+            resume = status == "resume"
             spec = model_spec(_layout(ds, cfg.horizon), dim=cfg.unet_dim, dim_mults=tuple(cfg.unet_mults),
                               sampler=cfg.sampler, steps=cfg.sample_steps, s_churn=cfg.s_churn, s_tmin=cfg.s_tmin,
                               s_tmax=cfg.s_tmax, s_noise=cfg.s_noise)
@@ -253,7 +245,7 @@ def _window_model(cfg: Any, ds: OfflineDataset, run_dir: Path, device: torch.dev
 def _single_step_models(cfg: Any, ds: OfflineDataset, run_dir: Path) -> tuple[EnsembleDynamics, RewardModel, Path,
                                                                              dict[str, Any]]:
     """Stage 2: the single-step dynamics ensemble and reward model, trained once and saved (or reused)."""
-    models_dir = _stage_dir(cfg.models, "models") if cfg.models is not None else run_dir / "models"
+    models_dir = reused_stage(cfg.models, "models") if cfg.models is not None else run_dir / "models"
     with torch.random.fork_rng(devices=[]):  # initial weights from the seed, whatever ran before in this process
         torch.manual_seed(cfg.seed)
         dynamics = EnsembleDynamics(ds.obs_dim, ds.act_dim, num_members=cfg.dynamics_members,

@@ -39,7 +39,7 @@ from diffrl.envs.termination import termination_rule
 from diffrl.errors import CheckpointError, ConfigError, DiffrlWarning
 from diffrl.eval.fidelity import LAYOUTS, fidelity_report, format_fidelity
 from diffrl.pipelines import diffusion, offline, online
-from diffrl.pipelines.common import DiffusionSettings, extend_configs
+from diffrl.pipelines.common import DiffusionSettings, extend_configs, stage_status
 from diffrl.registry import Command, System
 from diffrl.runs import checkpoint as ckpt
 from diffrl.runs.device import resolve_device
@@ -98,29 +98,15 @@ def algo_name(cfg: Any) -> str:
     return offline.algo_name(cfg)
 
 
-def _diffusion_config(cfg: Any, run_dir: Path, resume: bool, transitions: int) -> diffusion.DiffusionConfig:
-    return diffusion.DiffusionConfig(
-        dataset=cfg.dataset, env=cfg.env, seed=cfg.seed, width=cfg.diffusion_width, depth=cfg.diffusion_depth,
-        dim_t=cfg.diffusion_dim_t,
-        steps=cfg.diffusion_steps, batch_size=cfg.diffusion_batch_for(transitions), lr=cfg.diffusion_lr, bf16=cfg.bf16,
-        sampler=cfg.sampler, sample_steps=cfg.sample_steps, fidelity_samples=0,
-        checkpoint_every=min(10_000, cfg.diffusion_steps), device=cfg.device, progress=cfg.progress,
-        run_dir=None if resume else run_dir, resume=run_dir if resume else None, runs_root=cfg.runs_root)
-
-
 def _train_diffusion(cfg: Any, real: Any, run_dir: Path) -> Path:
     """Stage 2: the diffusion model's run directory (trained here, resumed, or the user's)."""
     if cfg.diffusion is not None:
         return Path(cfg.diffusion)
     model_dir = run_dir / "diffusion"
-    if (model_dir / "summary.json").is_file():
+    status = stage_status(model_dir)
+    if status == "done":
         return model_dir
-    resume = bool(ckpt.list_checkpoints(model_dir / "checkpoints"))
-    if not resume and model_dir.exists():
-        # an attempt stopped before its first diffusion checkpoint: nothing to resume from, and new_run_dir
-        # refuses a directory that already holds a run, so clear our own stage directory and start it again
-        shutil.rmtree(model_dir)
-    return diffusion.run(_diffusion_config(cfg, model_dir, resume, len(real)), dataset=real)
+    return diffusion.run(diffusion.stage_config(cfg, model_dir, status == "resume", len(real)), dataset=real)
 
 
 def _check_model_data(model_dir: Path, real: Any) -> bool:
