@@ -74,10 +74,15 @@ TABLES: dict[str, SweepTable | ScriptTable] = {
     "synther-offline": SweepTable("synther_offline.yaml", metric="normalized_score", pairs=tuple(
         (f"{agent}-{mode}", f"{agent}-real") for agent in ("td3bc", "iql") for mode in ("synthetic", "mixed"))),
     "synther-model-size": SweepTable("synther_model_size.yaml", metric="normalized_score", control="real"),
+    "dydiff": SweepTable("dydiff.yaml", metric="normalized_score",
+                         pairs=(("dydiff-td3bc", "td3bc"), ("dydiff-dql", "dql"))),
+    "ppo-scratch": SweepTable("ppo_scratch.yaml"),
+    "diffppo": SweepTable("diffppo.yaml", control="bc-real"),
     "sampler-fidelity": ScriptTable(("benchmarks/sampler_fidelity.py",), "results/sampler_fidelity.jsonl"),
     "update-speed": ScriptTable(("benchmarks/update_speed.py",), "results/update_speed.jsonl"),
     "sac-vs-sb3": ScriptTable(("benchmarks/sac_vs_sb3.py",), "results/sac_vs_sb3.jsonl"),
     "her-vs-sb3": ScriptTable(("benchmarks/her_vs_sb3.py",), "results/her_vs_sb3.jsonl"),
+    "ppo-vs-sb3": ScriptTable(("benchmarks/ppo_vs_sb3.py",), "results/ppo_vs_sb3.jsonl"),
 }
 
 
