@@ -52,6 +52,8 @@ class SweepTable:
     pairs: tuple[tuple[str, str], ...] = ()
     """(arm, control) pairs to compare instead of every arm against ``control``"""
     digits: int = 1
+    alc: int | None = None
+    """also report ALC@N: the mean score over a run's first N evaluations (DiffPPO's area under the learning curve)"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +78,8 @@ TABLES: dict[str, SweepTable | ScriptTable] = {
     "synther-model-size": SweepTable("synther_model_size.yaml", metric="normalized_score", control="real"),
     "dydiff": SweepTable("dydiff.yaml", metric="normalized_score",
                          pairs=(("dydiff-td3bc", "td3bc"), ("dydiff-dql", "dql"))),
-    "ppo-scratch": SweepTable("ppo_scratch.yaml"),
-    "diffppo": SweepTable("diffppo.yaml", control="bc-real"),
+    "ppo-scratch": SweepTable("ppo_scratch.yaml", alc=40),
+    "diffppo": SweepTable("diffppo.yaml", control="bc-real", alc=40),
     "sampler-fidelity": ScriptTable(("benchmarks/sampler_fidelity.py",), "results/sampler_fidelity.jsonl"),
     "update-speed": ScriptTable(("benchmarks/update_speed.py",), "results/update_speed.jsonl"),
     "sac-vs-sb3": ScriptTable(("benchmarks/sac_vs_sb3.py",), "results/sac_vs_sb3.jsonl"),
@@ -120,6 +122,15 @@ def at_fraction(row: dict[str, Any], metric: str, fraction: float) -> float | No
         return None
     target = fraction * curve[-1][0]
     return float(next(v for x, v in curve if x >= target))
+
+
+def alc(row: dict[str, Any], metric: str, n: int) -> float | None:
+    """ALC@n: the mean score over the run's first ``n`` evaluations (the area under the learning curve with unit
+    spacing, over the number of evaluations); None when the run has fewer than ``n``."""
+    curve = row["curves"].get(metric)
+    if not curve or len(curve) < n:
+        return None
+    return float(np.mean([v for _, v in curve[:n]]))
 
 
 def _f(v: float | None, d: int) -> str:
@@ -171,6 +182,7 @@ def sweep_table(table: SweepTable, boot: stats.Bootstrap = BOOT) -> str:
                 "clock per run", ""]
         cols = ["arm", "n", f"IQM {label}", f"mean {label}", "per seed"]
         cols += ["mean return"] if extra_raw else []
+        cols += [f"mean ALC@{table.alc}"] if table.alc else []
         cols += ["mean at half budget", "wall per run"]
         out += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for arm in arms:
@@ -187,6 +199,10 @@ def sweep_table(table: SweepTable, boot: stats.Bootstrap = BOOT) -> str:
                 raw = [final(runs[s], "return_mean") for s in seeds]
                 cells.append(_f(float(np.mean([v for v in raw if v is not None])), 0) if any(
                     v is not None for v in raw) else "–")
+            if table.alc:
+                areas = [alc(runs[s], table.metric, table.alc) for s in seeds]
+                cells.append(_f(float(np.mean([v for v in areas if v is not None])), d) if any(
+                    v is not None for v in areas) else "–")
             half = [at_fraction(runs[s], table.metric, 0.5) for s in seeds]
             cells.append(_f(float(np.mean([v for v in half if v is not None])), d) if any(
                 v is not None for v in half) else "–")

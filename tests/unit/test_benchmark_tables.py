@@ -64,3 +64,13 @@ def test_sweep_table_statistics_on_hand_made_rows(tmp_path, monkeypatch):
     assert f"| {p:.2f} [" in text
     assert "4 runs" not in text and "8 runs; git abc1234" in text
     assert f"| {np.mean(new / 2):.2f} | 5 s |" in text  # the mean at half the budget, the median wall clock
+    # with ALC@2 the mean over seeds of each run's mean over its two evaluations comes before it
+    text = tables.sweep_table(tables.SweepTable(str(tmp_path / "toy.yaml"), control="ctl", digits=2, alc=2))
+    assert "mean ALC@2" in text and f"| {np.mean(0.75 * new):.2f} | {np.mean(new / 2):.2f} | 5 s |" in text
+
+
+def test_alc_is_the_mean_of_the_first_n_evaluations_and_needs_n_of_them():
+    row = {"curves": {"return_mean": [[1000 * (i + 1), float(i)] for i in range(50)]}}
+    assert tables.alc(row, "return_mean", 40) == pytest.approx(np.mean(np.arange(40)))
+    assert tables.alc(row, "return_mean", 51) is None
+    assert tables.alc({"curves": {}}, "return_mean", 40) is None
