@@ -422,6 +422,10 @@ def run_ray(sweep_dir: Path, spec: SweepSpec, todo: Sequence[Trial], cpus_per_tr
 
     def trainable(config: dict[str, Any]) -> None:
         set_threads(int(threads))
+        # Ray starts trials in their own working directory: paths a spec gives relative (datasets, policies) are
+        # relative to where the driver was started, as with the local runner
+        if os.path.isdir(config["cwd"]):
+            os.chdir(config["cwd"])
         s = SweepSpec(**config["spec"])
         tune.report(run_trial(Path(config["sweep_dir"]), s, Trial(**config["trial"]), config["prov"]))
 
@@ -429,7 +433,8 @@ def run_ray(sweep_dir: Path, spec: SweepSpec, todo: Sequence[Trial], cpus_per_tr
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": cpus_per_trial, "gpu": gpus_per_trial}),
             param_space={"trial": tune.grid_search([dataclasses.asdict(by_id[i]) for i in by_id]),
-                         "spec": spec_dict, "sweep_dir": str(sweep_dir.resolve()), "prov": prov},
+                         "spec": spec_dict, "sweep_dir": str(sweep_dir.resolve()), "prov": prov,
+                         "cwd": os.getcwd()},
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
             run_config=tune.RunConfig(storage_path=str((sweep_dir / "ray").resolve()), name="tune", verbose=0))
         results = tuner.fit()
@@ -438,13 +443,41 @@ def run_ray(sweep_dir: Path, spec: SweepSpec, todo: Sequence[Trial], cpus_per_tr
         ray.shutdown()
 
 
+def check_growth(sweep_dir: Path, spec: SweepSpec) -> int:
+    """How many trials ``spec`` adds to the sweep saved in ``sweep_dir``; a ConfigError if it is not a growth.
+
+    A spec may add arms, grid values or seeds to a sweep (e.g. going from 3 to 5 seeds) as long as every trial
+    of the saved spec is still in it, with the same config, so finished and partial runs stay what they were.
+    """
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(f"{sweep_dir} holds another sweep ({why}); give this one another name or keep the "
+                           "saved trials unchanged (nothing was changed).")
+
+    try:
+        old = spec_from_dict(load_yaml(sweep_dir / SPEC_FILE), str(sweep_dir / SPEC_FILE))
+        old_trials = trials(old)
+    except ConfigError:
+        raise refuse(f"its {SPEC_FILE} no longer builds") from None
+    new = {t.id: t for t in trials(spec)}
+    for t in old_trials:
+        run_dir = sweep_dir / "trials" / t.id
+        if t.id not in new:
+            raise refuse(f"trial {t.id} is not in the new spec")
+        if trial_config(old, t, run_dir, resume=False) != trial_config(spec, new[t.id], run_dir, resume=False):
+            raise refuse(f"trial {t.id} would run with another config")
+        if resolve_command(old, t.algo)[0] is not resolve_command(spec, new[t.id].algo)[0]:
+            raise refuse(f"trial {t.id} would run another command")
+    return len(new) - len(old_trials)
+
+
 def run_sweep(spec: SweepSpec, root: Path = Path("runs/sweeps"), runner: str = "local", *,
               cpus_per_trial: int | None = None, gpus_per_trial: float = 0.0, address: str | None = None,
               max_concurrent: int | None = None, table_every: float = 60.0,
               out: Callable[[str], None] = print) -> Path:
     """Run every unfinished trial of ``spec`` under ``root/<name>``; returns the sweep directory.
 
-    A directory that holds another spec is refused (nothing is changed); the same spec continues where it stopped.
+    The same spec continues where it stopped; a spec that only adds trials (arms, grid values, seeds) grows the
+    sweep; one that would change or drop a saved trial is refused (nothing is changed).
     """
     if runner not in RUNNERS:
         raise ConfigError(f"unknown runner {runner!r}: choose local or ray.")
@@ -453,9 +486,7 @@ def run_sweep(spec: SweepSpec, root: Path = Path("runs/sweeps"), runner: str = "
         raise ConfigError(f"{flag} needs --runner ray (the local runner runs one trial at a time in this process).")
     sweep_dir = Path(root) / slug(spec.name)
     saved = sweep_dir / SPEC_FILE
-    if saved.is_file() and load_yaml(saved) != spec.to_dict():
-        raise ConfigError(f"{sweep_dir} holds another sweep (its {SPEC_FILE} differs); give this one another name "
-                          "(nothing was changed).")
+    grown = check_growth(sweep_dir, spec) if saved.is_file() and load_yaml(saved) != spec.to_dict() else 0
     all_trials = trials(spec)
     for trial in all_trials:  # every trial's config must build before any runs
         trial_config(spec, trial, sweep_dir / "trials" / trial.id, resume=False)
@@ -465,7 +496,7 @@ def run_sweep(spec: SweepSpec, root: Path = Path("runs/sweeps"), runner: str = "
     todo = sorted((t for t in all_trials if trial_state(sweep_dir / "trials" / t.id) != "done"),
                   key=lambda t: list(spec.seeds).index(t.seed))
     out(f"sweep {sweep_dir}: {len(all_trials)} trials, {len(all_trials) - len(todo)} finished, {len(todo)} to run "
-        f"({runner} runner)")
+        f"({runner} runner)" + (f"; the spec grew: {grown} new trial(s)" if grown else ""))
     from diffrl.runs.results import provenance
 
     prov = provenance()  # of the code this driver imported: each trial it starts records it (provenance.json)

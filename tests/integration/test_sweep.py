@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from diffrl.cli import main
 from diffrl.errors import ConfigError
@@ -110,6 +112,16 @@ def test_ray_runner_gives_the_local_runner_s_curves(uninterrupted, tmp_path):
     assert curves(tmp_path / "tiny") == curves(uninterrupted)
 
 
+def test_ray_trials_read_paths_relative_to_where_the_driver_started(hopper_random, tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    monkeypatch.chdir(hopper_random.parent)
+    argv = ["sweep", "offline", "bc", "--dataset", hopper_random.name, "--steps", "100", "--batch-size", "32",
+            "--eval-every", "100", "--eval-episodes", "1", "--seeds", "0", "--name", "rel", "--root", str(tmp_path),
+            "--runner", "ray", "--cpus-per-trial", "1"]
+    assert main(argv) == 0
+    assert (tmp_path / "rel" / "trials" / "run-s0" / "summary.json").is_file()
+
+
 @pytest.mark.parametrize(("spec", "sentence"), [
     ("system: nope\n", "unknown system 'nope'"),
     ("system: train\nalgo: sac\nbase: {gama: 0.9}\n", "base sets unknown field(s) gama of SACConfig"),
@@ -127,10 +139,26 @@ def test_bad_specs_are_one_sentence(tmp_path, capsys, spec, sentence):
 
 
 def test_a_sweep_directory_holding_another_spec_is_refused(uninterrupted, capsys):
-    argv = [*SWEEP, "--root", str(uninterrupted.parent)]
-    argv[argv.index("0-1")] = "0-2"
-    assert main(argv) == 2
-    assert "holds another sweep" in capsys.readouterr().err
+    before = (uninterrupted / "sweep.yaml").read_text()
+    for change in (["--gamma", "0.9"], ["--seeds", "1-2"]):  # a saved trial's config changes; one is dropped
+        assert main([*SWEEP, *change, "--root", str(uninterrupted.parent)]) == 2
+        err = capsys.readouterr().err
+        assert "holds another sweep" in err and err.count("\n") == 1
+        assert ("utd_1-s0 would run with another config" if change[0] == "--gamma" else "utd_1-s0 is not in") in err
+    assert (uninterrupted / "sweep.yaml").read_text() == before
+
+
+def test_a_spec_that_only_adds_trials_grows_the_sweep(uninterrupted, tmp_path, capsys):
+    shutil.copytree(uninterrupted, tmp_path / "tiny")
+    finished = {t: (tmp_path / "tiny" / "trials" / t / "metrics.csv").read_text() for t in TRIALS}
+    argv = [*SWEEP, "--root", str(tmp_path)]
+    argv[argv.index("utd=1,2")] = "utd=1,2,4"  # one more grid value: two new trials, the four saved ones kept
+    assert main(argv) == 0
+    assert "6 trials, 4 finished, 2 to run" in capsys.readouterr().out
+    assert {t: (tmp_path / "tiny" / "trials" / t / "metrics.csv").read_text() for t in TRIALS} == finished
+    assert all((tmp_path / "tiny" / "trials" / f"utd_4-s{s}" / "summary.json").is_file() for s in (0, 1))
+    saved = spec_from_dict(yaml.safe_load((tmp_path / "tiny" / "sweep.yaml").read_text()), "saved")
+    assert [int(v) for v in saved.grid["utd"]] == [1, 2, 4]
 
 
 def test_the_table_is_printed_while_a_trial_runs(tmp_path, capsys):
