@@ -80,6 +80,34 @@ def test_minibatch_loss_reaches_the_ppo_policy_only_never_the_prior_or_the_q_hea
     assert all(p.grad is None for p in (*hooks.prior.parameters(), *hooks.q.parameters()))
 
 
+@pytest.mark.parametrize("fresh", [False, True])
+def test_proposals_are_drawn_once_per_iteration_for_its_states_unless_fresh_per_minibatch(fresh, monkeypatch):
+    hooks, agent, _ = setup(config(fresh_proposals=fresh))
+    hooks.begin_iteration(5, 10)
+    ro = rollout()
+    obs = ro.obs.flatten(0, 1)                                   # (M, 1, Do)
+    draws: list[int] = []
+    sample = hooks.prior_sample
+    monkeypatch.setattr(hooks, "prior_sample", lambda o, n: draws.append(len(o)) or sample(o, n))
+    hooks.before_update(ro)
+    assert draws == ([] if fresh else [T * N])                   # every state of the rollout, once
+    rows = torch.tensor([3, 0, 5])
+    batch = PPOBatch(obs[rows], ro.chains[:, :, 0].flatten(0, 1)[rows], ro.chains[:, :, 1].flatten(0, 1)[rows],
+                     torch.zeros(3, dtype=torch.long), torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.zeros(3),
+                     env_step=rows)
+    _, metrics = hooks.extra_loss(batch)
+    if fresh:
+        assert hooks.proposals is None and draws == [3]          # the minibatch's states, drawn in the loss
+        return
+    assert draws == [T * N]                                       # the loss drew nothing
+    props = hooks.proposals.take(rows)
+    assert torch.equal(props.actions, hooks.proposals.actions[rows])
+    b, k, _ = props.actions.shape
+    lp = agent.policy.log_prob(obs[rows].repeat_interleave(k, dim=0), props.actions.reshape(b * k, 1, DA))
+    expected = -(props.weights * lp.view(b, k)).sum(1).mean()
+    assert torch.allclose(metrics["diffppo/aux_nll"], expected.detach())
+
+
 def test_condition_maps_the_loops_running_normalised_observations_to_the_priors_dataset_z_scores():
     hooks, _, norm = setup(config())
     raw = np.random.default_rng(3).normal(1.0, 3.0, size=(6, DO))

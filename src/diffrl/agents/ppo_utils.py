@@ -208,9 +208,11 @@ class PPOBatch:
     advantages: torch.Tensor     # (B,) env-step GAE advantage
     returns: torch.Tensor        # (B,) env-step return target of the critic
     old_values: torch.Tensor     # (B,) critic value at rollout time
+    env_step: torch.Tensor | None = None  # (B,) long, row of each pair's env step in the flattened (M,) rollout
 
     def to(self, device: torch.device | str) -> PPOBatch:
-        return PPOBatch(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+        return PPOBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                           for f in dataclasses.fields(self)})
 
     def __len__(self) -> int:
         return int(self.obs.shape[0])
@@ -239,4 +241,4 @@ def ppo_minibatches(obs: torch.Tensor, chains: torch.Tensor, old_log_probs: torc
         pair = perm[b * batch_size:(b + 1) * batch_size]
         step, idx = pair // s, pair % s  # unravel (env step, transition)
         yield PPOBatch(obs[step], chains[step, idx], chains[step, idx + 1], idx, old_log_probs[step, idx],
-                       advantages[step], returns[step], values[step])
+                       advantages[step], returns[step], values[step], env_step=step)

@@ -40,6 +40,10 @@ class Proposals:
     q: torch.Tensor
     """``(B, k)`` ``Q(s, a')`` at the moved actions"""
 
+    def take(self, rows: torch.Tensor) -> Proposals:
+        """The proposals of states ``rows`` (``(b,)`` long indices), in that order."""
+        return Proposals(self.actions[rows], self.weights[rows], self.q[rows])
+
 
 def _q_values(q: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], obs: torch.Tensor,
               actions: torch.Tensor) -> torch.Tensor:

@@ -262,6 +262,10 @@ class PPOHooks:
     def begin_iteration(self, itr: int, iterations: int) -> None:
         """Before iteration ``itr`` (0-based) of ``iterations``, after the learning rate is set."""
 
+    def before_update(self, ro: onpolicy.Rollout) -> None:
+        """After an iteration's rollout, before its PPO update (timed as update); ``batch.env_step`` of the update's
+        minibatches indexes ``ro``'s env steps flattened to ``(T * N,)``."""
+
     def extra_loss(self, batch: PPOBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
         """An extra actor loss on a PPO minibatch and its detached metrics; None (the default) adds nothing."""
         return None
@@ -356,6 +360,8 @@ def run(cfg: PPOConfig, hooks: PPOHooks | None = None) -> Path:
         with timers.time("update_s"):
             # GAE bootstraps a truncated step from V(true final obs) and never a terminated one (module docstring)
             values, adv, ret, stats = onpolicy.advantages(agent, ro, cfg.gamma, cfg.gae_lambda, scaler)
+            if hooks is not None:
+                hooks.before_update(ro)
             metrics = onpolicy.ppo_update(agent, ro, values, adv, ret, update_epochs=cfg.update_epochs,
                                           minibatch_size=cfg.batch_size // cfg.num_minibatches, critic_only=False,
                                           generator=minibatch_gen)
