@@ -146,6 +146,11 @@ def test_observation_and_per_step_reward_statistics_match_numpy():
     mean, var = moments_with_prior(np.concatenate(batches).reshape(-1, 3))
     np.testing.assert_allclose(norm.mean, mean, rtol=1e-9)
     np.testing.assert_allclose(norm.var, var, rtol=1e-7)
+    one_by_one = RunningObsNormalizer(3)  # one env: a row per step (merge_moments' single-row path)
+    for row in np.concatenate(batches).reshape(-1, 1, 1, 3):
+        one_by_one(row)
+    np.testing.assert_allclose(one_by_one.mean, mean, rtol=1e-9)
+    np.testing.assert_allclose(one_by_one.var, var, rtol=1e-7)
     x = np.array([[0.0, -5.0, 1e6]])
     np.testing.assert_allclose(norm(x, update=False), np.clip((x - mean) / np.sqrt(var + 1e-8), -10, 10), rtol=1e-6)
     assert norm(x, update=False)[0, 2] == 10.0  # clipped at 10

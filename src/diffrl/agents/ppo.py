@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -298,6 +298,11 @@ def policy_module(policy: ChunkPolicy) -> nn.Module:
     if not isinstance(policy, nn.Module):
         raise TypeError(f"a chunk policy must be a torch.nn.Module, got a {type(policy).__name__}.")
     return policy
+
+
+def grads(params: Iterable[nn.Parameter]) -> list[torch.Tensor]:
+    """The gradients of ``params`` that exist (what ``clip_grad_norm_`` measures)."""
+    return [p.grad for p in params if p.grad is not None]
 
 
 class GaussianPolicy(nn.Module):
@@ -646,15 +651,15 @@ class ChunkPPO(Agent):
         max_norm = p.max_grad_norm or math.inf
         if p.joint_grad_clip:  # one norm over both networks (CleanRL, SB3); the metrics keep the two norms before it
             if not critic_only:
-                actor_norm = nn.utils.clip_grad_norm_(self.actor_params, math.inf, foreach=True)  # norm only
-            critic_norm = nn.utils.clip_grad_norm_(self.critic.parameters(), math.inf, foreach=True)
+                actor_norm = nn.utils.get_total_norm(grads(self.actor_params), foreach=True)
+            critic_norm = nn.utils.get_total_norm(grads(self.critic.parameters()), foreach=True)
             total = torch.linalg.vector_norm(torch.stack([actor_norm, critic_norm]))  # clip_grad_norm_'s total norm
             nn.utils.clip_grads_with_norm_([*self.actor_params, *self.critic.parameters()], max_norm, total,
                                            foreach=True)
         else:  # DPPO: the actor's alone
             if not critic_only:
                 actor_norm = nn.utils.clip_grad_norm_(self.actor_params, max_norm, foreach=True)
-            critic_norm = nn.utils.clip_grad_norm_(self.critic.parameters(), math.inf, foreach=True)  # norm only
+            critic_norm = nn.utils.get_total_norm(grads(self.critic.parameters()), foreach=True)  # norm only
         if not critic_only:
             self.actor_opt.step()
             self.num_actor_updates += 1

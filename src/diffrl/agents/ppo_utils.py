@@ -20,7 +20,13 @@ def merge_moments(mean: Any, var: Any, count: float, batch: np.ndarray) -> tuple
     """Running mean and (population) variance after adding the rows of ``batch`` ``(B, *shape)``: Chan et al.'s
     parallel update, as OpenAI baselines' / SB3's ``RunningMeanStd`` (float64). ``mean`` / ``var``: floats or arrays of
     ``shape``; ``count``: the (possibly fractional, see the prior) number of rows so far."""
-    b_mean, b_var, b_count = batch.mean(axis=0), batch.var(axis=0), batch.shape[0]
+    b_count = batch.shape[0]
+    if b_count == 1:  # one env's step (plain PPO's loop, every step): its row is the mean, its variance 0, exactly
+        delta = batch[0] - mean
+        total = count + 1
+        m2 = var * count + delta ** 2 * count * 1 / total
+        return mean + delta * 1 / total, m2 / total, total
+    b_mean, b_var = batch.mean(axis=0), batch.var(axis=0)
     delta, total = b_mean - mean, count + b_count
     m2 = var * count + b_var * b_count + delta ** 2 * count * b_count / total
     return mean + delta * b_count / total, m2 / total, total
@@ -183,11 +189,14 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, 
         raise ValueError(f"gae takes (T, N) tensors of one shape, got rewards {tuple(r.shape)}, values "
                          f"{tuple(v.shape)}, next_values {tuple(nv.shape)}, terminated {tuple(term.shape)}")
     delta = r + gamma * (1.0 - term) * nv - v
-    adv = torch.zeros_like(r)
-    last = torch.zeros_like(r[0])
-    for t in range(r.shape[0] - 1, -1, -1):
-        last = delta[t] + gamma * lam * (1.0 - end[t]) * last
-        adv[t] = last
+    # the backward recursion in numpy: T small steps, each far cheaper than a torch op (same float32 operations)
+    d, carry = delta.cpu().numpy(), (gamma * lam * (1.0 - end)).cpu().numpy()
+    out = np.empty_like(d)
+    last = np.zeros_like(d[0])
+    for t in range(d.shape[0] - 1, -1, -1):
+        last = d[t] + carry[t] * last
+        out[t] = last
+    adv = torch.from_numpy(out).to(r.device)
     return adv, adv + v
 
 
