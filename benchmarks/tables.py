@@ -54,6 +54,8 @@ class SweepTable:
     digits: int = 1
     alc: int | None = None
     """also report ALC@N: the mean score over a run's first N evaluations (DiffPPO's area under the learning curve)"""
+    cost: bool = False
+    """also report the cost per env step: rollout and update milliseconds (evaluation excluded), median over seeds"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,16 +72,16 @@ TABLES: dict[str, SweepTable | ScriptTable] = {
     "iter-push": SweepTable("iter_push.yaml", metric="success_rate", control="her", digits=2,
                             pairs=(("iter", "her"), ("iter-diffusion", "her"), ("iter-diffusion", "iter"))),
     "iter-pickandplace": SweepTable("iter_pickandplace.yaml", metric="success_rate", control="iter", digits=2),
-    "dppo-finetune": SweepTable("dppo_finetune.yaml", metric="normalized_score", control="dppo"),
-    "dppo-baselines": SweepTable("dppo_baselines.yaml", metric="normalized_score"),
+    "dppo-finetune": SweepTable("dppo_finetune.yaml", metric="normalized_score", control="dppo", cost=True),
+    "dppo-baselines": SweepTable("dppo_baselines.yaml", metric="normalized_score", cost=True),
     "offline": SweepTable("offline.yaml", metric="normalized_score", control="bc"),
     "synther-offline": SweepTable("synther_offline.yaml", metric="normalized_score", pairs=tuple(
         (f"{agent}-{mode}", f"{agent}-real") for agent in ("td3bc", "iql") for mode in ("synthetic", "mixed"))),
     "synther-model-size": SweepTable("synther_model_size.yaml", metric="normalized_score", control="real"),
     "dydiff": SweepTable("dydiff.yaml", metric="normalized_score",
                          pairs=(("dydiff-td3bc", "td3bc"), ("dydiff-dql", "dql"))),
-    "ppo-scratch": SweepTable("ppo_scratch.yaml", alc=40),
-    "diffppo": SweepTable("diffppo.yaml", control="bc-real", alc=40),
+    "ppo-scratch": SweepTable("ppo_scratch.yaml", alc=40, cost=True),
+    "diffppo": SweepTable("diffppo.yaml", control="bc-real", alc=40, cost=True),
     "sampler-fidelity": ScriptTable(("benchmarks/sampler_fidelity.py",), "results/sampler_fidelity.jsonl"),
     "update-speed": ScriptTable(("benchmarks/update_speed.py",), "results/update_speed.jsonl"),
     "sac-vs-sb3": ScriptTable(("benchmarks/sac_vs_sb3.py",), "results/sac_vs_sb3.jsonl"),
@@ -133,6 +135,12 @@ def alc(row: dict[str, Any], metric: str, n: int) -> float | None:
     return float(np.mean([v for _, v in curve[:n]]))
 
 
+def cost_ms(row: dict[str, Any], part: str) -> float | None:
+    """Milliseconds of the run's ``part`` (``rollout_s``, ``update_s`` of its time breakdown) per env step."""
+    spent, steps = (row.get("time_breakdown_s") or {}).get(part), row["final"].get("env_steps")
+    return 1e3 * spent / steps if spent is not None and steps else None
+
+
 def _f(v: float | None, d: int) -> str:
     return "–" if v is None or not np.isfinite(v) else f"{v:.{d}f}"
 
@@ -179,11 +187,13 @@ def sweep_table(table: SweepTable, boot: stats.Bootstrap = BOOT) -> str:
                 by_arm.setdefault(arm_of[t.id], {})[t.seed] = r
         head = f"**{task}**: {label} at the last evaluation, IQM and mean over seeds with 95% stratified-bootstrap CIs"
         out += [head + (", raw return beside it" if extra_raw else "") + "; mean at half the budget; median wall "
-                "clock per run", ""]
+                "clock per run" + ("; median rollout and update milliseconds per env step" if table.cost else ""),
+                ""]
         cols = ["arm", "n", f"IQM {label}", f"mean {label}", "per seed"]
         cols += ["mean return"] if extra_raw else []
         cols += [f"mean ALC@{table.alc}"] if table.alc else []
         cols += ["mean at half budget", "wall per run"]
+        cols += ["rollout ms / env step", "update ms / env step"] if table.cost else []
         out += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for arm in arms:
             runs = by_arm.get(arm)
@@ -208,6 +218,9 @@ def sweep_table(table: SweepTable, boot: stats.Bootstrap = BOOT) -> str:
                 v is not None for v in half) else "–")
             walls = [runs[s].get("wall_s") for s in seeds]
             cells.append(f"{np.median([w for w in walls if w]):.0f} s" if any(walls) else "–")
+            for part in ("rollout_s", "update_s") if table.cost else ():
+                ms = [v for v in (cost_ms(runs[s], part) for s in seeds) if v is not None]
+                cells.append(_f(float(np.median(ms)), 2) if ms else "–")
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
         pairs = table.pairs or tuple((a, table.control) for a in arms if table.control and a != table.control)

@@ -52,7 +52,8 @@ def test_sweep_table_statistics_on_hand_made_rows(tmp_path, monkeypatch):
         append_row(tmp_path / "rows.jsonl", {
             "sweep": "toy", "trial": t.id, "env": "Hopper-v5", "config": {"env": "Hopper-v5"}, "wall_s": 5.0,
             "curves": {"return_mean": [[100, v / 2], [200, v]]}, "git_rev": "abc1234def", "date": "2026-12-03 10:00",
-            "machine": {"cpu": "toy cpu", "torch_threads": 1}, "versions": {"torch": "2.13.0"}})
+            "machine": {"cpu": "toy cpu", "torch_threads": 1}, "versions": {"torch": "2.13.0"},
+            "final": {"env_steps": 200}, "time_breakdown_s": {"rollout_s": 0.2 * (t.seed + 1), "update_s": 0.4}})
     text = tables.sweep_table(tables.SweepTable(str(tmp_path / "toy.yaml"), control="ctl", digits=2))
     new = np.array(finals["new"])
     diffs = new - np.array(finals["ctl"])
@@ -67,6 +68,9 @@ def test_sweep_table_statistics_on_hand_made_rows(tmp_path, monkeypatch):
     # with ALC@2 the mean over seeds of each run's mean over its two evaluations comes before it
     text = tables.sweep_table(tables.SweepTable(str(tmp_path / "toy.yaml"), control="ctl", digits=2, alc=2))
     assert "mean ALC@2" in text and f"| {np.mean(0.75 * new):.2f} | {np.mean(new / 2):.2f} | 5 s |" in text
+    # the cost per env step: milliseconds of rollout (1, 2, 3, 4 by seed) and update, medians over seeds
+    text = tables.sweep_table(tables.SweepTable(str(tmp_path / "toy.yaml"), control="ctl", digits=2, cost=True))
+    assert "update ms / env step" in text and "| 5 s | 2.50 | 2.00 |" in text
 
 
 def test_alc_is_the_mean_of_the_first_n_evaluations_and_needs_n_of_them():
