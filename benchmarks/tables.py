@@ -8,9 +8,11 @@ A generated table sits between ``<!-- table: NAME -->`` and ``<!-- /table -->`` 
 is written by hand. A sweep table (the benchmarks that are sweep specs, ``benchmarks/*.yaml``) takes the latest row
 of every trial of its sweep from the spec's ``results`` file and gives, per task and arm, with rliable's stratified
 bootstrap (``diffrl.runs.stats``, 95% percentile CIs): the IQM and mean of the final score, each seed's value, the
-mean at half the budget and the median wall clock per run; then each arm against the control arm: the per-seed
-paired differences and their mean with a CI, and the probability of improvement. Raw returns are shown next to
-normalised scores where the env or dataset defines references. A script table is the ``--table-only`` output of a
+mean at half the budget and the median wall clock per run (and, per table, the cost per env step, ALC@N and a
+figure of the learning curves in ``benchmarks/figures/``, drawn when RESULTS.md is rewritten, not with ``--check``);
+then each arm against the control arm: the per-seed paired differences and their mean with a CI, and the
+probability of improvement. Raw returns are shown next to normalised scores where the env or dataset defines
+references. A script table is the ``--table-only`` output of a
 benchmark script that is not a sweep (peer comparisons, speed measurements).
 """
 
@@ -34,6 +36,7 @@ from diffrl.sweep import spec_from_dict, trials
 
 HERE = Path(__file__).parent
 RESULTS_MD = HERE / "RESULTS.md"
+FIGURES = HERE / "figures"
 BLOCK = re.compile(r"(<!-- table: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 BOOT = stats.Bootstrap()
 METRIC_LABEL = {"return_mean": "return", "normalized_score": "normalised score", "success_rate": "success rate"}
@@ -56,6 +59,9 @@ class SweepTable:
     """also report ALC@N: the mean score over a run's first N evaluations (DiffPPO's area under the learning curve)"""
     cost: bool = False
     """also report the cost per env step: rollout and update milliseconds (evaluation excluded), median over seeds"""
+    curves: bool = False
+    """also draw each task's learning curves (every arm's mean over seeds, its seeds' range shaded) into
+    ``benchmarks/figures/<table>-<task>.png``, linked under the table"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,20 +74,21 @@ class ScriptTable:
 
 
 TABLES: dict[str, SweepTable | ScriptTable] = {
-    "synther-online": SweepTable("synther_online.yaml", control="sac-utd20", digits=0),
+    "synther-online": SweepTable("synther_online.yaml", control="sac-utd20", digits=0, curves=True),
     "iter-push": SweepTable("iter_push.yaml", metric="success_rate", control="her", digits=2,
                             pairs=(("iter", "her"), ("iter-diffusion", "her"), ("iter-diffusion", "iter"))),
     "iter-pickandplace": SweepTable("iter_pickandplace.yaml", metric="success_rate", control="iter", digits=2),
-    "dppo-finetune": SweepTable("dppo_finetune.yaml", metric="normalized_score", control="dppo", cost=True),
-    "dppo-baselines": SweepTable("dppo_baselines.yaml", metric="normalized_score", cost=True),
+    "dppo-finetune": SweepTable("dppo_finetune.yaml", metric="normalized_score", control="dppo", cost=True,
+                                curves=True),
+    "dppo-baselines": SweepTable("dppo_baselines.yaml", metric="normalized_score", cost=True, curves=True),
     "offline": SweepTable("offline.yaml", metric="normalized_score", control="bc"),
     "synther-offline": SweepTable("synther_offline.yaml", metric="normalized_score", pairs=tuple(
         (f"{agent}-{mode}", f"{agent}-real") for agent in ("td3bc", "iql") for mode in ("synthetic", "mixed"))),
     "synther-model-size": SweepTable("synther_model_size.yaml", metric="normalized_score", control="real"),
     "dydiff": SweepTable("dydiff.yaml", metric="normalized_score",
                          pairs=(("dydiff-td3bc", "td3bc"), ("dydiff-dql", "dql"))),
-    "ppo-scratch": SweepTable("ppo_scratch.yaml", alc=40, cost=True),
-    "diffppo": SweepTable("diffppo.yaml", control="bc-real", alc=40, cost=True),
+    "ppo-scratch": SweepTable("ppo_scratch.yaml", alc=40, cost=True, curves=True),
+    "diffppo": SweepTable("diffppo.yaml", control="bc-real", alc=40, cost=True, curves=True),
     "sampler-fidelity": ScriptTable(("benchmarks/sampler_fidelity.py",), "results/sampler_fidelity.jsonl"),
     "update-speed": ScriptTable(("benchmarks/update_speed.py",), "results/update_speed.jsonl"),
     "sac-vs-sb3": ScriptTable(("benchmarks/sac_vs_sb3.py",), "results/sac_vs_sb3.jsonl"),
@@ -161,8 +168,50 @@ def _provenance(rows: Sequence[dict[str, Any]]) -> str:
             f"torch {', '.join(torch)}")
 
 
-def sweep_table(table: SweepTable, boot: stats.Bootstrap = BOOT) -> str:
-    """The markdown of one sweep table (see the module docstring)."""
+def figure_path(name: str, task: str) -> Path:
+    return FIGURES / f"{name}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', task)}.png"
+
+
+def seed_curves(runs: Sequence[dict[str, Any]], metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(x (E,), y (R, E))``: the first ``E`` evaluations every run has, at their mean env step, one row per run."""
+    curves = [np.asarray(r["curves"].get(metric, []), dtype=float).reshape(-1, 2) for r in runs]
+    n = min((len(c) for c in curves), default=0)
+    return np.mean([c[:n, 0] for c in curves], axis=0) if n else np.zeros(0), np.array([c[:n, 1] for c in curves])
+
+
+def draw_curves(path: Path, task: str, label: str, by_arm: dict[str, dict[int, dict[str, Any]]],
+                metric: str) -> None:
+    """Every arm's mean curve over its seeds against env steps (the seeds' min-max range shaded), to ``path``.
+
+    Seeds are averaged evaluation by evaluation (the i-th of each run, at their mean env step: on-policy runs
+    evaluate after whole iterations, whose env steps differ a little between seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for arm, runs in by_arm.items():
+        xs, ys = seed_curves(list(runs.values()), metric)
+        if not len(xs):
+            continue
+        line, = ax.plot(xs, ys.mean(0), label=f"{arm} (n={len(ys)})")
+        ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15, linewidth=0)
+    ax.set_xlabel("env steps")
+    ax.set_ylabel(label)
+    ax.set_title(task)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80, metadata={"Software": None})
+    plt.close(fig)
+
+
+def sweep_table(table: SweepTable, boot: stats.Bootstrap = BOOT, name: str | None = None,
+                draw: bool = False) -> str:
+    """The markdown of one sweep table (see the module docstring); with ``draw`` (and ``table.curves``) its
+    figures are written too (the markdown links them either way)."""
     spec = spec_from_dict(load_yaml(HERE / table.spec), table.spec)
     if spec.results is None:
         raise ValueError(f"{table.spec} names no results file")
@@ -223,6 +272,11 @@ def sweep_table(table: SweepTable, boot: stats.Bootstrap = BOOT) -> str:
                 cells.append(_f(float(np.median(ms)), 2) if ms else "–")
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
+        if table.curves and name is not None:
+            path = figure_path(name, task)
+            if draw:
+                draw_curves(path, task, label, by_arm, table.metric)
+            out += [f"![{task}: {label} against env steps]({path.relative_to(HERE).as_posix()})", ""]
         pairs = table.pairs or tuple((a, table.control) for a in arms if table.control and a != table.control)
         pairs = tuple((a, c) for a, c in pairs if a in by_arm and c in by_arm)
         if pairs:
@@ -254,9 +308,9 @@ def script_table(table: ScriptTable) -> str:
     return out.stdout.strip() + "\n"
 
 
-def render(name: str) -> str:
+def render(name: str, draw: bool = False) -> str:
     table = TABLES[name]
-    return sweep_table(table) if isinstance(table, SweepTable) else script_table(table)
+    return sweep_table(table, name=name, draw=draw) if isinstance(table, SweepTable) else script_table(table)
 
 
 def regenerate(text: str, make: Callable[[str], str] = render) -> str:
@@ -279,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         print(render(args.name))
         return 0
     text = args.results_md.read_text()
-    new = regenerate(text)
+    new = regenerate(text, render if args.check else lambda name: render(name, draw=True))
     if args.check:
         if new != text:
             print(f"{args.results_md} is out of date with benchmarks/results/: run python benchmarks/tables.py",

@@ -71,6 +71,16 @@ def test_sweep_table_statistics_on_hand_made_rows(tmp_path, monkeypatch):
     # the cost per env step: milliseconds of rollout (1, 2, 3, 4 by seed) and update, medians over seeds
     text = tables.sweep_table(tables.SweepTable(str(tmp_path / "toy.yaml"), control="ctl", digits=2, cost=True))
     assert "update ms / env step" in text and "| 5 s | 2.50 | 2.00 |" in text
+    # curves: linked under the task's table; drawn only when asked (RESULTS.md rewritten, never by --check)
+    monkeypatch.setattr(tables, "FIGURES", tables.HERE / "figures-test-tmp")
+    monkeypatch.setattr(tables, "draw_curves", lambda path, *a: drawn.append((path, *a)))
+    drawn: list = []
+    toy = tables.SweepTable(str(tmp_path / "toy.yaml"), control="ctl", curves=True)
+    text = tables.sweep_table(toy, name="toy")
+    assert "![Hopper-v5: return against env steps](figures-test-tmp/toy-Hopper-v5.png)" in text and not drawn
+    assert tables.sweep_table(toy, name="toy", draw=True) == text
+    (path, task, label, by_arm, metric), = drawn
+    assert path.name == "toy-Hopper-v5.png" and sorted(by_arm) == ["ctl", "new"] and len(by_arm["new"]) == 4
 
 
 def test_alc_is_the_mean_of_the_first_n_evaluations_and_needs_n_of_them():
@@ -78,3 +88,13 @@ def test_alc_is_the_mean_of_the_first_n_evaluations_and_needs_n_of_them():
     assert tables.alc(row, "return_mean", 40) == pytest.approx(np.mean(np.arange(40)))
     assert tables.alc(row, "return_mean", 51) is None
     assert tables.alc({"curves": {}}, "return_mean", 40) is None
+
+
+def test_curves_are_averaged_evaluation_by_evaluation_across_seeds(tmp_path):
+    rows = {0: {"curves": {"return_mean": [[0, 0.0], [1000, 10.0], [2010, 20.0]]}},
+            1: {"curves": {"return_mean": [[0, 2.0], [1010, 12.0]]}}}  # evaluated at other steps, one fewer
+    xs, ys = tables.seed_curves(list(rows.values()), "return_mean")
+    np.testing.assert_allclose(xs, [0, 1005])
+    np.testing.assert_allclose(ys, [[0, 10], [2, 12]])
+    tables.draw_curves(tmp_path / "c.png", "task", "return", {"arm": rows}, "return_mean")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
