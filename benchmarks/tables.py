@@ -59,6 +59,12 @@ class SweepTable:
     """also report ALC@N: the mean score over a run's first N evaluations (DiffPPO's area under the learning curve)"""
     cost: bool = False
     """also report the cost per env step: rollout and update milliseconds (evaluation excluded), median over seeds"""
+    include: tuple[str, ...] = ()
+    """other sweep specs whose arms join this table, paired by seed (e.g. PPO from scratch beside DiffPPO)"""
+    task_field: str | None = None
+    """the config field that names a row's task (None: its dataset's name, else its env)"""
+    memory: bool = False
+    """also report the median peak resident memory per run (``peak_rss_mib`` of the summary)"""
     curves: bool = False
     """also draw each task's learning curves (every arm's mean over seeds, its seeds' range shaded) into
     ``benchmarks/figures/<table>-<task>.png``, linked under the table"""
@@ -88,7 +94,10 @@ TABLES: dict[str, SweepTable | ScriptTable] = {
     "dydiff": SweepTable("dydiff.yaml", metric="normalized_score",
                          pairs=(("dydiff-td3bc", "td3bc"), ("dydiff-dql", "dql"))),
     "ppo-scratch": SweepTable("ppo_scratch.yaml", alc=40, cost=True, curves=True),
-    "diffppo": SweepTable("diffppo.yaml", control="bc-real", alc=40, cost=True, curves=True),
+    "diffppo": SweepTable("diffppo.yaml", alc=40, cost=True, memory=True, curves=True, task_field="env",
+                          include=("ppo_scratch.yaml",),
+                          pairs=(("augment", "bc-real"), ("bc-real", "ppo-scratch"), ("augment", "ppo-scratch"),
+                                 ("prior", "ppo-scratch"))),
     "sampler-fidelity": ScriptTable(("benchmarks/sampler_fidelity.py",), "results/sampler_fidelity.jsonl"),
     "update-speed": ScriptTable(("benchmarks/update_speed.py",), "results/update_speed.jsonl"),
     "sac-vs-sb3": ScriptTable(("benchmarks/sac_vs_sb3.py",), "results/sac_vs_sb3.jsonl"),
@@ -219,22 +228,33 @@ def sweep_table(table: SweepTable, boot: stats.Bootstrap = BOOT, name: str | Non
     command = f"`diffrl sweep benchmarks/{table.spec}`"
     if not rows:
         return f"No rows yet in `{spec.results}`: run {command}.\n"
-    order = trials(spec)
-    arm_of = {t.id: arm_name(t.arm) for t in order}
-    arms = list(dict.fromkeys(arm_of.values()))
-    tasks = list(dict.fromkeys(task_of(r) for r in (rows[t.id] for t in order if t.id in rows)))
+    # (arm, seed, row) of this sweep's trials, then of the included sweeps' (their arms named by their sweep)
+    entries = [(arm_name(t.arm), t.seed, rows[t.id]) for t in trials(spec) if t.id in rows]
+    sources = [f"`{spec.results}` (sweep `{spec.name}`): {_provenance(list(rows.values()))}"]
+    for other in table.include:
+        ospec = spec_from_dict(load_yaml(HERE / other), other)
+        orows = latest_rows(read_rows(HERE.parent / ospec.results), ospec.name) if ospec.results else {}
+        for t in trials(ospec):
+            if t.id in orows:
+                arm = arm_name(t.arm)
+                entries.append((ospec.name if arm == "run" else f"{ospec.name}/{arm}", t.seed, orows[t.id]))
+        if orows:
+            sources.append(f"`{ospec.results}` (sweep `{ospec.name}`): {_provenance(list(orows.values()))}")
+            command += f" and `diffrl sweep benchmarks/{other}`"
+    arms = list(dict.fromkeys(arm for arm, _, _ in entries))
+    task = task_of if table.task_field is None else (lambda r: str(r["config"].get(table.task_field)))
+    tasks = list(dict.fromkeys(task(r) for _, _, r in entries))
     d = table.digits
     label = METRIC_LABEL.get(table.metric, table.metric)
     extra_raw = table.metric == "normalized_score"
-    out = [f"Rows: `{spec.results}` (sweep `{spec.name}`): {_provenance(list(rows.values()))}. "
-           f"Regenerate: {command}, then `python benchmarks/tables.py`.", ""]
-    for task in tasks:
+    out = [f"Rows: {'; '.join(sources)}. Regenerate: {command}, then `python benchmarks/tables.py`.", ""]
+    for task_name in tasks:
         by_arm: dict[str, dict[int, dict[str, Any]]] = {}
-        for t in order:
-            r = rows.get(t.id)
-            if r is not None and task_of(r) == task and final(r, table.metric) is not None:
-                by_arm.setdefault(arm_of[t.id], {})[t.seed] = r
-        head = f"**{task}**: {label} at the last evaluation, IQM and mean over seeds with 95% stratified-bootstrap CIs"
+        for arm, seed, r in entries:
+            if task(r) == task_name and final(r, table.metric) is not None:
+                by_arm.setdefault(arm, {})[seed] = r
+        head = (f"**{task_name}**: {label} at the last evaluation, IQM and mean over seeds with 95% "
+                "stratified-bootstrap CIs")
         out += [head + (", raw return beside it" if extra_raw else "") + "; mean at half the budget; median wall "
                 "clock per run" + ("; median rollout and update milliseconds per env step" if table.cost else ""),
                 ""]
@@ -243,6 +263,7 @@ def sweep_table(table: SweepTable, boot: stats.Bootstrap = BOOT, name: str | Non
         cols += [f"mean ALC@{table.alc}"] if table.alc else []
         cols += ["mean at half budget", "wall per run"]
         cols += ["rollout ms / env step", "update ms / env step"] if table.cost else []
+        cols += ["peak memory"] if table.memory else []
         out += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for arm in arms:
             runs = by_arm.get(arm)
@@ -270,13 +291,17 @@ def sweep_table(table: SweepTable, boot: stats.Bootstrap = BOOT, name: str | Non
             for part in ("rollout_s", "update_s") if table.cost else ():
                 ms = [v for v in (cost_ms(runs[s], part) for s in seeds) if v is not None]
                 cells.append(_f(float(np.median(ms)), 2) if ms else "–")
+            if table.memory:
+                mib = [runs[s]["final"].get("peak_rss_mib") for s in seeds]
+                mib = [v for v in mib if v]
+                cells.append(f"{np.median(mib):.0f} MiB" if mib else "–")
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
         if table.curves and name is not None:
-            path = figure_path(name, task)
+            path = figure_path(name, task_name)
             if draw:
-                draw_curves(path, task, label, by_arm, table.metric)
-            out += [f"![{task}: {label} against env steps]({path.relative_to(HERE).as_posix()})", ""]
+                draw_curves(path, task_name, label, by_arm, table.metric)
+            out += [f"![{task_name}: {label} against env steps]({path.relative_to(HERE).as_posix()})", ""]
         pairs = table.pairs or tuple((a, table.control) for a in arms if table.control and a != table.control)
         pairs = tuple((a, c) for a, c in pairs if a in by_arm and c in by_arm)
         if pairs:

@@ -98,3 +98,28 @@ def test_curves_are_averaged_evaluation_by_evaluation_across_seeds(tmp_path):
     np.testing.assert_allclose(ys, [[0, 10], [2, 12]])
     tables.draw_curves(tmp_path / "c.png", "task", "return", {"arm": rows}, "return_mean")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_included_sweep_joins_the_table_as_an_arm_paired_by_seed_and_task(tmp_path):
+    import yaml
+
+    from diffrl.runs.results import append_row
+
+    main_spec = {"name": "main", "system": "train", "algo": "sac", "base": {"env": "Hopper-v5", "steps": 200},
+                 "arms": {"new": {"utd": 2}}, "seeds": [0, 1], "results": str(tmp_path / "main.jsonl")}
+    other_spec = {"name": "scratch", "system": "train", "algo": "sac", "base": {"steps": 200},
+                  "grid": {"env": ["Hopper-v5"]}, "seeds": [0, 1], "results": str(tmp_path / "other.jsonl")}
+    scores = {("main", 0): 30.0, ("main", 1): 50.0, ("scratch", 0): 10.0, ("scratch", 1): 20.0}
+    for spec in (main_spec, other_spec):
+        (tmp_path / f"{spec['name']}.yaml").write_text(yaml.safe_dump(spec))
+        for t in trials(spec_from_dict(spec, "x.yaml")):
+            append_row(spec["results"], {
+                "sweep": spec["name"], "trial": t.id, "env": "Hopper-v5", "config": {"env": "Hopper-v5"},
+                "curves": {"return_mean": [[200, scores[spec["name"], t.seed]]]}, "wall_s": 1.0,
+                "final": {"peak_rss_mib": 100.0 * (t.seed + 1)}})
+    table = tables.SweepTable(str(tmp_path / "main.yaml"), include=(str(tmp_path / "scratch.yaml"),),
+                              task_field="env", memory=True, pairs=(("new", "scratch"),))
+    text = tables.sweep_table(table)
+    assert "| scratch | 2/2 |" in text and "| new | 2/2 |" in text and "| 150 MiB |" in text
+    assert "| new − scratch | 0, 1 | 20.0, 30.0 | 25.0 [" in text
+    assert "(sweep `main`)" in text and "(sweep `scratch`)" in text
