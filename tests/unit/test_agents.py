@@ -124,6 +124,22 @@ def test_redq_target_uses_subset_min():
     assert bool((y_subset >= y_all - 1e-6).all()) and not torch.allclose(y_subset, y_all)
 
 
+def test_redq_target_is_the_min_of_the_drawn_subset_of_all_target_critics():
+    # the subset's members alone are evaluated: the same values as evaluating all N and picking them
+    agent = REDQ(DO, DA, REDQParams(hidden=HIDDEN, num_critics=5, target_subset=2))
+    b = batches(1)[0]
+    torch.manual_seed(3)
+    y = agent._target(b, agent.alpha)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        next_a, next_logp = agent.actor.sample(b.next_obs)
+        idx = torch.randperm(5)[:2]
+        q_all = agent.critic_target(b.next_obs, next_a)  # (5, B)
+        v = q_all[idx].min(0).values - agent.alpha * next_logp
+    torch.testing.assert_close(y, b.rew + agent.p.gamma * (1.0 - b.done) * v)
+    assert agent.critic_target(b.next_obs, next_a, idx).shape == (2, len(b.rew))
+
+
 def test_td3_actor_and_targets_update_only_every_policy_delay_calls():
     agent = make_agent("td3", policy_delay=3)
     bs = batches(3)

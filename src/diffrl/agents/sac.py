@@ -153,10 +153,11 @@ class SAC(Agent):
             return target
         with torch.no_grad():
             next_a, next_logp = self.actor.sample(batch.next_obs)
-            q_next = self.critic_target(batch.next_obs, next_a)  # (N, B)
-            if self.p.target_subset < self.p.num_critics:  # REDQ: min over a random subset of M critics
-                idx = torch.randperm(self.p.num_critics, device=self.device)[: self.p.target_subset]
-                q_next = q_next.index_select(0, idx)
+            subset = None
+            if self.p.target_subset < self.p.num_critics:  # REDQ: min over a random subset of M critics, the
+                # only ones evaluated (M of N target forwards)
+                subset = torch.randperm(self.p.num_critics, device=self.device)[: self.p.target_subset]
+            q_next = self.critic_target(batch.next_obs, next_a, subset)  # (M, B)
             v_next = q_next.min(0).values  # (B,)
             if self.p.backup_entropy:
                 v_next = v_next - alpha * next_logp
