@@ -17,7 +17,7 @@ last, by diffrl's one ``evaluate`` (10 deterministic episodes, the same eval see
 observation statistics). Env steps/s counts training only (evaluation excluded). Every process runs torch on one
 thread.
 
-    python benchmarks/ppo_vs_sb3.py                                            # Hopper + HalfCheetah, 3 seeds, 1M
+    python benchmarks/ppo_vs_sb3.py                                # Hopper + HalfCheetah, 3 seeds, 300k env steps
     python benchmarks/ppo_vs_sb3.py --envs Hopper-v5 --seeds 0 --steps 4096 --eval-every 2048 \\
         --results /tmp/ppo_smoke.jsonl                                         # a smoke run
 
@@ -137,8 +137,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--envs", nargs="+", default=["Hopper-v5", "HalfCheetah-v5"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=1_000_000)
-    ap.add_argument("--eval-every", type=int, default=50_000)
+    ap.add_argument("--steps", type=int, default=300_000)
+    ap.add_argument("--eval-every", type=int, default=25_000)
     ap.add_argument("--libs", nargs="+", default=["diffrl", "sb3"], choices=list(LIBS))
     add_common_args(ap, RESULTS / "ppo_vs_sb3.jsonl")
     args = ap.parse_args()
