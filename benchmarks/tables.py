@@ -65,6 +65,9 @@ class SweepTable:
     """the config field that names a row's task (None: its dataset's name, else its env)"""
     memory: bool = False
     """also report the median peak resident memory per run (``peak_rss_mib`` of the summary)"""
+    breakdown: tuple[str, ...] = ()
+    """summary prefixes to tabulate per task under the main table: ``fidelity/`` (per model, the mean over runs of
+    each ``fidelity/<model>/<column>`` scalar) and ``stage_s/`` (per arm, the median seconds of each stage)"""
     curves: bool = False
     """also draw each task's learning curves (every arm's mean over seeds, its seeds' range shaded) into
     ``benchmarks/figures/<table>-<task>.png``, linked under the table"""
@@ -91,7 +94,7 @@ TABLES: dict[str, SweepTable | ScriptTable] = {
     "synther-offline": SweepTable("synther_offline.yaml", metric="normalized_score", pairs=tuple(
         (f"{agent}-{mode}", f"{agent}-real") for agent in ("td3bc", "iql") for mode in ("synthetic", "mixed"))),
     "synther-model-size": SweepTable("synther_model_size.yaml", metric="normalized_score", control="real"),
-    "dydiff": SweepTable("dydiff.yaml", metric="normalized_score",
+    "dydiff": SweepTable("dydiff.yaml", metric="normalized_score", breakdown=("fidelity/", "stage_s/"),
                          pairs=(("dydiff-td3bc", "td3bc"), ("dydiff-dql", "dql"))),
     "ppo-scratch": SweepTable("ppo_scratch.yaml", alc=40, cost=True, curves=True),
     "diffppo": SweepTable("diffppo.yaml", alc=40, cost=True, memory=True, curves=True, task_field="env",
@@ -175,6 +178,33 @@ def _provenance(rows: Sequence[dict[str, Any]]) -> str:
     runs = f"{len(rows)} run{'s' if len(rows) != 1 else ''}"
     return (f"{runs}; git {', '.join(revs)}; {dates[0]} – {dates[-1]}; {'; '.join(cpus)}; "
             f"torch {', '.join(torch)}")
+
+
+def breakdown_table(prefix: str, by_arm: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
+    """Markdown lines of the ``prefix/...`` scalars of a task's runs (see :attr:`SweepTable.breakdown`)."""
+    cells: dict[str, dict[str, list[float]]] = {}  # row -> column -> values
+    for arm, runs in by_arm.items():
+        for r in runs.values():
+            for key, v in r["final"].items():
+                if key.startswith(prefix) and isinstance(v, (int, float)) and np.isfinite(v):
+                    parts = key[len(prefix):].split("/")
+                    row, col = (parts[0], "/".join(parts[1:])) if len(parts) > 1 else (arm, parts[0])
+                    cells.setdefault(row, {}).setdefault(col, []).append(float(v))
+    if not cells:
+        return []
+    cols = list(dict.fromkeys(c for row in cells.values() for c in row))
+    if prefix == "stage_s/":
+        lines = ["Cost of each stage: median seconds over the arm's runs (a reused stage counts its own run's cost)",
+                 "", "| arm | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        lines += [f"| {row} | " + " | ".join(f"{np.median(v[c]):.0f} s" if c in v else "–" for c in cols) + " |"
+                  for row, v in cells.items()]
+    else:
+        n = max(len(x) for v in cells.values() for x in v.values())
+        lines = [f"`{prefix}`: mean over {n} run(s) per model", "", "| model | " + " | ".join(cols) + " |",
+                 "|---|" + "---|" * len(cols)]
+        lines += [f"| {row} | " + " | ".join(_f(float(np.mean(v[c])), 2) if c in v else "–" for c in cols) + " |"
+                  for row, v in cells.items()]
+    return lines + [""]
 
 
 def figure_path(name: str, task: str) -> Path:
@@ -302,6 +332,8 @@ def sweep_table(table: SweepTable, boot: stats.Bootstrap = BOOT, name: str | Non
             if draw:
                 draw_curves(path, task_name, label, by_arm, table.metric)
             out += [f"![{task_name}: {label} against env steps]({path.relative_to(HERE).as_posix()})", ""]
+        for prefix in table.breakdown:
+            out += breakdown_table(prefix, by_arm)
         pairs = table.pairs or tuple((a, table.control) for a in arms if table.control and a != table.control)
         pairs = tuple((a, c) for a, c in pairs if a in by_arm and c in by_arm)
         if pairs:

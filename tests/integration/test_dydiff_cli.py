@@ -55,6 +55,12 @@ def test_run_writes_every_stage_and_trains_on_model_rollouts(full_run) -> None:
         err = np.asarray(m["state_error"], dtype=float)
         assert err.shape == (7,) and np.all(err[np.isfinite(err)] > 0)  # models, not the simulator
     assert "dydiff (data actions)" in fid["table"]
+    # the table as scalars, which result rows keep, and each stage's cost
+    assert s["fidelity/dydiff_injection_policy/h1"] == fid["models"]["dydiff + injection (policy)"]["state_error"][0]
+    assert s["fidelity/single_step_data_actions/h7"] == fid["models"]["single-step (data actions)"]["state_error"][6]
+    assert s["fidelity/dydiff_data_actions/return_error"] == fid["models"]["dydiff (data actions)"]["return_error"]
+    assert "fidelity/dydiff_data_actions/h10" not in s  # horizons past the windows' are not made up
+    assert s["stage_s/window_model"] > 0 and s["stage_s/single_step_models"] > 0 and s["stage_s/agent"] > 0
 
 
 def test_fidelity_command_prints_the_table_and_keeps_it(full_run, capsys) -> None:
@@ -98,6 +104,9 @@ def test_trained_stages_are_reused_by_path(full_run, workdir, hopper_random) -> 
     assert main(["dydiff", "--dataset", str(hopper_random), *TINY, "--fidelity-rollouts", "0", "--diffusion",
                  str(full_run), "--models", str(full_run), "--run-dir", str(reuse)]) == 0
     assert not (reuse / "diffusion").exists() and not (reuse / "models").exists()
+    s, first = (json.loads((d / "summary.json").read_text()) for d in (reuse, full_run))
+    assert s["stage_s/window_model"] == first["stage_s/window_model"]  # the reused stage's own cost
+    assert not any(k.startswith("fidelity/") for k in s)  # --fidelity-rollouts 0
     key = "critic_loss"
     assert [r[key] for r in _rows(reuse) if r.get(key)] == [r[key] for r in _rows(full_run) if r.get(key)]
 

@@ -123,3 +123,16 @@ def test_an_included_sweep_joins_the_table_as_an_arm_paired_by_seed_and_task(tmp
     assert "| scratch | 2/2 |" in text and "| new | 2/2 |" in text and "| 150 MiB |" in text
     assert "| new − scratch | 0, 1 | 20.0, 30.0 | 25.0 [" in text
     assert "(sweep `main`)" in text and "(sweep `scratch`)" in text
+
+
+def test_breakdown_tables_average_fidelity_per_model_and_take_median_stage_costs():
+    runs = {"dydiff": {s: {"final": {"fidelity/window/h1": 1.0 + s, "fidelity/window/return_error": 10.0,
+                                     "fidelity/single_step/h1": 0.1, "stage_s/window_model": 100.0 * (s + 1),
+                                     "stage_s/agent": 50.0}} for s in range(3)},
+            "control": {0: {"final": {"stage_s/agent": 40.0, "eval_return_mean": 3.0}}}}
+    fid = "\n".join(tables.breakdown_table("fidelity/", runs))
+    assert "mean over 3 run(s)" in fid and "| model | h1 | return_error |" in fid
+    assert "| window | 2.00 | 10.00 |" in fid and "| single_step | 0.10 | – |" in fid
+    cost = "\n".join(tables.breakdown_table("stage_s/", runs))
+    assert "| dydiff | 200 s | 50 s |" in cost and "| control | – | 40 s |" in cost
+    assert tables.breakdown_table("nothing/", runs) == []

@@ -19,6 +19,8 @@ Reads top to bottom, one stage per directory of the run, each resumable and each
 from __future__ import annotations
 
 import dataclasses
+import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -260,10 +262,12 @@ def _single_step_models(cfg: Any, ds: OfflineDataset, run_dir: Path) -> tuple[En
     if cfg.models is not None:
         raise CheckpointError(f"{models_dir} holds no Dydiff single-step models (no checkpoint).")
     obs, act, next_obs = (torch.as_tensor(a) for a in (ds.observations, ds.actions, ds.next_observations))
+    start = time.perf_counter()
     fit = {"dynamics": dynamics.fit(obs, act, next_obs, cfg.fit_settings(), seed=cfg.seed),
            # Dydiff's reward model trains without weight decay (the ensemble has MBPO's)
            "reward": reward.fit(obs, act, torch.as_tensor(ds.rewards),
-                                dataclasses.replace(cfg.fit_settings(), weight_decay=0.0), seed=cfg.seed)}
+                                dataclasses.replace(cfg.fit_settings(), weight_decay=0.0), seed=cfg.seed),
+           "wall_s": time.perf_counter() - start}
     ckpt.save_checkpoint(root, 0, {"dynamics": dynamics.state_dict(), "reward": reward.state_dict()},
                          meta={"fit": fit, "dataset_fingerprint": fingerprint(ds)})
     return dynamics, reward, models_dir, fit
@@ -297,12 +301,38 @@ def run(cfg: Any) -> Path:
         agent_cfg = dataclasses.replace(cfg, resume=run_dir if agent_resume else None)
         data = offline.OfflineData(real=ds, pipeline=pipeline, run_dir=run_dir, summary=extra)
         offline.run(agent_cfg, data, augment)
-        if cfg.fidelity_rollouts and supports_state_reset(env_id):
-            summary = read_summary(run_dir)
+        summary = read_summary(run_dir)
+        if cfg.fidelity_rollouts and supports_state_reset(env_id) and "rollout_fidelity" not in summary:
             summary["rollout_fidelity"] = rollout_fidelity(run_dir, cfg, ds, env_id, model, dynamics, reward,
                                                            cfg.fidelity_rollouts, cfg.seed)
-            write_json_atomic(run_dir / "summary.json", summary)
+        summary.update(stage_costs(model_dir, fit, summary))
+        summary.update(flat_fidelity(summary.get("rollout_fidelity")))
+        write_json_atomic(run_dir / "summary.json", summary)
     return run_dir
+
+
+FIDELITY_HORIZONS = (1, 5, 10)
+
+
+def flat_fidelity(fid: dict[str, Any] | None) -> dict[str, float]:
+    """The rollout-fidelity table as scalars (kept in result rows): per model, the state error at horizons 1, 5,
+    10 and the last (``fidelity/<model>/h<k>``) and the return error (``fidelity/<model>/return_error``)."""
+    out: dict[str, float] = {}
+    for name, d in (fid or {}).get("models", {}).items():
+        key = "fidelity/" + re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")  # "dydiff + injection (policy)"
+        err = d["state_error"]
+        for h in (*(h for h in FIDELITY_HORIZONS if h < len(err)), len(err)):
+            out[f"{key}/h{h}"] = float(err[h - 1])
+        out[f"{key}/return_error"] = float(d["return_error"])
+    return out
+
+
+def stage_costs(model_dir: Path, fit: dict[str, Any], summary: dict[str, Any]) -> dict[str, float | None]:
+    """Wall-clock seconds of each stage: the window model's training (the stage's own, also when reused), the
+    single-step models' fit, the agent with its rollouts (and the fidelity check, if any, is not counted)."""
+    diffusion_s = read_summary(model_dir).get("wall_s") if (model_dir / "summary.json").is_file() else None
+    return {"stage_s/window_model": diffusion_s, "stage_s/single_step_models": fit.get("wall_s"),
+            "stage_s/agent": summary.get("wall_s")}
 
 
 # -------------------------------------------------------------------------------------- rollout fidelity
