@@ -89,7 +89,8 @@ TABLES: dict[str, SweepTable | ScriptTable] = {
     "iter-pickandplace": SweepTable("iter_pickandplace.yaml", metric="success_rate", control="iter", digits=2),
     "dppo-finetune": SweepTable("dppo_finetune.yaml", metric="normalized_score", control="dppo", cost=True,
                                 curves=True),
-    "dppo-baselines": SweepTable("dppo_baselines.yaml", metric="normalized_score", cost=True, curves=True),
+    "dppo-baselines": SweepTable("dppo_baselines.yaml", metric="normalized_score", cost=True, curves=True,
+                                 include=("dppo_finetune.yaml",), control="dppo-finetune/dppo"),
     "offline": SweepTable("offline.yaml", metric="normalized_score", control="bc"),
     "synther-offline": SweepTable("synther_offline.yaml", metric="normalized_score", pairs=tuple(
         (f"{agent}-{mode}", f"{agent}-real") for agent in ("td3bc", "iql") for mode in ("synthetic", "mixed"))),
