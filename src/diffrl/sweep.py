@@ -57,6 +57,7 @@ from diffrl.errors import ConfigError, DiffrlError, RunLocked
 from diffrl.runs.checkpoint import list_checkpoints
 from diffrl.runs.lock import LOCK_FILE, is_locked, lock_run_dir
 from diffrl.runs.logger import read_metrics
+from diffrl.runs.memory import reset_peak_rss
 from diffrl.runs.rundir import CONFIG_FILE, SUMMARY_FILE, read_summary, slug
 
 SPEC_FILE = "sweep.yaml"
@@ -297,6 +298,7 @@ def run_trial(sweep_dir: Path, spec: SweepSpec, trial: Trial, prov: dict[str, An
                     shutil.move(str(child), str(aside / child.name))
         error.unlink(missing_ok=True)
         note_provenance(run_dir, prov)
+        reset_peak_rss()  # the trial's peak memory, not the driver's or an earlier trial's (runs/memory.py)
         command, _ = resolve_command(spec, trial.algo)
         command.run(trial_config(spec, trial, run_dir, resume))
     except (DiffrlError, SystemExit) as e:

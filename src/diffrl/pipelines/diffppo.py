@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -88,6 +87,7 @@ from diffrl.registry import Command, System
 from diffrl.runs import checkpoint as ckpt
 from diffrl.runs.device import resolve_device
 from diffrl.runs.lock import lock_run_dir
+from diffrl.runs.memory import peak_rss_mib
 from diffrl.runs.rundir import check_resumable, new_run_dir, read_summary, write_config, write_json_atomic
 from diffrl.runs.seeding import derive_seed, seed_everything
 from diffrl.runs.session import RunSession
@@ -563,7 +563,7 @@ class AugmentHooks(ppo.PPOHooks):
 
 # ------------------------------------------------------------------------------------------------------ run
 def _peak_memory() -> dict[str, float]:
-    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}  # Linux: KiB (stages incl.)
+    out = {"peak_rss_mib": peak_rss_mib()}  # of this run, stages included (a sweep resets it per trial)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import resource
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +69,7 @@ from diffrl.pipelines.common import RunConfig, evaluate_checkpoint
 from diffrl.registry import Command, System
 from diffrl.runs.device import resolve_device
 from diffrl.runs.logger import episode_stats
+from diffrl.runs.memory import peak_rss_mib
 from diffrl.runs.seeding import derive_seed, seed_everything
 from diffrl.runs.session import RateMeter, RunSession, due
 
@@ -420,8 +420,8 @@ def summary(cfg: PPOConfig, c: Counters, gradient_steps: int, wall: float, timer
             "success_rate": last.get("eval/success_rate"),
             "best_eval_return": max(float(c.best_eval), last["eval/return_mean"]) if last else None,
             "eval_episodes": cfg.eval_episodes, "time_breakdown_s": timers,
-            # the process's peak resident memory (Linux ru_maxrss is in KiB): DiffPPO reports its ratio to PPO's
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+            # the run's peak resident memory (a sweep resets it per trial): DiffPPO reports its ratio to PPO's
+            "peak_rss_mib": peak_rss_mib()}
 
 
 def evaluate_run(run_dir: Path, cfg: PPOConfig, episodes: int = 10, device: str = "auto",
