@@ -97,7 +97,6 @@ TABLES: dict[str, SweepTable | ScriptTable] = {
     "synther-model-size": SweepTable("synther_model_size.yaml", metric="normalized_score", control="real"),
     "dydiff": SweepTable("dydiff.yaml", metric="normalized_score", breakdown=("fidelity/", "stage_s/"),
                          pairs=(("dydiff-td3bc", "td3bc"), ("dydiff-dql", "dql"))),
-    "ppo-scratch": SweepTable("ppo_scratch.yaml", alc=40, cost=True, curves=True),
     "diffppo": SweepTable("diffppo.yaml", alc=40, cost=True, memory=True, curves=True, task_field="env",
                           include=("ppo_scratch.yaml",),
                           pairs=(("augment", "bc-real"), ("bc-real", "ppo-scratch"), ("augment", "ppo-scratch"),
