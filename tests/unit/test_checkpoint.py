@@ -304,3 +304,24 @@ def test_a_run_started_before_a_config_field_existed_resumes_only_at_its_default
         check_resumable(tmp_path, "p", Cfg(lr=0.1))
     with pytest.raises(CheckpointError, match="is a p run and cannot be resumed by q"):
         check_resumable(tmp_path, "q", Cfg())
+
+
+def test_a_run_resumes_with_another_spelling_of_the_same_path_not_with_another_path(tmp_path, monkeypatch) -> None:
+    import dataclasses
+    from typing import ClassVar
+
+    from diffrl.runs.rundir import check_resumable, write_config
+
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        RESUMABLE: ClassVar[frozenset[str]] = frozenset()
+        policy: str = "runs/a/policy"
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    write_config(run, "p", {"policy": "runs/a/policy"})  # a sweep's local runner: relative to the driver's cwd
+    check_resumable(run, "p", Cfg(policy=str(tmp_path / "runs/a/policy")))  # its Ray runner: absolute
+    check_resumable(run, "p", Cfg(policy="runs/a/../a/policy"))
+    with pytest.raises(CheckpointError, match="policy="):
+        check_resumable(run, "p", Cfg(policy=str(tmp_path / "runs/b/policy")))

@@ -112,6 +112,15 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is missing or unreadable ({e}); the run may not have finished.") from None
 
 
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal config values; two spellings of one path (relative and absolute, e.g. a run started by one sweep runner
+    and resumed by the other) are the same value."""
+    if a == b:
+        return True
+    return isinstance(a, str) and isinstance(b, str) and ("/" in a or "/" in b) and \
+        os.path.realpath(a) == os.path.realpath(b)
+
+
 def check_resumable(run_dir: Path, pipeline: str, new: Any) -> None:
     """Refuse to resume ``run_dir`` with a config that differs from its saved one in anything but the fields
     ``new.RESUMABLE`` names (e.g. ``steps``, ``device``).
@@ -134,7 +143,8 @@ def check_resumable(run_dir: Path, pipeline: str, new: Any) -> None:
         elif f.name not in old and f.default_factory is not dataclasses.MISSING:
             old[f.name] = to_dict(f.default_factory())
     wanted = to_dict(new)
-    changed = [k for k in sorted(set(old) | set(wanted)) if k not in may_change and old.get(k) != wanted.get(k)]
+    changed = [k for k in sorted(set(old) | set(wanted))
+               if k not in may_change and not _same_value(old.get(k), wanted.get(k))]
     if changed:
         k = changed[0]
         more = f" (and {len(changed) - 1} more field(s))" if len(changed) > 1 else ""
