@@ -315,6 +315,7 @@ def test_minibatches_cover_every_env_step_and_transition_once_per_epoch():
         torch.testing.assert_close(mb.chain_x, chains[step, mb.denoise_idx])
         torch.testing.assert_close(mb.chain_next, chains[step, mb.denoise_idx + 1])
         torch.testing.assert_close(mb.old_log_prob, old[step, mb.denoise_idx])
+        assert torch.equal(mb.env_step, step) and torch.equal(mb.obs, obs[mb.env_step])  # the pair's env step
     assert len(seen) == len(set(seen)) == 20  # 5 env steps x K'=4, five full minibatches of 4
 
 
