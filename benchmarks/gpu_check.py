@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py                        # on the CUDA GPU (exit status 2 if torch sees none)
     python benchmarks/gpu_check.py --smoke --device cpu   # everything shrunk: a CPU check of the script itself
+    python benchmarks/gpu_check.py --table-only           # the tables of the committed rows (benchmarks/tables.py)
 
 It measures, on ``--device`` (warm-up first, then a fixed number of timed iterations, synchronised on CUDA):
 
@@ -58,7 +59,7 @@ from diffrl.envs.wrappers import MinMaxNormalization
 from diffrl.pipelines import dppo, onpolicy
 from diffrl.runs.checkpoint import load_checkpoint
 from diffrl.runs.device import tune_cpu_allocator
-from diffrl.runs.results import provenance
+from diffrl.runs.results import provenance, read_rows
 from diffrl.runs.rundir import read_config
 from diffusion_speed import spec as synther_spec
 from harness import RESULTS, append_row
@@ -335,6 +336,21 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def tables(rows: list[dict[str, Any]]) -> str:
+    """One table per committed (non-smoke) row: the device, its code and when, then the measurements."""
+    out = []
+    for row in rows:
+        if row.get("smoke"):
+            continue
+        machine = row.get("machine", {})
+        head = (f"{row['device_name']} ({row['device']}), torch {row['torch']}, CUDA {row['cuda'] or 'none'}, "
+                f"{machine.get('torch_threads')} CPU threads ({machine.get('cpu')}, {machine.get('cores')} cores); "
+                f"git {str(row.get('git_rev'))[:7]}{'+edits' if row.get('git_dirty') else ''}; {row.get('date')}; "
+                f"wall clock {row['wall_s']:.0f} s")
+        out.append(f"{head}\n\n{table(row['measurements'])}\n")
+    return "\n".join(out) if out else "No rows yet: run `python benchmarks/gpu_check.py` on a CUDA machine.\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
@@ -342,7 +358,11 @@ def main() -> int:
     ap.add_argument("--results", type=Path, default=None,
                     help="the JSONL file of rows (default: benchmarks/results/gpu_check.jsonl; with --smoke, the "
                          "git-ignored benchmarks/out/gpu_check_smoke.jsonl)")
+    ap.add_argument("--table-only", action="store_true", help="print the tables of the rows in --results; run nothing")
     args = ap.parse_args()
+    if args.table_only:
+        print(tables(read_rows(args.results or RESULTS / "gpu_check.jsonl")), end="")
+        return 0
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"--device {args.device} was asked but this torch ({torch.__version__}) sees no CUDA GPU; run the check "
               "on a machine with one, or pass --device cpu.", file=sys.stderr)

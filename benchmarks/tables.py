@@ -106,6 +106,7 @@ TABLES: dict[str, SweepTable | ScriptTable] = {
     "sac-vs-sb3": ScriptTable(("benchmarks/sac_vs_sb3.py",), "results/sac_vs_sb3.jsonl"),
     "her-vs-sb3": ScriptTable(("benchmarks/her_vs_sb3.py",), "results/her_vs_sb3.jsonl"),
     "ppo-vs-sb3": ScriptTable(("benchmarks/ppo_vs_sb3.py",), "results/ppo_vs_sb3.jsonl"),
+    "gpu-check": ScriptTable(("benchmarks/gpu_check.py",), "results/gpu_check.jsonl"),
 }
 
 
