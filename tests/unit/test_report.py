@@ -12,6 +12,7 @@ import yaml
 
 from diffrl.errors import CheckpointError, ConfigError, DiffrlError
 from diffrl.runs.report import _aggregate, make_report
+from diffrl.runs.results import run_row
 from diffrl.runs.stats import Bootstrap
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -154,6 +155,13 @@ def test_x_falls_back_to_step_when_env_steps_is_empty(tmp_path: Path):
     group = json.loads((out / "report.json").read_text())["groups"][0]
     assert group["x"] == "step" and group["plot"] == "train_offline__Hopper-v5.png"
     assert (out / group["plot"]).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_result_row_of_an_offline_run_uses_gradient_steps_when_env_steps_is_empty(tmp_path: Path):
+    run = fake_run(tmp_path, "offline", pipeline="train_offline")
+    (run / "metrics.csv").write_text("step,env_steps,wall_s,eval/return_mean\n10,,1.0,3.0\n20,,2.0,4.0\n")
+    row = run_row(run)
+    assert row["curve_x"] == "step" and row["curves"]["return_mean"] == [[10.0, 3.0], [20.0, 4.0]]
 
 
 def test_runs_that_differ_in_a_setting_are_separate_experiments_with_normalized_scores(tmp_path: Path) -> None:

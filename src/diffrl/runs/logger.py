@@ -131,6 +131,12 @@ def _wandb_id(run_dir: Path) -> str:
     return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
 
 
+def x_column(rows: list[dict[str, float]], preferred: str = "env_steps") -> str:
+    """The x axis of metrics rows: ``preferred`` where every row has a number there, else ``step`` (an offline run's
+    gradient steps: its metrics.csv may carry an empty env_steps column, whose cells read as NaN)."""
+    return preferred if all(not math.isnan(r.get(preferred, math.nan)) for r in rows) else "step"
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:
     """Rows of a run's ``metrics.csv`` with numeric values (empty cells become NaN)."""
     with open(Path(run_dir) / METRICS_FILE, newline="") as f:

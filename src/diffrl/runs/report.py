@@ -22,7 +22,7 @@ import numpy as np
 
 from diffrl.errors import CheckpointError, ConfigError
 from diffrl.runs import stats
-from diffrl.runs.logger import read_metrics
+from diffrl.runs.logger import read_metrics, x_column
 from diffrl.runs.rundir import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -99,7 +99,7 @@ def _variants(runs: Sequence[_Run]) -> list[str]:
 def _curves(runs: Sequence[_Run], metric: str, x: str) -> tuple[list[Curve], str]:
     """Each seed's curve and the x column used: ``x`` if every eval row has it, else ``step`` for all."""
     rows = [r.rows for r in runs if r.rows]
-    col = x if all(not math.isnan(row.get(x, math.nan)) for rs in rows for row in rs) else "step"
+    col = x_column([row for rs in rows for row in rs], x)
     curves = []
     for rs in rows:
         pts = {row[col]: row[metric] for row in rs}  # a repeated x keeps its last value

@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from diffrl.runs.logger import read_metrics
+from diffrl.runs.logger import read_metrics, x_column
 from diffrl.runs.rundir import SUMMARY_FILE, read_config, read_summary
 
 # libraries whose versions decide a run's numbers (the ones installed are recorded)
@@ -137,7 +137,7 @@ def run_row(run_dir: Path | str) -> dict[str, Any]:
     summary = read_summary(run_dir)
     metrics = read_metrics(run_dir)
     config = dict(cfg["config"])
-    x = "env_steps" if all("env_steps" in r for r in metrics) else "step"
+    x = x_column(metrics)
     curves = {}
     for col in SCORE_COLUMNS:
         pts = [[r[x], r[col]] for r in metrics if _number(r.get(col)) is not None]
