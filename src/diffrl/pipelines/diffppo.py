@@ -45,7 +45,7 @@ Deviations, each for a reason:
 - Proposals are drawn once per iteration, for all of its states, and reused by the update's epochs: the prior, the
   Q head and beta do not change during an update, so this is the same distribution of proposals at a tenth of the
   prior's cost per state (10 epochs). Per-minibatch draws (``--fresh-proposals``: new proposals each time a state
-  is in a minibatch) cost about ten times PPO's update on a CPU; the paper reports 1.18x PPO's wall clock.
+  is in a minibatch) cost an update-epochs multiple of that (benchmarks/RESULTS.md has the measured costs).
 - "Every N updates" is every ``prior_every`` PPO iterations (one update phase each); the adapter step uses all of
   the iteration's actions, clipped to the action bounds (the env executes them clipped).
 - Augment: the value is fitted on the real episodes only (synthetic transitions have no episodes); the BC loss is
@@ -120,7 +120,7 @@ class DiffPPOSettings(DiffusionSettings):
     prior_hidden: int = 256
     """width of the prior's denoiser (DPPO's chunk MLP with one residual block)"""
     prior_denoising_steps: int = 10
-    """DDPM steps of the prior (ours: few, as DPPO's 10-20, since the prior is sampled per minibatch)"""
+    """DDPM steps of the prior (ours: few, as DPPO's 10-20, since the prior is sampled for every rollout state)"""
     lora_rank: int = 8
     """rank of the prior's LoRA adapters (the reference's 8)"""
     lora_lr: float = 1e-5
