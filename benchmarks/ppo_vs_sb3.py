@@ -130,7 +130,21 @@ def table(rows: list[dict], libs: list[str], columns: int = 5) -> str:
             cells.append(f"{v.mean():.0f} [{v.min():.0f}, {v.max():.0f}]" if len(v) else "")
         sps = np.array([r["sps"] for r in rs])
         lines.append(f"| {lib} (n={len(rs)}) | " + " | ".join(cells) + f" | {sps.mean():.0f} ± {sps.std():.0f} |")
+    ratios = [f"{lib} / sb3 {speed_ratios(rows, lib)}" for lib in libs if lib != "sb3" and speed_ratios(rows, lib)]
+    if ratios:
+        lines.append("\nEnv steps/s paired by seed (the two runs of a seed ran back to back): " + "; ".join(ratios))
     return "\n".join(lines)
+
+
+def speed_ratios(rows: list[dict], lib: str, ref: str = "sb3") -> str:
+    """``lib``'s env steps/s over ``ref``'s, seed by seed, and their median ("" without a pair)."""
+    by = {(r["lib"], r["seed"]): r["sps"] for r in rows}
+    pairs = sorted(seed for (name, seed) in by if name == lib and (ref, seed) in by)
+    if not pairs:
+        return ""
+    ratios = [by[lib, seed] / by[ref, seed] for seed in pairs]
+    return (", ".join(f"seed {seed} {x:.2f}x" for seed, x in zip(pairs, ratios))
+            + f" (median {float(np.median(ratios)):.2f}x)")
 
 
 def main() -> None:
