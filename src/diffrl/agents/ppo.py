@@ -505,10 +505,11 @@ class ChunkPPO(Agent):
             orthogonal_init(self.critic, head_gain=1.0)
         fused = dict(fused=True) if self.device.type in ("cpu", "cuda") else {}
         self.actor_params = [p for p in module.parameters() if p.requires_grad]
+        self.critic_params = list(self.critic.parameters())
         # AdamW with weight decay 0 is Adam; two optimisers at one lr and eps step exactly as one over both (PPO's)
         self.actor_opt = torch.optim.AdamW(self.actor_params, lr=params.actor_lr, eps=params.adam_eps,
                                            weight_decay=params.actor_weight_decay, **fused)
-        self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=params.critic_lr, eps=params.adam_eps,
+        self.critic_opt = torch.optim.AdamW(self.critic_params, lr=params.critic_lr, eps=params.adam_eps,
                                             weight_decay=params.critic_weight_decay, **fused)
         self.nets = {"policy": module, "critic": self.critic}
         self.optims = {"actor": self.actor_opt, "critic": self.critic_opt}
@@ -644,22 +645,25 @@ class ChunkPPO(Agent):
             if self.extra_loss is not None:
                 extra, extra_metrics = self.extra_loss(batch)
                 loss = loss + extra
-        self.actor_opt.zero_grad(set_to_none=True)
-        self.critic_opt.zero_grad(set_to_none=True)
+        for param in (*self.actor_params, *self.critic_params):  # zero_grad(set_to_none=True), without its overhead
+            param.grad = None
         loss.backward()
-        actor_norm = torch.zeros((), device=self.device)
-        max_norm = p.max_grad_norm or math.inf
-        if p.joint_grad_clip:  # one norm over both networks (CleanRL, SB3); the metrics keep the two norms before it
-            if not critic_only:
-                actor_norm = nn.utils.get_total_norm(grads(self.actor_params), foreach=True)
-            critic_norm = nn.utils.get_total_norm(grads(self.critic.parameters()), foreach=True)
-            total = torch.linalg.vector_norm(torch.stack([actor_norm, critic_norm]))  # clip_grad_norm_'s total norm
-            nn.utils.clip_grads_with_norm_([*self.actor_params, *self.critic.parameters()], max_norm, total,
-                                           foreach=True)
-        else:  # DPPO: the actor's alone
-            if not critic_only:
-                actor_norm = nn.utils.clip_grad_norm_(self.actor_params, max_norm, foreach=True)
-            critic_norm = nn.utils.get_total_norm(grads(self.critic.parameters()), foreach=True)  # norm only
+        actor_grads = grads(self.actor_params) if not critic_only else []
+        critic_grads = grads(self.critic_params)
+        # every gradient tensor's norm in one foreach call; a network's norm is the norm of its tensors' norms (as
+        # nn.utils.get_total_norm computes it)
+        norms = torch._foreach_norm([*actor_grads, *critic_grads]) if actor_grads or critic_grads else []
+        actor_part, critic_part = norms[:len(actor_grads)], norms[len(actor_grads):]
+        zero = torch.zeros((), device=self.device)
+        actor_norm = torch.linalg.vector_norm(torch.stack(actor_part)) if actor_part else zero
+        critic_norm = torch.linalg.vector_norm(torch.stack(critic_part)) if critic_part else zero
+        if p.max_grad_norm is not None:
+            # one norm over both networks (CleanRL, SB3; the metrics keep the two norms before it), or DPPO's: the
+            # actor's alone; scaled as nn.utils.clip_grads_with_norm_ does
+            joint = torch.linalg.vector_norm(torch.stack([actor_norm, critic_norm])) if p.joint_grad_clip else None
+            clipped, total = (actor_grads + critic_grads, joint) if joint is not None else (actor_grads, actor_norm)
+            if clipped:
+                torch._foreach_mul_(clipped, torch.clamp(p.max_grad_norm / (total + 1e-6), max=1.0))
         if not critic_only:
             self.actor_opt.step()
             self.num_actor_updates += 1
