@@ -297,10 +297,10 @@ def cmd_report(args: list[str]) -> None:
 
 SWEEP_OPTIONS = {"--runner": "runner", "--address": "address", "--cpus-per-trial": "cpus_per_trial",
                  "--gpus-per-trial": "gpus_per_trial", "--max-concurrent": "max_concurrent", "--root": "root",
-                 "--table-every": "table_every"}
+                 "--table-every": "table_every", "--workers": "workers"}
 SWEEP_USAGE = """usage: diffrl sweep SPEC.yaml [SPEC2.yaml ...] [--runner local|ray] [--address ADDR]
-                         [--cpus-per-trial C] [--gpus-per-trial G] [--max-concurrent K] [--root DIR]
-                         [--table-every SECONDS]
+                         [--cpus-per-trial C] [--gpus-per-trial G] [--max-concurrent K] [--workers N]
+                         [--root DIR] [--table-every SECONDS]
        diffrl sweep SYSTEM [COMMAND] [ALGO | --algo A] --seeds 0-4 [--grid FIELD=V1,V2 ...] [--preset P]
                          [--name NAME] [--results FILE.jsonl] [--FIELD VALUE ...] [runner options]
        diffrl sweep status SWEEP_DIR
@@ -308,7 +308,8 @@ SWEEP_USAGE = """usage: diffrl sweep SPEC.yaml [SPEC2.yaml ...] [--runner local|
 Every (arm, grid point, seed) is a trial that runs the system as its own command would, in its own run directory
 under ROOT/NAME (ROOT: runs/sweeps). Started again, a sweep skips finished trials and resumes unfinished ones.
 Specs given together run in order. The status table is printed every --table-every seconds (default 60) when it
-changed; a spec's `results` file gets one row per finished trial (see docs/sweeps.md)."""
+changed; a spec's `results` file gets one row per finished trial (see docs/sweeps.md). The local runner runs one
+trial at a time, or N side by side with --workers N (N processes, --cpus-per-trial threads each, default 1)."""
 
 
 def cmd_sweep(args: list[str]) -> None:
@@ -327,7 +328,7 @@ def cmd_sweep(args: list[str]) -> None:
         value, args = _pop_option(args, flag)
         if value is not None:
             options[key] = value
-    for key in ("cpus_per_trial", "max_concurrent"):
+    for key in ("cpus_per_trial", "max_concurrent", "workers"):
         if key in options:
             options[key] = _number(key, options[key], int)
     for key in ("gpus_per_trial", "table_every"):

@@ -2,7 +2,7 @@
 system exactly as its own command would, in its own run directory under the sweep directory.
 
     diffrl sweep SPEC.yaml [SPEC2.yaml ...] [--runner local|ray] [--address ADDR] [--cpus-per-trial C]
-                 [--gpus-per-trial G] [--table-every S]
+                 [--gpus-per-trial G] [--workers N] [--table-every S]
     diffrl sweep synther online --env HalfCheetah-v5 --seeds 0-4 --grid utd=1,20 --grid synthetic_ratio=0,0.5
     diffrl sweep status SWEEP_DIR
 
@@ -32,7 +32,8 @@ others. While trials run, the status table (trial, arm, seed, steps, latest retu
 ``--table-every`` seconds when it changed, and each newly finished trial's row is appended to ``results``.
 ``--runner ray`` runs the trials as Ray Tune trials (``pip install 'diffrl[ray]'``) on a local Ray instance
 sized to the machine, or on an existing cluster with ``--address``; each trial's torch / OpenMP threads are set to
-its CPU share. The local runner runs the trials one after the other in this process.
+its CPU share. The local runner runs the trials one after the other in this process, or with ``--workers N`` in
+N processes side by side (each a driver of its own, ``--cpus-per-trial`` threads each, default 1).
 """
 
 from __future__ import annotations
@@ -254,13 +255,13 @@ PROVENANCE_FILE = "provenance.json"
 
 
 def note_provenance(run_dir: Path, prov: dict[str, Any] | None) -> None:
-    """Add this start of the trial (the driver's code revision, versions, machine) to ``provenance.json``: a trial
-    resumed under other code lists every revision it ran under."""
+    """Add this start of the trial (the driver's code revision, versions, machine, and the pid of the process that
+    ran it) to ``provenance.json``: a trial resumed under other code lists every revision it ran under."""
     if prov is None:
         return
     from diffrl.runs.rundir import write_json_atomic
 
-    write_json_atomic(run_dir / PROVENANCE_FILE, [*read_starts(run_dir), prov])
+    write_json_atomic(run_dir / PROVENANCE_FILE, [*read_starts(run_dir), {**prov, "pid": os.getpid()}])
 
 
 def read_starts(run_dir: Path) -> list[dict[str, Any]]:
@@ -332,6 +333,35 @@ def run_local(sweep_dir: Path, spec: SweepSpec, todo: Sequence[Trial], cpus_per_
         rows.append(run_trial(sweep_dir, spec, trial, prov))
         report()
     return rows
+
+
+def run_workers(sweep_dir: Path, spec: SweepSpec, todo: Sequence[Trial], workers: int, cpus_per_trial: int,
+                out: Callable[[str], None], prov: dict[str, Any] | None = None) -> None:
+    """The local runner with ``workers`` processes: each goes through the trials as a driver of its own would,
+    running those no other process holds (the run directory's lock), with ``cpus_per_trial`` threads; this process
+    waits for them (its status table keeps printing and recording rows)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch / OpenMP state
+    procs = [ctx.Process(target=run_local, args=(sweep_dir, spec, todo, cpus_per_trial, _quiet, prov),
+                         name=f"diffrl-sweep-worker-{i}") for i in range(workers)]
+    for proc in procs:
+        proc.start()
+    try:
+        for proc in procs:
+            proc.join()
+    finally:
+        for proc in procs:  # interrupted (Ctrl-C reaches the workers too): do not leave them behind
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.terminate()
+    for i, proc in enumerate(procs):
+        if proc.exitcode != 0:
+            out(f"worker {i} stopped with exit status {proc.exitcode}; start the sweep again to finish its trials.")
+
+
+def _quiet() -> None:
+    """A worker's report: nothing (the driver prints the table)."""
 
 
 def record_results(sweep_dir: Path, spec: SweepSpec) -> int:
@@ -474,7 +504,7 @@ def check_growth(sweep_dir: Path, spec: SweepSpec) -> int:
 
 def run_sweep(spec: SweepSpec, root: Path = Path("runs/sweeps"), runner: str = "local", *,
               cpus_per_trial: int | None = None, gpus_per_trial: float = 0.0, address: str | None = None,
-              max_concurrent: int | None = None, table_every: float = 60.0,
+              max_concurrent: int | None = None, table_every: float = 60.0, workers: int = 1,
               out: Callable[[str], None] = print) -> Path:
     """Run every unfinished trial of ``spec`` under ``root/<name>``; returns the sweep directory.
 
@@ -485,7 +515,13 @@ def run_sweep(spec: SweepSpec, root: Path = Path("runs/sweeps"), runner: str = "
         raise ConfigError(f"unknown runner {runner!r}: choose local or ray.")
     if runner == "local" and (gpus_per_trial or address or max_concurrent):
         flag = "--gpus-per-trial" if gpus_per_trial else "--address" if address else "--max-concurrent"
-        raise ConfigError(f"{flag} needs --runner ray (the local runner runs one trial at a time in this process).")
+        raise ConfigError(f"{flag} needs --runner ray (the local runner runs one trial at a time per worker; "
+                          "--workers N runs N at a time).")
+    if workers < 1:
+        raise ConfigError(f"invalid --workers {workers}: it must be at least 1.")
+    if runner == "ray" and workers > 1:
+        raise ConfigError("--workers is the local runner's; Ray runs trials side by side by itself "
+                          "(--max-concurrent caps them).")
     sweep_dir = Path(root) / slug(spec.name)
     saved = sweep_dir / SPEC_FILE
     grown = check_growth(sweep_dir, spec) if saved.is_file() and load_yaml(saved) != spec.to_dict() else 0
@@ -498,13 +534,16 @@ def run_sweep(spec: SweepSpec, root: Path = Path("runs/sweeps"), runner: str = "
     todo = sorted((t for t in all_trials if trial_state(sweep_dir / "trials" / t.id) != "done"),
                   key=lambda t: list(spec.seeds).index(t.seed))
     out(f"sweep {sweep_dir}: {len(all_trials)} trials, {len(all_trials) - len(todo)} finished, {len(todo)} to run "
-        f"({runner} runner)" + (f"; the spec grew: {grown} new trial(s)" if grown else ""))
+        f"({runner} runner{f', {workers} workers' if workers > 1 else ''})"
+        + (f"; the spec grew: {grown} new trial(s)" if grown else ""))
     from diffrl.runs.results import provenance
 
     prov = provenance()  # of the code this driver imported: each trial it starts records it (provenance.json)
     with LiveTable(sweep_dir, spec, out, table_every) as live:
         if runner == "ray":
             run_ray(sweep_dir, spec, todo, cpus_per_trial or 1, gpus_per_trial, address, max_concurrent, prov)
+        elif workers > 1:
+            run_workers(sweep_dir, spec, todo, workers, cpus_per_trial or 1, out, prov)
         else:  # and the table after every trial
             run_local(sweep_dir, spec, todo, cpus_per_trial, live.tick, prov)
     failed = [t.id for t in all_trials if trial_state(sweep_dir / "trials" / t.id) == "failed"]

@@ -97,6 +97,26 @@ def test_two_drivers_on_one_sweep_share_its_trials(uninterrupted, tmp_path):
     assert curves(tmp_path / "tiny") == curves(uninterrupted)
 
 
+def test_workers_run_the_trials_side_by_side_with_the_curves_of_one_driver(uninterrupted, tmp_path, capsys):
+    rows_file = tmp_path / "rows.jsonl"
+    assert main([*SWEEP, "--root", str(tmp_path), "--results", str(rows_file), "--workers", "2"]) == 0
+    assert "(local runner, 2 workers)" in capsys.readouterr().out
+    assert not list((tmp_path / "tiny" / "trials").glob("*.error"))
+    assert curves(tmp_path / "tiny") == curves(uninterrupted)
+    rows = read_rows(rows_file)
+    assert sorted(r["trial"] for r in rows) == TRIALS  # recorded once each, by the driver
+    pids = {r["pid"] for r in rows}  # the process that started each trial (its provenance)
+    assert len(pids) == 2 and os.getpid() not in pids  # two worker processes ran them, not the driver
+
+
+@pytest.mark.parametrize("extra, sentence", [(["--workers", "0"], "it must be at least 1"),
+                                             (["--workers", "two"], "it must be a number")])
+def test_bad_worker_counts_are_one_sentence(tmp_path, capsys, extra, sentence):
+    assert main([*SWEEP, "--root", str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and sentence in err and not (tmp_path / "tiny").exists()
+
+
 def test_a_failing_trial_is_reported_and_the_others_finish(tmp_path, capsys):
     argv = ["sweep", "train", "sac", *TINY[2:], "--seeds", "0", "--grid", "env=Hopper-v5,Hopper-v3", "--name", "f",
             "--root", str(tmp_path)]
