@@ -130,7 +130,7 @@ def table(rows: list[dict], libs: list[str], columns: int = 5) -> str:
             cells.append(f"{v.mean():.0f} [{v.min():.0f}, {v.max():.0f}]" if len(v) else "")
         sps = np.array([r["sps"] for r in rs])
         lines.append(f"| {lib} (n={len(rs)}) | " + " | ".join(cells) + f" | {sps.mean():.0f} ± {sps.std():.0f} |")
-    ratios = [f"{lib} / sb3 {speed_ratios(rows, lib)}" for lib in libs if lib != "sb3" and speed_ratios(rows, lib)]
+    ratios = [f"{lib} / sb3 {text}" for lib in libs if lib != "sb3" and (text := speed_ratios(rows, lib))]
     if ratios:
         lines.append("\nEnv steps/s paired by seed (the two runs of a seed ran back to back): " + "; ".join(ratios))
     return "\n".join(lines)

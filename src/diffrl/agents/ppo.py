@@ -657,11 +657,12 @@ class ChunkPPO(Agent):
         zero = torch.zeros((), device=self.device)
         actor_norm = torch.linalg.vector_norm(torch.stack(actor_part)) if actor_part else zero
         critic_norm = torch.linalg.vector_norm(torch.stack(critic_part)) if critic_part else zero
-        if p.max_grad_norm is not None:
-            # one norm over both networks (CleanRL, SB3; the metrics keep the two norms before it), or DPPO's: the
-            # actor's alone; scaled as nn.utils.clip_grads_with_norm_ does
-            joint = torch.linalg.vector_norm(torch.stack([actor_norm, critic_norm])) if p.joint_grad_clip else None
-            clipped, total = (actor_grads + critic_grads, joint) if joint is not None else (actor_grads, actor_norm)
+        if p.max_grad_norm is not None:  # scaled as nn.utils.clip_grads_with_norm_ does
+            if p.joint_grad_clip:  # one norm over both networks (CleanRL, SB3); the metrics keep the two before it
+                both = torch.stack([actor_norm, critic_norm])
+                clipped, total = actor_grads + critic_grads, torch.linalg.vector_norm(both)
+            else:  # DPPO: the actor's alone
+                clipped, total = actor_grads, actor_norm
             if clipped:
                 torch._foreach_mul_(clipped, torch.clamp(p.max_grad_norm / (total + 1e-6), max=1.0))
         if not critic_only:
