@@ -300,7 +300,7 @@ SWEEP_OPTIONS = {"--runner": "runner", "--address": "address", "--cpus-per-trial
                  "--table-every": "table_every", "--workers": "workers"}
 SWEEP_USAGE = """usage: diffrl sweep SPEC.yaml [SPEC2.yaml ...] [--runner local|ray] [--address ADDR]
                          [--cpus-per-trial C] [--gpus-per-trial G] [--max-concurrent K] [--workers N]
-                         [--root DIR] [--table-every SECONDS]
+                         [--root DIR] [--table-every SECONDS] [--skip-recorded]
        diffrl sweep SYSTEM [COMMAND] [ALGO | --algo A] --seeds 0-4 [--grid FIELD=V1,V2 ...] [--preset P]
                          [--name NAME] [--results FILE.jsonl] [--FIELD VALUE ...] [runner options]
        diffrl sweep status SWEEP_DIR
@@ -309,7 +309,9 @@ Every (arm, grid point, seed) is a trial that runs the system as its own command
 under ROOT/NAME (ROOT: runs/sweeps). Started again, a sweep skips finished trials and resumes unfinished ones.
 Specs given together run in order. The status table is printed every --table-every seconds (default 60) when it
 changed; a spec's `results` file gets one row per finished trial (see docs/sweeps.md). The local runner runs one
-trial at a time, or N side by side with --workers N (N processes, --cpus-per-trial threads each, default 1)."""
+trial at a time, or N side by side with --workers N (N processes, --cpus-per-trial threads each, default 1).
+--skip-recorded counts a trial whose row is already in the results file (same config) as finished, so a fresh
+clone completes a sweep without re-running its committed rows; without it such a trial runs again (a newer row)."""
 
 
 def cmd_sweep(args: list[str]) -> None:
@@ -324,6 +326,9 @@ def cmd_sweep(args: list[str]) -> None:
         print(sweep.status_table(Path(args[1])))
         return
     options: dict[str, Any] = {}
+    if "--skip-recorded" in args:
+        args = [a for a in args if a != "--skip-recorded"]
+        options["skip_recorded"] = True
     for flag, key in SWEEP_OPTIONS.items():
         value, args = _pop_option(args, flag)
         if value is not None:

@@ -314,6 +314,39 @@ def run_trial(sweep_dir: Path, spec: SweepSpec, trial: Trial, prov: dict[str, An
     return {"trial": trial.id, "status": "done", "wall_s": time.perf_counter() - t0}
 
 
+# ------------------------------------------------------------------------------------------------ recorded
+# config fields that say where and how a run was started, not what it computes
+_PLACE = frozenset({"run_dir", "resume", "progress", "runs_root"})
+
+
+def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A config as a JSON row holds it (tuples as lists, paths as strings), less the fields of ``_PLACE``."""
+    return {k: v for k, v in json.loads(json.dumps(dict(config), default=str)).items() if k not in _PLACE}
+
+
+def recorded_trials(sweep_dir: Path, spec: SweepSpec) -> set[str]:
+    """The trials whose row is already in ``spec.results`` with the config they would run with now (same sweep,
+    trial id, command and every field but where the run lives): what ``--skip-recorded`` counts as finished, so a
+    fresh clone completes a sweep whose rows were committed without running them again."""
+    if spec.results is None:
+        return set()
+    from diffrl.config import to_dict
+    from diffrl.runs import results
+
+    rows = [r for r in results.read_rows(spec.results) if r.get("sweep") == spec.name]
+    recorded: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        recorded.setdefault(row.get("trial"), []).append(_comparable(row.get("config") or {}))
+    out = set()
+    for trial in trials(spec):
+        if trial.id not in recorded:
+            continue
+        cfg = trial_config(spec, trial, sweep_dir / "trials" / trial.id, resume=False)
+        if _comparable(to_dict(cfg)) in recorded[trial.id]:
+            out.add(trial.id)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ runners
 def set_threads(cpus: int | None) -> None:
     """Give this process ``cpus`` torch / OpenMP threads (two 2-thread processes on 2 cores slow each other ~20x)."""
@@ -505,11 +538,13 @@ def check_growth(sweep_dir: Path, spec: SweepSpec) -> int:
 def run_sweep(spec: SweepSpec, root: Path = Path("runs/sweeps"), runner: str = "local", *,
               cpus_per_trial: int | None = None, gpus_per_trial: float = 0.0, address: str | None = None,
               max_concurrent: int | None = None, table_every: float = 60.0, workers: int = 1,
-              out: Callable[[str], None] = print) -> Path:
+              skip_recorded: bool = False, out: Callable[[str], None] = print) -> Path:
     """Run every unfinished trial of ``spec`` under ``root/<name>``; returns the sweep directory.
 
     The same spec continues where it stopped; a spec that only adds trials (arms, grid values, seeds) grows the
-    sweep; one that would change or drop a saved trial is refused (nothing is changed).
+    sweep; one that would change or drop a saved trial is refused (nothing is changed). With ``skip_recorded``, a
+    trial whose row is already in the spec's results file with the same config counts as finished
+    (:func:`recorded_trials`); by default it runs again and adds a newer row (a reproduction).
     """
     if runner not in RUNNERS:
         raise ConfigError(f"unknown runner {runner!r}: choose local or ray.")
@@ -531,10 +566,13 @@ def run_sweep(spec: SweepSpec, root: Path = Path("runs/sweeps"), runner: str = "
     (sweep_dir / "trials").mkdir(parents=True, exist_ok=True)
     save_yaml(spec.to_dict(), saved)
     # seed-major: every arm's seed 0, then every arm's seed 1, ... so a sweep stopped part-way has paired seeds
-    todo = sorted((t for t in all_trials if trial_state(sweep_dir / "trials" / t.id) != "done"),
-                  key=lambda t: list(spec.seeds).index(t.seed))
-    out(f"sweep {sweep_dir}: {len(all_trials)} trials, {len(all_trials) - len(todo)} finished, {len(todo)} to run "
-        f"({runner} runner{f', {workers} workers' if workers > 1 else ''})"
+    recorded = recorded_trials(sweep_dir, spec) if skip_recorded else set()
+    unfinished = [t for t in all_trials if trial_state(sweep_dir / "trials" / t.id) != "done"]
+    skipped = sum(t.id in recorded for t in unfinished)
+    todo = sorted((t for t in unfinished if t.id not in recorded), key=lambda t: list(spec.seeds).index(t.seed))
+    out(f"sweep {sweep_dir}: {len(all_trials)} trials, {len(all_trials) - len(unfinished)} finished, "
+        + (f"{skipped} recorded in {spec.results} (skipped), " if skip_recorded else "")
+        + f"{len(todo)} to run ({runner} runner{f', {workers} workers' if workers > 1 else ''})"
         + (f"; the spec grew: {grown} new trial(s)" if grown else ""))
     from diffrl.runs.results import provenance
 
@@ -546,7 +584,7 @@ def run_sweep(spec: SweepSpec, root: Path = Path("runs/sweeps"), runner: str = "
             run_workers(sweep_dir, spec, todo, workers, cpus_per_trial or 1, out, prov)
         else:  # and the table after every trial
             run_local(sweep_dir, spec, todo, cpus_per_trial, live.tick, prov)
-    failed = [t.id for t in all_trials if trial_state(sweep_dir / "trials" / t.id) == "failed"]
+    failed = [t.id for t in todo if trial_state(sweep_dir / "trials" / t.id) == "failed"]
     if failed:
         out(f"{len(failed)} trial(s) failed: {', '.join(failed)} (errors in {sweep_dir / 'trials'}/<trial>.error); "
             "start the sweep again to retry them.")
@@ -555,14 +593,18 @@ def run_sweep(spec: SweepSpec, root: Path = Path("runs/sweeps"), runner: str = "
 
 # ------------------------------------------------------------------------------------------------ status
 def status_rows(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Per trial: arm, seed, state, steps done of the budget, latest evaluation, ETA (seconds, None if unknown)."""
+    """Per trial: arm, seed, state (:func:`trial_state`, or ``recorded`` for a pending trial whose row is in the
+    results file), steps done of the budget, latest evaluation, ETA (seconds, None if unknown)."""
     if not (sweep_dir / SPEC_FILE).is_file():
         raise ConfigError(f"{sweep_dir} is not a sweep directory (no {SPEC_FILE}).")
     spec = spec_from_dict(load_yaml(sweep_dir / SPEC_FILE), str(sweep_dir / SPEC_FILE))
     rows = []
+    recorded = recorded_trials(sweep_dir, spec)
     for trial in trials(spec):
         run_dir = sweep_dir / "trials" / trial.id
         state = trial_state(run_dir)
+        if state == "pending" and trial.id in recorded:
+            state = "recorded"  # not run here; its row is in the results file (--skip-recorded skips it)
         metrics = read_metrics(run_dir) if (run_dir / "metrics.csv").is_file() else []
         metric = resolve_command(spec, trial.algo)[0].report_metric  # e.g. the success rate for goal tasks
         evals = [r for r in metrics if not math.isnan(r.get(metric, math.nan))]

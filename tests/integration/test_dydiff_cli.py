@@ -137,3 +137,23 @@ def test_diffusion_ql_trains_on_dydiff_rollouts(full_run, workdir, hopper_random
     assert s["pipeline"] == "dydiff_dql" and s["gradient_steps"] == 40
     rows = [r for r in _rows(run) if r.get("dydiff/transitions_added")]
     assert len(rows) == 2 and float(rows[-1]["dydiff/model_buffer"]) > float(rows[0]["dydiff/model_buffer"]) > 0
+
+
+def test_the_control_trains_no_model_and_is_the_plain_agent(workdir, hopper_random) -> None:
+    # --real-ratio 1 without the fidelity check: no batch takes a model row, so no stage is trained or loaded (the
+    # control never depends on another run's models) and the agent's updates are offline TD3+BC's, update for update
+    control = workdir / "control"
+    assert main(["dydiff", "--dataset", str(hopper_random), *TINY, "--real-ratio", "1", "--fidelity-rollouts", "0",
+                 "--run-dir", str(control)]) == 0
+    assert not (control / "diffusion").exists() and not (control / "models").exists()
+    s = json.loads((control / "summary.json").read_text())
+    assert s["diffusion_run"] is None and s["stage_s/window_model"] is None and s["stage_s/agent"] > 0
+    assert not any(k.startswith(("fidelity/", "dydiff/")) for k in s)
+    plain = workdir / "plain"
+    assert main(["offline", "td3bc", "--dataset", str(hopper_random), "--steps", "60", "--batch-size", "32",
+                 "--eval-every", "30", "--eval-episodes", "1", "--log-every", "10", "--hidden", "32", "32",
+                 "--no-progress", "--run-dir", str(plain)]) == 0
+    key = "critic_loss"
+    got = [r[key] for r in _rows(control) if r.get(key)]
+    assert got and got == [r[key] for r in _rows(plain) if r.get(key)]
+    assert not any(k.startswith("dydiff/") for r in _rows(control) for k, v in r.items() if v)

@@ -27,9 +27,9 @@ SWEEP = ["sweep", "train", "sac", *TINY, "--seeds", "0-1", "--grid", "utd=1,2", 
 TRIALS = ["utd_1-s0", "utd_1-s1", "utd_2-s0", "utd_2-s1"]
 
 
-def curves(sweep_dir: Path) -> dict[str, list[dict[str, float]]]:
+def curves(sweep_dir: Path, names: list[str] = TRIALS) -> dict[str, list[dict[str, float]]]:
     return {t: [{k: v for k, v in r.items() if k not in ("wall_s", "perf/env_steps_per_s")}
-                for r in read_metrics(sweep_dir / "trials" / t)] for t in TRIALS}
+                for r in read_metrics(sweep_dir / "trials" / t)] for t in names}
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +107,32 @@ def test_workers_run_the_trials_side_by_side_with_the_curves_of_one_driver(unint
     assert sorted(r["trial"] for r in rows) == TRIALS  # recorded once each, by the driver
     pids = {r["pid"] for r in rows}  # the process that started each trial (its provenance)
     assert len(pids) == 2 and os.getpid() not in pids  # two worker processes ran them, not the driver
+
+
+def test_skip_recorded_finishes_a_sweep_whose_rows_were_committed_without_running_them_again(uninterrupted,
+                                                                                                 tmp_path, capsys):
+    # a fresh clone: the rows file (as committed) but no sweep directory; one trial's row is missing, and one row
+    # was recorded with another config (as from older code): those two run, the other two are skipped
+    rows = read_rows(uninterrupted.parent / "rows.jsonl")
+    rows_file = tmp_path / "rows.jsonl"
+    kept = [r for r in rows if r["trial"] != "utd_2-s1"]
+    changed = next(r for r in kept if r["trial"] == "utd_1-s1")
+    changed["config"] = {**changed["config"], "gamma": 0.9}
+    rows_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    argv = [*SWEEP, "--root", str(tmp_path), "--results", str(rows_file)]
+    assert main([*argv, "--skip-recorded"]) == 0
+    out = capsys.readouterr().out
+    assert "4 trials, 0 finished, 2 recorded in" in out and "(skipped), 2 to run" in out
+    ran = sorted(p.parent.name for p in (tmp_path / "tiny" / "trials").glob("*/summary.json"))
+    assert ran == ["utd_1-s1", "utd_2-s1"]
+    got = curves(tmp_path / "tiny", ran)
+    assert got == {t: v for t, v in curves(uninterrupted).items() if t in ran}  # the same runs as before
+    after = read_rows(rows_file)
+    assert len(after) == 5 and sorted(r["trial"] for r in after[3:]) == ran  # one new row per trial that ran
+    assert main(["sweep", "status", str(tmp_path / "tiny")]) == 0
+    assert capsys.readouterr().out.count(" recorded ") == 2
+    assert main(argv) == 0  # without the flag a recorded trial runs again (a reproduction): a newer row
+    assert "2 finished, 2 to run" in capsys.readouterr().out and len(read_rows(rows_file)) == 7
 
 
 @pytest.mark.parametrize("extra, sentence", [(["--workers", "0"], "it must be at least 1"),

@@ -274,6 +274,14 @@ def _single_step_models(cfg: Any, ds: OfflineDataset, run_dir: Path) -> tuple[En
 
 
 # ------------------------------------------------------------------------------------------------------ run
+def uses_models(cfg: Any) -> bool:
+    """Whether the run needs the window model and single-step models: for its batches (``real_ratio < 1``) or its
+    fidelity check. With ``real_ratio = 1`` and no fidelity check the run is the plain agent on the same loop,
+    seeds, data and evaluation (the control of a Dydiff comparison), and no model is trained or loaded, so a
+    control never waits for, or depends on, another run's models."""
+    return cfg.real_ratio < 1.0 or cfg.fidelity_rollouts > 0
+
+
 def run(cfg: Any) -> Path:
     """The three stages, then the rollout-fidelity check; returns the run directory."""
     algo = offline.algo_name(cfg)
@@ -289,24 +297,32 @@ def run(cfg: Any) -> Path:
             check_resumable(run_dir, pipeline, cfg)
         write_config(run_dir, pipeline, to_dict(cfg))
         device = resolve_device(cfg.device)
-        model, model_dir = _window_model(cfg, ds, run_dir, device)
-        dynamics, reward, models_dir, fit = _single_step_models(cfg, ds, run_dir)
-        augment = DydiffAugment(ds.observations, model, _layout(ds, cfg.horizon), dynamics, reward, rule,
-                                RolloutSettings(**{f.name: getattr(cfg, f.name)
-                                                   for f in dataclasses.fields(RolloutSettings)}),
-                                cfg.sample_options(), seed=cfg.seed)
-        extra = {"diffusion_run": str(model_dir), "models_run": str(models_dir), "single_step_fit": fit,
-                 "filter": cfg.filter, "real_ratio": cfg.real_ratio}
+        extra: dict[str, Any] = {"filter": cfg.filter, "real_ratio": cfg.real_ratio}
+        augment = None
+        if uses_models(cfg):
+            model, model_dir = _window_model(cfg, ds, run_dir, device)
+            dynamics, reward, models_dir, fit = _single_step_models(cfg, ds, run_dir)
+            augment = DydiffAugment(ds.observations, model, _layout(ds, cfg.horizon), dynamics, reward, rule,
+                                    RolloutSettings(**{f.name: getattr(cfg, f.name)
+                                                       for f in dataclasses.fields(RolloutSettings)}),
+                                    cfg.sample_options(), seed=cfg.seed)
+            extra.update({"diffusion_run": str(model_dir), "models_run": str(models_dir), "single_step_fit": fit})
+        else:  # the control: no batch takes a model row and nothing is checked, so no model is trained or loaded
+            extra.update({"diffusion_run": None, "models_run": None})
         agent_resume = cfg.resume is not None and bool(ckpt.list_checkpoints(run_dir / "checkpoints"))
         agent_cfg = dataclasses.replace(cfg, resume=run_dir if agent_resume else None)
         data = offline.OfflineData(real=ds, pipeline=pipeline, run_dir=run_dir, summary=extra)
         offline.run(agent_cfg, data, augment)
         summary = read_summary(run_dir)
-        if cfg.fidelity_rollouts and supports_state_reset(env_id) and "rollout_fidelity" not in summary:
-            summary["rollout_fidelity"] = rollout_fidelity(run_dir, cfg, ds, env_id, model, dynamics, reward,
-                                                           cfg.fidelity_rollouts, cfg.seed)
-        summary.update(stage_costs(model_dir, fit, summary))
-        summary.update(flat_fidelity(summary.get("rollout_fidelity")))
+        if augment is not None:
+            if cfg.fidelity_rollouts and supports_state_reset(env_id) and "rollout_fidelity" not in summary:
+                summary["rollout_fidelity"] = rollout_fidelity(run_dir, cfg, ds, env_id, model, dynamics, reward,
+                                                               cfg.fidelity_rollouts, cfg.seed)
+            summary.update(stage_costs(model_dir, fit, summary))
+            summary.update(flat_fidelity(summary.get("rollout_fidelity")))
+        else:
+            summary.update({"stage_s/window_model": None, "stage_s/single_step_models": None,
+                            "stage_s/agent": summary.get("wall_s")})
         write_json_atomic(run_dir / "summary.json", summary)
     return run_dir
 
