@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from diffrl.cli import main
-from diffrl.data import load_dataset
+from diffrl.data import fingerprint, load_dataset
 
 TINY_COLLECT = ["--env", "Hopper-v5", "--expert-steps", "600", "--transitions", "300", "--no-progress"]
 TINY_OFFLINE = ["--steps", "200", "--batch-size", "32", "--eval-every", "100", "--eval-episodes", "1",
@@ -94,6 +94,7 @@ def test_offline_agent_trains_evaluates_and_reports_normalized_scores(workdir, m
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["gradient_steps"] == 200 and summary["normalized_score"] is not None
     meta = load_dataset(medium).metadata
+    assert summary["dataset_fingerprint"] == fingerprint(load_dataset(medium))  # a result row names its data
     expected = 100 * (summary["eval_return_mean"] - meta["ref_min_score"]) / (meta["ref_max_score"] -
                                                                               meta["ref_min_score"])
     assert summary["normalized_score"] == pytest.approx(expected)

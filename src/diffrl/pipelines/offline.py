@@ -419,7 +419,8 @@ def run(cfg: OfflineConfig, data: OfflineData | None = None, augment: OfflineAug
         "normalized_score": final.get("eval/normalized_score"), "success_rate": final.get("eval/success_rate"),
         "best_score": max(float(c.best), _score(final)) if final else None, "best_eval_return": None,
         "eval_episodes": cfg.eval_episodes, "updates_per_s": c.step / max(wall, 1e-9),
-        "dataset_transitions": len(ds), "normalize_states": cfg.normalize_states, "reward_scale": scale,
+        "dataset_transitions": len(ds), "dataset_fingerprint": fingerprint(ds),  # which data, in a result row
+        "normalize_states": cfg.normalize_states, "reward_scale": scale,
         **(data.summary if data is not None else {})})
 
 
