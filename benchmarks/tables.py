@@ -68,6 +68,10 @@ class SweepTable:
     breakdown: tuple[str, ...] = ()
     """summary prefixes to tabulate per task under the main table: ``fidelity/`` (per model, the mean over runs of
     each ``fidelity/<model>/<column>`` scalar) and ``stage_s/`` (per arm, the median seconds of each stage)"""
+    overall: bool = False
+    """also aggregate over every task (rliable's standard across tasks): per arm, IQM and mean of the
+    (seeds x tasks) score matrix over the seeds it has on every task; per pair, the per-seed difference of the
+    mean over tasks and the probability of improvement averaged over tasks"""
     curves: bool = False
     """also draw each task's learning curves (every arm's mean over seeds, its seeds' range shaded) into
     ``benchmarks/figures/<table>-<task>.png``, linked under the table"""
@@ -96,9 +100,9 @@ TABLES: dict[str, SweepTable | ScriptTable] = {
         (f"{agent}-{mode}", f"{agent}-real") for agent in ("td3bc", "iql") for mode in ("synthetic", "mixed"))),
     "synther-model-size": SweepTable("synther_model_size.yaml", metric="normalized_score", control="real"),
     "dydiff": SweepTable("dydiff.yaml", metric="normalized_score", breakdown=("fidelity/", "stage_s/"),
-                         pairs=(("dydiff-td3bc", "td3bc"),)),
+                         pairs=(("dydiff-td3bc", "td3bc"),), overall=True),
     "dydiff-dql": SweepTable("dydiff_dql.yaml", metric="normalized_score", breakdown=("stage_s/",),
-                             pairs=(("dydiff-dql", "dql"),)),
+                             pairs=(("dydiff-dql", "dql"),), overall=True),
     "diffppo": SweepTable("diffppo.yaml", alc=40, cost=True, memory=True, curves=True, task_field="env",
                           include=("ppo_scratch.yaml",),
                           pairs=(("augment", "bc-real"), ("bc-real", "ppo-scratch"), ("augment", "ppo-scratch"),
@@ -356,7 +360,53 @@ def sweep_table(table: SweepTable, boot: stats.Bootstrap = BOOT, name: str | Non
                 out.append(f"| {arm} − {ctl} | {', '.join(map(str, diff.seeds))} | "
                            f"{', '.join(_f(v, d) for v in diff.differences)} | {_ci(diff.mean, d)} | {_ci(poi, 2)} |")
             out.append("")
+    if table.overall and len(tasks) > 1:
+        out += overall_table(table, arms, tasks, entries, task, boot)
     return "\n".join(out)
+
+
+def overall_table(table: SweepTable, arms: Sequence[str], tasks: Sequence[str],
+                  entries: Sequence[tuple[str, int, dict[str, Any]]], task: Callable[[dict[str, Any]], str],
+                  boot: stats.Bootstrap) -> list[str]:
+    """The aggregate over every task (``SweepTable.overall``): only seeds an arm has on every task count, so each
+    arm's (seeds x tasks) matrix is whole and a pair compares the same seeds on the same tasks."""
+    score: dict[str, dict[int, dict[str, float]]] = {}  # arm -> seed -> task -> final score
+    for arm, seed, r in entries:
+        v = final(r, table.metric)
+        if v is not None:
+            score.setdefault(arm, {}).setdefault(seed, {})[task(r)] = float(v)
+
+    def whole(arm: str, seeds: Sequence[int] | None = None) -> tuple[list[int], np.ndarray]:
+        have = sorted(s for s, by_task in score.get(arm, {}).items() if all(t in by_task for t in tasks))
+        have = [s for s in have if seeds is None or s in seeds]
+        return have, np.array([[score[arm][s][t] for t in tasks] for s in have]).reshape(len(have), len(tasks))
+
+    d, label = table.digits, METRIC_LABEL.get(table.metric, table.metric)
+    lines = [f"**All {len(tasks)} tasks**: {label} at the last evaluation over the seeds an arm has on every task; "
+             "IQM of the seeds x tasks scores and mean over tasks, 95% stratified-bootstrap CIs", "",
+             f"| arm | seeds | IQM {label} | mean {label} |", "|---|---|---|---|"]
+    for arm in arms:
+        seeds, m = whole(arm)
+        if seeds:
+            agg = stats.aggregate_metrics(m, boot=boot)
+            lines.append(f"| {arm} | {', '.join(map(str, seeds))} | {_ci(agg['iqm'], d)} | {_ci(agg['mean'], d)} |")
+    pairs = table.pairs or tuple((a, table.control) for a in arms if table.control and a != table.control)
+    rows = []
+    for arm, ctl in pairs:
+        shared = sorted(set(whole(arm)[0]) & set(whole(ctl)[0]))
+        if not shared:
+            continue
+        (_, x), (_, y) = whole(arm, shared), whole(ctl, shared)
+        diff = stats.paired_difference(dict(zip(shared, x.mean(1))), dict(zip(shared, y.mean(1))), boot=boot)
+        poi = stats.probability_of_improvement(x, y, boot=boot)
+        rows.append(f"| {arm} − {ctl} | {', '.join(map(str, shared))} | "
+                    f"{', '.join(_f(v, d) for v in diff.differences)} | {_ci(diff.mean, d)} | {_ci(poi, 2)} |")
+    if rows:
+        lines += ["", "Paired by seed over every task: per seed, the arm's mean over tasks minus the control's; their "
+                  "mean with a 95% bootstrap CI; P(arm > control) averaged over tasks", "",
+                  "| arm − control | seeds | per-seed difference | mean difference | P(arm > control) |",
+                  "|---|---|---|---|---|", *rows]
+    return lines + [""]
 
 
 # ------------------------------------------------------------------------------------------------ script tables

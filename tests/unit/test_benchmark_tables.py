@@ -136,3 +136,34 @@ def test_breakdown_tables_average_fidelity_per_model_and_take_median_stage_costs
     cost = "\n".join(tables.breakdown_table("stage_s/", runs))
     assert "| dydiff | 200 s | 50 s |" in cost and "| control | – | 40 s |" in cost
     assert tables.breakdown_table("nothing/", runs) == []
+
+
+def test_the_overall_table_aggregates_whole_seeds_x_tasks_matrices_and_pairs_them(tmp_path):
+    import yaml
+
+    from diffrl.runs import stats
+    from diffrl.runs.results import append_row
+
+    spec = {"name": "agg", "system": "train", "algo": "sac", "base": {"steps": 200},
+            "arms": {"new": {"utd": 2}, "ctl": {}}, "grid": {"env": ["Hopper-v5", "Walker2d-v5"]},
+            "seeds": [0, 1, 2], "results": str(tmp_path / "agg.jsonl")}
+    (tmp_path / "agg.yaml").write_text(yaml.safe_dump(spec))
+    score = {("new", "Hopper-v5"): [10.0, 20.0, 30.0], ("new", "Walker2d-v5"): [1.0, 2.0, 3.0],
+             ("ctl", "Hopper-v5"): [5.0, 5.0, 5.0], ("ctl", "Walker2d-v5"): [4.0, 0.0, 8.0]}
+    for t in trials(spec_from_dict(spec, "agg.yaml")):
+        arm, env = t.arm.split(",")[0], t.fields["env"]
+        if (arm, env, t.seed) == ("new", "Walker2d-v5", 2):
+            continue  # seed 2 of the arm misses a task: it leaves the arm's matrix and the pair
+        append_row(spec["results"], {"sweep": "agg", "trial": t.id, "env": env, "config": {"env": env},
+                                     "curves": {"return_mean": [[200, score[arm, env][t.seed]]]}, "wall_s": 1.0})
+    table = tables.SweepTable(str(tmp_path / "agg.yaml"), task_field="env", pairs=(("new", "ctl"),), overall=True)
+    text = tables.sweep_table(table, boot=stats.Bootstrap(reps=200))
+    new = np.array([[10.0, 1.0], [20.0, 2.0]])
+    ctl = np.array([[5.0, 4.0], [5.0, 0.0], [5.0, 8.0]])
+    assert "**All 2 tasks**" in text
+    # IQM: the middle half of the pooled scores: new (1, 2, 10, 20) -> 6.0; ctl (0, 4, 5, 5, 5, 8) -> 4.75
+    assert "| new | 0, 1 | 6.0 [" in text and "| ctl | 0, 1, 2 | 4.8 [" in text
+    # per seed: mean over tasks of new minus ctl, on the shared seeds 0 and 1: 5.5 - 4.5, 11.0 - 2.5
+    assert "| new − ctl | 0, 1 | 1.0, 8.5 | 4.8 [" in text
+    poi = stats.improvement_probability(new, ctl[:2])
+    assert f"| {poi:.2f} [" in text.split("| new − ctl | 0, 1 |")[-1]
