@@ -324,26 +324,47 @@ def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in json.loads(json.dumps(dict(config), default=str)).items() if k not in _PLACE}
 
 
+def _dataset_fingerprint(path: str, cache: dict[str, str | None]) -> str | None:
+    """The fingerprint of the dataset file at ``path`` as runs record it (None if it cannot be read)."""
+    if path not in cache:
+        from diffrl.data import fingerprint, load_dataset
+
+        try:
+            cache[path] = fingerprint(load_dataset(path))
+        except (DiffrlError, OSError):
+            cache[path] = None
+    return cache[path]
+
+
 def recorded_trials(sweep_dir: Path, spec: SweepSpec) -> set[str]:
     """The trials whose row is already in ``spec.results`` with the config they would run with now (same sweep,
-    trial id, command and every field but where the run lives): what ``--skip-recorded`` counts as finished, so a
-    fresh clone completes a sweep whose rows were committed without running them again."""
+    trial id, command and every field but where the run lives) and, for a trial that reads a dataset, the same
+    data: the row's ``dataset_fingerprint`` equals the fingerprint of the file the trial would read now (a row
+    without one, or a dataset built anew with other contents, runs again). What ``--skip-recorded`` counts as
+    finished, so a fresh clone completes a sweep whose rows were committed without running them again."""
     if spec.results is None:
         return set()
     from diffrl.config import to_dict
     from diffrl.runs import results
 
     rows = [r for r in results.read_rows(spec.results) if r.get("sweep") == spec.name]
-    recorded: dict[str, list[dict[str, Any]]] = {}
+    recorded: dict[str, list[tuple[dict[str, Any], Any]]] = {}
     for row in rows:
-        recorded.setdefault(row.get("trial"), []).append(_comparable(row.get("config") or {}))
-    out = set()
+        recorded.setdefault(row.get("trial"), []).append(
+            (_comparable(row.get("config") or {}), (row.get("final") or {}).get("dataset_fingerprint")))
+    out: set[str] = set()
+    prints: dict[str, str | None] = {}
     for trial in trials(spec):
         if trial.id not in recorded:
             continue
         cfg = trial_config(spec, trial, sweep_dir / "trials" / trial.id, resume=False)
-        if _comparable(to_dict(cfg)) in recorded[trial.id]:
-            out.add(trial.id)
+        want = _comparable(to_dict(cfg))
+        data = getattr(cfg, "dataset", None)
+        for config, fp in recorded[trial.id]:
+            if config == want and (not isinstance(data, str) or not data or
+                                   (fp is not None and fp == _dataset_fingerprint(data, prints))):
+                out.add(trial.id)
+                break
     return out
 
 

@@ -14,6 +14,7 @@ import torch
 
 from diffrl.cli import main
 from diffrl.data import fingerprint, load_dataset
+from diffrl.runs.logger import read_metrics
 
 TINY_COLLECT = ["--env", "Hopper-v5", "--expert-steps", "600", "--transitions", "300", "--no-progress"]
 TINY_OFFLINE = ["--steps", "200", "--batch-size", "32", "--eval-every", "100", "--eval-episodes", "1",
@@ -53,6 +54,12 @@ def test_collect_records_reference_returns_and_keeps_timeouts_apart_from_termina
     ends = ds.terminals | ds.timeouts
     assert np.array_equal(ds.next_observations[:-1][~ends[:-1]], ds.observations[1:][~ends[:-1]])
     assert (medium.parent / "hopper-medium.hdf5.policies" / "expert.safetensors").is_file()
+    # the expert is the SAC run's best-evaluated checkpoint (the latest of equals), not simply its last one
+    evals = {int(r["step"]): r["eval/return_mean"] for r in read_metrics(Path(meta["expert"]["run_dir"]))
+             if r["eval/return_mean"] == r["eval/return_mean"]}
+    best = max(evals.values())
+    assert meta["expert"]["env_steps"] == max(s for s, v in evals.items() if v == best)
+    assert meta["expert"]["eval_return"] == best
 
 
 @pytest.mark.parametrize("kind", ["random", "expert", "medium-replay", "medium-expert"])

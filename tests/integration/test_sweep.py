@@ -135,6 +135,25 @@ def test_skip_recorded_finishes_a_sweep_whose_rows_were_committed_without_runnin
     assert "2 finished, 2 to run" in capsys.readouterr().out and len(read_rows(rows_file)) == 7
 
 
+def test_skip_recorded_needs_the_same_data_for_a_trial_that_reads_a_dataset(hopper_random, tmp_path, capsys):
+    import h5py
+
+    data = tmp_path / "data.hdf5"
+    shutil.copy(hopper_random, data)
+    argv = ["sweep", "offline", "td3bc", "--dataset", str(data), "--steps", "40", "--batch-size", "16",
+            "--eval-every", "40", "--eval-episodes", "1", "--log-every", "20", "--hidden", "16", "16",
+            "--seeds", "0", "--name", "data", "--results", str(tmp_path / "rows.jsonl")]
+    assert main([*argv, "--root", str(tmp_path / "first")]) == 0
+    assert main([*argv, "--root", str(tmp_path / "clone"), "--skip-recorded"]) == 0  # a fresh clone, same data
+    assert "1 recorded in" in capsys.readouterr().out
+    assert not (tmp_path / "clone" / "data" / "trials" / "run-s0").exists()
+    with h5py.File(data, "r+") as f:  # the dataset built anew with other contents: the row is not its run
+        f["rewards"][0] += 1.0
+    assert main([*argv, "--root", str(tmp_path / "rebuilt"), "--skip-recorded"]) == 0
+    assert "0 recorded in" in capsys.readouterr().out
+    assert (tmp_path / "rebuilt" / "data" / "trials" / "run-s0" / "summary.json").is_file()
+
+
 @pytest.mark.parametrize("extra, sentence", [(["--workers", "0"], "it must be at least 1"),
                                              (["--workers", "two"], "it must be a number")])
 def test_bad_worker_counts_are_one_sentence(tmp_path, capsys, extra, sentence):

@@ -3,7 +3,10 @@
 Recipes (D4RL's definitions, Fu et al. 2020, arXiv:2004.07219, section 5):
 
 - ``random``: uniform random actions.
-- ``expert``: a SAC policy trained for the preset's budget (D4RL: to convergence).
+- ``expert``: a SAC policy trained for the preset's budget (D4RL: to convergence): its best-evaluated checkpoint
+  (the latest of equals). D4RL's expert is the last policy of a converged run; a budget too short to converge can
+  end on a dip (Walker2d at the quick budget does), and the last checkpoint would then define a 100 below what the
+  run reached, with "medium" set from it.
 - ``medium``: the SAC snapshot whose return, acting stochastically as when it records data, is closest to 1/3
   of the (deterministic) expert's.
 - ``medium-replay``: the replay buffer of that SAC run up to the medium snapshot (the transitions it saw).
@@ -191,7 +194,7 @@ def run(cfg: CollectConfig) -> str:
     random_ref = evaluate(random_act, eval_env, budget["ref_episodes"], seed=cfg.seed).return_mean
     sac_dir = expert_run(cfg, budget)
     evals = _eval_returns(sac_dir)
-    expert_step = max(evals)
+    expert_step = max(evals, key=lambda step: (evals[step], step))  # the best evaluation (see the recipes)
     snapshots = _snapshots(sac_dir, sorted(evals), eval_env, device)
     expert = snapshots[expert_step]
     expert_ref = evaluate(expert, eval_env, budget["ref_episodes"], seed=cfg.seed).return_mean
