@@ -19,11 +19,12 @@ benchmark script that is not a sweep (peer comparisons, speed measurements).
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -334,6 +335,7 @@ def sweep_table(table: SweepTable, boot: stats.Bootstrap = BOOT, name: str | Non
                 cells.append(f"{np.median(mib):.0f} MiB" if mib else "–")
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
+        out += data_line(by_arm)
         if table.curves and name is not None:
             path = figure_path(name, task_name)
             if draw:
@@ -363,6 +365,18 @@ def sweep_table(table: SweepTable, boot: stats.Bootstrap = BOOT, name: str | Non
     if table.overall and len(tasks) > 1:
         out += overall_table(table, arms, tasks, entries, task, boot)
     return "\n".join(out)
+
+
+def data_line(by_arm: Mapping[str, Mapping[int, dict[str, Any]]]) -> list[str]:
+    """Which data the task's runs trained on: their datasets' fingerprints (a hash of the arrays, in the summary of
+    every offline run since it was recorded), so runs on a dataset built anew with other contents show; nothing
+    when no run recorded one."""
+    prints = [r.get("final", {}).get("dataset_fingerprint") for runs in by_arm.values() for r in runs.values()]
+    if not any(prints):
+        return []
+    counts = collections.Counter(p or "not recorded" for p in prints)
+    return ["Data: " + ", ".join(f"`{p}` ({n} run{'s' if n > 1 else ''})" for p, n in counts.items()) +
+            " (dataset fingerprints; runs from before they were recorded say so)", ""]
 
 
 def overall_table(table: SweepTable, arms: Sequence[str], tasks: Sequence[str],

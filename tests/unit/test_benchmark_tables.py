@@ -167,3 +167,11 @@ def test_the_overall_table_aggregates_whole_seeds_x_tasks_matrices_and_pairs_the
     assert "| new − ctl | 0, 1 | 1.0, 8.5 | 4.8 [" in text
     poi = stats.improvement_probability(new, ctl[:2])
     assert f"| {poi:.2f} [" in text.split("| new − ctl | 0, 1 |")[-1]
+
+
+def test_the_data_line_counts_each_dataset_fingerprint_and_runs_without_one():
+    runs = {"a": {0: {"final": {"dataset_fingerprint": "f1"}}, 1: {"final": {"dataset_fingerprint": "f1"}}},
+            "b": {0: {"final": {"dataset_fingerprint": "f2"}}, 1: {"final": {}}}}
+    line = tables.data_line(runs)[0]
+    assert "`f1` (2 runs)" in line and "`f2` (1 run)" in line and "`not recorded` (1 run)" in line
+    assert tables.data_line({"a": {0: {"final": {}}}}) == []  # no run recorded one: nothing to say
