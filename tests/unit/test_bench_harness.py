@@ -61,3 +61,27 @@ def test_torn_last_line_ignored_then_rerun(tmp_path: Path, capsys: pytest.Captur
     path.write_text('{"seed": 0}\n{"se\n{"seed": 1}\n')
     with pytest.raises(ValueError, match=r"r\.jsonl:2"):
         harness.read_rows(path)
+
+
+def test_result_rows_count_code_edits_not_the_rows_and_tables_that_runs_write(tmp_path):
+    import subprocess
+
+    from diffrl.runs.results import code_edited
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "src.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results" / "rows.jsonl").write_text("{}\n")
+    (tmp_path / "benchmarks" / "RESULTS.md").write_text("# results\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "init")
+    assert code_edited(tmp_path) is False
+    (tmp_path / "benchmarks" / "results" / "rows.jsonl").write_text("{}\n{}\n")  # a sweep appended a row
+    (tmp_path / "benchmarks" / "RESULTS.md").write_text("# results, regenerated\n")
+    assert code_edited(tmp_path) is False
+    (tmp_path / "src.py").write_text("x = 2\n")
+    assert code_edited(tmp_path) is True

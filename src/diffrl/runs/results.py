@@ -29,6 +29,8 @@ from diffrl.runs.rundir import SUMMARY_FILE, read_config, read_summary
 # libraries whose versions decide a run's numbers (the ones installed are recorded)
 LIBRARIES = ("diffrl", "torch", "numpy", "gymnasium", "mujoco", "gymnasium-robotics", "dm-control", "ray", "rliable",
              "stable-baselines3")
+# what benchmark runs write into the checkout (rows, generated tables, figures): not code edits (``provenance``)
+OUTPUTS = ("benchmarks/results", "benchmarks/RESULTS.md", "benchmarks/figures")
 SCORE_COLUMNS = ("eval/return_mean", "eval/normalized_score", "eval/success_rate")
 
 
@@ -69,13 +71,23 @@ def append_row(path: Path | str, row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def _git(*args: str) -> str | None:
-    root = Path(__file__).resolve().parents[3]  # src/diffrl/runs/results.py -> the checkout (editable installs)
+CHECKOUT = Path(__file__).resolve().parents[3]  # src/diffrl/runs/results.py -> the checkout (editable installs)
+
+
+def _git(*args: str, root: Path = CHECKOUT) -> str | None:
     try:
         out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
+
+
+def code_edited(root: Path = CHECKOUT) -> bool | None:
+    """Whether the checkout's tracked files differ from its revision, less the files benchmark runs write
+    (``OUTPUTS``: a sweep appending rows is not an edit of the code that made them); None outside git."""
+    out = _git("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":(exclude){p}" for p in OUTPUTS),
+               root=root)
+    return None if out is None else bool(out)
 
 
 def _cpuinfo(key: str) -> str | None:
@@ -108,14 +120,14 @@ def provenance() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             continue
     rev = _git("rev-parse", "HEAD")
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    dirty = code_edited()
     threads = None
     if "torch" in sys.modules:
         threads = sys.modules["torch"].get_num_threads()
     gpu = None
     if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
         gpu = sys.modules["torch"].cuda.get_device_name(0)
-    return {"versions": versions, "git_rev": rev, "git_dirty": bool(dirty) if dirty is not None else None,
+    return {"versions": versions, "git_rev": rev, "git_dirty": dirty,
             "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "torch_threads": threads, "gpu": gpu,
                         "host": platform.node()},
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
