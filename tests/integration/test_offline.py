@@ -62,6 +62,17 @@ def test_collect_records_reference_returns_and_keeps_timeouts_apart_from_termina
     assert meta["expert"]["eval_return"] == best
 
 
+def test_a_dataset_does_not_depend_on_what_ran_before_in_the_process(workdir, medium):
+    # `medium` was built in the process that trained the expert; built again from the cached expert after other
+    # draws from torch's generator, the stochastic medium policy must record the same transitions
+    torch.manual_seed(123)
+    torch.rand(17)
+    again = workdir / "hopper-medium-again.hdf5"
+    assert main(["data", "collect", *TINY_COLLECT, "--kind", "medium", "--out", str(again),
+                 "--experts-dir", str(workdir / "experts")]) == 0
+    assert fingerprint(load_dataset(again)) == fingerprint(load_dataset(medium))
+
+
 @pytest.mark.parametrize("kind", ["random", "expert", "medium-replay", "medium-expert"])
 def test_every_recipe_builds_a_valid_dataset_reusing_the_cached_expert(workdir, medium, kind):
     out = workdir / f"hopper-{kind}.npz"

@@ -21,9 +21,11 @@ are stored in the dataset's metadata, so D4RL-style normalised scores are define
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -137,9 +139,25 @@ def _snapshots(run_dir: Path, steps: list[int], env: Any, device: torch.device) 
     return out
 
 
+@contextlib.contextmanager
+def seeded_torch(*keys: int) -> Iterator[None]:
+    """Torch's global generator seeded from ``keys`` inside the block and restored after it: SAC's stochastic
+    actions draw from it, so what a dataset holds must not depend on what ran before in the process (which expert
+    was trained there or read from the cache, which dataset was built first)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(*keys))
+        yield
+
+
 def record(env_id: str, act: Any, transitions: int, seed: int, stream: int, progress: bool,
            desc: str) -> OfflineDataset:
     """Roll out ``act(obs_batch) -> action_batch`` for ``transitions`` steps; the last episode ends as a timeout."""
+    with seeded_torch(seed, COLLECT_STREAM, stream, 1):
+        return _record(env_id, act, transitions, seed, stream, progress, desc)
+
+
+def _record(env_id: str, act: Any, transitions: int, seed: int, stream: int, progress: bool,
+            desc: str) -> OfflineDataset:
     envs = VecEnv(env_id, 1, derive_seed(seed, COLLECT_STREAM, stream))
     obs = envs.reset()
     d_obs, d_act = obs.shape[1], envs.single_action_space.shape[0]
@@ -201,8 +219,11 @@ def run(cfg: CollectConfig) -> str:
     medium_target = expert_ref / 3.0
     # Score each snapshot with the policy that will record the data: SAC's stochastic policy can differ a lot
     # from its deterministic mean mid-training (HalfCheetah at 39k steps: 1057 deterministic vs 2223 stochastic).
-    recording = {s: evaluate(lambda o, a=agent: a.act(o, deterministic=False), eval_env, budget["ref_episodes"],
-                             seed=cfg.seed).return_mean for s, agent in snapshots.items()}
+    recording = {}
+    for s, agent in snapshots.items():
+        with seeded_torch(cfg.seed, COLLECT_STREAM, 5, s):  # the same actions whatever ran before
+            recording[s] = evaluate(lambda o, a=agent: a.act(o, deterministic=False), eval_env,
+                                    budget["ref_episodes"], seed=cfg.seed).return_mean
     medium_step = min(recording, key=lambda s: (abs(recording[s] - medium_target), s))
     medium = snapshots[medium_step]
     meta: dict[str, Any] = {
