@@ -343,8 +343,7 @@ def sweep_table(table: SweepTable, boot: stats.Bootstrap = BOOT, name: str | Non
             out += [f"![{task_name}: {label} against env steps]({path.relative_to(HERE).as_posix()})", ""]
         for prefix in table.breakdown:
             out += breakdown_table(prefix, by_arm)
-        pairs = table.pairs or tuple((a, table.control) for a in arms if table.control and a != table.control)
-        pairs = tuple((a, c) for a, c in pairs if a in by_arm and c in by_arm)
+        pairs = tuple((a, c) for a, c in table_pairs(table, arms) if a in by_arm and c in by_arm)
         if pairs:
             out += ["Paired by seed: per-seed differences, their mean with a 95% bootstrap CI, and the probability "
                     "that a run of the arm beats a run of the control (95% CI)", "",
@@ -365,6 +364,11 @@ def sweep_table(table: SweepTable, boot: stats.Bootstrap = BOOT, name: str | Non
     if table.overall and len(tasks) > 1:
         out += overall_table(table, arms, tasks, entries, task, boot)
     return "\n".join(out)
+
+
+def table_pairs(table: SweepTable, arms: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """The (arm, control) pairs to compare: ``table.pairs``, else every arm against ``table.control``."""
+    return table.pairs or tuple((a, table.control) for a in arms if table.control and a != table.control)
 
 
 def data_line(by_arm: Mapping[str, Mapping[int, dict[str, Any]]]) -> list[str]:
@@ -404,9 +408,8 @@ def overall_table(table: SweepTable, arms: Sequence[str], tasks: Sequence[str],
         if seeds:
             agg = stats.aggregate_metrics(m, boot=boot)
             lines.append(f"| {arm} | {', '.join(map(str, seeds))} | {_ci(agg['iqm'], d)} | {_ci(agg['mean'], d)} |")
-    pairs = table.pairs or tuple((a, table.control) for a in arms if table.control and a != table.control)
     rows = []
-    for arm, ctl in pairs:
+    for arm, ctl in table_pairs(table, arms):
         shared = sorted(set(whole(arm)[0]) & set(whole(ctl)[0]))
         if not shared:
             continue

@@ -450,8 +450,10 @@ class LiveTable:
     """While trials run: every ``every`` seconds, record finished trials' rows and print the status table if it
     changed (a daemon thread of the driver, so it works the same for both runners)."""
 
-    def __init__(self, sweep_dir: Path, spec: SweepSpec, out: Callable[[str], None], every: float) -> None:
+    def __init__(self, sweep_dir: Path, spec: SweepSpec, out: Callable[[str], None], every: float,
+                 recorded: set[str] | frozenset[str] = frozenset()) -> None:
         self.sweep_dir, self.spec, self.out, self.every = sweep_dir, spec, out, every
+        self.recorded = recorded  # the driver's, found once: not re-read (rows, dataset hashes) at every tick
         self._last = ""
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -460,7 +462,7 @@ class LiveTable:
     def tick(self) -> None:
         with self._lock:
             record_results(self.sweep_dir, self.spec)
-            table = status_table(self.sweep_dir)
+            table = status_table(self.sweep_dir, self.recorded)
             if table != self._last:
                 self.out(table)
                 self._last = table
@@ -598,7 +600,7 @@ def run_sweep(spec: SweepSpec, root: Path = Path("runs/sweeps"), runner: str = "
     from diffrl.runs.results import provenance
 
     prov = provenance()  # of the code this driver imported: each trial it starts records it (provenance.json)
-    with LiveTable(sweep_dir, spec, out, table_every) as live:
+    with LiveTable(sweep_dir, spec, out, table_every, recorded) as live:
         if runner == "ray":
             run_ray(sweep_dir, spec, todo, cpus_per_trial or 1, gpus_per_trial, address, max_concurrent, prov)
         elif workers > 1:
@@ -613,14 +615,16 @@ def run_sweep(spec: SweepSpec, root: Path = Path("runs/sweeps"), runner: str = "
 
 
 # ------------------------------------------------------------------------------------------------ status
-def status_rows(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Per trial: arm, seed, state (:func:`trial_state`, or ``recorded`` for a pending trial whose row is in the
-    results file), steps done of the budget, latest evaluation, ETA (seconds, None if unknown)."""
+def status_rows(sweep_dir: Path, recorded: set[str] | frozenset[str] | None = None) -> list[dict[str, Any]]:
+    """Per trial: arm, seed, state (:func:`trial_state`, or ``recorded`` for a pending trial in ``recorded``:
+    by default :func:`recorded_trials`), steps done of the budget, latest evaluation, ETA (seconds, None if
+    unknown)."""
     if not (sweep_dir / SPEC_FILE).is_file():
         raise ConfigError(f"{sweep_dir} is not a sweep directory (no {SPEC_FILE}).")
     spec = spec_from_dict(load_yaml(sweep_dir / SPEC_FILE), str(sweep_dir / SPEC_FILE))
     rows = []
-    recorded = recorded_trials(sweep_dir, spec)
+    if recorded is None:
+        recorded = recorded_trials(sweep_dir, spec)
     for trial in trials(spec):
         run_dir = sweep_dir / "trials" / trial.id
         state = trial_state(run_dir)
@@ -651,10 +655,10 @@ def status_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def status_table(sweep_dir: Path) -> str:
+def status_table(sweep_dir: Path, recorded: set[str] | frozenset[str] | None = None) -> str:
     """The status rows as a text table (trial, arm, seed, steps, latest return, state, ETA)."""
     lines = [f"{'trial':<32} {'arm':<24} {'seed':>4} {'steps':>15} {'latest':>9} {'state':<8} {'eta':>7}"]
-    for r in status_rows(sweep_dir):
+    for r in status_rows(sweep_dir, recorded):
         steps = f"{r['step']}/{r['steps']}" if r["steps"] else str(r["step"])
         ret = f"{r['return']:.1f}" if r["return"] is not None else "-"
         eta = f"{r['eta_s'] / 60:.0f} min" if r["eta_s"] is not None else "-"

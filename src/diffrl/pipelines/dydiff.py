@@ -321,8 +321,7 @@ def run(cfg: Any) -> Path:
             summary.update(stage_costs(model_dir, fit, summary))
             summary.update(flat_fidelity(summary.get("rollout_fidelity")))
         else:
-            summary.update({"stage_s/window_model": None, "stage_s/single_step_models": None,
-                            "stage_s/agent": summary.get("wall_s")})
+            summary.update(stage_costs(None, {}, summary))
         write_json_atomic(run_dir / "summary.json", summary)
     return run_dir
 
@@ -343,10 +342,12 @@ def flat_fidelity(fid: dict[str, Any] | None) -> dict[str, float]:
     return out
 
 
-def stage_costs(model_dir: Path, fit: dict[str, Any], summary: dict[str, Any]) -> dict[str, float | None]:
+def stage_costs(model_dir: Path | None, fit: dict[str, Any], summary: dict[str, Any]) -> dict[str, float | None]:
     """Wall-clock seconds of each stage: the window model's training (the stage's own, also when reused), the
-    single-step models' fit, the agent with its rollouts (and the fidelity check, if any, is not counted)."""
-    diffusion_s = read_summary(model_dir).get("wall_s") if (model_dir / "summary.json").is_file() else None
+    single-step models' fit, the agent with its rollouts (and the fidelity check, if any, is not counted); None
+    for a stage the run did not have (``model_dir`` None, ``fit`` empty: the control)."""
+    has_model = model_dir is not None and (model_dir / "summary.json").is_file()
+    diffusion_s = read_summary(model_dir).get("wall_s") if has_model else None
     return {"stage_s/window_model": diffusion_s, "stage_s/single_step_models": fit.get("wall_s"),
             "stage_s/agent": summary.get("wall_s")}
 
