@@ -300,7 +300,7 @@ SWEEP_OPTIONS = {"--runner": "runner", "--address": "address", "--cpus-per-trial
                  "--table-every": "table_every", "--workers": "workers"}
 SWEEP_USAGE = """usage: diffrl sweep SPEC.yaml [SPEC2.yaml ...] [--runner local|ray] [--address ADDR]
                          [--cpus-per-trial C] [--gpus-per-trial G] [--max-concurrent K] [--workers N]
-                         [--root DIR] [--table-every SECONDS] [--skip-recorded]
+                         [--root DIR] [--table-every SECONDS] [--skip-recorded] [--rerun-stale]
        diffrl sweep SYSTEM [COMMAND] [ALGO | --algo A] --seeds 0-4 [--grid FIELD=V1,V2 ...] [--preset P]
                          [--name NAME] [--results FILE.jsonl] [--FIELD VALUE ...] [runner options]
        diffrl sweep status SWEEP_DIR
@@ -311,7 +311,9 @@ Specs given together run in order. The status table is printed every --table-eve
 changed; a spec's `results` file gets one row per finished trial (see docs/sweeps.md). The local runner runs one
 trial at a time, or N side by side with --workers N (N processes, --cpus-per-trial threads each, default 1).
 --skip-recorded counts a trial whose row is already in the results file (same config) as finished, so a fresh
-clone completes a sweep without re-running its committed rows; without it such a trial runs again (a newer row)."""
+clone completes a sweep without re-running its committed rows; without it such a trial runs again (a newer row).
+A finished trial whose dataset has changed since it ran shows as `stale` and counts as finished; --rerun-stale
+moves its run directory to ROOT/NAME/trials/.stale and runs it again on the current data."""
 
 
 def cmd_sweep(args: list[str]) -> None:
@@ -326,9 +328,10 @@ def cmd_sweep(args: list[str]) -> None:
         print(sweep.status_table(Path(args[1])))
         return
     options: dict[str, Any] = {}
-    if "--skip-recorded" in args:
-        args = [a for a in args if a != "--skip-recorded"]
-        options["skip_recorded"] = True
+    for flag in ("--skip-recorded", "--rerun-stale"):
+        if flag in args:
+            args = [a for a in args if a != flag]
+            options[flag[2:].replace("-", "_")] = True
     for flag, key in SWEEP_OPTIONS.items():
         value, args = _pop_option(args, flag)
         if value is not None:

@@ -368,6 +368,37 @@ def recorded_trials(sweep_dir: Path, spec: SweepSpec) -> set[str]:
     return out
 
 
+def stale_trials(sweep_dir: Path, spec: SweepSpec) -> dict[str, tuple[str, str]]:
+    """The finished trials whose run read a dataset that has changed since: trial id -> (the fingerprint its
+    ``summary.json`` recorded, the file's now). A sweep counts them as finished (their results stand for the data
+    they ran on); ``run_sweep(rerun_stale=True)`` moves their run directories aside and runs them again."""
+    out: dict[str, tuple[str, str]] = {}
+    prints: dict[str, str | None] = {}
+    for trial in trials(spec):
+        run_dir = sweep_dir / "trials" / trial.id
+        if trial_state(run_dir) != "done":
+            continue
+        ran_on = read_summary(run_dir).get("dataset_fingerprint")
+        data = getattr(trial_config(spec, trial, run_dir, resume=False), "dataset", None)
+        if not ran_on or not isinstance(data, str) or not data:
+            continue
+        now = _dataset_fingerprint(data, prints)
+        if now is not None and now != ran_on:
+            out[trial.id] = (ran_on, now)
+    return out
+
+
+def move_aside(sweep_dir: Path, trial_ids: Sequence[str], why: str) -> Path:
+    """Move the run directories of ``trial_ids`` to ``trials/.<why>/<id>-<time>`` (kept, never deleted): the
+    trials are pending again. Returns the folder they went to."""
+    aside = sweep_dir / "trials" / f".{why}"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for trial_id in trial_ids:
+        aside.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(sweep_dir / "trials" / trial_id), str(aside / f"{trial_id}-{stamp}"))
+    return aside
+
+
 # ------------------------------------------------------------------------------------------------ runners
 def set_threads(cpus: int | None) -> None:
     """Give this process ``cpus`` torch / OpenMP threads (two 2-thread processes on 2 cores slow each other ~20x)."""
@@ -451,9 +482,10 @@ class LiveTable:
     changed (a daemon thread of the driver, so it works the same for both runners)."""
 
     def __init__(self, sweep_dir: Path, spec: SweepSpec, out: Callable[[str], None], every: float,
-                 recorded: set[str] | frozenset[str] = frozenset()) -> None:
+                 recorded: set[str] | frozenset[str] = frozenset(), stale: frozenset[str] = frozenset()) -> None:
         self.sweep_dir, self.spec, self.out, self.every = sweep_dir, spec, out, every
-        self.recorded = recorded  # the driver's, found once: not re-read (rows, dataset hashes) at every tick
+        # the driver's, found once: not re-read (rows, dataset hashes) at every tick
+        self.recorded, self.stale = recorded, stale
         self._last = ""
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -462,7 +494,7 @@ class LiveTable:
     def tick(self) -> None:
         with self._lock:
             record_results(self.sweep_dir, self.spec)
-            table = status_table(self.sweep_dir, self.recorded)
+            table = status_table(self.sweep_dir, self.recorded, self.stale)
             if table != self._last:
                 self.out(table)
                 self._last = table
@@ -561,13 +593,15 @@ def check_growth(sweep_dir: Path, spec: SweepSpec) -> int:
 def run_sweep(spec: SweepSpec, root: Path = Path("runs/sweeps"), runner: str = "local", *,
               cpus_per_trial: int | None = None, gpus_per_trial: float = 0.0, address: str | None = None,
               max_concurrent: int | None = None, table_every: float = 60.0, workers: int = 1,
-              skip_recorded: bool = False, out: Callable[[str], None] = print) -> Path:
+              skip_recorded: bool = False, rerun_stale: bool = False, out: Callable[[str], None] = print) -> Path:
     """Run every unfinished trial of ``spec`` under ``root/<name>``; returns the sweep directory.
 
     The same spec continues where it stopped; a spec that only adds trials (arms, grid values, seeds) grows the
     sweep; one that would change or drop a saved trial is refused (nothing is changed). With ``skip_recorded``, a
     trial whose row is already in the spec's results file with the same config counts as finished
-    (:func:`recorded_trials`); by default it runs again and adds a newer row (a reproduction).
+    (:func:`recorded_trials`); by default it runs again and adds a newer row (a reproduction). A finished trial
+    whose dataset has changed since it ran (:func:`stale_trials`) counts as finished, with a warning; with
+    ``rerun_stale`` its run directory is moved to ``trials/.stale`` and it runs again on the current data.
     """
     if runner not in RUNNERS:
         raise ConfigError(f"unknown runner {runner!r}: choose local or ray.")
@@ -589,6 +623,16 @@ def run_sweep(spec: SweepSpec, root: Path = Path("runs/sweeps"), runner: str = "
     (sweep_dir / "trials").mkdir(parents=True, exist_ok=True)
     save_yaml(spec.to_dict(), saved)
     # seed-major: every arm's seed 0, then every arm's seed 1, ... so a sweep stopped part-way has paired seeds
+    stale = stale_trials(sweep_dir, spec)
+    if stale and rerun_stale:
+        aside = move_aside(sweep_dir, sorted(stale), "stale")
+        out(f"{len(stale)} finished trial(s) ran on a dataset that has changed since: their run directories are "
+            f"now in {aside}; they run again on the current data.")
+        stale = {}
+    elif stale:
+        out(f"warning: {len(stale)} finished trial(s) ran on a dataset that has changed since "
+            f"({', '.join(sorted(stale))}); they count as finished (state 'stale' in sweep status): "
+            "--rerun-stale runs them again on the current data, their run directories kept in trials/.stale.")
     recorded = recorded_trials(sweep_dir, spec) if skip_recorded else set()
     unfinished = [t for t in all_trials if trial_state(sweep_dir / "trials" / t.id) != "done"]
     skipped = sum(t.id in recorded for t in unfinished)
@@ -600,7 +644,7 @@ def run_sweep(spec: SweepSpec, root: Path = Path("runs/sweeps"), runner: str = "
     from diffrl.runs.results import provenance
 
     prov = provenance()  # of the code this driver imported: each trial it starts records it (provenance.json)
-    with LiveTable(sweep_dir, spec, out, table_every, recorded) as live:
+    with LiveTable(sweep_dir, spec, out, table_every, recorded, frozenset(stale)) as live:
         if runner == "ray":
             run_ray(sweep_dir, spec, todo, cpus_per_trial or 1, gpus_per_trial, address, max_concurrent, prov)
         elif workers > 1:
@@ -615,21 +659,26 @@ def run_sweep(spec: SweepSpec, root: Path = Path("runs/sweeps"), runner: str = "
 
 
 # ------------------------------------------------------------------------------------------------ status
-def status_rows(sweep_dir: Path, recorded: set[str] | frozenset[str] | None = None) -> list[dict[str, Any]]:
-    """Per trial: arm, seed, state (:func:`trial_state`, or ``recorded`` for a pending trial in ``recorded``:
-    by default :func:`recorded_trials`), steps done of the budget, latest evaluation, ETA (seconds, None if
-    unknown)."""
+def status_rows(sweep_dir: Path, recorded: set[str] | frozenset[str] | None = None,
+                stale: set[str] | frozenset[str] | None = None) -> list[dict[str, Any]]:
+    """Per trial: arm, seed, state (:func:`trial_state`; ``recorded`` for a pending trial in ``recorded``, by
+    default :func:`recorded_trials`; ``stale`` for a finished one in ``stale``, by default :func:`stale_trials`),
+    steps done of the budget, latest evaluation, ETA (seconds, None if unknown)."""
     if not (sweep_dir / SPEC_FILE).is_file():
         raise ConfigError(f"{sweep_dir} is not a sweep directory (no {SPEC_FILE}).")
     spec = spec_from_dict(load_yaml(sweep_dir / SPEC_FILE), str(sweep_dir / SPEC_FILE))
     rows = []
     if recorded is None:
         recorded = recorded_trials(sweep_dir, spec)
+    if stale is None:
+        stale = set(stale_trials(sweep_dir, spec))
     for trial in trials(spec):
         run_dir = sweep_dir / "trials" / trial.id
         state = trial_state(run_dir)
         if state == "pending" and trial.id in recorded:
             state = "recorded"  # not run here; its row is in the results file (--skip-recorded skips it)
+        elif state == "done" and trial.id in stale:
+            state = "stale"  # finished on a dataset that has changed since (--rerun-stale runs it again)
         metrics = read_metrics(run_dir) if (run_dir / "metrics.csv").is_file() else []
         metric = resolve_command(spec, trial.algo)[0].report_metric  # e.g. the success rate for goal tasks
         evals = [r for r in metrics if not math.isnan(r.get(metric, math.nan))]
@@ -638,7 +687,7 @@ def status_rows(sweep_dir: Path, recorded: set[str] | frozenset[str] | None = No
         step = int(metrics[-1]["step"]) if metrics else 0
         row = {"trial": trial.id, "arm": trial.arm, "seed": trial.seed, "state": state, "step": step,
                "steps": total, "return": evals[-1][metric] if evals else None, "eta_s": None}
-        if state == "done":
+        if state in ("done", "stale"):
             if metric == "eval/return_mean":
                 row["return"] = read_summary(run_dir).get("eval_return_mean", row["return"])
             row["step"] = total or step
@@ -655,10 +704,11 @@ def status_rows(sweep_dir: Path, recorded: set[str] | frozenset[str] | None = No
     return rows
 
 
-def status_table(sweep_dir: Path, recorded: set[str] | frozenset[str] | None = None) -> str:
+def status_table(sweep_dir: Path, recorded: set[str] | frozenset[str] | None = None,
+                 stale: set[str] | frozenset[str] | None = None) -> str:
     """The status rows as a text table (trial, arm, seed, steps, latest return, state, ETA)."""
     lines = [f"{'trial':<32} {'arm':<24} {'seed':>4} {'steps':>15} {'latest':>9} {'state':<8} {'eta':>7}"]
-    for r in status_rows(sweep_dir, recorded):
+    for r in status_rows(sweep_dir, recorded, stale):
         steps = f"{r['step']}/{r['steps']}" if r["steps"] else str(r["step"])
         ret = f"{r['return']:.1f}" if r["return"] is not None else "-"
         eta = f"{r['eta_s'] / 60:.0f} min" if r["eta_s"] is not None else "-"

@@ -154,6 +154,40 @@ def test_skip_recorded_needs_the_same_data_for_a_trial_that_reads_a_dataset(hopp
     assert (tmp_path / "rebuilt" / "data" / "trials" / "run-s0" / "summary.json").is_file()
 
 
+def test_a_trial_finished_on_a_dataset_rebuilt_since_is_stale_and_reruns_only_when_asked(hopper_random, tmp_path,
+                                                                                        capsys):
+    import h5py
+
+    data = tmp_path / "data.hdf5"
+    shutil.copy(hopper_random, data)
+    argv = ["sweep", "offline", "td3bc", "--dataset", str(data), "--steps", "40", "--batch-size", "16",
+            "--eval-every", "40", "--eval-episodes", "1", "--log-every", "20", "--hidden", "16", "16",
+            "--seeds", "0", "--name", "data", "--root", str(tmp_path)]
+    assert main(argv) == 0
+    trial = tmp_path / "data" / "trials" / "run-s0"
+    first = json.loads((trial / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(argv) == 0  # same data: nothing stale, nothing to run
+    assert "stale" not in capsys.readouterr().out
+    with h5py.File(data, "r+") as f:  # the dataset rebuilt with other contents under the finished sweep
+        f["rewards"][0] += 1.0
+    assert main(argv) == 0  # counted as finished, with a warning naming the trial; the run is untouched
+    out = capsys.readouterr().out
+    assert "warning: 1 finished trial(s) ran on a dataset that has changed since (run-s0)" in out
+    assert "0 to run" in out and json.loads((trial / "summary.json").read_text()) == first
+    assert main(["sweep", "status", str(tmp_path / "data")]) == 0
+    assert " stale " in capsys.readouterr().out
+    assert main([*argv, "--rerun-stale"]) == 0  # moved aside (kept), run again on the current data
+    assert "1 to run" in capsys.readouterr().out
+    kept = list((tmp_path / "data" / "trials" / ".stale").iterdir())
+    assert [p.name.startswith("run-s0-") for p in kept] == [True]
+    assert json.loads((kept[0] / "summary.json").read_text()) == first
+    again = json.loads((trial / "summary.json").read_text())
+    assert again["dataset_fingerprint"] != first["dataset_fingerprint"]
+    assert main(["sweep", "status", str(tmp_path / "data")]) == 0
+    assert " stale " not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("extra, sentence", [(["--workers", "0"], "it must be at least 1"),
                                              (["--workers", "two"], "it must be a number")])
 def test_bad_worker_counts_are_one_sentence(tmp_path, capsys, extra, sentence):
