@@ -315,8 +315,8 @@ def run_trial(sweep_dir: Path, spec: SweepSpec, trial: Trial, prov: dict[str, An
 
 
 # ------------------------------------------------------------------------------------------------ recorded
-# config fields that say where and how a run was started, not what it computes
-_PLACE = frozenset({"run_dir", "resume", "progress", "runs_root"})
+# config fields that say where and how a run was started (or where it keeps stages it shares), not what it computes
+_PLACE = frozenset({"run_dir", "resume", "progress", "runs_root", "stage_cache"})
 
 
 def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -157,3 +157,50 @@ def test_the_control_trains_no_model_and_is_the_plain_agent(workdir, hopper_rand
     got = [r[key] for r in _rows(control) if r.get(key)]
     assert got and got == [r[key] for r in _rows(plain) if r.get(key)]
     assert not any(k.startswith("dydiff/") for r in _rows(control) for k, v in r.items() if v)
+
+
+def test_a_stage_cache_trains_each_stage_once_and_changes_no_result(full_run, workdir, hopper_random) -> None:
+    cache = workdir / "cache"
+
+    def stages() -> list[str]:
+        return sorted(p.name for p in cache.iterdir() if not p.name.startswith("."))
+
+    first = workdir / "cached"
+    assert main(["dydiff", "--dataset", str(hopper_random), *TINY, "--fidelity-rollouts", "0", "--stage-cache",
+                 str(cache), "--run-dir", str(first)]) == 0
+    assert not (first / "diffusion").exists() and not (first / "models").exists()
+    assert [n.split("-")[-2] for n in stages()] == ["models", "window"]
+    key = "critic_loss"  # the same updates as the run that trained its own stages (same seed, data and settings)
+    got = [r[key] for r in _rows(first) if r.get(key)]
+    assert got and got == [r[key] for r in _rows(full_run) if r.get(key)]
+    # Diffusion-QL on the same data and seed needs the same stages: it trains none
+    dql = workdir / "cached-dql"
+    assert main(["dydiff", "--algo", "dql", "--dataset", str(hopper_random), *STAGES, "--steps", "20",
+                 "--eval-candidates", "4", "--fidelity-rollouts", "0", "--stage-cache", str(cache), "--run-dir",
+                 str(dql)]) == 0
+    assert len(stages()) == 2
+    s, t = (json.loads((d / "summary.json").read_text()) for d in (first, dql))
+    assert (s["diffusion_run"], s["models_run"]) == (t["diffusion_run"], t["models_run"])
+    assert Path(s["diffusion_run"]).parent == cache
+    # another seed is another pair of stages
+    assert main(["dydiff", "--dataset", str(hopper_random), *TINY, "--steps", "20", "--fidelity-rollouts", "0",
+                 "--seed", "1", "--stage-cache", str(cache), "--run-dir", str(workdir / "cached-s1")]) == 0
+    assert len(stages()) == 4
+
+
+def test_a_cached_stage_held_by_another_process_is_waited_for(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from diffrl.pipelines.dydiff import cached_stage
+
+    (tmp_path / ".locks" / "stage").mkdir(parents=True)
+    released = tmp_path / "released"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from diffrl.runs.lock import lock_run_dir\n"
+        f"lock = lock_run_dir(Path({str(tmp_path / '.locks' / 'stage')!r})); print('held', flush=True)\n"
+        f"time.sleep(1.0); Path({str(released)!r}).touch(); lock.release()")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with cached_stage(tmp_path, "stage", poll_s=0.05) as stage:
+        assert released.exists() and stage == tmp_path / "stage"  # only after the other process let go
+    assert holder.wait(timeout=30) == 0

@@ -4,7 +4,8 @@ model, rolled out with the learning policy (iterative policy injection), filtere
     diffrl dydiff --dataset D [--algo td3bc|dql|cql] [--filter hardmax|softmax] [--preset quick|paper]
     diffrl dydiff fidelity --run RUN_DIR [--rollouts N]
 
-Reads top to bottom, one stage per directory of the run, each resumable and each reusable by path:
+Reads top to bottom, one stage per directory of the run, each resumable and each reusable by path, or kept in a
+stage cache shared by runs (``--stage-cache DIR``, keyed by :func:`window_stage_key` / :func:`models_stage_key`):
 
 1. ``diffusion/``: the window model, an EDM over ``(H, Ds + Da)`` windows with ``s_0`` and the actions held clean
    (``--diffusion PATH`` reuses one);
@@ -18,9 +19,13 @@ Reads top to bottom, one stage per directory of the run, each resumable and each
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import json
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +51,7 @@ from diffrl.diffusion.models import DiffusionModel
 from diffrl.diffusion.spec import build_model, load_model
 from diffrl.diffusion.trainer import DiffusionTrainer, TrainerSettings
 from diffrl.envs.termination import termination_rule
-from diffrl.errors import CheckpointError, ConfigError, DatasetError
+from diffrl.errors import CheckpointError, ConfigError, DatasetError, RunLocked
 from diffrl.eval.rollout_fidelity import drift, drift_table, plot_drift, simulate, supports_state_reset
 from diffrl.pipelines import diffusion, offline
 from diffrl.pipelines.common import RunConfig, extend_configs, reused_stage, stage_status
@@ -80,6 +85,10 @@ class DydiffSettings(RolloutSettings):
     """reuse this window model (a Dydiff run directory or its diffusion/ stage) instead of training one"""
     models: Path | None = None
     """reuse these single-step models (a Dydiff run directory or its models/ stage) instead of training them"""
+    stage_cache: Path | None = None
+    """keep the window model and the single-step models in this folder, keyed by all that determines them (the
+    dataset's contents, seed, their settings, device kind), and reuse them from there: runs that differ only in
+    their agent (TD3+BC and Diffusion-QL on one dataset and seed) train them once (--diffusion / --models win)"""
     diffusion_steps: int = 500_000
     """window-model gradient steps (the README's 4 Mimg at batch 8)"""
     diffusion_batch_size: int = 8
@@ -216,24 +225,87 @@ def train_window_model(cfg: WindowModelConfig, ds: OfflineDataset) -> Path:
                            "wall_s": session.wall_s(), "env_steps": 0})
 
 
+# ------------------------------------------------------------------------------------------- stage cache
+STAGE_CACHE_VERSION = 1
+"""part of every stage-cache key: raise it when the code that trains a stage changes what the stage computes"""
+
+
+def stage_key(what: dict[str, Any]) -> str:
+    """The stage-cache key of a stage: a hash of everything that determines what it computes."""
+    text = json.dumps({"version": STAGE_CACHE_VERSION, **what}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def cached_stage(cache: Path, name: str, poll_s: float = 5.0) -> Iterator[Path]:
+    """``cache/name``, held by this process while the caller trains or reads the stage there: another process that
+    needs the same stage waits (polling every ``poll_s``) instead of training it twice or reading it half-written.
+    The lock lives in ``cache/.locks/name``, so clearing an attempt from the stage's folder never touches it."""
+    lock_dir = cache / ".locks" / name
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            lock = lock_run_dir(lock_dir)
+            break
+        except RunLocked:
+            time.sleep(poll_s)
+    try:
+        yield cache / name
+    finally:
+        lock.release()
+
+
+def _window_config(cfg: Any, ds: OfflineDataset) -> WindowModelConfig:
+    spec = model_spec(_layout(ds, cfg.horizon), dim=cfg.unet_dim, dim_mults=tuple(cfg.unet_mults),
+                      sampler=cfg.sampler, steps=cfg.sample_steps, s_churn=cfg.s_churn, s_tmin=cfg.s_tmin,
+                      s_tmax=cfg.s_tmax, s_noise=cfg.s_noise)
+    return WindowModelConfig(dataset=str(cfg.dataset), seed=cfg.seed, horizon=cfg.horizon,
+                             window_stride=cfg.window_stride, spec=spec, steps=cfg.diffusion_steps,
+                             batch_size=cfg.diffusion_batch_size, lr=cfg.diffusion_lr,
+                             checkpoint_every=min(5_000, cfg.diffusion_steps), device=cfg.device,
+                             progress=cfg.progress, runs_root=cfg.runs_root)
+
+
+def window_stage_key(cfg: Any, ds: OfflineDataset, device: torch.device) -> str:
+    """What determines a window model: the data's contents (not its path), seed, windows, model spec, optimisation
+    settings and the device kind (a GPU's floats differ from a CPU's)."""
+    wcfg = _window_config(cfg, ds)
+    settings = {f.name: getattr(wcfg, f.name) for f in dataclasses.fields(TrainerSettings)}
+    return stage_key({"stage": "window", "data": fingerprint(ds), "seed": wcfg.seed, "horizon": wcfg.horizon,
+                      "window_stride": wcfg.window_stride, "spec": wcfg.spec, "trainer": settings,
+                      "device": device.type})
+
+
+def models_stage_key(cfg: Any, ds: OfflineDataset) -> str:
+    """What determines the single-step models (always trained on the CPU): data, seed, sizes, fit settings."""
+    return stage_key({"stage": "models", "data": fingerprint(ds), "seed": cfg.seed,
+                      "members": cfg.dynamics_members, "elites": cfg.dynamics_elites,
+                      "hidden": list(cfg.dynamics_hidden), "reward_hidden": list(cfg.reward_hidden),
+                      "fit": dataclasses.asdict(cfg.fit_settings())})
+
+
+def _train_window_stage(cfg: Any, ds: OfflineDataset, model_dir: Path) -> None:
+    """Train the window model into ``model_dir`` unless it is there; resume it if it stopped part-way."""
+    status = stage_status(model_dir)
+    if status != "done":
+        resume = status == "resume"
+        wcfg = dataclasses.replace(_window_config(cfg, ds), run_dir=None if resume else model_dir,
+                                   resume=model_dir if resume else None)
+        train_window_model(wcfg, ds)
+
+
 def _window_model(cfg: Any, ds: OfflineDataset, run_dir: Path, device: torch.device) -> tuple[DiffusionModel, Path]:
-    """Stage 1: the window model (EMA weights) from ``--diffusion``, a finished stage, a resumed one or a new one."""
+    """Stage 1: the window model (EMA weights) from ``--diffusion``, the stage cache, a finished stage, a resumed one
+    or a new one."""
     if cfg.diffusion is not None:
         model_dir = reused_stage(cfg.diffusion, "diffusion")
+    elif cfg.stage_cache is not None:
+        name = f"{dataset_run_name(cfg.dataset)}-window-{window_stage_key(cfg, ds, device)}"
+        with cached_stage(Path(cfg.stage_cache), name) as model_dir:
+            _train_window_stage(cfg, ds, model_dir)
     else:
         model_dir = run_dir / "diffusion"
-        status = stage_status(model_dir)
-        if status != "done":
-            resume = status == "resume"
-            spec = model_spec(_layout(ds, cfg.horizon), dim=cfg.unet_dim, dim_mults=tuple(cfg.unet_mults),
-                              sampler=cfg.sampler, steps=cfg.sample_steps, s_churn=cfg.s_churn, s_tmin=cfg.s_tmin,
-                              s_tmax=cfg.s_tmax, s_noise=cfg.s_noise)
-            wcfg = WindowModelConfig(
-                dataset=str(cfg.dataset), seed=cfg.seed, horizon=cfg.horizon, window_stride=cfg.window_stride,
-                spec=spec, steps=cfg.diffusion_steps, batch_size=cfg.diffusion_batch_size, lr=cfg.diffusion_lr,
-                checkpoint_every=min(5_000, cfg.diffusion_steps), device=cfg.device, progress=cfg.progress,
-                run_dir=None if resume else model_dir, resume=model_dir if resume else None, runs_root=cfg.runs_root)
-            train_window_model(wcfg, ds)
+        _train_window_stage(cfg, ds, model_dir)
     try:
         model, meta = load_model(model_dir, device=device)
     except (CheckpointError, OSError) as e:
@@ -249,7 +321,17 @@ def _window_model(cfg: Any, ds: OfflineDataset, run_dir: Path, device: torch.dev
 def _single_step_models(cfg: Any, ds: OfflineDataset, run_dir: Path) -> tuple[EnsembleDynamics, RewardModel, Path,
                                                                              dict[str, Any]]:
     """Stage 2: the single-step dynamics ensemble and reward model, trained once and saved (or reused)."""
+    if cfg.models is None and cfg.stage_cache is not None:
+        name = f"{dataset_run_name(cfg.dataset)}-models-{models_stage_key(cfg, ds)}"
+        with cached_stage(Path(cfg.stage_cache), name) as models_dir:
+            return _fit_single_step_models(cfg, ds, models_dir)
     models_dir = reused_stage(cfg.models, "models") if cfg.models is not None else run_dir / "models"
+    return _fit_single_step_models(cfg, ds, models_dir)
+
+
+def _fit_single_step_models(cfg: Any, ds: OfflineDataset, models_dir: Path) -> tuple[EnsembleDynamics, RewardModel,
+                                                                                     Path, dict[str, Any]]:
+    """The single-step models saved in ``models_dir``, or fitted and saved there."""
     with torch.random.fork_rng(devices=[]):  # initial weights from the seed, whatever ran before in this process
         torch.manual_seed(cfg.seed)
         dynamics = EnsembleDynamics(ds.obs_dim, ds.act_dim, num_members=cfg.dynamics_members,
