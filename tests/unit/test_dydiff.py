@@ -201,3 +201,35 @@ def test_hook_fills_the_model_buffer_in_the_loop_space_and_sets_the_batch_split(
     other.load_state_dict(state)
     assert other.model_rows == 40 and other.real_ratio(0) == 0.6
     assert torch.equal(other.generator.get_state(), hook.generator.get_state())
+
+
+def test_window_model_learns_a_linear_system_from_s0_and_the_actions() -> None:
+    # s' = s + 0.3 a, random starts and actions: trained briefly, the model's states given s0 and the actions must
+    # be far closer to the truth than "nothing moves" at every step of the window (a model that ignored its
+    # condition, or learnt only the marginal of the states, would not be)
+    from diffrl.diffusion.trainer import DiffusionTrainer, TrainerSettings
+
+    layout = WindowLayout(obs_dim=2, act_dim=2, horizon=8)
+    rng = np.random.default_rng(0)
+    episodes, length = 200, 20
+    obs, act = np.zeros((episodes * length, 2), np.float32), rng.uniform(-1, 1, (episodes * length, 2))
+    for e in range(episodes):
+        s = rng.uniform(-1, 1, 2)
+        for t in range(e * length, (e + 1) * length):
+            obs[t], s = s, s + 0.3 * act[t]
+    windows, _ = trajectory_windows(obs, act.astype(np.float32), [slice(e * length, (e + 1) * length)
+                                                                   for e in range(episodes)], [False] * episodes, 8)
+    data = torch.as_tensor(windows)
+    torch.manual_seed(0)
+    model = build_model(model_spec(layout, dim=16, dim_mults=(1, 2), sampler="dpmpp_2m_sde", steps=16, s_churn=0.0,
+                                   s_tmin=0.0, s_tmax=0.0, s_noise=1.0))
+    model.normalizer.fit(data.reshape(-1, layout.channels))
+    trainer = DiffusionTrainer(model, data, TrainerSettings(steps=1000, batch_size=32, lr=2e-3), seed=0,
+                               fixed=condition_mask(layout))
+    for _ in range(1000):
+        trainer.train_step()
+    test = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(1))[:256]]
+    states = sample_states(model.eval(), layout, test[:, 0, :2], test[:, :, 2:], torch.Generator().manual_seed(0))
+    error = (states - test[:, :, :2]).norm(dim=-1).mean(0)  # (H,) mean distance to the true state, per step
+    still = (test[:, :1, :2] - test[:, :, :2]).norm(dim=-1).mean(0)
+    assert error[0] == 0 and (error[1:] < 0.5 * still[1:]).all(), (error, still)
