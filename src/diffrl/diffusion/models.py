@@ -115,8 +115,10 @@ class DiffusionModel(nn.Module):
             net: a denoiser in place of the model's own, as in :meth:`network` (a fine-tuned copy: DPPO's
                 baselines train one while the model keeps the pre-trained weights).
             fixed: a bool mask broadcastable to ``x`` of entries given as conditions: they are held at their clean
-                values in the noised input and left out of the loss (Diffuser's ``apply_conditioning``, Dydiff's
-                ``cond_on_action``). Sample such a model with ``Inpaint(mask, values, clean=True)``.
+                values in the noised input (Diffuser's ``apply_conditioning``, Dydiff's ``cond_on_action``) and left
+                out of the loss, as Diffuser does by re-conditioning its output (Dydiff's EDM loss averages over
+                them too, which only adds the task of copying given values through). Sample such a model with
+                ``Inpaint(mask, values, clean=True)``.
         Returns the loss. Without weights, ``"mean"`` is the mean over all (free) elements (the mean of the
         per-sample losses up to rounding).
         """
