@@ -304,6 +304,7 @@ SWEEP_USAGE = """usage: diffrl sweep SPEC.yaml [SPEC2.yaml ...] [--runner local|
        diffrl sweep SYSTEM [COMMAND] [ALGO | --algo A] --seeds 0-4 [--grid FIELD=V1,V2 ...] [--preset P]
                          [--name NAME] [--results FILE.jsonl] [--FIELD VALUE ...] [runner options]
        diffrl sweep status SWEEP_DIR
+       diffrl sweep record SWEEP_DIR
 
 Every (arm, grid point, seed) is a trial that runs the system as its own command would, in its own run directory
 under ROOT/NAME (ROOT: runs/sweeps). Started again, a sweep skips finished trials and resumes unfinished ones.
@@ -313,7 +314,9 @@ trial at a time, or N side by side with --workers N (N processes, --cpus-per-tri
 --skip-recorded counts a trial whose row is already in the results file (same config) as finished, so a fresh
 clone completes a sweep without re-running its committed rows; without it such a trial runs again (a newer row).
 A finished trial whose dataset has changed since it ran shows as `stale` and counts as finished; --rerun-stale
-moves its run directory to ROOT/NAME/trials/.stale and runs it again on the current data."""
+moves its run directory to ROOT/NAME/trials/.stale and runs it again on the current data. `sweep record` appends
+the rows of finished trials not yet in the results file without running anything (a driver records them as it
+goes; one that was killed may have left some)."""
 
 
 def cmd_sweep(args: list[str]) -> None:
@@ -326,6 +329,14 @@ def cmd_sweep(args: list[str]) -> None:
         if len(args) != 2:
             raise ConfigError("usage: diffrl sweep status SWEEP_DIR")
         print(sweep.status_table(Path(args[1])))
+        return
+    if args[0] == "record":
+        if len(args) != 2:
+            raise ConfigError("usage: diffrl sweep record SWEEP_DIR")
+        spec = sweep.saved_spec(Path(args[1]))
+        if spec.results is None:
+            raise ConfigError(f"the sweep in {args[1]} names no results file (its spec has no `results`).")
+        print(f"{sweep.record_results(Path(args[1]), spec)} row(s) added to {spec.results}")
         return
     options: dict[str, Any] = {}
     for flag in ("--skip-recorded", "--rerun-stale"):

@@ -659,14 +659,19 @@ def run_sweep(spec: SweepSpec, root: Path = Path("runs/sweeps"), runner: str = "
 
 
 # ------------------------------------------------------------------------------------------------ status
+def saved_spec(sweep_dir: Path) -> SweepSpec:
+    """The spec a sweep directory was last run with (its ``sweep.yaml``); one sentence if it is not a sweep's."""
+    if not (sweep_dir / SPEC_FILE).is_file():
+        raise ConfigError(f"{sweep_dir} is not a sweep directory (no {SPEC_FILE}).")
+    return spec_from_dict(load_yaml(sweep_dir / SPEC_FILE), str(sweep_dir / SPEC_FILE))
+
+
 def status_rows(sweep_dir: Path, recorded: set[str] | frozenset[str] | None = None,
                 stale: set[str] | frozenset[str] | None = None) -> list[dict[str, Any]]:
     """Per trial: arm, seed, state (:func:`trial_state`; ``recorded`` for a pending trial in ``recorded``, by
     default :func:`recorded_trials`; ``stale`` for a finished one in ``stale``, by default :func:`stale_trials`),
     steps done of the budget, latest evaluation, ETA (seconds, None if unknown)."""
-    if not (sweep_dir / SPEC_FILE).is_file():
-        raise ConfigError(f"{sweep_dir} is not a sweep directory (no {SPEC_FILE}).")
-    spec = spec_from_dict(load_yaml(sweep_dir / SPEC_FILE), str(sweep_dir / SPEC_FILE))
+    spec = saved_spec(sweep_dir)
     rows = []
     if recorded is None:
         recorded = recorded_trials(sweep_dir, spec)

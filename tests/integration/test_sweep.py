@@ -109,6 +109,22 @@ def test_workers_run_the_trials_side_by_side_with_the_curves_of_one_driver(unint
     assert len(pids) == 2 and os.getpid() not in pids  # two worker processes ran them, not the driver
 
 
+def test_record_adds_the_rows_of_finished_trials_a_killed_driver_left_unrecorded(uninterrupted, tmp_path, capsys):
+    sweep_dir = tmp_path / "tiny"
+    shutil.copytree(uninterrupted, sweep_dir)
+    spec = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
+    kept = [r for r in read_rows(spec["results"]) if r["trial"] != "utd_2-s1"]  # the driver died before its row
+    (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump({**spec, "results": str(tmp_path / "rows.jsonl")}))
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    capsys.readouterr()
+    assert main(["sweep", "record", str(sweep_dir)]) == 0
+    assert "1 row(s) added" in capsys.readouterr().out
+    assert sorted(r["trial"] for r in read_rows(tmp_path / "rows.jsonl")) == TRIALS
+    assert main(["sweep", "record", str(sweep_dir)]) == 0 and "0 row(s) added" in capsys.readouterr().out
+    assert main(["sweep", "record", str(tmp_path)]) == 2  # not a sweep directory: one sentence
+    assert "is not a sweep directory" in capsys.readouterr().err
+
+
 def test_skip_recorded_finishes_a_sweep_whose_rows_were_committed_without_running_them_again(uninterrupted,
                                                                                                  tmp_path, capsys):
     # a fresh clone: the rows file (as committed) but no sweep directory; one trial's row is missing, and one row
