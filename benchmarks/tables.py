@@ -193,12 +193,19 @@ def _provenance(rows: Sequence[dict[str, Any]]) -> str:
 def breakdown_table(prefix: str, by_arm: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
     """Markdown lines of the ``prefix/...`` scalars of a task's runs (see :attr:`SweepTable.breakdown`)."""
     cells: dict[str, dict[str, list[float]]] = {}  # row -> column -> values
+    # per-model rows (prefix/model/column) are kept apart per arm when several arms have them: two arms' models
+    # (e.g. window models trained with two budgets) are not one model
+    nested = {arm for arm, runs in by_arm.items() for r in runs.values()
+              for key in r["final"] if key.startswith(prefix) and "/" in key[len(prefix):]}
     for arm, runs in by_arm.items():
         for r in runs.values():
             for key, v in r["final"].items():
                 if key.startswith(prefix) and isinstance(v, (int, float)) and np.isfinite(v):
                     parts = key[len(prefix):].split("/")
-                    row, col = (parts[0], "/".join(parts[1:])) if len(parts) > 1 else (arm, parts[0])
+                    if len(parts) > 1:
+                        row, col = (parts[0] if len(nested) < 2 else f"{arm}: {parts[0]}"), "/".join(parts[1:])
+                    else:
+                        row, col = arm, parts[0]
                     cells.setdefault(row, {}).setdefault(col, []).append(float(v))
     if not cells:
         return []
@@ -210,7 +217,8 @@ def breakdown_table(prefix: str, by_arm: dict[str, dict[int, dict[str, Any]]]) -
                   for row, v in cells.items()]
     else:
         n = max(len(x) for v in cells.values() for x in v.values())
-        lines = [f"`{prefix}`: mean over {n} run(s) per model", "", "| model | " + " | ".join(cols) + " |",
+        lines = [f"`{prefix}`: mean over up to {n} run(s) per model" + (" and arm" if len(nested) > 1 else ""), "",
+                 "| model | " + " | ".join(cols) + " |",
                  "|---|" + "---|" * len(cols)]
         lines += [f"| {row} | " + " | ".join(_f(float(np.mean(v[c])), 2) if c in v else "–" for c in cols) + " |"
                   for row, v in cells.items()]

@@ -131,11 +131,16 @@ def test_breakdown_tables_average_fidelity_per_model_and_take_median_stage_costs
                                      "stage_s/agent": 50.0}} for s in range(3)},
             "control": {0: {"final": {"stage_s/agent": 40.0, "eval_return_mean": 3.0}}}}
     fid = "\n".join(tables.breakdown_table("fidelity/", runs))
-    assert "mean over 3 run(s)" in fid and "| model | h1 | return_error |" in fid
+    assert "mean over up to 3 run(s) per model" in fid and "| model | h1 | return_error |" in fid
     assert "| window | 2.00 | 10.00 |" in fid and "| single_step | 0.10 | – |" in fid
     cost = "\n".join(tables.breakdown_table("stage_s/", runs))
     assert "| dydiff | 200 s | 50 s |" in cost and "| control | – | 40 s |" in cost
     assert tables.breakdown_table("nothing/", runs) == []
+    # two arms with their own models: one row per arm and model, never a mean across arms
+    runs["other"] = {s: {"final": {"fidelity/window/h1": 5.0}} for s in range(2)}
+    fid = "\n".join(tables.breakdown_table("fidelity/", runs))
+    assert "| dydiff: window | 2.00 | 10.00 |" in fid and "| other: window | 5.00 | – |" in fid
+    assert "| window |" not in fid and "per model and arm" in fid
 
 
 def test_the_overall_table_aggregates_whole_seeds_x_tasks_matrices_and_pairs_them(tmp_path):
