@@ -24,6 +24,7 @@ skipped when re-run; models are kept in benchmarks/out/dydiff_window_fit/.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import time
 from pathlib import Path
@@ -31,8 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffrl.augment.dydiff import WindowLayout, autoregressive_rollout, model_spec, sample_states
-from diffrl.augment.dynamics import EnsembleDynamics, ModelFitSettings
+from diffrl.augment.dydiff import WindowLayout, autoregressive_rollout, sample_states
 from diffrl.data import dataset_env, fingerprint, load_dataset
 from diffrl.diffusion.spec import load_model
 from diffrl.eval.rollout_fidelity import drift, simulate
@@ -55,20 +55,20 @@ VARIANTS = [
 ]
 
 
+def quick_config(dataset: Path, seed: int, **override: object) -> object:
+    """``diffrl dydiff --preset quick --dataset D --seed S`` (TD3+BC) with ``override``."""
+    cls = dydiff.ALGOS["td3bc"]
+    return cls(**{**QUICK, "dataset": str(dataset), "seed": seed, "progress": False, **override})
+
+
 def window_model(dataset: Path, seed: int, steps: int, batch: int, lr: float) -> Path:
     """The quick preset's window model of ``dataset`` trained with this budget (trained once, then reused)."""
     ds = load_dataset(str(dataset))
     run_dir = OUT / f"{dataset.stem}-s{seed}-{steps}x{batch}-lr{lr:g}"
     if not (run_dir / "summary.json").exists():
-        layout = WindowLayout(ds.obs_dim, ds.act_dim, HORIZON)
-        spec = model_spec(layout, dim=QUICK["unet_dim"], dim_mults=tuple(QUICK["unet_mults"]),
-                          sampler=QUICK["sampler"], steps=QUICK["sample_steps"], s_churn=dydiff.DydiffSettings.s_churn,
-                          s_tmin=dydiff.DydiffSettings.s_tmin, s_tmax=dydiff.DydiffSettings.s_tmax,
-                          s_noise=dydiff.DydiffSettings.s_noise)
-        cfg = dydiff.WindowModelConfig(dataset=str(dataset), seed=seed, horizon=HORIZON, spec=spec, steps=steps,
-                                       batch_size=batch, lr=lr, checkpoint_every=steps, progress=False,
-                                       run_dir=run_dir)
-        dydiff.train_window_model(cfg, ds)
+        cfg = quick_config(dataset, seed, diffusion_steps=steps, diffusion_batch_size=batch, diffusion_lr=lr)
+        dydiff.train_window_model(dataclasses.replace(dydiff.window_config(cfg, ds), checkpoint_every=steps,
+                                                      run_dir=run_dir), ds)
     return run_dir
 
 
@@ -83,17 +83,10 @@ def starts(dataset: Path, seed: int) -> tuple:
 
 @functools.cache
 def single_step(dataset: Path, seed: int) -> dict[str, float]:
-    """The quick preset's single-step ensemble (trained once per dataset and seed) and s_1 = s_0, scored."""
+    """The quick preset's single-step ensemble (fitted once per dataset and seed, then kept) and s_1 = s_0, scored."""
     ds, s0, actions, sim = starts(dataset, seed)
     scale = ds.observations.std(0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        ens = EnsembleDynamics(ds.obs_dim, ds.act_dim, num_members=dydiff.DydiffSettings.dynamics_members,
-                               num_elites=dydiff.DydiffSettings.dynamics_elites,
-                               hidden=dydiff.DydiffSettings.dynamics_hidden)
-    obs, act, nxt = (torch.as_tensor(a) for a in (ds.observations, ds.actions, ds.next_observations))
-    ens.fit(obs, act, nxt, ModelFitSettings(lr=dydiff.DydiffSettings.model_lr,
-                                            max_epochs=QUICK["model_max_epochs"]), seed=seed)
+    ens = dydiff.fit_single_step_models(quick_config(dataset, seed), ds, OUT / f"{dataset.stem}-s{seed}-models")[0]
     with torch.no_grad():
         states = autoregressive_rollout(None, ens, s0, HORIZON, torch.Generator().manual_seed(seed), actions)[0]
     err = drift(sim, states.numpy(), scale=scale)["state_error"]

@@ -336,7 +336,7 @@ def _dataset_fingerprint(path: str, cache: dict[str, str | None]) -> str | None:
     return cache[path]
 
 
-def recorded_trials(sweep_dir: Path, spec: SweepSpec) -> set[str]:
+def recorded_trials(sweep_dir: Path, spec: SweepSpec, prints: dict[str, str | None] | None = None) -> set[str]:
     """The trials whose row is already in ``spec.results`` with the config they would run with now (same sweep,
     trial id, command and every field but where the run lives) and, for a trial that reads a dataset, the same
     data: the row's ``dataset_fingerprint`` equals the fingerprint of the file the trial would read now (a row
@@ -353,7 +353,7 @@ def recorded_trials(sweep_dir: Path, spec: SweepSpec) -> set[str]:
         recorded.setdefault(row.get("trial"), []).append(
             (_comparable(row.get("config") or {}), (row.get("final") or {}).get("dataset_fingerprint")))
     out: set[str] = set()
-    prints: dict[str, str | None] = {}
+    prints = {} if prints is None else prints  # dataset path -> fingerprint, shared with stale_trials
     for trial in trials(spec):
         if trial.id not in recorded:
             continue
@@ -368,12 +368,13 @@ def recorded_trials(sweep_dir: Path, spec: SweepSpec) -> set[str]:
     return out
 
 
-def stale_trials(sweep_dir: Path, spec: SweepSpec) -> dict[str, tuple[str, str]]:
+def stale_trials(sweep_dir: Path, spec: SweepSpec,
+                 prints: dict[str, str | None] | None = None) -> dict[str, tuple[str, str]]:
     """The finished trials whose run read a dataset that has changed since: trial id -> (the fingerprint its
     ``summary.json`` recorded, the file's now). A sweep counts them as finished (their results stand for the data
     they ran on); ``run_sweep(rerun_stale=True)`` moves their run directories aside and runs them again."""
     out: dict[str, tuple[str, str]] = {}
-    prints: dict[str, str | None] = {}
+    prints = {} if prints is None else prints  # dataset path -> fingerprint, shared with recorded_trials
     for trial in trials(spec):
         run_dir = sweep_dir / "trials" / trial.id
         if trial_state(run_dir) != "done":
@@ -393,8 +394,8 @@ def move_aside(sweep_dir: Path, trial_ids: Sequence[str], why: str) -> Path:
     trials are pending again. Returns the folder they went to."""
     aside = sweep_dir / "trials" / f".{why}"
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside.mkdir(parents=True, exist_ok=True)
     for trial_id in trial_ids:
-        aside.mkdir(parents=True, exist_ok=True)
         shutil.move(str(sweep_dir / "trials" / trial_id), str(aside / f"{trial_id}-{stamp}"))
     return aside
 
@@ -623,7 +624,8 @@ def run_sweep(spec: SweepSpec, root: Path = Path("runs/sweeps"), runner: str = "
     (sweep_dir / "trials").mkdir(parents=True, exist_ok=True)
     save_yaml(spec.to_dict(), saved)
     # seed-major: every arm's seed 0, then every arm's seed 1, ... so a sweep stopped part-way has paired seeds
-    stale = stale_trials(sweep_dir, spec)
+    prints: dict[str, str | None] = {}  # each dataset is hashed once for both checks
+    stale = stale_trials(sweep_dir, spec, prints)
     if stale and rerun_stale:
         aside = move_aside(sweep_dir, sorted(stale), "stale")
         out(f"{len(stale)} finished trial(s) ran on a dataset that has changed since: their run directories are "
@@ -633,7 +635,7 @@ def run_sweep(spec: SweepSpec, root: Path = Path("runs/sweeps"), runner: str = "
         out(f"warning: {len(stale)} finished trial(s) ran on a dataset that has changed since "
             f"({', '.join(sorted(stale))}); they count as finished (state 'stale' in sweep status): "
             "--rerun-stale runs them again on the current data, their run directories kept in trials/.stale.")
-    recorded = recorded_trials(sweep_dir, spec) if skip_recorded else set()
+    recorded = recorded_trials(sweep_dir, spec, prints) if skip_recorded else set()
     unfinished = [t for t in all_trials if trial_state(sweep_dir / "trials" / t.id) != "done"]
     skipped = sum(t.id in recorded for t in unfinished)
     todo = sorted((t for t in unfinished if t.id not in recorded), key=lambda t: list(spec.seeds).index(t.seed))
@@ -673,10 +675,11 @@ def status_rows(sweep_dir: Path, recorded: set[str] | frozenset[str] | None = No
     steps done of the budget, latest evaluation, ETA (seconds, None if unknown)."""
     spec = saved_spec(sweep_dir)
     rows = []
+    prints: dict[str, str | None] = {}
     if recorded is None:
-        recorded = recorded_trials(sweep_dir, spec)
+        recorded = recorded_trials(sweep_dir, spec, prints)
     if stale is None:
-        stale = set(stale_trials(sweep_dir, spec))
+        stale = set(stale_trials(sweep_dir, spec, prints))
     for trial in trials(spec):
         run_dir = sweep_dir / "trials" / trial.id
         state = trial_state(run_dir)

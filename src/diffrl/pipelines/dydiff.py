@@ -255,7 +255,8 @@ def cached_stage(cache: Path, name: str, poll_s: float = 5.0) -> Iterator[Path]:
         lock.release()
 
 
-def _window_config(cfg: Any, ds: OfflineDataset) -> WindowModelConfig:
+def window_config(cfg: Any, ds: OfflineDataset) -> WindowModelConfig:
+    """The window model's training run as a Dydiff config ``cfg`` asks for it (no run directory set)."""
     spec = model_spec(_layout(ds, cfg.horizon), dim=cfg.unet_dim, dim_mults=tuple(cfg.unet_mults),
                       sampler=cfg.sampler, steps=cfg.sample_steps, s_churn=cfg.s_churn, s_tmin=cfg.s_tmin,
                       s_tmax=cfg.s_tmax, s_noise=cfg.s_noise)
@@ -269,7 +270,7 @@ def _window_config(cfg: Any, ds: OfflineDataset) -> WindowModelConfig:
 def window_stage_key(cfg: Any, ds: OfflineDataset, device: torch.device) -> str:
     """What determines a window model: the data's contents (not its path), seed, windows, model spec, optimisation
     settings and the device kind (a GPU's floats differ from a CPU's)."""
-    wcfg = _window_config(cfg, ds)
+    wcfg = window_config(cfg, ds)
     settings = {f.name: getattr(wcfg, f.name) for f in dataclasses.fields(TrainerSettings)}
     return stage_key({"stage": "window", "data": fingerprint(ds), "seed": wcfg.seed, "horizon": wcfg.horizon,
                       "window_stride": wcfg.window_stride, "spec": wcfg.spec, "trainer": settings,
@@ -289,7 +290,7 @@ def _train_window_stage(cfg: Any, ds: OfflineDataset, model_dir: Path) -> None:
     status = stage_status(model_dir)
     if status != "done":
         resume = status == "resume"
-        wcfg = dataclasses.replace(_window_config(cfg, ds), run_dir=None if resume else model_dir,
+        wcfg = dataclasses.replace(window_config(cfg, ds), run_dir=None if resume else model_dir,
                                    resume=model_dir if resume else None)
         train_window_model(wcfg, ds)
 
@@ -324,12 +325,12 @@ def _single_step_models(cfg: Any, ds: OfflineDataset, run_dir: Path) -> tuple[En
     if cfg.models is None and cfg.stage_cache is not None:
         name = f"{dataset_run_name(cfg.dataset)}-models-{models_stage_key(cfg, ds)}"
         with cached_stage(Path(cfg.stage_cache), name) as models_dir:
-            return _fit_single_step_models(cfg, ds, models_dir)
+            return fit_single_step_models(cfg, ds, models_dir)
     models_dir = reused_stage(cfg.models, "models") if cfg.models is not None else run_dir / "models"
-    return _fit_single_step_models(cfg, ds, models_dir)
+    return fit_single_step_models(cfg, ds, models_dir)
 
 
-def _fit_single_step_models(cfg: Any, ds: OfflineDataset, models_dir: Path) -> tuple[EnsembleDynamics, RewardModel,
+def fit_single_step_models(cfg: Any, ds: OfflineDataset, models_dir: Path) -> tuple[EnsembleDynamics, RewardModel,
                                                                                      Path, dict[str, Any]]:
     """The single-step models saved in ``models_dir``, or fitted and saved there."""
     with torch.random.fork_rng(devices=[]):  # initial weights from the seed, whatever ran before in this process
