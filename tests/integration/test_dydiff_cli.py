@@ -126,6 +126,14 @@ def test_bad_inputs_are_one_sentence(workdir, hopper_random, capsys) -> None:
     assert main(["dydiff", "--dataset", str(no_rewards), *TINY, "--run-dir", str(workdir / "norew")]) == 2
     assert "no 'rewards'" in capsys.readouterr().err
     assert main(["dydiff", "fidelity", "--run", str(workdir)]) == 2
+    capsys.readouterr()
+    not_a_folder = workdir / "cache-file"
+    not_a_folder.write_text("")
+    assert main(["dydiff", "--dataset", str(hopper_random), *TINY, "--stage-cache", str(not_a_folder), "--run-dir",
+                 str(workdir / "bad-cache")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file; give --stage-cache a folder" in err and not_a_folder.read_text() == ""
+    assert not (workdir / "bad-cache").exists()
 
 
 def test_diffusion_ql_trains_on_dydiff_rollouts(full_run, workdir, hopper_random) -> None:

@@ -123,6 +123,10 @@ def test_record_adds_the_rows_of_finished_trials_a_killed_driver_left_unrecorded
     assert main(["sweep", "record", str(sweep_dir)]) == 0 and "0 row(s) added" in capsys.readouterr().out
     assert main(["sweep", "record", str(tmp_path)]) == 2  # not a sweep directory: one sentence
     assert "is not a sweep directory" in capsys.readouterr().err
+    (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump({**spec, "results": None}))
+    assert main(["sweep", "record", str(sweep_dir)]) == 2  # a sweep without a results file: one sentence
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "names no results file" in err
 
 
 def test_skip_recorded_finishes_a_sweep_whose_rows_were_committed_without_running_them_again(uninterrupted,

@@ -375,6 +375,9 @@ def run(cfg: Any) -> Path:
     env_id = dataset_env(ds, cfg.env, str(cfg.dataset))
     rule = termination_rule(env_id)  # an env without a known rule is refused before anything is written
     windows_of(ds, cfg.horizon, max(cfg.horizon, 1))  # a window longer than every episode: one sentence, now
+    if cfg.stage_cache is not None and Path(cfg.stage_cache).exists() and not Path(cfg.stage_cache).is_dir():
+        raise ConfigError(f"the stage cache {cfg.stage_cache} is a file; give --stage-cache a folder (it is created "
+                          "if missing).")
     run_dir = Path(cfg.resume) if cfg.resume is not None else new_run_dir(pipeline, dataset_run_name(cfg.dataset),
                                                                          cfg.seed, cfg.runs_root, cfg.run_dir)
     with lock_run_dir(run_dir, resume=cfg.resume is not None):
