@@ -308,9 +308,10 @@ SWEEP_USAGE = """usage: diffrl sweep SPEC.yaml [SPEC2.yaml ...] [--runner local|
 
 Every (arm, grid point, seed) is a trial that runs the system as its own command would, in its own run directory
 under ROOT/NAME (ROOT: runs/sweeps). Started again, a sweep skips finished trials and resumes unfinished ones.
-Specs given together run in order. The status table is printed every --table-every seconds (default 60) when it
-changed; a spec's `results` file gets one row per finished trial (see docs/sweeps.md). The local runner runs one
-trial at a time, or N side by side with --workers N (N processes, --cpus-per-trial threads each, default 1).
+Specs given together run in order. The status table is printed every --table-every seconds (default 60; 0: when
+a trial has finished) when it changed; a spec's `results` file gets one row per finished trial as it finishes (see
+docs/sweeps.md). The local runner runs one trial at a time, or N side by side with --workers N (N processes,
+--cpus-per-trial threads each, default 1).
 --skip-recorded counts a trial whose row is already in the results file (same config) as finished, so a fresh
 clone completes a sweep without re-running its committed rows; without it such a trial runs again (a newer row).
 A finished trial whose dataset has changed since it ran shows as `stale` and counts as finished; --rerun-stale

@@ -63,6 +63,7 @@ from diffrl.runs.rundir import CONFIG_FILE, SUMMARY_FILE, read_summary, slug
 
 SPEC_FILE = "sweep.yaml"
 RUNNERS = ("local", "ray")
+POLL_S = 30.0  # with --table-every 0: how often the driver looks for newly finished trials (to record their rows)
 # fields a spec may not set: the sweep owns where and how each trial runs
 OWNED = frozenset({"seed", "run_dir", "resume", "runs_root", "progress"})
 
@@ -479,8 +480,10 @@ def record_results(sweep_dir: Path, spec: SweepSpec) -> int:
 
 
 class LiveTable:
-    """While trials run: every ``every`` seconds, record finished trials' rows and print the status table if it
-    changed (a daemon thread of the driver, so it works the same for both runners)."""
+    """While trials run: record finished trials' rows and print the status table — every ``every`` seconds when it
+    changed, or with ``every <= 0`` only when a trial has finished (checked every :data:`POLL_S` seconds) — from a
+    daemon thread of the driver, so it works the same for both runners and for worker processes, and a driver
+    killed mid-sweep has recorded the rows of every trial finished by then."""
 
     def __init__(self, sweep_dir: Path, spec: SweepSpec, out: Callable[[str], None], every: float,
                  recorded: set[str] | frozenset[str] = frozenset(), stale: frozenset[str] = frozenset()) -> None:
@@ -488,28 +491,43 @@ class LiveTable:
         # the driver's, found once: not re-read (rows, dataset hashes) at every tick
         self.recorded, self.stale = recorded, stale
         self._last = ""
+        self._finished: frozenset[str] | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def tick(self) -> None:
+    def finished(self) -> frozenset[str]:
+        return frozenset(t.id for t in trials(self.spec) if trial_state(self.sweep_dir / "trials" / t.id) == "done")
+
+    def tick(self, when_finished: bool = False) -> None:
+        """Record the rows of newly finished trials; print the table if it changed (with ``when_finished``: only
+        if the set of finished trials changed since the last tick)."""
         with self._lock:
             record_results(self.sweep_dir, self.spec)
+            if when_finished:
+                done = self.finished()
+                if done == self._finished:
+                    return
+                first, self._finished = self._finished is None, done
+                if first:
+                    return  # the sweep's start: nothing has finished under this driver yet
             table = status_table(self.sweep_dir, self.recorded, self.stale)
             if table != self._last:
                 self.out(table)
                 self._last = table
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.every):
+        period = self.every if self.every > 0 else POLL_S
+        while not self._stop.wait(period):
             try:
-                self.tick()
+                self.tick(when_finished=self.every <= 0)
             except Exception as e:  # noqa: BLE001 - a progress display must never stop the sweep
                 self.out(f"(status table skipped: {e})")
 
     def __enter__(self) -> LiveTable:
-        if self.every > 0:
-            self._thread.start()
+        if self.every <= 0:
+            self.tick(when_finished=True)  # the finished trials at the start, to compare with
+        self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -623,7 +641,6 @@ def run_sweep(spec: SweepSpec, root: Path = Path("runs/sweeps"), runner: str = "
         trial_config(spec, trial, sweep_dir / "trials" / trial.id, resume=False)
     (sweep_dir / "trials").mkdir(parents=True, exist_ok=True)
     save_yaml(spec.to_dict(), saved)
-    # seed-major: every arm's seed 0, then every arm's seed 1, ... so a sweep stopped part-way has paired seeds
     prints: dict[str, str | None] = {}  # each dataset is hashed once for both checks
     stale = stale_trials(sweep_dir, spec, prints)
     if stale and rerun_stale:
@@ -638,6 +655,7 @@ def run_sweep(spec: SweepSpec, root: Path = Path("runs/sweeps"), runner: str = "
     recorded = recorded_trials(sweep_dir, spec, prints) if skip_recorded else set()
     unfinished = [t for t in all_trials if trial_state(sweep_dir / "trials" / t.id) != "done"]
     skipped = sum(t.id in recorded for t in unfinished)
+    # seed-major: every arm's seed 0, then every arm's seed 1, ... so a sweep stopped part-way has paired seeds
     todo = sorted((t for t in unfinished if t.id not in recorded), key=lambda t: list(spec.seeds).index(t.seed))
     out(f"sweep {sweep_dir}: {len(all_trials)} trials, {len(all_trials) - len(unfinished)} finished, "
         + (f"{skipped} recorded in {spec.results} (skipped), " if skip_recorded else "")

@@ -129,6 +129,31 @@ def test_record_adds_the_rows_of_finished_trials_a_killed_driver_left_unrecorded
     assert err.count("\n") == 1 and "names no results file" in err
 
 
+def test_table_every_zero_still_records_each_trial_as_it_finishes(uninterrupted, tmp_path, monkeypatch):
+    # a driver of worker processes with --table-every 0 recorded rows only at its exit: one killed mid-sweep
+    # lost the rows of every trial finished under it
+    from diffrl import sweep
+
+    sweep_dir = tmp_path / "tiny"
+    shutil.copytree(uninterrupted, sweep_dir)
+    spec = spec_from_dict({**yaml.safe_load((sweep_dir / "sweep.yaml").read_text()),
+                           "results": str(tmp_path / "rows.jsonl")}, "spec")
+    (sweep_dir / "trials" / "utd_2-s1").rename(tmp_path / "running")  # not finished yet when the driver starts
+    monkeypatch.setattr(sweep, "POLL_S", 0.02)
+    printed: list[str] = []
+    with sweep.LiveTable(sweep_dir, spec, printed.append, every=0):
+        assert sorted(r["trial"] for r in read_rows(tmp_path / "rows.jsonl")) == TRIALS[:3]  # found at the start
+        time.sleep(0.1)
+        assert printed == []  # nothing finished under this driver: no table
+        (tmp_path / "running").rename(sweep_dir / "trials" / "utd_2-s1")  # the trial finishes
+        deadline = time.monotonic() + 10
+        while len(read_rows(tmp_path / "rows.jsonl")) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sorted(r["trial"] for r in read_rows(tmp_path / "rows.jsonl")) == TRIALS  # recorded before exit
+        time.sleep(0.1)
+        assert len(printed) == 1 and printed[0].count(" done ") == 4  # one table, when it finished
+
+
 def test_skip_recorded_finishes_a_sweep_whose_rows_were_committed_without_running_them_again(uninterrupted,
                                                                                                  tmp_path, capsys):
     # a fresh clone: the rows file (as committed) but no sweep directory; one trial's row is missing, and one row
