@@ -81,15 +81,15 @@ def test_resume_after_each_stage_gives_the_uninterrupted_run(full_run, workdir, 
     from diffrl.pipelines import dydiff
 
     killed = workdir / "killed"
-    real = dydiff._single_step_models
+    real = dydiff.single_step_models
 
     def dies(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dydiff, "_single_step_models", dies)  # after the window model's stage
+    monkeypatch.setattr(dydiff, "single_step_models", dies)  # after the window model's stage
     assert main(["dydiff", "--dataset", str(hopper_random), *TINY, "--run-dir", str(killed)]) == 130
     assert (killed / "diffusion" / "summary.json").is_file() and not (killed / "models").exists()
-    monkeypatch.setattr(dydiff, "_single_step_models", real)
+    monkeypatch.setattr(dydiff, "single_step_models", real)
     # resume into the agent's stage, stopped at 30 of 60 gradient steps, then resumed to the end
     assert main(["dydiff", "--resume", str(killed), "--steps", "30"]) == 0
     window_mtime = (killed / "diffusion" / "summary.json").stat().st_mtime_ns

@@ -155,11 +155,11 @@ ALGOS = extend_configs(DydiffSettings, AGENTS, __name__,
                        "``diffrl dydiff --algo {name}``: {what} on the dataset plus Dydiff's filtered model rollouts.")
 
 # quick: minutes on one CPU core per stage; the windows, UNet, rollouts and sampler shrink, the method does not.
-# Its sampler is DPM-Solver++(2M) SDE at 32 evaluations: at this model size its rollouts were closer to MuJoCo's than
-# Heun's with 8 steps (15 evaluations) or the reference's 34 (67) on diffrl's Hopper medium-replay data
-# (`diffrl dydiff fidelity --sampler`). The window model trains 16k steps at lr 1e-3: with the 4k steps at 4e-4 of
-# the first quick preset its rollouts were further from MuJoCo's than the single-step model's at every horizon, so
-# the preset no longer tested Dydiff's premise (benchmarks/dydiff_window_fit.py; RESULTS.md, Dydiff)
+# Its sampler is DPM-Solver++(2M) SDE at 32 evaluations: with this window model its rollouts were at least as close
+# to MuJoCo's as those of the reference's Heun at 34 steps (67 evaluations) on all six quick datasets
+# (benchmarks/dydiff_samplers.py; RESULTS.md, Dydiff). The window model trains 16k steps at lr 1e-3: with the 4k
+# steps at 4e-4 of the first quick preset its rollouts were further from MuJoCo's than the single-step model's at
+# every horizon, so the preset no longer tested Dydiff's premise (benchmarks/dydiff_window_fit.py; RESULTS.md, Dydiff)
 _QUICK = dict(horizon=32, diffusion_steps=16_000, diffusion_batch_size=16, diffusion_lr=1e-3, unet_dim=32,
               unet_mults=(1, 2, 4), sampler="dpmpp_2m_sde", sample_steps=32, rollouts=128, every=2_000,
               capacity=200_000, model_max_epochs=30,
@@ -295,7 +295,7 @@ def _train_window_stage(cfg: Any, ds: OfflineDataset, model_dir: Path) -> None:
         train_window_model(wcfg, ds)
 
 
-def _window_model(cfg: Any, ds: OfflineDataset, run_dir: Path, device: torch.device) -> tuple[DiffusionModel, Path]:
+def window_model(cfg: Any, ds: OfflineDataset, run_dir: Path, device: torch.device) -> tuple[DiffusionModel, Path]:
     """Stage 1: the window model (EMA weights) from ``--diffusion``, the stage cache, a finished stage, a resumed one
     or a new one."""
     if cfg.diffusion is not None:
@@ -319,8 +319,8 @@ def _window_model(cfg: Any, ds: OfflineDataset, run_dir: Path, device: torch.dev
 
 
 # ------------------------------------------------------------------------------------- stage 2: single-step
-def _single_step_models(cfg: Any, ds: OfflineDataset, run_dir: Path) -> tuple[EnsembleDynamics, RewardModel, Path,
-                                                                             dict[str, Any]]:
+def single_step_models(cfg: Any, ds: OfflineDataset, run_dir: Path) -> tuple[EnsembleDynamics, RewardModel, Path,
+                                                                            dict[str, Any]]:
     """Stage 2: the single-step dynamics ensemble and reward model, trained once and saved (or reused)."""
     if cfg.models is None and cfg.stage_cache is not None:
         name = f"{dataset_run_name(cfg.dataset)}-models-{models_stage_key(cfg, ds)}"
@@ -388,8 +388,8 @@ def run(cfg: Any) -> Path:
         extra: dict[str, Any] = {"filter": cfg.filter, "real_ratio": cfg.real_ratio}
         augment = None
         if uses_models(cfg):
-            model, model_dir = _window_model(cfg, ds, run_dir, device)
-            dynamics, reward, models_dir, fit = _single_step_models(cfg, ds, run_dir)
+            model, model_dir = window_model(cfg, ds, run_dir, device)
+            dynamics, reward, models_dir, fit = single_step_models(cfg, ds, run_dir)
             augment = DydiffAugment(ds.observations, model, _layout(ds, cfg.horizon), dynamics, reward, rule,
                                     RolloutSettings(**{f.name: getattr(cfg, f.name)
                                                        for f in dataclasses.fields(RolloutSettings)}),
@@ -536,9 +536,9 @@ def fidelity_main(a: FidelityArgs) -> None:
     env_id = dataset_env(ds, cfg.env, str(cfg.dataset))
     if not supports_state_reset(env_id):
         raise ConfigError(f"rollout fidelity needs an env whose state can be set from an observation, not {env_id}.")
-    model, _ = _window_model(dataclasses.replace(cfg, diffusion=cfg.diffusion or a.run), ds, a.run,
-                             torch.device("cpu"))
-    dynamics, reward, _, _ = _single_step_models(dataclasses.replace(cfg, models=cfg.models or a.run), ds, a.run)
+    model, _ = window_model(dataclasses.replace(cfg, diffusion=cfg.diffusion or a.run), ds, a.run,
+                            torch.device("cpu"))
+    dynamics, reward, _, _ = single_step_models(dataclasses.replace(cfg, models=cfg.models or a.run), ds, a.run)
     opts = None
     if a.sampler is not None or a.sample_steps is not None:
         sampler = a.sampler or cfg.sampler
