@@ -112,6 +112,7 @@ TABLES: dict[str, SweepTable | ScriptTable] = {
     "sampler-fidelity": ScriptTable(("benchmarks/sampler_fidelity.py",), "results/sampler_fidelity.jsonl"),
     "dydiff-window-fit": ScriptTable(("benchmarks/dydiff_window_fit.py",), "results/dydiff_window_fit.jsonl"),
     "dydiff-samplers": ScriptTable(("benchmarks/dydiff_samplers.py",), "results/dydiff_samplers.jsonl"),
+    "dydiff-halfcheetah": ScriptTable(("benchmarks/dydiff_halfcheetah.py",), "results/dydiff_halfcheetah.jsonl"),
     "update-speed": ScriptTable(("benchmarks/update_speed.py",), "results/update_speed.jsonl"),
     "sac-vs-sb3": ScriptTable(("benchmarks/sac_vs_sb3.py",), "results/sac_vs_sb3.jsonl"),
     "her-vs-sb3": ScriptTable(("benchmarks/her_vs_sb3.py",), "results/her_vs_sb3.jsonl"),

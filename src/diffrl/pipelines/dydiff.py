@@ -441,7 +441,7 @@ def stage_costs(model_dir: Path | None, fit: dict[str, Any], summary: dict[str, 
 
 
 # -------------------------------------------------------------------------------------- rollout fidelity
-def _policy(run_dir: Path, cfg: Any, ds: OfflineDataset, device: torch.device) -> Any:
+def trained_policy(run_dir: Path, cfg: Any, ds: OfflineDataset, device: torch.device) -> Any:
     """The trained agent of a Dydiff run (its latest checkpoint) as a batched policy on raw states."""
     agent = offline.build(cfg, ds.obs_dim, ds.act_dim, device)
     _, parts = ckpt.load_checkpoint(run_dir, ("state",))
@@ -488,7 +488,7 @@ def rollout_fidelity(run_dir: Path, cfg: Any, ds: OfflineDataset, env_id: str, m
                "single-step (data actions)": score(autoregressive_rollout(None, dynamics, s0, cfg.horizon, gen,
                                                                           actions)[0], actions)}
     if ckpt.list_checkpoints(run_dir / "checkpoints"):
-        policy = _policy(run_dir, cfg, ds, torch.device("cpu"))
+        policy = trained_policy(run_dir, cfg, ds, torch.device("cpu"))
         results["single-step (policy)"] = score(*autoregressive_rollout(policy, dynamics, s0, cfg.horizon, gen))
         results["dydiff + injection (policy)"] = score(*policy_injection(policy, dynamics, model, layout, s0,
                                                                          cfg.rounds, gen, **opts))
