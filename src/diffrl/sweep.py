@@ -56,12 +56,13 @@ from diffrl import registry
 from diffrl.config import load_yaml, save_yaml
 from diffrl.errors import ConfigError, DiffrlError, RunLocked
 from diffrl.runs.checkpoint import list_checkpoints
-from diffrl.runs.lock import LOCK_FILE, is_locked, lock_run_dir
+from diffrl.runs.lock import LOCK_FILE, is_locked, lock_run_dir, one_at_a_time
 from diffrl.runs.logger import read_metrics
 from diffrl.runs.memory import reset_peak_rss
 from diffrl.runs.rundir import CONFIG_FILE, SUMMARY_FILE, read_summary, slug
 
 SPEC_FILE = "sweep.yaml"
+RECORD_LOCK = ".record.lock"
 RUNNERS = ("local", "ray")
 POLL_S = 30.0  # with --table-every 0: how often the driver looks for newly finished trials (to record their rows)
 # fields a spec may not set: the sweep owns where and how each trial runs
@@ -455,10 +456,16 @@ def record_results(sweep_dir: Path, spec: SweepSpec) -> int:
     """Append the row of every finished trial not yet in ``spec.results``; returns how many were added.
 
     A row names its sweep, trial and the time its run finished, so a trial re-run later (e.g. in a fresh clone)
-    adds a new row and a finished one is never recorded twice.
+    adds a new row and a finished one is never recorded twice, also when several drivers work on the sweep (they
+    record one at a time: a lock on ``RECORD_LOCK`` in the sweep directory).
     """
     if spec.results is None:
         return 0
+    with one_at_a_time(sweep_dir / RECORD_LOCK):
+        return _record(sweep_dir, spec)
+
+
+def _record(sweep_dir: Path, spec: SweepSpec) -> int:
     from diffrl.runs import results
 
     rows = results.read_rows(spec.results)

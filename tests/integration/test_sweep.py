@@ -154,6 +154,30 @@ def test_table_every_zero_still_records_each_trial_as_it_finishes(uninterrupted,
         assert len(printed) == 1 and printed[0].count(" done ") == 4  # one table, when it finished
 
 
+def test_drivers_of_one_sweep_record_one_at_a_time(uninterrupted, tmp_path):
+    # two drivers on one sweep each read the results file and append what is missing: without a lock both could
+    # append the same trial's row
+    import fcntl
+    import threading
+
+    from diffrl import sweep
+
+    sweep_dir = tmp_path / "tiny"
+    shutil.copytree(uninterrupted, sweep_dir)
+    spec = spec_from_dict({**yaml.safe_load((sweep_dir / "sweep.yaml").read_text()),
+                           "results": str(tmp_path / "rows.jsonl")}, "spec")
+    added: list[int] = []
+    with open(sweep_dir / sweep.RECORD_LOCK, "a") as other:  # another driver is recording
+        fcntl.flock(other, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=lambda: added.append(sweep.record_results(sweep_dir, spec)))
+        waiting.start()
+        time.sleep(0.3)
+        assert waiting.is_alive() and not (tmp_path / "rows.jsonl").exists()  # it waits for the other
+    waiting.join(10)
+    assert added == [4] and sweep.record_results(sweep_dir, spec) == 0
+    assert sorted(r["trial"] for r in read_rows(tmp_path / "rows.jsonl")) == TRIALS
+
+
 def test_skip_recorded_finishes_a_sweep_whose_rows_were_committed_without_running_them_again(uninterrupted,
                                                                                                  tmp_path, capsys):
     # a fresh clone: the rows file (as committed) but no sweep directory; one trial's row is missing, and one row

@@ -34,6 +34,7 @@ import socket
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -151,6 +152,26 @@ def lock_run_dir(run_dir: Path, *, resume: bool = False) -> RunLock:
     if resume and not ((lock.run_dir / CONFIG_FILE).is_file() or lock.path.is_file()):
         return lock
     return lock.acquire()
+
+
+@contextlib.contextmanager
+def one_at_a_time(path: Path) -> Iterator[None]:
+    """A short section that processes sharing ``path`` (a lock file, created if missing) run one at a time: a
+    blocking ``flock``, dropped when the block ends or the process dies. Where flock is unsupported (no ``fcntl``,
+    a filesystem without it) the section runs unlocked."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in _UNSUPPORTED:
+                raise
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor drops the lock
 
 
 def read_holder(run_dir: Path) -> dict[str, Any] | None:
