@@ -33,13 +33,13 @@ import numpy as np
 import torch
 
 from diffrl.augment.dydiff import WindowLayout, autoregressive_rollout, sample_states
-from diffrl.data import dataset_env, fingerprint, load_dataset
+from diffrl.data import dataset_env, load_dataset
 from diffrl.diffusion.spec import load_model
 from diffrl.eval.rollout_fidelity import drift, simulate
 from diffrl.pipelines import dydiff
 from diffrl.runs.device import tune_cpu_allocator
 from diffrl.runs.rundir import read_summary
-from harness import RESULTS, add_common_args, run_all
+from harness import RESULTS, add_common_args, by_data, dataset_prints, run_all
 
 OUT = Path(__file__).parent / "out" / "dydiff_window_fit"
 QUICK = dydiff.PRESETS["td3bc"]["quick"]
@@ -118,10 +118,7 @@ def main() -> None:
     add_common_args(ap, RESULTS / "dydiff_window_fit.jsonl")
     args = ap.parse_args()
     tune_cpu_allocator()
-    missing = [str(d) for d in args.datasets if not d.exists()]
-    if missing and not args.table_only:
-        raise SystemExit(f"missing: {', '.join(missing)}; build them with `python benchmarks/datasets.py`")
-    prints = {d.stem: fingerprint(load_dataset(str(d))) for d in args.datasets if d.exists()}
+    prints = dataset_prints(args.datasets, args.table_only)
     jobs = [{"dataset": d.stem, "dataset_fingerprint": prints.get(d.stem), "seed": seed, "label": label,
              "steps": steps, "batch_size": batch, "lr": lr, "horizon": HORIZON, "rollouts": ROLLOUTS}
             for d in args.datasets for seed in args.seeds for label, steps, batch, lr in VARIANTS]
@@ -136,8 +133,7 @@ def main() -> None:
         return row
 
     rows = run_all(jobs, args.results, run_one, table_only=args.table_only)
-    for stem, fp in dict.fromkeys((r["dataset"], r["dataset_fingerprint"]) for r in rows):
-        got = [r for r in rows if r["dataset"] == stem and r["dataset_fingerprint"] == fp]
+    for stem, fp, got in by_data(rows):
         print(f"\n**{stem}** (data `{fp}`; {ROLLOUTS} start states, the dataset's actions, horizon {HORIZON - 1}; "
               "state error against MuJoCo in dataset stds, mean over seeds "
               f"{sorted({r['seed'] for r in got})})\n")

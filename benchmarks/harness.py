@@ -21,7 +21,7 @@ from pathlib import Path
 from diffrl.runs.results import append_row, provenance, read_rows
 
 __all__ = ["RESULTS", "Row", "Key", "read_rows", "append_row", "matches", "finished", "print_row", "run_all",
-           "add_common_args"]
+           "add_common_args", "dataset_prints", "by_data"]
 
 # the committed result rows (run directories and caches stay in the git-ignored benchmarks/out/)
 RESULTS = Path(__file__).parent / "results"
@@ -69,3 +69,22 @@ def add_common_args(parser: argparse.ArgumentParser, results: Path, tables: str 
     parser.add_argument("--results", type=Path, default=results)
     parser.add_argument("--table-only", action="store_true",
                         help=f"print the {tables} of the finished runs, run nothing")
+
+
+def dataset_prints(datasets: Iterable[Path], table_only: bool) -> dict[str, str]:
+    """Each present dataset's fingerprint by file stem (rows name the data they ran on); a missing dataset stops a
+    run (one sentence: how to build it), not a ``--table-only`` reprint."""
+    from diffrl.data import fingerprint, load_dataset
+
+    datasets = list(datasets)
+    missing = [str(d) for d in datasets if not Path(d).exists()]
+    if missing and not table_only:
+        raise SystemExit(f"missing: {', '.join(missing)}; build them with `python benchmarks/datasets.py`")
+    return {Path(d).stem: fingerprint(load_dataset(str(d))) for d in datasets if Path(d).exists()}
+
+
+def by_data(rows: Iterable[Row]) -> Iterable[tuple[str, str | None, list[Row]]]:
+    """The rows grouped by the data they ran on: ``(dataset, fingerprint, rows)`` in first-seen order."""
+    rows = list(rows)
+    for stem, fp in dict.fromkeys((r["dataset"], r.get("dataset_fingerprint")) for r in rows):
+        yield stem, fp, [r for r in rows if r["dataset"] == stem and r.get("dataset_fingerprint") == fp]
