@@ -16,6 +16,7 @@ Rows (one per trial) go to benchmarks/results/dydiff_halfcheetah.jsonl; finished
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import torch
 
 from diffrl import registry
 from diffrl.data import dataset_env, fingerprint, load_dataset
+from diffrl.errors import ConfigError
 from diffrl.pipelines import dydiff
 from diffrl.runs.results import finished_at
 from diffrl.sweep import saved_spec, trial_state, trials
@@ -63,7 +65,10 @@ def main() -> None:
     torch.set_num_threads(1)
     jobs, dirs = [], {}
     if not args.table_only:
-        spec = saved_spec(args.sweep)  # one sentence if it is not a sweep directory
+        try:
+            spec = saved_spec(args.sweep)
+        except ConfigError as e:  # not a sweep directory: one sentence
+            raise SystemExit(f"{e} Run `diffrl sweep benchmarks/dydiff.yaml` first, or give --sweep.") from None
         for t in trials(spec):
             run = args.sweep / "trials" / t.id
             if "HalfCheetah" not in str(t.fields.get("dataset")) or trial_state(run) != "done":
@@ -73,17 +78,22 @@ def main() -> None:
                          "episodes": EPISODES})
             dirs[t.id] = run
 
+    @functools.cache
+    def data(path: str) -> tuple:
+        """A dataset (read and hashed once for all its trials), its fingerprint and its share of flipped states."""
+        ds = load_dataset(path)
+        return ds, fingerprint(ds), float(np.mean(np.abs(ds.observations[:, 1]) > FLIPPED))
+
     def run_one(key: dict) -> dict:
         run = dirs[key["trial"]]
         cfg = registry.find_run(run)[2]
-        ds = load_dataset(cfg.dataset)
+        ds, fp, flipped = data(str(cfg.dataset))
         policy = dydiff.trained_policy(run, cfg, ds, torch.device("cpu"))
         idx = np.random.default_rng(0).choice(len(ds.observations), min(5000, len(ds.observations)), replace=False)
         with torch.no_grad():
             acts = policy(torch.as_tensor(ds.observations[idx], dtype=torch.float32)).numpy()
         eps = play(policy, dataset_env(ds, None, str(cfg.dataset)), key["episodes"])
-        row = {**key, "dataset_fingerprint": fingerprint(ds), "episodes_played": eps,
-               "data_flipped_share": float(np.mean(np.abs(ds.observations[:, 1]) > FLIPPED)),
+        row = {**key, "dataset_fingerprint": fp, "episodes_played": eps, "data_flipped_share": flipped,
                "action_rms_to_data": float(np.sqrt(np.mean((acts - ds.actions[idx]) ** 2)))}
         print(f"{key['trial']}: return {np.mean([e['return'] for e in eps]):.0f}, stalled "
               f"{np.mean([e['end_velocity'] < STALLED for e in eps]):.2f}", flush=True)

@@ -111,7 +111,7 @@ def main() -> None:
         err = np.mean(errs, 0)
         row = {**key, "model": str(model_dir), "nfe": network_evaluations(key["sampler"], key["steps"]),
                "sample_s": float(np.median(secs)), **{f"h{h}": float(err[h - 1]) for h in (1, 10, 31)},
-               "h31_seeds": [float(e[30]) for e in errs], "options": {k: v for k, v in opts.items()},
+               "h31_seeds": [float(e[30]) for e in errs], "options": opts,
                **{f"single_step_h{h}": float(single[h - 1]) for h in (1, 10, 31)}}
         print(f"{key['dataset']} s{key['seed']} {key['label']} {key['steps']}: h1 {row['h1']:.3f} h10 "
               f"{row['h10']:.3f} h31 {row['h31']:.3f} in {row['sample_s']:.1f} s", flush=True)

@@ -498,7 +498,7 @@ class LiveTable:
         # the driver's, found once: not re-read (rows, dataset hashes) at every tick
         self.recorded, self.stale = recorded, stale
         self._last = ""
-        self._finished: frozenset[str] | None = None
+        self._finished: frozenset[str] = frozenset()  # with every <= 0: the finished trials at the last look
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -515,9 +515,7 @@ class LiveTable:
                 done = self.finished()
                 if done == self._finished:
                     return
-                first, self._finished = self._finished is None, done
-                if first:
-                    return  # the sweep's start: nothing has finished under this driver yet
+                self._finished = done
             table = status_table(self.sweep_dir, self.recorded, self.stale)
             if table != self._last:
                 self.out(table)
@@ -532,8 +530,10 @@ class LiveTable:
                 self.out(f"(status table skipped: {e})")
 
     def __enter__(self) -> LiveTable:
-        if self.every <= 0:
-            self.tick(when_finished=True)  # the finished trials at the start, to compare with
+        if self.every <= 0:  # the trials finished before this driver started: recorded, not announced
+            with self._lock:
+                record_results(self.sweep_dir, self.spec)
+                self._finished = self.finished()
         self._thread.start()
         return self
 
