@@ -180,12 +180,20 @@ def _ci(iv: stats.Interval, d: int) -> str:
     return _f(iv.value, d) + ("" if iv.lo is None else f" [{_f(iv.lo, d)}, {_f(iv.hi, d)}]")
 
 
+def _machine(m: dict[str, Any]) -> str:
+    """A row's device: its GPU, else its CPU with the flags that decide its speed (rows from before they were
+    recorded name the CPU alone)."""
+    if m.get("gpu"):
+        return m["gpu"]
+    return m.get("cpu", "?") + (f" ({', '.join(m['cpu_flags'])})" if m.get("cpu_flags") else "")
+
+
 def _provenance(rows: Sequence[dict[str, Any]]) -> str:
     revs = sorted({(s.get("git_rev") or "?")[:7] + ("+edits" if s.get("git_dirty") else "")
                    for r in rows for s in r.get("starts", [r])})  # every revision a run ran under
     dates = sorted(str(r.get("date", "?"))[:10] for r in rows)
-    cpus = sorted({f"{r['machine'].get('gpu') or r['machine'].get('cpu')}, {r['machine'].get('torch_threads')} "
-                   "torch thread(s)" for r in rows if r.get("machine")})
+    cpus = sorted({f"{_machine(r['machine'])}, {r['machine'].get('torch_threads')} torch thread(s)"
+                   for r in rows if r.get("machine")})
     torch = sorted({r.get("versions", {}).get("torch", "?") for r in rows})
     runs = f"{len(rows)} run{'s' if len(rows) != 1 else ''}"
     return (f"{runs}; git {', '.join(revs)}; {dates[0]} – {dates[-1]}; {'; '.join(cpus)}; "

@@ -180,3 +180,19 @@ def test_the_data_line_counts_each_dataset_fingerprint_and_runs_without_one():
     line = tables.data_line(runs)[0]
     assert "`f1` (2 runs)" in line and "`f2` (1 run)" in line and "`not recorded` (1 run)" in line
     assert tables.data_line({"a": {0: {"final": {}}}}) == []  # no run recorded one: nothing to say
+
+
+def test_the_rows_line_names_each_machine_with_its_cpu_flags_or_its_gpu():
+    old = {"git_rev": "abc1234def", "date": "2026-12-03", "machine": {"cpu": "toy cpu", "torch_threads": 1}}
+    new = {**old, "machine": {"cpu": "toy cpu", "cpu_flags": ["avx2", "avx512_bf16"], "torch_threads": 1}}
+    gpu = {**old, "machine": {"cpu": "toy cpu", "cpu_flags": ["avx2"], "gpu": "toy gpu", "torch_threads": 1}}
+    line = tables._provenance([old, new, gpu])
+    assert "3 runs" in line and "; toy cpu (avx2, avx512_bf16), 1 torch thread(s); toy cpu, 1 torch thread(s); " \
+        "toy gpu, 1 torch thread(s);" in line
+
+
+def test_a_new_row_records_the_cpu_flags_that_decide_its_speed():
+    from diffrl.runs.results import cpu_flags, provenance
+
+    flags = provenance()["machine"]["cpu_flags"]
+    assert flags == cpu_flags() and set(flags) <= {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}

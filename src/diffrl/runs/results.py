@@ -128,8 +128,8 @@ def provenance() -> dict[str, Any]:
     if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
         gpu = sys.modules["torch"].cuda.get_device_name(0)
     return {"versions": versions, "git_rev": rev, "git_dirty": dirty,
-            "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "torch_threads": threads, "gpu": gpu,
-                        "host": platform.node()},
+            "machine": {"cpu": _cpu(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(), "torch_threads": threads,
+                        "gpu": gpu, "host": platform.node()},
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
