@@ -207,6 +207,59 @@ def test_actor_loss_is_bc_plus_eta_times_a_random_normalised_q_through_the_whole
     assert picked == {True, False}
 
 
+def test_pred_start_raises_q_of_the_bc_terms_own_clean_action_estimate_with_one_network_call():
+    """DyDiff's Diffusion-QL (use_pred_start): a_new is x0 = clamp((x_t - sqrt(1 - abar) eps) / sqrt(abar)) of the
+    BC term's noised buffer action, the Q coin drawn after it; gradients reach the denoiser through that one call."""
+    a = agent(q_action="pred_start", eta=0.7)
+    b = batch()
+    picked = set()
+    calls = []
+    hook = a.policy.ft_net.register_forward_hook(lambda *_: calls.append(1))
+    for seed in range(8):
+        a.generator.manual_seed(seed)
+        gen = torch.Generator().set_state(a.generator.get_state())
+        calls.clear()
+        loss, parts = a.actor_loss(b)
+        assert len(calls) == 1  # BC and a_new share one denoiser call; no chain
+        grads = torch.autograd.grad(loss, list(a.policy.ft_net.parameters()))
+        x0 = b.act.view(8, 2, 2)
+        t = torch.randint(0, K, (8,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        abar = torch.cumprod(1 - a.policy.base.schedule.betas.double(), 0)[t].float().view(8, 1, 1)
+        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        eps = a.policy.ft_net(x_t, t.float(), b.obs)
+        calls.clear()
+        bc = ((eps - noise) ** 2).mean()
+        a_new = ((x_t - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
+        q = a.critic(b.obs, a_new.flatten(1))
+        first = float(torch.rand((), generator=gen)) > 0.5
+        picked.add(first)
+        q_loss = -q[0].mean() / q[1].abs().mean().detach() if first else -q[1].mean() / q[0].abs().mean().detach()
+        want = bc + 0.7 * q_loss
+        torch.testing.assert_close(loss, want)
+        torch.testing.assert_close(parts["bc_loss"], bc.detach())
+        q_grads = torch.autograd.grad(q_loss, list(a.policy.ft_net.parameters()), retain_graph=True)
+        assert any(float(w.abs().sum()) > 0 for w in q_grads)  # the Q term reaches the denoiser through x0
+        for g, w in zip(grads, torch.autograd.grad(want, list(a.policy.ft_net.parameters())), strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    hook.remove()
+    assert picked == {True, False}
+    with pytest.raises(ConfigError, match="bc_target='sampled'.*'buffer' with q_action='pred_start'"):
+        DQLParams(horizon_steps=2, act_steps=2, q_action="pred_start", bc_target="sampled")
+
+
+def test_loss_and_x0_is_the_models_loss_with_the_same_draws_and_predicts_x0_from_that_call():
+    m = model()
+    x, cond = torch.rand(6, 2, 2) * 2 - 1, torch.randn(6, 3)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    loss, x0 = m.loss_and_x0(x, cond, g1)
+    torch.testing.assert_close(loss, m.loss(x, cond, g2))
+    g3 = torch.Generator().manual_seed(3)
+    t = torch.randint(0, K, (6,), generator=g3)
+    x_t = m.q_sample(x, t, torch.randn(x.shape, generator=g3))
+    torch.testing.assert_close(x0, m.predict(x_t, t, cond)[0])
+
+
 def test_update_steps_the_critic_on_the_td_target_then_the_actor_and_moves_the_target_by_tau():
     a = agent(tau=0.1)
     b = batch()

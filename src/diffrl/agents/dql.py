@@ -18,7 +18,9 @@ of the VP schedule, one action per state) with options of :class:`DQLParams` swi
 of the actor (``target_actor='ema'``), the plain posterior chain (``min_sampling_std = 0``: no noise at ``t = 0``;
 ``noise_clip = None``), the critic's gradient clipped too (``critic_max_grad_norm``), cosine learning-rate decay
 (``lr_decay_steps``) and actions chosen among ``eval_candidates`` samples by the target critic (:class:`QSelection`).
-``diffrl offline dql`` (:mod:`diffrl.pipelines.offline`) sets them.
+``diffrl offline dql`` (:mod:`diffrl.pipelines.offline`) sets them. Dydiff's code (FineArtz/DyDiff
+``rlkit/algo/diff_ql.py``) runs that update with ``use_pred_start``: its ``a_new`` is the clean-action estimate of the
+BC term's own network call, not a chain sample (``q_action='pred_start'``).
 
 The critic, the chain's roles, ``a'``, the BC loss and the steps are :class:`~diffrl.agents.diffusion_q.
 DiffusionQAgent`'s (shared with IDQL, DIPO and QSM); this module adds the actor loss and the update. The agent knows
@@ -52,10 +54,12 @@ from diffrl.diffusion.models import DDPM
 from diffrl.diffusion.samplers import sample_chain_grad
 from diffrl.diffusion.spec import build_model
 
-__all__ = ["DQLParams", "DQL", "QSelection", "dql_offline_model", "BC_TARGETS", "TARGET_ACTORS", "EVAL_SEED"]
+__all__ = ["DQLParams", "DQL", "QSelection", "dql_offline_model", "BC_TARGETS", "TARGET_ACTORS", "Q_ACTIONS",
+           "EVAL_SEED"]
 
 BC_TARGETS = ("buffer", "sampled")
 TARGET_ACTORS = ("current", "ema")
+Q_ACTIONS = ("chain", "pred_start")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +72,10 @@ class DQLParams(DiffusionQParams):
     bc_target: str = "buffer"
     """what the BC term clones: 'buffer' (the paper: the epsilon loss of the batch's actions) or 'sampled' (DPPO's
     reference: the epsilon loss of a_new itself, with gradients through a_new)"""
+    q_action: str = "chain"
+    """the action a_new whose value the Q term raises: 'chain' (the paper: a sample of the whole chain, differentiated
+    through every step) or 'pred_start' (DyDiff's code, FineArtz/DyDiff rlkit/algo/diff_ql.py use_pred_start: the
+    clean-action estimate of the BC term's own network call on the noised data action, one step at a random t)"""
     target_actor: str = "current"
     """who draws the TD target's a': 'current' (DPPO's reference: the trained chain itself) or 'ema' (Wang et al.: an
     EMA copy of it, moved by ema_decay every ema_every updates from update ema_start on)"""
@@ -88,6 +96,9 @@ class DQLParams(DiffusionQParams):
         check_non_negative("eta", self.eta)
         check_choice("bc_target", self.bc_target, BC_TARGETS)
         check_choice("target_actor", self.target_actor, TARGET_ACTORS)
+        check_choice("q_action", self.q_action, Q_ACTIONS)
+        check(self.q_action == "chain" or self.bc_target == "buffer", "bc_target", self.bc_target,
+              "'buffer' with q_action='pred_start' (its a_new is the estimate of the buffer action's BC term)")
         check(0.0 <= self.ema_decay < 1.0, "ema_decay", self.ema_decay, "in [0, 1)")
         check_positive("ema_every", self.ema_every)
         check_non_negative("ema_start", self.ema_start)
@@ -191,23 +202,28 @@ class DQL(DiffusionQAgent):
 
     def actor_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``bc_loss + eta q_loss`` and its parts. Draws, in order: the differentiable chain of ``a_new``, one
-        uniform for the Q choice (``> 0.5``: ``Q_1`` over ``|Q_2|``, as the reference's coin), the BC noise."""
+        uniform for the Q choice (``> 0.5``: ``Q_1`` over ``|Q_2|``, as the reference's coin), the BC noise; with
+        ``q_action='pred_start'``: the BC step and noise (their ``a_new`` is its clean-action estimate), the coin."""
         p, base = self.p, self.actor.base
         cond = batch.obs  # (B, To Do)
-        x = sample_chain_grad(base, (len(cond), *base.event_shape), cond, min_std=p.min_sampling_std,
-                              noise_clip=p.noise_clip, generator=self.generator, device=self.device,
-                              net_for_step=self.actor.net_for_step)  # (B, Ta, Da), normalised space
+        data = batch.act.view(len(cond), p.act_steps, self.act_dim)
+        bc = None
+        if p.q_action == "pred_start":
+            bc, x = base.loss_and_x0(data, cond, self.generator, net=self.actor.ft_net)
+        else:
+            x = sample_chain_grad(base, (len(cond), *base.event_shape), cond, min_std=p.min_sampling_std,
+                                  noise_clip=p.noise_clip, generator=self.generator, device=self.device,
+                                  net_for_step=self.actor.net_for_step)  # (B, Ta, Da), normalised space
         a_new = base.normalizer.unnormalize(x)
         q = self.critic(cond, self._executed(a_new))  # (2, B)
         i = 0 if float(torch.rand((), device=self.device, generator=self.generator)) > 0.5 else 1
         q_loss = -q[i].mean() / q[1 - i].abs().mean().detach()
-        if p.bc_target == "buffer":  # Wang et al. 2023 (eq. 3 and their code): clone the data's actions
-            bc = self.bc_loss(batch.act.view(len(cond), p.act_steps, self.act_dim), cond)
-        else:
-            # DPPO's reference (diffusion_dql.py loss_actor at its latest commit; the earlier one cloned buffer
-            # actions): self.loss(action_new, obs), the policy cloning its own fresh sample, which anchors it to
-            # itself rather than to the data the paper's term keeps it near; an option to reproduce that baseline
-            bc = self.bc_loss(a_new, cond)
+        if bc is None:
+            # 'buffer': Wang et al. 2023 (eq. 3 and their code) clone the data's actions. 'sampled': DPPO's reference
+            # (diffusion_dql.py loss_actor at its latest commit; the earlier one cloned buffer actions):
+            # self.loss(action_new, obs), the policy cloning its own fresh sample, which anchors it to itself rather
+            # than to the data the paper's term keeps it near; an option to reproduce that baseline
+            bc = self.bc_loss(data if p.bc_target == "buffer" else a_new, cond)
         loss = bc + p.eta * q_loss
         return loss, {"bc_loss": bc.detach(), "q_loss": q_loss.detach(), "q_new_mean": q.detach().mean()}
 

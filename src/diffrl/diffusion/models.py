@@ -267,13 +267,34 @@ class DDPM(DiffusionModel):
     def num_steps(self) -> int:
         return self.schedule.num_steps
 
-    def _loss(self, x: torch.Tensor, cond: torch.Tensor | None, generator: torch.Generator | None,
-              net: nn.Module | None = None, fixed: torch.Tensor | None = None) -> torch.Tensor:
+    def _noised(self, x: torch.Tensor, generator: torch.Generator | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A training draw for a normalised batch: steps ``t`` ``(B,)`` uniform in ``[0, K)`` (drawn first), the
+        noise, and ``x_t = q_sample(x, t, noise)``."""
         t = torch.randint(0, self.num_steps, (x.shape[0],), device=x.device, generator=generator)
         noise = torch.randn(x.shape, device=x.device, generator=generator)
-        x_t = self.q_sample(x, t, noise)
+        return t, noise, self.q_sample(x, t, noise)
+
+    def _loss(self, x: torch.Tensor, cond: torch.Tensor | None, generator: torch.Generator | None,
+              net: nn.Module | None = None, fixed: torch.Tensor | None = None) -> torch.Tensor:
+        t, noise, x_t = self._noised(x, generator)
         out = self.network(x_t if fixed is None else torch.where(fixed, x, x_t), t.float(), cond, net=net)
         return (out - (noise if self.prediction == "epsilon" else x)) ** 2  # (B, *event)
+
+    def loss_and_x0(self, x: torch.Tensor, cond: torch.Tensor | None = None,
+                    generator: torch.Generator | None = None, *,
+                    net: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The denoising loss of ``x`` ``(B, *event)`` (data units; :meth:`loss` with its defaults, the same draws)
+        and the clean-sample estimate of the same network call on the same noised input, ``(B, *event)`` in
+        normalised space, clamped as :meth:`predict` clamps it, with gradients through ``net``: one network call
+        for both (DyDiff's Diffusion-QL, ``use_pred_start``, raises the critic's value of this estimate instead of
+        a full chain sample's)."""
+        self._check_inputs(x, cond)
+        x, cond = self.normalizer(x), self._drop_cond(cond, generator)  # the draws in loss()'s order
+        t, noise, x_t = self._noised(x, generator)
+        out = self.network(x_t, t.float(), cond, net=net)
+        loss = ((out - (noise if self.prediction == "epsilon" else x)) ** 2).mean()
+        return loss, self._x0_eps(x_t, t, out)[0]
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The forward process ``q(x_t | x_0)`` at steps ``t`` ``(B,)`` (normalised space; Ho et al. 2020, eq. 4):
@@ -285,10 +306,13 @@ class DDPM(DiffusionModel):
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None, guidance: float = 1.0,
                 net: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's clean-sample and noise estimates ``(x0, eps)`` at step ``t`` ``(B,)`` (x0 clamped)."""
+        return self._x0_eps(x_t, t, self.network(x_t, t.float(), cond, guidance, net))
+
+    def _x0_eps(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x0, eps)`` from the network's output ``out`` at ``(x_t, t)`` (x0 clamped to ``clip_x0``)."""
         sched = self.schedule
         sa = sched.at("sqrt_alphas_cumprod", t, x_t.ndim)
         s1a = sched.at("sqrt_one_minus_alphas_cumprod", t, x_t.ndim)
-        out = self.network(x_t, t.float(), cond, guidance, net)
         if self.prediction == "epsilon":
             x0, eps = (x_t - s1a * out) / sa, out
         else:
