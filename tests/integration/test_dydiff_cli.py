@@ -186,14 +186,14 @@ def test_a_stage_cache_trains_each_stage_once_and_changes_no_result(full_run, wo
     # trains, whose flags the module docstring lists: agent settings are not part of a stage's key)
     dql = workdir / "cached-dql"
     variant = ["--q-action", "pred_start", "--no-lr-decay", "--normalize-states", "--critic-hidden", "256", "256",
-               "--critic-activation", "relu"]
+               "--critic-activation", "relu", "--eval-draw"]
     assert main(["dydiff", "--algo", "dql", "--dataset", str(hopper_random), *STAGES, "--steps", "20",
                  "--eval-candidates", "4", "--fidelity-rollouts", "0", "--stage-cache", str(cache), "--run-dir",
                  str(dql), *variant]) == 0
     assert len(stages()) == 2
     config = yaml.safe_load((dql / "config.yaml").read_text())["config"]
     assert (config["q_action"], config["lr_decay"], config["normalize_states"], config["critic_hidden"],
-            config["critic_activation"]) == ("pred_start", False, True, [256, 256], "relu")
+            config["critic_activation"], config["eval_draw"]) == ("pred_start", False, True, [256, 256], "relu", True)
     s, t = (json.loads((d / "summary.json").read_text()) for d in (first, dql))
     assert (s["diffusion_run"], s["models_run"]) == (t["diffusion_run"], t["models_run"])
     assert Path(s["diffusion_run"]).parent == cache

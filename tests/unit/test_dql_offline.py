@@ -225,6 +225,23 @@ def test_stochastic_act_draws_a_candidate_by_softmax_of_min_q():
     assert np.array_equal(out, cand[idx, torch.arange(4)].numpy())
 
 
+def test_eval_draw_evaluates_with_the_softmax_draw_from_the_fixed_evaluation_noise():
+    a = agent(eval_draw=True)
+    a.policy.critic_target = ActionValue(scale=3.0)
+    obs = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    state = a.generator.get_state()
+    out = a.act(obs, deterministic=True)
+    assert np.array_equal(out, a.act(obs, deterministic=True)) and torch.equal(a.generator.get_state(), state)
+    gen = torch.Generator().manual_seed(EVAL_SEED)
+    rep = torch.as_tensor(obs).repeat(6, 1)[:, None]
+    cand = a.actor.sample(rep, False, gen).action.view(6, 4, 2)
+    idx = torch.multinomial(torch.softmax(3.0 * cand[..., 0], 0).T, 1, generator=gen).squeeze(1)
+    assert np.array_equal(out, cand[idx, torch.arange(4)].numpy())
+    assert not torch.equal(idx, cand[..., 0].argmax(0))  # the draw, not the argmax, for some state
+    with pytest.raises(ConfigError, match="eval_draw=True.*eval_candidates"):
+        DQLParams(**{**OFFLINE, "eval_candidates": None, "eval_draw": True})
+
+
 def test_offline_dql_moves_the_policy_of_a_mostly_bad_dataset_to_the_best_action():
     """A one-step bandit from a fixed dataset, reward ``1 - (a - 0.6)^2``: 70% of its actions near -0.6, the rest
     uniform in [-1, 1] (data mean about -0.4). Behaviour cloning alone would follow the data; the Q term must move

@@ -46,6 +46,7 @@ import torch
 from diffrl.agents.base import set_requires_grad, soft_update
 from diffrl.agents.diffusion_q import EVAL_SEED, CandidatePolicy, DiffusionQAgent, DiffusionQParams
 from diffrl.agents.dppo import DiffusionPolicy
+from diffrl.agents.nets import EnsembleQ
 from diffrl.agents.ppo import ChunkSample, check_optional_positive
 from diffrl.config import check, check_choice, check_non_negative, check_positive
 from diffrl.data.batch import Batch
@@ -88,6 +89,9 @@ class DQLParams(DiffusionQParams):
     eval_candidates: int | None = None
     """None: act with the chain itself (deterministic: DPPO's evaluation chain); N: Wang et al.'s selection, N actions
     sampled per state and the one of highest min_i Q'_i taken (deterministic) or drawn by softmax(min_i Q'_i)"""
+    eval_draw: bool = False
+    """with eval_candidates: evaluate with the softmax draw too (Wang et al.'s and Dydiff's code evaluate that way),
+    from a fixed seed at each call so an action stays a function of the observation; off: the argmax (its mode)"""
     lr_decay_steps: int | None = None
     """cosine-anneal both learning rates to 0 over this many updates (Wang et al.'s lr_decay); None: constant"""
 
@@ -103,6 +107,8 @@ class DQLParams(DiffusionQParams):
         check_positive("ema_every", self.ema_every)
         check_non_negative("ema_start", self.ema_start)
         check_optional_positive("eval_candidates", self.eval_candidates)
+        check(not self.eval_draw or self.eval_candidates is not None, "eval_draw", self.eval_draw,
+              "False unless eval_candidates is set (it draws among the candidates)")
         check_optional_positive("lr_decay_steps", self.lr_decay_steps)
         # the buffer holds only the executed actions: the model's (Ta, Da) event needs all of them
         check(self.bc_target == "sampled" or self.act_steps == self.horizon_steps, "act_steps", self.act_steps,
@@ -133,7 +139,13 @@ def dql_offline_model(obs_dim: int, act_dim: int, *, denoising_steps: int = 5, s
 class QSelection(CandidatePolicy):
     """Wang et al.'s action selection (``Diffusion_QL.sample_action``): ``N`` chains per state from the actor's
     TRAINING sampling (theirs, also to evaluate), scored by ``min_i Q'_i`` of the target critic; the argmax when
-    ``deterministic`` (the mode of their softmax draw), else a draw from ``softmax`` over the ``N`` scores."""
+    ``deterministic`` (the mode of their softmax draw) unless ``draw_when_deterministic``, else a draw from
+    ``softmax`` over the ``N`` scores."""
+
+    def __init__(self, chain: DiffusionPolicy, critic_target: EnsembleQ, num_candidates: int, act_steps: int, *,
+                 draw_when_deterministic: bool = False) -> None:
+        super().__init__(chain, critic_target, num_candidates, act_steps)
+        self.draw_when_deterministic = draw_when_deterministic
 
     @torch.no_grad()
     def sample(self, obs: torch.Tensor, deterministic: bool = False, generator: torch.Generator | None = None,
@@ -142,7 +154,7 @@ class QSelection(CandidatePolicy):
         if mean_path:
             raise ValueError("Wang et al.'s candidate selection has no mean path; evaluate without it")
         cand, q = self.scored(obs, False, generator)  # (N, B, Ta, Da), (N, B)
-        if deterministic:
+        if deterministic and not self.draw_when_deterministic:
             idx = q.argmax(0)  # (B,)
         else:
             idx = torch.multinomial(torch.softmax(q, 0).T, 1, generator=generator).squeeze(1)  # (B,)
@@ -185,7 +197,8 @@ class DQL(DiffusionQAgent):
             self.sampler = self.ema.shadow
             self.nets["policy_target"] = self.ema.shadow
         if p.eval_candidates is not None:
-            self.policy = QSelection(self.actor, self.critic_target, p.eval_candidates, p.act_steps)
+            self.policy = QSelection(self.actor, self.critic_target, p.eval_candidates, p.act_steps,
+                                     draw_when_deterministic=p.eval_draw)
 
     def anneal_lr(self) -> None:
         """Both learning rates at update ``u = num_updates``: ``lr (1 + cos(pi min(u, T) / T)) / 2`` with ``T =

@@ -15,9 +15,9 @@ stage cache shared by runs (``--stage-cache DIR``, keyed by :func:`window_stage_
    filling its model buffer every ``rollout_every`` gradient steps; batches take ``real_ratio`` real rows;
    ``--algo dql`` is diffrl's Diffusion-QL with Wang et al.'s settings (``diffrl offline dql``); Dydiff's code
    (``rlkit/algo/diff_ql.py``, ``exp_specs/dydiff_diffql``) trains a variant of it: ``--q-action pred_start
-   --no-lr-decay --normalize-states --critic-hidden 256 256 --critic-activation relu`` (its Q term on the BC call's
-   clean-action estimate, a constant learning rate, z-scored states, two ReLU layers per critic); it also draws
-   each evaluation action from the softmax over its 50 candidates' values, where diffrl takes the best;
+   --no-lr-decay --normalize-states --critic-hidden 256 256 --critic-activation relu --eval-draw`` (its Q term on
+   the BC call's clean-action estimate, a constant learning rate, z-scored states, two ReLU layers per critic, and
+   each evaluation action drawn by the softmax over its 50 candidates' values instead of the best taken);
 4. rollout fidelity in the simulator (``fidelity_rollouts``): the window model, the single-step model and both under
    the trained policy, against MuJoCo from the same start states and actions; the table goes into ``summary.json``.
 """
