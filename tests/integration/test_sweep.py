@@ -187,6 +187,8 @@ def test_skip_recorded_finishes_a_sweep_whose_rows_were_committed_without_runnin
     kept = [r for r in rows if r["trial"] != "utd_2-s1"]
     changed = next(r for r in kept if r["trial"] == "utd_1-s1")
     changed["config"] = {**changed["config"], "gamma": 0.9}
+    older = next(r for r in kept if r["trial"] == "utd_1-s0")  # recorded before an option (at its default) existed
+    assert older["config"].pop("agent_bf16") is False
     rows_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
     argv = [*SWEEP, "--root", str(tmp_path), "--results", str(rows_file)]
     assert main([*argv, "--skip-recorded"]) == 0

@@ -1,0 +1,26 @@
+"""Which committed rows `diffrl sweep --skip-recorded` counts as a trial's run (`sweep._same_config`)."""
+
+from __future__ import annotations
+
+from diffrl.sweep import ADDED_FIELDS, _same_config
+
+
+def test_a_field_the_row_lacks_matches_only_when_listed_as_added_and_run_at_the_listed_value():
+    assert ADDED_FIELDS["q_action"] == "chain"
+    want = {"steps": 100, "gamma": 0.99, "q_action": "chain"}
+    assert _same_config({"steps": 100, "gamma": 0.99}, want, {})  # added since, at its old behaviour
+    assert not _same_config({"steps": 100, "gamma": 0.99}, {**want, "q_action": "pred_start"}, {})
+    assert not _same_config({"steps": 100, "gamma": 0.99}, {**want, "unlisted": False}, {})  # not known neutral
+    assert not _same_config({"gamma": 0.99, "q_action": "chain"}, want, {})
+    assert not _same_config({**want, "gone": 1}, want, {})  # a field that no longer exists
+    assert not _same_config({**want, "gamma": 0.9}, want, {})
+    assert _same_config(dict(want), want, {})
+
+
+def test_a_field_under_the_sweeps_root_matches_by_the_path_below_the_root():
+    want = {"policy": "runs/sweeps/pre/trials/a-s0", "seed": 0}
+    rooted = {"policy": "/pre/trials/a-s0"}
+    for recorded in ("runs/sweeps/pre/trials/a-s0", "/home/me/diffrl/runs/sweeps/pre/trials/a-s0"):
+        assert _same_config({"policy": recorded, "seed": 0}, want, rooted)
+    assert not _same_config({"policy": "/home/me/diffrl/runs/sweeps/pre/trials/b-s0", "seed": 0}, want, rooted)
+    assert not _same_config({"seed": 0}, want, rooted)
