@@ -113,6 +113,7 @@ TABLES: dict[str, SweepTable | ScriptTable] = {
     "dydiff-window-fit": ScriptTable(("benchmarks/dydiff_window_fit.py",), "results/dydiff_window_fit.jsonl"),
     "dydiff-samplers": ScriptTable(("benchmarks/dydiff_samplers.py",), "results/dydiff_samplers.jsonl"),
     "dydiff-halfcheetah": ScriptTable(("benchmarks/dydiff_halfcheetah.py",), "results/dydiff_halfcheetah.jsonl"),
+    "dql-eval-modes": ScriptTable(("benchmarks/dql_eval_modes.py",), "results/dql_eval_modes.jsonl"),
     "update-speed": ScriptTable(("benchmarks/update_speed.py",), "results/update_speed.jsonl"),
     "sac-vs-sb3": ScriptTable(("benchmarks/sac_vs_sb3.py",), "results/sac_vs_sb3.jsonl"),
     "her-vs-sb3": ScriptTable(("benchmarks/her_vs_sb3.py",), "results/her_vs_sb3.jsonl"),

@@ -1,0 +1,141 @@
+"""How a trained Diffusion-QL policy is evaluated changes its score: the final policies of a sweep's Diffusion-QL
+trials played three ways on the same episodes.
+
+    python benchmarks/dql_eval_modes.py                       # every finished trial of runs/sweeps/dydiff-dql
+    python benchmarks/dql_eval_modes.py --sweep DIR --episodes 10
+    python benchmarks/dql_eval_modes.py --table-only
+
+Modes, each with the run's own fixed evaluation noise (``act(obs, deterministic=True)``):
+
+- ``argmax``: 50 candidate actions from the chain, the one of highest min-Q of the target critic (diffrl's default,
+  what the runs' own evaluations report);
+- ``draw``: the same candidates, one drawn by softmax over their min-Q (``--eval-draw``: how Wang et al.'s and
+  Dydiff's code evaluate);
+- ``chain``: one action of the evaluation chain, no critic (the policy without the selection).
+
+Per trial and mode: ``--episodes`` episodes from the same initial states for every mode, arm and seed (diffrl's
+``evaluate``, seed 0), the normalised score with the dataset's references, and how far the mode's actions are from
+the dataset's on 2000 of its states (RMS). Rows (one per trial and mode) go to
+benchmarks/results/dql_eval_modes.jsonl; finished ones are skipped when re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffrl import registry
+from diffrl.data import Normalizer, dataset_env, fingerprint, load_dataset
+from diffrl.envs import make_env
+from diffrl.errors import ConfigError
+from diffrl.eval import evaluate
+from diffrl.eval.scores import normalized_score, reference_scores
+from diffrl.pipelines import offline
+from diffrl.runs import checkpoint as ckpt
+from diffrl.runs.results import finished_at
+from diffrl.sweep import saved_spec, trial_state, trials
+from harness import RESULTS, add_common_args, by_data, run_all
+
+MODES = ("argmax", "draw", "chain")
+DATA_STATES = 2000
+
+
+@contextlib.contextmanager
+def evaluated_as(agent, mode: str):
+    """The agent acting in ``mode`` (see the module docstring) until the block ends."""
+    policy, draw = agent.policy, getattr(agent.policy, "draw_when_deterministic", None)
+    if mode == "chain":
+        agent.policy = agent.actor
+    elif mode == "draw":
+        agent.policy.draw_when_deterministic = True
+    try:
+        yield agent
+    finally:
+        agent.policy = policy
+        if draw is not None:
+            policy.draw_when_deterministic = draw
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sweep", type=Path, default=Path(__file__).parents[1] / "runs" / "sweeps" / "dydiff-dql")
+    ap.add_argument("--episodes", type=int, default=10)
+    add_common_args(ap, RESULTS / "dql_eval_modes.jsonl")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    jobs, dirs = [], {}
+    if not args.table_only:
+        try:
+            spec = saved_spec(args.sweep)
+        except ConfigError as e:  # not a sweep directory: one sentence
+            raise SystemExit(f"{e} Run `diffrl sweep benchmarks/dydiff_dql.yaml` first, or give --sweep.") from None
+        for t in trials(spec):
+            run = args.sweep / "trials" / t.id
+            if trial_state(run) != "done":
+                continue
+            for mode in MODES:
+                jobs.append({"trial": t.id, "arm": t.arm.split(",")[0], "seed": t.seed,
+                             "dataset": Path(t.fields["dataset"]).stem, "finished_at": finished_at(run),
+                             "mode": mode, "episodes": args.episodes})
+            dirs[t.id] = run
+
+    @functools.cache
+    def data(path: str) -> tuple:
+        """A dataset (read and hashed once for all its trials), its fingerprint and its score references."""
+        ds = load_dataset(path)
+        return ds, fingerprint(ds), reference_scores(ds.metadata)
+
+    @functools.cache
+    def trained(trial: str) -> tuple:
+        """A trial's final agent, its state normaliser, config and evaluation env id."""
+        run = dirs[trial]
+        cfg = registry.find_run(run)[2]
+        ds = data(str(cfg.dataset))[0]
+        agent = offline.build(cfg, ds.obs_dim, ds.act_dim, torch.device("cpu"))
+        _, parts = ckpt.load_checkpoint(run, ("state",))
+        agent.load_state_dict(parts["state"]["agent"])
+        return agent, Normalizer.from_state_dict(parts["state"]["normalizer"]), cfg, dataset_env(ds, None,
+                                                                                                  str(cfg.dataset))
+
+    def run_one(key: dict) -> dict:
+        agent, normalizer, cfg, env_id = trained(key["trial"])
+        ds, fp, refs = data(str(cfg.dataset))
+        idx = np.random.default_rng(0).choice(len(ds.observations), min(DATA_STATES, len(ds.observations)),
+                                              replace=False)
+        with evaluated_as(agent, key["mode"]):
+            policy = offline.NormalizedPolicy(agent, normalizer)
+            acts = policy.act(ds.observations[idx], deterministic=True)
+            result = evaluate(policy, make_env(env_id), key["episodes"], seed=0)
+        score = None if refs is None else float(np.mean(normalized_score(np.asarray(result.returns), refs["min"],
+                                                                          refs["max"])))
+        print(f"{key['trial']} {key['mode']}: return {result.return_mean:.0f}", flush=True)
+        return {**key, "dataset_fingerprint": fp, "returns": result.returns, "return_mean": result.return_mean,
+                "normalized_score": score,
+                "action_rms_to_data": float(np.sqrt(np.mean((acts - ds.actions[idx]) ** 2)))}
+
+    rows = run_all(jobs, args.results, run_one, table_only=args.table_only)
+    for stem, fp, got in by_data(rows):
+        print(f"\n**{stem}** (data `{fp}`): each trial's final policy, "
+              f"{got[0]['episodes']} episodes from the same initial states in every mode, arm and seed; mean over the "
+              "arm's seeds [min, max] of the seeds' normalised scores, mean return, action RMS to the data\n")
+        print("| arm | mode | seeds | normalised score | return | action RMS to the data |")
+        print("|---|---|---|---|---:|---:|")
+        for arm in dict.fromkeys(r["arm"] for r in got):
+            for mode in MODES:
+                rs = [r for r in got if r["arm"] == arm and r["mode"] == mode]
+                if not rs:
+                    continue
+                s = [r["normalized_score"] for r in rs]
+                score = "–" if None in s else f"{np.mean(s):.1f} [{min(s):.1f}, {max(s):.1f}]"
+                print(f"| {arm} | {mode} | {', '.join(str(r['seed']) for r in rs)} | {score} | "
+                      f"{np.mean([r['return_mean'] for r in rs]):.0f} | "
+                      f"{np.mean([r['action_rms_to_data'] for r in rs]):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
