@@ -32,14 +32,12 @@ import torch
 from diffrl import registry
 from diffrl.data import Normalizer, dataset_env, fingerprint, load_dataset
 from diffrl.envs import make_env
-from diffrl.errors import ConfigError
 from diffrl.eval import evaluate
 from diffrl.eval.scores import normalized_score, reference_scores
 from diffrl.pipelines import offline
 from diffrl.runs import checkpoint as ckpt
 from diffrl.runs.results import finished_at
-from diffrl.sweep import saved_spec, trial_state, trials
-from harness import RESULTS, add_common_args, by_data, run_all
+from harness import RESULTS, add_common_args, by_data, finished_trials, run_all
 
 MODES = ("argmax", "draw", "chain")
 DATA_STATES = 2000
@@ -70,14 +68,7 @@ def main() -> None:
     torch.set_num_threads(1)
     jobs, dirs = [], {}
     if not args.table_only:
-        try:
-            spec = saved_spec(args.sweep)
-        except ConfigError as e:  # not a sweep directory: one sentence
-            raise SystemExit(f"{e} Run `diffrl sweep benchmarks/dydiff_dql.yaml` first, or give --sweep.") from None
-        for t in trials(spec):
-            run = args.sweep / "trials" / t.id
-            if trial_state(run) != "done":
-                continue
+        for t, run in finished_trials(args.sweep, "benchmarks/dydiff_dql.yaml"):
             for mode in MODES:
                 jobs.append({"trial": t.id, "arm": t.arm.split(",")[0], "seed": t.seed,
                              "dataset": Path(t.fields["dataset"]).stem, "finished_at": finished_at(run),

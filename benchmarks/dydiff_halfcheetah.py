@@ -26,11 +26,9 @@ import torch
 
 from diffrl import registry
 from diffrl.data import dataset_env, fingerprint, load_dataset
-from diffrl.errors import ConfigError
 from diffrl.pipelines import dydiff
 from diffrl.runs.results import finished_at
-from diffrl.sweep import saved_spec, trial_state, trials
-from harness import RESULTS, add_common_args, run_all
+from harness import RESULTS, add_common_args, finished_trials, run_all
 
 EPISODES = 20
 FLIPPED = math.pi / 2
@@ -65,13 +63,8 @@ def main() -> None:
     torch.set_num_threads(1)
     jobs, dirs = [], {}
     if not args.table_only:
-        try:
-            spec = saved_spec(args.sweep)
-        except ConfigError as e:  # not a sweep directory: one sentence
-            raise SystemExit(f"{e} Run `diffrl sweep benchmarks/dydiff.yaml` first, or give --sweep.") from None
-        for t in trials(spec):
-            run = args.sweep / "trials" / t.id
-            if "HalfCheetah" not in str(t.fields.get("dataset")) or trial_state(run) != "done":
+        for t, run in finished_trials(args.sweep, "benchmarks/dydiff.yaml"):
+            if "HalfCheetah" not in str(t.fields.get("dataset")):
                 continue
             jobs.append({"trial": t.id, "arm": t.arm.split(",")[0], "seed": t.seed,
                          "dataset": Path(t.fields["dataset"]).stem, "finished_at": finished_at(run),

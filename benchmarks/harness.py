@@ -17,6 +17,7 @@ import argparse
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from diffrl.runs.results import append_row, provenance, read_rows
 
@@ -69,6 +70,21 @@ def add_common_args(parser: argparse.ArgumentParser, results: Path, tables: str 
     parser.add_argument("--results", type=Path, default=results)
     parser.add_argument("--table-only", action="store_true",
                         help=f"print the {tables} of the finished runs, run nothing")
+
+
+def finished_trials(sweep_dir: Path, spec_file: str) -> Iterable[tuple[Any, Path]]:
+    """``(trial, run_dir)`` of every finished trial of the sweep saved in ``sweep_dir``; a directory that holds no
+    sweep stops the script with one sentence (run ``diffrl sweep <spec_file>`` first, or give --sweep)."""
+    from diffrl.errors import ConfigError
+    from diffrl.sweep import saved_spec, trial_state, trials
+
+    try:
+        spec = saved_spec(sweep_dir)
+    except ConfigError as e:
+        raise SystemExit(f"{e} Run `diffrl sweep {spec_file}` first, or give --sweep.") from None
+    for t in trials(spec):
+        if trial_state(sweep_dir / "trials" / t.id) == "done":
+            yield t, sweep_dir / "trials" / t.id
 
 
 def dataset_prints(datasets: Iterable[Path], table_only: bool) -> dict[str, str]:
