@@ -361,13 +361,16 @@ def recorded_trials(sweep_dir: Path, spec: SweepSpec, prints: dict[str, str | No
             continue
         cfg = trial_config(spec, trial, sweep_dir / "trials" / trial.id, resume=False)
         want = _comparable(to_dict(cfg))
+        defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+        added = _comparable({k: v for k, v in ADDED_FIELDS.items()  # listed, and this command's default
+                             if k in defaults and _comparable({k: defaults[k]}) == _comparable({k: v})})
         # a field naming another trial's run under the sweeps' root: compared by what follows the root, so a row
         # recorded under another root (a fresh clone elsewhere, an absolute --root) is still this trial's
         rooted = {k: str(want[k])[len(str(sweep_dir.parent)):] for k, v in trial.fields.items()
                   if isinstance(v, str) and "{root}" in v and str(want.get(k, "")).startswith(str(sweep_dir.parent))}
         data = getattr(cfg, "dataset", None)
         for config, fp in recorded[trial.id]:
-            if _same_config(config, want, rooted) and (
+            if _same_config(config, want, added, rooted) and (
                     not isinstance(data, str) or not data or
                     (fp is not None and fp == _dataset_fingerprint(data, prints))):
                 out.add(trial.id)
@@ -377,8 +380,10 @@ def recorded_trials(sweep_dir: Path, spec: SweepSpec, prints: dict[str, str | No
 
 # Fields added to commands after committed rows were recorded, each with the value that runs what the command ran
 # before the field existed (checked when it was added: the default path unchanged). A row without such a field is
-# the run of a trial that has it at this value. A field added with a new behaviour at its default must not go here:
-# rows from before it then run again (the safe side), as they do for any field missing from this table.
+# the run of a trial that has it at this value, where it is also the trial's command's default (a command whose
+# default differs, e.g. PPO's adam_eps, had the field from its start or is not vouched for). A field added with a new
+# behaviour at its default must not go here: rows from before it then run again (the safe side), as they do for any
+# field missing from this table.
 ADDED_FIELDS: dict[str, Any] = {
     "agent_bf16": False,  # synther online / train: bf16 autocast opt-in (2026-12-03)
     "adam_eps": 1e-8,  # PPO-family agents: torch's AdamW default, which they used before (2026-12-04)
@@ -389,12 +394,12 @@ ADDED_FIELDS: dict[str, Any] = {
 }
 
 
-def _same_config(row: Mapping[str, Any], want: Mapping[str, Any], rooted: Mapping[str, str]) -> bool:
+def _same_config(row: Mapping[str, Any], want: Mapping[str, Any], added: Mapping[str, Any],
+                 rooted: Mapping[str, str]) -> bool:
     """Whether a row's config is the one a trial would run with now, field for field, except: a field the row lacks
-    matches when it is in :data:`ADDED_FIELDS` and the trial would run it at the value listed there (so adding an
-    option does not orphan every committed row); a field in ``rooted`` matches when the row's value ends with the
-    same path below the sweeps' root."""
-    added = _comparable(ADDED_FIELDS)
+    matches when ``added`` (the :data:`ADDED_FIELDS` at the trial's command's defaults) has it and the trial would run
+    it at that value (so adding an option does not orphan every committed row); a field in ``rooted`` matches when
+    the row's value ends with the same path below the sweeps' root."""
     for key in set(row) | set(want):
         if key in rooted and key in row:
             if not str(row[key]).endswith(rooted[key]):
