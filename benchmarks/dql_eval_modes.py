@@ -98,10 +98,11 @@ def main() -> None:
         ds, fp, refs = data(str(cfg.dataset))
         idx = np.random.default_rng(0).choice(len(ds.observations), min(DATA_STATES, len(ds.observations)),
                                               replace=False)
-        with evaluated_as(agent, key["mode"]):
+        env = make_env(env_id)
+        with evaluated_as(agent, key["mode"]), contextlib.closing(env):
             policy = offline.NormalizedPolicy(agent, normalizer)
             acts = policy.act(ds.observations[idx], deterministic=True)
-            result = evaluate(policy, make_env(env_id), key["episodes"], seed=0)
+            result = evaluate(policy, env, key["episodes"], seed=0)
         score = None if refs is None else float(np.mean(normalized_score(np.asarray(result.returns), refs["min"],
                                                                           refs["max"])))
         print(f"{key['trial']} {key['mode']}: return {result.return_mean:.0f}", flush=True)
