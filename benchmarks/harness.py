@@ -22,7 +22,7 @@ from typing import Any
 from diffrl.runs.results import append_row, provenance, read_rows
 
 __all__ = ["RESULTS", "Row", "Key", "read_rows", "append_row", "matches", "finished", "print_row", "run_all",
-           "add_common_args", "dataset_prints", "by_data"]
+           "add_common_args", "finished_trials", "dataset_prints", "by_data"]
 
 # the committed result rows (run directories and caches stay in the git-ignored benchmarks/out/)
 RESULTS = Path(__file__).parent / "results"

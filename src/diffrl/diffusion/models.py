@@ -267,19 +267,22 @@ class DDPM(DiffusionModel):
     def num_steps(self) -> int:
         return self.schedule.num_steps
 
-    def _noised(self, x: torch.Tensor, generator: torch.Generator | None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A training draw for a normalised batch: steps ``t`` ``(B,)`` uniform in ``[0, K)`` (drawn first), the
-        noise, and ``x_t = q_sample(x, t, noise)``."""
+    def _denoised(self, x: torch.Tensor, cond: torch.Tensor | None, generator: torch.Generator | None,
+                  net: nn.Module | None = None, fixed: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One training draw on a normalised batch: steps ``t`` ``(B,)`` uniform in ``[0, K)`` (drawn first), the
+        noise, ``x_t = q_sample(x, t, noise)`` (``fixed`` entries held clean in the network's input), the network's
+        output and its regression target (the noise or ``x``): ``(t, x_t, out, target)``."""
         t = torch.randint(0, self.num_steps, (x.shape[0],), device=x.device, generator=generator)
         noise = torch.randn(x.shape, device=x.device, generator=generator)
-        return t, noise, self.q_sample(x, t, noise)
+        x_t = self.q_sample(x, t, noise)
+        out = self.network(x_t if fixed is None else torch.where(fixed, x, x_t), t.float(), cond, net=net)
+        return t, x_t, out, noise if self.prediction == "epsilon" else x
 
     def _loss(self, x: torch.Tensor, cond: torch.Tensor | None, generator: torch.Generator | None,
               net: nn.Module | None = None, fixed: torch.Tensor | None = None) -> torch.Tensor:
-        t, noise, x_t = self._noised(x, generator)
-        out = self.network(x_t if fixed is None else torch.where(fixed, x, x_t), t.float(), cond, net=net)
-        return (out - (noise if self.prediction == "epsilon" else x)) ** 2  # (B, *event)
+        _, _, out, target = self._denoised(x, cond, generator, net, fixed)
+        return (out - target) ** 2  # (B, *event)
 
     def loss_and_x0(self, x: torch.Tensor, cond: torch.Tensor | None = None,
                     generator: torch.Generator | None = None, *,
@@ -291,10 +294,8 @@ class DDPM(DiffusionModel):
         a full chain sample's)."""
         self._check_inputs(x, cond)
         x, cond = self.normalizer(x), self._drop_cond(cond, generator)  # the draws in loss()'s order
-        t, noise, x_t = self._noised(x, generator)
-        out = self.network(x_t, t.float(), cond, net=net)
-        loss = ((out - (noise if self.prediction == "epsilon" else x)) ** 2).mean()
-        return loss, self._x0_eps(x_t, t, out)[0]
+        t, x_t, out, target = self._denoised(x, cond, generator, net)
+        return ((out - target) ** 2).mean(), self._x0_eps(x_t, t, out)[0]
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The forward process ``q(x_t | x_0)`` at steps ``t`` ``(B,)`` (normalised space; Ho et al. 2020, eq. 4):
