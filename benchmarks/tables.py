@@ -114,6 +114,7 @@ TABLES: dict[str, SweepTable | ScriptTable] = {
     "dydiff-samplers": ScriptTable(("benchmarks/dydiff_samplers.py",), "results/dydiff_samplers.jsonl"),
     "dydiff-halfcheetah": ScriptTable(("benchmarks/dydiff_halfcheetah.py",), "results/dydiff_halfcheetah.jsonl"),
     "dql-eval-modes": ScriptTable(("benchmarks/dql_eval_modes.py",), "results/dql_eval_modes.jsonl"),
+    "dql-critic": ScriptTable(("benchmarks/dql_critic.py",), "results/dql_critic.jsonl"),
     "update-speed": ScriptTable(("benchmarks/update_speed.py",), "results/update_speed.jsonl"),
     "sac-vs-sb3": ScriptTable(("benchmarks/sac_vs_sb3.py",), "results/sac_vs_sb3.jsonl"),
     "her-vs-sb3": ScriptTable(("benchmarks/her_vs_sb3.py",), "results/her_vs_sb3.jsonl"),
