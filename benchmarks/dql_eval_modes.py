@@ -15,7 +15,8 @@ Modes, each with the run's own fixed evaluation noise (``act(obs, deterministic=
 
 Per trial and mode: ``--episodes`` episodes from the same initial states for every mode, arm and seed (diffrl's
 ``evaluate``, seed 0), the normalised score with the dataset's references, and how far the mode's actions are from
-the dataset's on 2000 of its states (RMS). Rows (one per trial and mode) go to
+the dataset's on 2000 of its states (RMS); then, per mode, Dydiff's arm against its control paired by seed (does
+the comparison depend on the rule?). Rows (one per trial and mode) go to
 benchmarks/results/dql_eval_modes.jsonl; finished ones are skipped when re-run.
 """
 
@@ -36,6 +37,7 @@ from diffrl.eval import evaluate
 from diffrl.eval.scores import normalized_score, reference_scores
 from diffrl.pipelines import offline
 from diffrl.runs import checkpoint as ckpt
+from diffrl.runs import stats
 from diffrl.runs.results import finished_at
 from harness import RESULTS, add_common_args, by_data, finished_trials, run_all
 
@@ -127,6 +129,33 @@ def main() -> None:
                 print(f"| {arm} | {mode} | {', '.join(str(r['seed']) for r in rs)} | {score} | "
                       f"{np.mean([r['return_mean'] for r in rs]):.0f} | "
                       f"{np.mean([r['action_rms_to_data'] for r in rs]):.3f} |")
+    paired_by_mode(rows)
+
+
+def paired_by_mode(rows: list[dict], arm: str = "dydiff-dql", control: str = "dql") -> None:
+    """Does the Dydiff comparison depend on the evaluation rule? Per mode, ``arm`` − ``control`` paired by seed:
+    per dataset the mean of the per-seed differences, and over every dataset the per-seed difference of the
+    means over datasets with a 95% bootstrap CI (the sweep table's summary, on these rows)."""
+    score = {(r["arm"], r["mode"], r["dataset"], r["seed"]): r["normalized_score"] for r in rows}
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    seeds = sorted({r["seed"] for r in rows})
+    seeds = [s for s in seeds if all((a, m, d, s) in score for a in (arm, control) for m in MODES for d in datasets)]
+    if not seeds or None in score.values():
+        return
+    print(f"\n**{arm} − {control} by evaluation mode**, paired by seed ({', '.join(map(str, seeds))}) on the rows "
+          "above: per dataset the mean per-seed difference of normalised scores; over all datasets the per-seed "
+          "difference of the means over datasets, its mean with a 95% bootstrap CI\n")
+    names = [d.replace("-v5-", " ").removesuffix("-quick") for d in datasets]
+    print("| mode | " + " | ".join(names) + " | all datasets |")
+    print("|---|" + "---:|" * (len(datasets) + 1))
+    for mode in MODES:
+        per = {d: [score[arm, mode, d, s] - score[control, mode, d, s] for s in seeds] for d in datasets}
+        overall = stats.paired_difference(
+            {s: np.mean([score[arm, mode, d, s] for d in datasets]) for s in seeds},
+            {s: np.mean([score[control, mode, d, s] for d in datasets]) for s in seeds})
+        m = overall.mean
+        ci = "" if m.lo is None else f" [{m.lo:.1f}, {m.hi:.1f}]"
+        print(f"| {mode} | " + " | ".join(f"{np.mean(per[d]):+.1f}" for d in datasets) + f" | {m.value:+.1f}{ci} |")
 
 
 if __name__ == "__main__":

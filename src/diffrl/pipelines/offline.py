@@ -126,7 +126,9 @@ class DQLConfig(DQLParams, OfflineConfig):
     """``diffrl offline dql``: Diffusion-QL (Wang et al. 2023, arXiv:2208.06193) with the settings of their code
     (Zhendong-Wang/Diffusion-Policies-for-Offline-RL, ``main.py`` for D4RL locomotion): a fresh 5-step VP DDPM over
     single actions trained by BC + normalised Q through the chain, a' from its EMA copy, both gradients clipped,
-    cosine learning-rate decay, actions chosen among 50 samples by the target critic (:mod:`diffrl.agents.dql`)."""
+    cosine learning-rate decay, actions chosen among 50 samples by the target critic (:mod:`diffrl.agents.dql`). One
+    default differs from their code: evaluation takes the best of the 50, where their code draws one by softmax over
+    min-Q' (``--eval-draw``)."""
 
     normalize_states: bool = False
     """z-score states with the dataset's statistics (their Data_Sampler does not)"""
@@ -151,7 +153,8 @@ class DQLConfig(DQLParams, OfflineConfig):
     target_actor: str = "ema"
     """who draws the TD target's a': 'ema' (theirs) or 'current' (DPPO's baseline)"""
     eval_candidates: int | None = 50
-    """actions sampled per state when acting, the one of highest min-Q' taken (their sample_action's 50)"""
+    """actions sampled per state when acting (their sample_action's 50); diffrl takes the one of highest min-Q', the
+    mode of the softmax draw over min-Q' their sample_action makes (--eval-draw for theirs)"""
     lr_decay: bool = True
     """cosine-anneal both learning rates to 0 (their --lr_decay; diffrl.agents.dql.DQL.anneal_lr says how theirs
     differs)"""
