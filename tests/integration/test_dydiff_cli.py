@@ -197,6 +197,13 @@ def test_a_stage_cache_trains_each_stage_once_and_changes_no_result(full_run, wo
     s, t = (json.loads((d / "summary.json").read_text()) for d in (first, dql))
     assert (s["diffusion_run"], s["models_run"]) == (t["diffusion_run"], t["models_run"])
     assert Path(s["diffusion_run"]).parent == cache
+    # another sampler reuses the window model (training never samples) and samples with its own settings
+    euler = workdir / "cached-euler"
+    assert main(["dydiff", "--dataset", str(hopper_random), *TINY, "--steps", "20", "--fidelity-rollouts", "0",
+                 "--sampler", "euler", "--s-churn", "0", "--stage-cache", str(cache), "--run-dir", str(euler)]) == 0
+    assert len(stages()) == 2
+    assert json.loads((euler / "summary.json").read_text())["diffusion_run"] == s["diffusion_run"]
+    assert yaml.safe_load((euler / "config.yaml").read_text())["config"]["sampler"] == "euler"
     # another seed is another pair of stages
     assert main(["dydiff", "--dataset", str(hopper_random), *TINY, "--steps", "20", "--fidelity-rollouts", "0",
                  "--seed", "1", "--stage-cache", str(cache), "--run-dir", str(workdir / "cached-s1")]) == 0

@@ -274,11 +274,14 @@ def window_config(cfg: Any, ds: OfflineDataset) -> WindowModelConfig:
 
 def window_stage_key(cfg: Any, ds: OfflineDataset, device: torch.device) -> str:
     """What determines a window model: the data's contents (not its path), seed, windows, model spec, optimisation
-    settings and the device kind (a GPU's floats differ from a CPU's)."""
+    settings and the device kind (a GPU's floats differ from a CPU's). Not the sampler: training never samples,
+    and every run samples with its own settings (``sample_options``), so runs that differ only in how they sample
+    share one model (the spec saved with the stage keeps the sampler of the run that trained it)."""
     wcfg = window_config(cfg, ds)
     settings = {f.name: getattr(wcfg, f.name) for f in dataclasses.fields(TrainerSettings)}
+    spec = {k: v for k, v in wcfg.spec.items() if k != "sampler"}
     return stage_key({"stage": "window", "data": fingerprint(ds), "seed": wcfg.seed, "horizon": wcfg.horizon,
-                      "window_stride": wcfg.window_stride, "spec": wcfg.spec, "trainer": settings,
+                      "window_stride": wcfg.window_stride, "spec": spec, "trainer": settings,
                       "device": device.type})
 
 
