@@ -27,6 +27,7 @@ import numpy as np
 
 from diffrl import registry
 from diffrl.data import fingerprint, load_dataset
+from diffrl.data.formats import episode_bounds
 from diffrl.runs.logger import read_metrics
 from diffrl.runs.results import finished_at
 from harness import RESULTS, add_common_args, by_data, finished_trials, run_all
@@ -38,17 +39,12 @@ def behaviour_value(rewards: np.ndarray, terminals: np.ndarray, timeouts: np.nda
     """Discounted return-to-go ``(N,)`` of every transition; an episode not ended by a terminal (a time limit, or
     the data's end) continues past its last step at its own mean reward, ``r_mean / (1 - gamma)``."""
     out = np.zeros(len(rewards), dtype=np.float64)
-    ends = np.flatnonzero(terminals | timeouts)
-    if not len(ends) or ends[-1] != len(rewards) - 1:
-        ends = np.append(ends, len(rewards) - 1)
-    start = 0
-    for end in ends:
-        r = rewards[start:end + 1].astype(np.float64)
-        g = 0.0 if terminals[end] else float(r.mean()) / (1.0 - gamma)
+    for start, stop in zip(*episode_bounds(terminals, timeouts)):
+        r = rewards[start:stop].astype(np.float64)
+        g = 0.0 if terminals[stop - 1] else float(r.mean()) / (1.0 - gamma)
         for t in range(len(r) - 1, -1, -1):
             g = r[t] + gamma * g
             out[start + t] = g
-        start = end + 1
     return out
 
 
@@ -95,7 +91,6 @@ def main() -> None:
         print("|---|---|" + "---:|" * (len(SHOWN_STEPS) + 3))
         for arm in dict.fromkeys(r["arm"] for r in got):
             rs = [r for r in got if r["arm"] == arm]
-
             last, before = q_at(rs, SHOWN_STEPS[-1]), q_at(rs, SHOWN_STEPS[-1] - 2_000)
             value = float(np.mean([r["data_value"] for r in rs]))
             print(f"| {arm} | {', '.join(str(r['seed']) for r in rs)} | "
