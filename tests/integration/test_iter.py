@@ -93,7 +93,8 @@ def test_a_generation_event_that_rejects_every_episode_does_not_stop_the_run(tmp
     # 1e-9 m rejects all: no synthetic success rate exists (it was logged as NaN and tripped the divergence check).
     # Both the kinematics and the consistency check fail every episode; each counts under the first, kinematics.
     ddpm = [{"1e9": "1e-9", "inf": "1e-9"}.get(a, a) for a in DDPM]
-    assert main(["iter", *TINY, "--n-ker", "0", "--n-ger", "0", *ddpm, "--run-dir", str(tmp_path / "r")]) == 0
+    with pytest.warns(UserWarning, match=r"rejected all 6 generated episodes \(kinematics 100%\) after 6 generator"):
+        assert main(["iter", *TINY, "--n-ker", "0", "--n-ger", "0", *ddpm, "--run-dir", str(tmp_path / "r")]) == 0
     last = rows(tmp_path / "r")[1]
     assert float(last["ddpm/rejection_rate"]) == 1.0 and last.get("ddpm/synthetic_success_rate", "") == ""
     assert {c: float(last[f"ddpm/reject_{c}"]) for c in REASONS} == {"goal": 0.0, "kinematics": 1.0, "object": 0.0,

@@ -27,6 +27,7 @@ Resume is exact on CPU at epoch boundaries (checkpoints are written at the end o
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -36,6 +37,7 @@ import torch
 from diffrl.agents.ddpg_her import DDPGHER, DDPGHERParams
 from diffrl.augment.episodes import (
     FETCH_SUCCESS_THRESHOLD,
+    FILTER_CHECKS,
     EpisodeDiffusionSettings,
     EpisodeGenerator,
     successful_contexts,
@@ -124,7 +126,9 @@ class ITERConfig(DDPGHERParams, RunConfig):
     ddpm_n_train_episodes: int = 500
     """real episodes the diffusion model trains on each epoch"""
     ddpm_train_steps: int = 80
-    """diffusion gradient steps per epoch (the reference: 10 passes over 500 episodes in batches of 64)"""
+    """diffusion gradient steps per epoch (the reference: 10 passes over 500 episodes in batches of 64); the model
+    needs thousands of steps in all before its episodes pass the filter, so a run with few epochs before its first
+    generation event needs more per epoch"""
     ddpm_dim: int = 32
     """temporal UNet base width"""
     ddpm_lr: float = 1e-3
@@ -390,11 +394,22 @@ def diffusion_epoch(generator: EpisodeGenerator, real: EpisodeBuffer, synthetic:
             if gen_stats["accepted"]:
                 synthetic.add_episodes(episodes)
                 row.update({f"ddpm/{k}": float(v) for k, v in component_stats(train, episodes).items()})
+            else:
+                warn_all_rejected(gen_stats, generator.trainer.step, epoch)
             # an event that rejects every episode has no synthetic success rate (NaN): leave it out of the row
             # rather than let the divergence check stop the run
             row.update({f"ddpm/{k}": float(v) for k, v in {**stats, **gen_stats}.items() if np.isfinite(v)})
     row.update({"buffer/real_episodes": float(len(real)), "buffer/synthetic_episodes": float(len(synthetic))})
     return row
+
+
+def warn_all_rejected(gen_stats: dict[str, float], model_steps: int, epoch: int) -> None:
+    """Say so when a generation event keeps no episode: the run is then ITER without generated data so far."""
+    reasons = ", ".join(f"{c} {gen_stats[f'reject_{c}']:.0%}" for c in FILTER_CHECKS if gen_stats[f"reject_{c}"])
+    warnings.warn(f"epoch {epoch}: the episode filter rejected all {int(gen_stats['generated'])} generated episodes "
+                  f"({reasons}) after {model_steps} generator training steps, so no synthetic episode entered the "
+                  "buffer; an undertrained generator does this: start training earlier (--ddpm-train-start) or "
+                  "train more per epoch (--ddpm-train-steps)", stacklevel=2)
 
 
 def evaluate_run(run_dir: Path, cfg: ITERConfig, episodes: int = 10, device: str = "auto",
