@@ -74,6 +74,7 @@ def test_iter_diffusion_logs_generation_and_keeps_synthetic_episodes_apart(tmp_p
     assert float(last["buffer/synthetic_episodes"]) == 6 and float(last["buffer/real_episodes"]) == 8
     s = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert s["synthetic_episodes"] == 6 and s["real_episodes"] == 8
+    assert (s["ddpm_generated"], s["ddpm_accepted"], s["ddpm_rejected_kinematics"]) == (6, 6, 0)
     assert s["time_breakdown_s"]["diffusion_train_s"] > 0 and s["time_breakdown_s"]["sampling_s"] > 0
 
 
@@ -100,6 +101,11 @@ def test_a_generation_event_that_rejects_every_episode_does_not_stop_the_run(tmp
     assert {c: float(last[f"ddpm/reject_{c}"]) for c in REASONS} == {"goal": 0.0, "kinematics": 1.0, "object": 0.0,
                                                                       "consistency": 0.0}
     assert float(last["buffer/synthetic_episodes"]) == 0
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())  # the run's totals: one event of 6 episodes
+    assert {k: v for k, v in s.items() if k.startswith("ddpm_") and "median" not in k} == {
+        "ddpm_generated": 6, "ddpm_accepted": 0, "ddpm_rejected_goal": 0, "ddpm_rejected_kinematics": 6,
+        "ddpm_rejected_object": 0, "ddpm_rejected_consistency": 0}
+    assert s["ddpm_last_kinematics_error_median"] == pytest.approx(float(last["ddpm/kinematics_error_median"]))
 
 
 def test_minibatches_take_the_synthetic_ratio_and_ger_multiplies_them() -> None:
@@ -123,7 +129,9 @@ def test_minibatches_take_the_synthetic_ratio_and_ger_multiplies_them() -> None:
 
 
 def test_resume_of_a_killed_run_reproduces_the_uninterrupted_run(tmp_path) -> None:
-    args = [*TINY, "--n-ker", "1", "--n-ger", "1", *DDPM]
+    # a generation event in each epoch, so the generation totals of the summary must survive the kill too
+    ddpm = [a if i == 0 or DDPM[i - 1] != "--ddpm-aug-start" else "0" for i, a in enumerate(DDPM)]
+    args = [*TINY, "--n-ker", "1", "--n-ger", "1", *ddpm]
     assert main(["iter", *args, "--run-dir", str(tmp_path / "full")]) == 0
     part = [a if a != "2" or i == 0 or args[i - 1] != "--epochs" else "1" for i, a in enumerate(args)]
     assert main(["iter", *part, "--run-dir", str(tmp_path / "part")]) == 0
@@ -131,6 +139,9 @@ def test_resume_of_a_killed_run_reproduces_the_uninterrupted_run(tmp_path) -> No
     curves = [[{k: v for k, v in x.items() if k != "wall_s" and not k.startswith("perf/")} for x in rows(tmp_path / d)]
               for d in ("full", "part")]
     assert curves[0] == curves[1]
+    totals = [{k: v for k, v in json.loads((tmp_path / d / "summary.json").read_text()).items() if "ddpm_" in k}
+              for d in ("full", "part")]
+    assert totals[0] == totals[1] and totals[0]["ddpm_generated"] == 12
 
 
 @pytest.mark.parametrize(("args", "message"), [
