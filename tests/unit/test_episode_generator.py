@@ -353,6 +353,25 @@ def test_generate_rejects_episodes_beyond_tol() -> None:
                      "reject_kinematics": 0.0, "reject_object": 0.0, "reject_goal": 0.0}
     assert out["obs"].shape == (0, T + 1, DO) and math.isnan(stats["synthetic_success_rate"])
     assert (gen.generated, gen.accepted) == (8, 0)
+    assert gen.totals() == {"generated": 8, "accepted": 0, "rejected_goal": 0, "rejected_kinematics": 0,
+                            "rejected_object": 0, "rejected_consistency": 8,
+                            "last_consistency_error_median": stats["consistency_error_median"],
+                            "last_kinematics_error_median": stats["kinematics_error_median"]}
+
+
+def test_generation_totals_survive_a_checkpoint_and_are_unknown_from_one_that_did_not_count_them() -> None:
+    eps = line_episodes(8)
+    a = generator(tol=1e-9)
+    assert a.totals() == {}  # nothing generated yet
+    a.fit(eps, steps=1)
+    a.generate({"obs0": eps["obs"][:, 0], "g": eps["g"][:, 0]})
+    b = generator(tol=1e-9)
+    b.load_state_dict(a.state_dict())
+    assert b.totals() == a.totals() and a.totals()["rejected_consistency"] == 8
+    old = {k: v for k, v in a.state_dict().items() if k not in ("rejected", "last_errors")}
+    c = generator(tol=1e-9)
+    c.load_state_dict(old)  # generated 8, but not why: no rejection totals rather than zeros
+    assert c.totals() == {"generated": 8, "accepted": 0}
 
 
 def test_state_dict_round_trip_gives_identical_samples_and_training(tmp_path) -> None:
@@ -367,7 +386,7 @@ def test_state_dict_round_trip_gives_identical_samples_and_training(tmp_path) ->
     out_b, stats_b = b.generate(ctx, n=5)
     for k in out_a:
         np.testing.assert_array_equal(out_a[k], out_b[k])
-    assert stats_a == stats_b
+    assert stats_a == stats_b and a.totals() == b.totals()
     seeded = [g.generate(ctx, generator=torch.Generator().manual_seed(7))[0]["obs"] for g in (a, b)]
     np.testing.assert_array_equal(*seeded)
     assert a.fit(eps, steps=3) == b.fit(eps, steps=3)

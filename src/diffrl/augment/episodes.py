@@ -389,6 +389,8 @@ class EpisodeGenerator:
         self.normalizer_fitted = False
         self.fits = 0
         self.generated = self.accepted = 0
+        self.rejected: dict[str, int] | None = dict.fromkeys(FILTER_CHECKS, 0)  # None: unknown (older checkpoint)
+        self.last_errors: dict[str, float] = {}  # the last event's median errors (metres)
 
     # --------------------------------------------------------------------------------------------- helpers
     @property
@@ -527,24 +529,38 @@ class EpisodeGenerator:
         episodes = {k: v[keep] for k, v in fixed.items()}
         n_acc = int(keep.sum())
         success = goal_reached(episodes["ag"][:, -1], episodes["g"][:, -1], success_threshold)
+        counts = {c: int((reason == i).sum()) for i, c in enumerate(FILTER_CHECKS)}
+        medians = {f"{c}_error_median": float(np.median(errors[c])) if total else float("nan")
+                   for c in ("consistency", "kinematics")}
         self.generated += total
         self.accepted += n_acc
-        rejects = {f"reject_{c}": float((reason == i).sum()) / total if total else 0.0
-                   for i, c in enumerate(FILTER_CHECKS)}
+        if self.rejected is not None:
+            self.rejected = {c: self.rejected[c] + counts[c] for c in FILTER_CHECKS}
+        if total:
+            self.last_errors = medians
         return episodes, {
             "generated": float(total), "accepted": float(n_acc),
-            "rejection_rate": 1.0 - n_acc / total if total else 0.0, **rejects,
-            "consistency_error_median": float(np.median(errors["consistency"])) if total else float("nan"),
-            "kinematics_error_median": float(np.median(errors["kinematics"])) if total else float("nan"),
+            "rejection_rate": 1.0 - n_acc / total if total else 0.0,
+            **{f"reject_{c}": counts[c] / total if total else 0.0 for c in FILTER_CHECKS}, **medians,
             "synthetic_success_rate": float(success.mean()) if n_acc else float("nan"),
         }
+
+    def totals(self) -> dict[str, float]:
+        """The generation events so far: ``generated``, ``accepted``, ``rejected_<check>`` (each episode under the
+        first check it failed; left out after a resume from a checkpoint that did not count them) and the last
+        event's ``last_<check>_error_median``; empty before the first event."""
+        if not self.generated:
+            return {}
+        rejected = {f"rejected_{c}": n for c, n in (self.rejected or {}).items()}
+        return {"generated": self.generated, "accepted": self.accepted, **rejected,
+                **{f"last_{k}": v for k, v in self.last_errors.items()}}
 
     # ------------------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs: model (normaliser inside), EMA, optimiser, both RNGs and the counters."""
         return {"trainer": self.trainer.state_dict(), "sample_gen": self.sample_gen.get_state(),
                 "normalizer_fitted": self.normalizer_fitted, "fits": self.fits, "generated": self.generated,
-                "accepted": self.accepted}
+                "accepted": self.accepted, "rejected": self.rejected, "last_errors": dict(self.last_errors)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.trainer.load_state_dict(dict(state["trainer"]))
@@ -552,6 +568,10 @@ class EpisodeGenerator:
         self.sample_gen.set_state(gen_state.cpu() if isinstance(gen_state, torch.Tensor) else gen_state)
         self.normalizer_fitted = bool(state["normalizer_fitted"])
         self.fits, self.generated, self.accepted = int(state["fits"]), int(state["generated"]), int(state["accepted"])
+        # checkpoints from before the per-check totals: unknown once something was generated, not zero
+        rejected = state.get("rejected", None if self.generated else dict.fromkeys(FILTER_CHECKS, 0))
+        self.rejected = None if rejected is None else {c: int(rejected[c]) for c in FILTER_CHECKS}
+        self.last_errors = {k: float(v) for k, v in state.get("last_errors", {}).items()}
 
 
 __all__ = ["EpisodeLayout", "EpisodeDiffusionSettings", "EpisodeGenerator", "consistency_error", "kinematics_error",

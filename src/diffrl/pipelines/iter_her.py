@@ -229,21 +229,6 @@ class Counters:
     episodes: int = 0  # exploration episodes collected (their number seeds the next one's reset)
     best_success: float = -1.0
     last_eval: dict[str, float] | None = None
-    generation: dict[str, float] = dataclasses.field(default_factory=dict)
-    """ITER-Diffusion's generation events so far: episodes generated, accepted and rejected per filter check
-    (totals), and the last event's median kinematic and consistency errors (metres)"""
-
-    def count_generation(self, row: dict[str, float]) -> None:
-        """Add one epoch's ``ddpm/*`` row to :attr:`generation` (nothing if the epoch generated nothing)."""
-        if "ddpm/generated" not in row:
-            return
-        n, g = row["ddpm/generated"], self.generation
-        for key, value in (("generated", n), ("accepted", row["ddpm/accepted"]),
-                           *((f"rejected_{c}", round(row[f"ddpm/reject_{c}"] * n)) for c in FILTER_CHECKS)):
-            g[key] = g.get(key, 0.0) + value
-        for key in ("kinematics_error_median", "consistency_error_median"):
-            if f"ddpm/{key}" in row:
-                g[f"last_{key}"] = row[f"ddpm/{key}"]
 
 
 def goal_dims(env: Any) -> tuple[int, int, int]:
@@ -313,9 +298,7 @@ def run(cfg: ITERConfig) -> Path:
         row: dict[str, float] = {k: float(v) for k, v in metrics.items()}
         row["train/success_rate"] = float(np.mean(train_success))
         if generator is not None and synthetic is not None and c.epoch >= cfg.ddpm_train_start:
-            generation = diffusion_epoch(generator, real, synthetic, cfg, c.epoch, success_threshold, session.timers)
-            c.count_generation(generation)
-            row.update(generation)
+            row.update(diffusion_epoch(generator, real, synthetic, cfg, c.epoch, success_threshold, session.timers))
         before, c.epoch = c.epoch, c.epoch + 1
         done_all, step = c.epoch >= cfg.epochs, c.episodes * T
         if due(cfg.eval_every, before, c.epoch) or done_all:
@@ -349,7 +332,7 @@ def run(cfg: ITERConfig) -> Path:
         "eval_return_std": last["eval/return_std"] if last else None,
         "eval_episodes": cfg.eval_episodes, "real_episodes": real.added,
         "synthetic_episodes": synthetic.added if synthetic is not None else 0,
-        **{f"ddpm_{k}": v for k, v in c.generation.items()},
+        **{f"ddpm_{k}": v for k, v in (generator.totals() if generator is not None else {}).items()},
         "time_breakdown_s": dict(session.timers)})
 
 
