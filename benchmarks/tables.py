@@ -100,6 +100,7 @@ TABLES: dict[str, SweepTable | ScriptTable] = {
     "synther-offline": SweepTable("synther_offline.yaml", metric="normalized_score", pairs=tuple(
         (f"{agent}-{mode}", f"{agent}-real") for agent in ("td3bc", "iql") for mode in ("synthetic", "mixed"))),
     "synther-model-size": SweepTable("synther_model_size.yaml", metric="normalized_score", control="real"),
+    "synther-length": SweepTable("synther_length.yaml", metric="normalized_score", control="real"),
     "dydiff": SweepTable("dydiff.yaml", metric="normalized_score", breakdown=("fidelity/", "stage_s/"),
                          pairs=(("dydiff-td3bc", "td3bc"), ("dydiff-td3bc-16k", "td3bc"),
                                 ("dydiff-td3bc-16k", "dydiff-td3bc")), overall=True),
