@@ -90,7 +90,8 @@ class ScriptTable:
 TABLES: dict[str, SweepTable | ScriptTable] = {
     "synther-online": SweepTable("synther_online.yaml", control="sac-utd20", digits=0, curves=True),
     "iter-push": SweepTable("iter_push.yaml", metric="success_rate", control="her", digits=2,
-                            pairs=(("iter", "her"), ("iter-diffusion", "her"), ("iter-diffusion", "iter"))),
+                            pairs=(("iter", "her"), ("iter-diffusion", "her"), ("iter-diffusion", "iter"),
+                                  ("iter-diffusion-4k", "iter"))),
     "iter-pickandplace": SweepTable("iter_pickandplace.yaml", metric="success_rate", control="iter", digits=2),
     "dppo-finetune": SweepTable("dppo_finetune.yaml", metric="normalized_score", control="dppo", cost=True,
                                 curves=True),
