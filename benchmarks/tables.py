@@ -64,6 +64,10 @@ class SweepTable:
     """other sweep specs whose arms join this table, paired by seed (e.g. PPO from scratch beside DiffPPO)"""
     task_field: str | None = None
     """the config field that names a row's task (None: its dataset's name, else its env)"""
+    model_train: bool = False
+    """also report the median seconds of diffusion-model training (``diffusion_train_s`` of the summary; a model
+    shared by several arms of a seed shows in each); the wall clock is then the agent's stage only, as those
+    pipelines measure it"""
     memory: bool = False
     """also report the median peak resident memory per run (``peak_rss_mib`` of the summary)"""
     breakdown: tuple[str, ...] = ()
@@ -98,10 +102,11 @@ TABLES: dict[str, SweepTable | ScriptTable] = {
     "dppo-baselines": SweepTable("dppo_baselines.yaml", metric="normalized_score", cost=True, curves=True,
                                  include=("dppo_finetune.yaml",), control="dppo-finetune/dppo"),
     "offline": SweepTable("offline.yaml", metric="normalized_score", control="bc"),
-    "synther-offline": SweepTable("synther_offline.yaml", metric="normalized_score", pairs=tuple(
+    "synther-offline": SweepTable("synther_offline.yaml", metric="normalized_score", model_train=True, pairs=tuple(
         (f"{agent}-{mode}", f"{agent}-real") for agent in ("td3bc", "iql") for mode in ("synthetic", "mixed"))),
-    "synther-model-size": SweepTable("synther_model_size.yaml", metric="normalized_score", control="real"),
-    "synther-length": SweepTable("synther_length.yaml", metric="normalized_score", control="real"),
+    "synther-model-size": SweepTable("synther_model_size.yaml", metric="normalized_score", control="real",
+                                     model_train=True),
+    "synther-length": SweepTable("synther_length.yaml", metric="normalized_score", control="real", model_train=True),
     "dydiff": SweepTable("dydiff.yaml", metric="normalized_score", breakdown=("fidelity/", "stage_s/"),
                          pairs=(("dydiff-td3bc", "td3bc"), ("dydiff-td3bc-16k", "td3bc"),
                                 ("dydiff-td3bc-16k", "dydiff-td3bc")), overall=True),
@@ -318,13 +323,15 @@ def sweep_table(table: SweepTable, boot: stats.Bootstrap = BOOT, name: str | Non
         head = (f"**{task_name}**: {label} at the last evaluation, IQM and mean over seeds with 95% "
                 "stratified-bootstrap CIs")
         out += [head + (", raw return beside it" if extra_raw else "") + "; mean at half the budget; median wall "
-                "clock per run" + ("; median rollout and update milliseconds per env step" if table.cost else ""),
-                ""]
+                "clock per run" + (" (the agent's stage) and median seconds of diffusion-model training (a model "
+                                   "shared by several arms shows in each)" if table.model_train else "")
+                + ("; median rollout and update milliseconds per env step" if table.cost else ""), ""]
         cols = ["arm", "n", f"IQM {label}", f"mean {label}", "per seed"]
         cols += ["mean return"] if extra_raw else []
         cols += [f"mean ALC@{table.alc}"] if table.alc else []
         cols += ["mean at half budget", "wall per run"]
         cols += ["rollout ms / env step", "update ms / env step"] if table.cost else []
+        cols += ["model training"] if table.model_train else []
         cols += ["peak memory"] if table.memory else []
         out += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for arm in arms:
@@ -353,6 +360,9 @@ def sweep_table(table: SweepTable, boot: stats.Bootstrap = BOOT, name: str | Non
             for part in ("rollout_s", "update_s") if table.cost else ():
                 ms = [v for v in (cost_ms(runs[s], part) for s in seeds) if v is not None]
                 cells.append(_f(float(np.median(ms)), 2) if ms else "–")
+            if table.model_train:
+                trained = [v for v in (runs[s]["final"].get("diffusion_train_s") for s in seeds) if v]
+                cells.append(f"{np.median(trained):.0f} s" if trained else "–")
             if table.memory:
                 mib = [runs[s]["final"].get("peak_rss_mib") for s in seeds]
                 mib = [v for v in mib if v]

@@ -53,7 +53,8 @@ def test_sweep_table_statistics_on_hand_made_rows(tmp_path, monkeypatch):
             "sweep": "toy", "trial": t.id, "env": "Hopper-v5", "config": {"env": "Hopper-v5"}, "wall_s": 5.0,
             "curves": {"return_mean": [[100, v / 2], [200, v]]}, "git_rev": "abc1234def", "date": "2026-12-03 10:00",
             "machine": {"cpu": "toy cpu", "torch_threads": 1}, "versions": {"torch": "2.13.0"},
-            "final": {"env_steps": 200}, "time_breakdown_s": {"rollout_s": 0.2 * (t.seed + 1), "update_s": 0.4}})
+            "final": {"env_steps": 200, **({"diffusion_train_s": 100.0 * (t.seed + 1)} if t.arm == "new" else {})},
+            "time_breakdown_s": {"rollout_s": 0.2 * (t.seed + 1), "update_s": 0.4}})
     text = tables.sweep_table(tables.SweepTable(str(tmp_path / "toy.yaml"), control="ctl", digits=2))
     new = np.array(finals["new"])
     diffs = new - np.array(finals["ctl"])
@@ -71,6 +72,9 @@ def test_sweep_table_statistics_on_hand_made_rows(tmp_path, monkeypatch):
     # the cost per env step: milliseconds of rollout (1, 2, 3, 4 by seed) and update, medians over seeds
     text = tables.sweep_table(tables.SweepTable(str(tmp_path / "toy.yaml"), control="ctl", digits=2, cost=True))
     assert "update ms / env step" in text and "| 5 s | 2.50 | 2.00 |" in text
+    # the diffusion model's training seconds (100, 200, 300, 400 by seed): their median; none for a real-data arm
+    text = tables.sweep_table(tables.SweepTable(str(tmp_path / "toy.yaml"), control="ctl", model_train=True))
+    assert "model training" in text and "| 5 s | 250 s |" in text and "| 5 s | – |" in text
     # curves: linked under the task's table; drawn only when asked (RESULTS.md rewritten, never by --check)
     monkeypatch.setattr(tables, "FIGURES", tables.HERE / "figures-test-tmp")
     monkeypatch.setattr(tables, "draw_curves", lambda path, *a: drawn.append((path, *a)))
