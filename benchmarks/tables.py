@@ -285,6 +285,12 @@ def draw_curves(path: Path, task: str, label: str, by_arm: dict[str, dict[int, d
     plt.close(fig)
 
 
+def median_final(runs: dict[int, dict[str, Any]], key: str, unit: str) -> str:
+    """The cell of a summary figure: its median over the runs that report it (whole ``unit``), "–" if none does."""
+    values = [v for v in (r["final"].get(key) for r in runs.values()) if v]
+    return f"{np.median(values):.0f} {unit}" if values else "–"
+
+
 def sweep_table(table: SweepTable, boot: stats.Bootstrap = BOOT, name: str | None = None,
                 draw: bool = False) -> str:
     """The markdown of one sweep table (see the module docstring); with ``draw`` (and ``table.curves``) its
@@ -362,12 +368,9 @@ def sweep_table(table: SweepTable, boot: stats.Bootstrap = BOOT, name: str | Non
                 ms = [v for v in (cost_ms(runs[s], part) for s in seeds) if v is not None]
                 cells.append(_f(float(np.median(ms)), 2) if ms else "–")
             if table.model_train:
-                trained = [v for v in (runs[s]["final"].get("diffusion_train_s") for s in seeds) if v]
-                cells.append(f"{np.median(trained):.0f} s" if trained else "–")
+                cells.append(median_final(runs, "diffusion_train_s", "s"))
             if table.memory:
-                mib = [runs[s]["final"].get("peak_rss_mib") for s in seeds]
-                mib = [v for v in mib if v]
-                cells.append(f"{np.median(mib):.0f} MiB" if mib else "–")
+                cells.append(median_final(runs, "peak_rss_mib", "MiB"))
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
         out += data_line(by_arm)
