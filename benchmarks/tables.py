@@ -391,11 +391,13 @@ def sweep_table(table: SweepTable, boot: stats.Bootstrap = BOOT, name: str | Non
                 x = {s: final(r, table.metric) for s, r in by_arm[arm].items()}
                 y = {s: final(r, table.metric) for s, r in by_arm[ctl].items()}
                 diff = stats.paired_difference(x, y, boot=boot)
-                xs, ys = (np.array([[v] for _, v in sorted(m.items())]) for m in (x, y))
-                poi = stats.probability_of_improvement(xs, ys, boot=boot)
                 if diff is None:
-                    out.append(f"| {arm} − {ctl} | none shared | – | – | {_ci(poi, 2)} |")
+                    out.append(f"| {arm} − {ctl} | none shared | – | – | – |")
                     continue
+                # P(arm > control) over the shared seeds only, like every other cell of the row: counting a seed
+                # that only one arm has would mix unpaired runs into a row that says it is paired
+                xs, ys = (np.array([[m[s]] for s in diff.seeds]) for m in (x, y))
+                poi = stats.probability_of_improvement(xs, ys, boot=boot)
                 out.append(f"| {arm} − {ctl} | {', '.join(map(str, diff.seeds))} | "
                            f"{', '.join(_f(v, d) for v in diff.differences)} | {_ci(diff.mean, d)} | {_ci(poi, 2)} |")
             out.append("")

@@ -147,6 +147,33 @@ def test_breakdown_tables_average_fidelity_per_model_and_take_median_stage_costs
     assert "| window |" not in fid and "per model and arm" in fid
 
 
+def test_a_task_pair_row_counts_only_the_seeds_both_arms_have(tmp_path):
+    import yaml
+
+    from diffrl.runs import stats
+    from diffrl.runs.results import append_row
+
+    spec = {"name": "pair", "system": "train", "algo": "sac", "base": {"env": "Hopper-v5", "steps": 200},
+            "arms": {"new": {"utd": 2}, "ctl": {}}, "seeds": [0, 1, 2], "results": str(tmp_path / "pair.jsonl")}
+    (tmp_path / "pair.yaml").write_text(yaml.safe_dump(spec))
+    # the control misses seed 2, where the arm scores lowest: counted, it would pull P(new > ctl) down
+    score = {("new", 0): 10.0, ("new", 1): 30.0, ("new", 2): -50.0, ("ctl", 0): 20.0, ("ctl", 1): 0.0}
+    for t in trials(spec_from_dict(spec, "pair.yaml")):
+        if (t.arm, t.seed) in score:
+            append_row(spec["results"], {"sweep": "pair", "trial": t.id, "env": "Hopper-v5",
+                                         "config": {"env": "Hopper-v5"}, "wall_s": 1.0,
+                                         "curves": {"return_mean": [[200, score[t.arm, t.seed]]]}})
+    table = tables.SweepTable(str(tmp_path / "pair.yaml"), task_field="env", control="ctl")
+    row = next(line for line in tables.sweep_table(table, boot=stats.Bootstrap(reps=200)).splitlines()
+               if line.startswith("| new − ctl |"))
+    # paired seeds 0 and 1: differences -10 and +30; P over those runs only: new (10, 30) vs ctl (20, 0) -> 0.75
+    assert row.startswith("| new − ctl | 0, 1 | -10.0, 30.0 | 10.0 [")
+    paired = stats.improvement_probability(np.array([[10.0], [30.0]]), np.array([[20.0], [0.0]]))
+    every = stats.improvement_probability(np.array([[10.0], [30.0], [-50.0]]), np.array([[20.0], [0.0]]))
+    assert paired == 0.75 and every != paired
+    assert row.split(" | ")[-1].startswith(f"{paired:.2f} [")
+
+
 def test_the_overall_table_aggregates_whole_seeds_x_tasks_matrices_and_pairs_them(tmp_path):
     import yaml
 
