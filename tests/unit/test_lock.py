@@ -35,16 +35,18 @@ def is_locked(run_dir: Path) -> bool:
     return False
 
 
+# Each line is one write(2) on the pipe (atomic below PIPE_BUF): print() makes one write per piece when Python runs
+# unbuffered (PYTHONUNBUFFERED), and the parent's and the child's pieces then interleave.
 HOLDER = """
 import os, sys, time
 from diffrl.runs.lock import RunLock
 RunLock(sys.argv[1]).acquire()
 if len(sys.argv) > 2:  # a forked child (a vector-env worker) that would outlive its parent
     if os.fork() == 0:  # the at-fork hook has run once fork() returns here
-        print("child", os.getpid(), flush=True)
+        os.write(1, f"child {os.getpid()}\\n".encode())
         time.sleep(60)
         os._exit(0)
-print("locked", flush=True)
+os.write(1, b"locked\\n")
 time.sleep(60)
 """
 
