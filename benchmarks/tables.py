@@ -92,10 +92,10 @@ class ScriptTable:
 
 
 TABLES: dict[str, SweepTable | ScriptTable] = {
-    "synther-online": SweepTable("synther_online.yaml", control="sac-utd20", digits=0, curves=True,
+    "synther-online": SweepTable("synther_online.yaml", digits=0, curves=True,
                                  pairs=(("sac-utd1", "sac-utd20"), ("redq-utd20", "sac-utd20"),
                                         ("synther", "sac-utd20"), ("synther", "redq-utd20"))),
-    "iter-push": SweepTable("iter_push.yaml", metric="success_rate", control="her", digits=2,
+    "iter-push": SweepTable("iter_push.yaml", metric="success_rate", digits=2,
                             pairs=(("iter", "her"), ("iter-diffusion", "her"), ("iter-diffusion", "iter"),
                                   ("iter-diffusion-4k", "iter"))),
     "iter-pickandplace": SweepTable("iter_pickandplace.yaml", metric="success_rate", control="iter", digits=2),
